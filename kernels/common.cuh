@@ -1,0 +1,99 @@
+// Shared device helpers: bf16/f32 load-store, warp and block reductions, online-softmax state.
+//
+// Every kernel family includes this header. Kernels are `extern "C"` so the host looks them up by
+// plain name; templates are instantiated per dtype with a `_f32` / `_bf16` suffix.
+#pragma once
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+typedef __nv_bfloat16 bf16;
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ bf16 from_f32<bf16>(float x) { return __float2bfloat16_rn(x); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    return v;
+}
+
+// Sum over the whole block; every thread gets the result. `scratch` holds one float per warp.
+// The leading barrier lets callers reuse `scratch` for consecutive reductions.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float total = lane < warps ? scratch[lane] : 0.0f;
+    return warp_sum(total);
+}
+
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float total = lane < warps ? scratch[lane] : -INFINITY;
+    return warp_max(total);
+}
+
+// Online softmax (Milakov & Gimelshein, 2018): a running max m and a running sum s of exp(x - m),
+// merged pairwise so one pass over a row gives its logsumexp = m + log(s).
+struct OnlineSoftmax {
+    float m;
+    float s;
+};
+
+__device__ __forceinline__ OnlineSoftmax online_softmax_init() { return {-INFINITY, 0.0f}; }
+
+__device__ __forceinline__ OnlineSoftmax online_softmax_push(OnlineSoftmax a, float x) {
+    if (x > a.m) {
+        a.s = a.s * __expf(a.m - x) + 1.0f;
+        a.m = x;
+    } else {
+        a.s += __expf(x - a.m);
+    }
+    return a;
+}
+
+__device__ __forceinline__ OnlineSoftmax online_softmax_merge(OnlineSoftmax a, OnlineSoftmax b) {
+    if (b.m == -INFINITY) return a;
+    if (a.m == -INFINITY) return b;
+    const float m = fmaxf(a.m, b.m);
+    return {m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m)};
+}
+
+__device__ __forceinline__ OnlineSoftmax warp_online_softmax(OnlineSoftmax v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        OnlineSoftmax o{__shfl_xor_sync(0xffffffffu, v.m, offset), __shfl_xor_sync(0xffffffffu, v.s, offset)};
+        v = online_softmax_merge(v, o);
+    }
+    return v;
+}
+
+// `scratch` holds two floats per warp.
+__device__ __forceinline__ OnlineSoftmax block_online_softmax(OnlineSoftmax v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    v = warp_online_softmax(v);
+    __syncthreads();
+    if (lane == 0) {
+        scratch[2 * warp] = v.m;
+        scratch[2 * warp + 1] = v.s;
+    }
+    __syncthreads();
+    OnlineSoftmax t = lane < warps ? OnlineSoftmax{scratch[2 * lane], scratch[2 * lane + 1]} : online_softmax_init();
+    return warp_online_softmax(t);
+}

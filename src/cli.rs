@@ -1,0 +1,114 @@
+//! The `rlhf` command line: clap subcommands over the library.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::device::cuda::unavailable_reason;
+use crate::device::{kernels, CudaDevice};
+use crate::error::Result;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "rlhf",
+    version,
+    about = "Preference post-training (SFT, reward models, DPO family, KTO, PPO) on one GPU"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Report the build's CUDA toolchain, every embedded kernel's registers and spills, the GPU and cuBLAS.
+    Doctor,
+    /// The end-to-end demo. Until the trainers land it runs `doctor`.
+    Demo,
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Doctor | Command::Demo => {
+            print!("{}", doctor_report());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Everything `rlhf doctor` prints, as one string.
+pub fn doctor_report() -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "rlhf {}", env!("CARGO_PKG_VERSION"));
+    let _ = writeln!(s, "CUDA toolchain at build: {}", kernels::TOOLCHAIN);
+    if kernels::compiled() {
+        let families: Vec<&str> = kernels::KERNEL_IMAGES.iter().map(|(f, _)| *f).collect();
+        let _ = writeln!(
+            s,
+            "kernel families embedded: {} ({})",
+            families.len(),
+            families.join(", ")
+        );
+        let _ = writeln!(
+            s,
+            "{:<12} {:<36} {:<7} {:>5} {:>8} {:>7} {:>7}",
+            "family", "kernel", "arch", "regs", "smem B", "stack B", "spill B"
+        );
+        for r in kernels::KERNEL_RESOURCES {
+            let _ = writeln!(
+                s,
+                "{:<12} {:<36} {:<7} {:>5} {:>8} {:>7} {:>7}{}",
+                r.family,
+                r.kernel,
+                r.arch,
+                r.registers,
+                r.shared_bytes,
+                r.stack_bytes,
+                r.spill_stores + r.spill_loads,
+                if r.spill_stores + r.spill_loads > 0 {
+                    "  SPILLS"
+                } else {
+                    ""
+                }
+            );
+        }
+    } else {
+        let _ = writeln!(
+            s,
+            "kernels: none embedded; this is a CPU-only build (run scripts/setup, then rebuild)"
+        );
+    }
+    match unavailable_reason() {
+        Some(why) => {
+            let _ = writeln!(s, "GPU: none ({why}); ops run on the CPU reference path");
+        }
+        None => match CudaDevice::shared(0).and_then(|d| d.info().map(|i| (d, i))) {
+            Ok((dev, info)) => {
+                let _ = writeln!(
+                    s,
+                    "GPU 0: {} (compute capability {}.{}, {} SMs, {:.1} GiB, driver {}.{})",
+                    info.name,
+                    info.compute_capability.0,
+                    info.compute_capability.1,
+                    info.multiprocessors,
+                    info.total_memory as f64 / (1u64 << 30) as f64,
+                    info.driver_version / 1000,
+                    (info.driver_version % 1000) / 10
+                );
+                match dev.blas() {
+                    Ok(_) => {
+                        let _ = writeln!(s, "cuBLAS: loaded");
+                    }
+                    Err(e) => {
+                        let _ = writeln!(s, "cuBLAS: unavailable ({e})");
+                    }
+                }
+            }
+            Err(e) => {
+                let _ = writeln!(s, "GPU: present but unusable ({e})");
+            }
+        },
+    }
+    s
+}

@@ -1,0 +1,201 @@
+//! One CUDA device: its context, the one stream all work goes on, the kernel modules (loaded once,
+//! functions cached) and the cuBLAS handle.
+//!
+//! cudarc loads libcuda and libcublas at run time and panics when they are absent, so every entry
+//! point probes for the library first and turns its absence into `Error::NoCuda`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr,
+    ValidAsZeroBits,
+};
+use cudarc::nvrtc::Ptx;
+
+use super::kernels;
+use crate::error::{Error, Result};
+
+pub struct CudaDevice {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    blas: OnceLock<std::result::Result<CudaBlas, String>>,
+}
+
+/// Facts about the GPU for `rlhf doctor` and bench reports.
+#[derive(Debug, Clone)]
+pub struct DeviceInfo {
+    pub name: String,
+    pub compute_capability: (i32, i32),
+    pub total_memory: usize,
+    pub driver_version: i32,
+    pub multiprocessors: i32,
+}
+
+/// Why no CUDA device can be used here, or None when one can.
+pub fn unavailable_reason() -> Option<String> {
+    // SAFETY: only tries to dlopen the library.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Some(
+            "libcuda (the NVIDIA driver library) is not installed or not on the loader path".into(),
+        );
+    }
+    match CudaContext::device_count() {
+        Ok(0) => Some("the NVIDIA driver reports no CUDA devices".into()),
+        Ok(_) => None,
+        Err(e) => Some(format!("the NVIDIA driver failed to initialise: {e}")),
+    }
+}
+
+impl CudaDevice {
+    /// The process-wide device for `ordinal`, created on first use.
+    pub fn shared(ordinal: usize) -> Result<Arc<CudaDevice>> {
+        static DEVICES: OnceLock<Mutex<HashMap<usize, Arc<CudaDevice>>>> = OnceLock::new();
+        let mut devices = DEVICES
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(d) = devices.get(&ordinal) {
+            return Ok(d.clone());
+        }
+        if let Some(why) = unavailable_reason() {
+            return Err(Error::NoCuda(why));
+        }
+        if !kernels::compiled() {
+            return Err(Error::NoCuda(format!(
+                "this binary was built without CUDA kernels ({})",
+                kernels::TOOLCHAIN
+            )));
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        let stream = ctx.default_stream();
+        let dev = Arc::new(CudaDevice {
+            ctx,
+            stream,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+            blas: OnceLock::new(),
+        });
+        devices.insert(ordinal, dev.clone());
+        Ok(dev)
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.ctx.ordinal()
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub fn info(&self) -> Result<DeviceInfo> {
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        let mut driver_version = 0;
+        // SAFETY: writes one int.
+        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver_version) }.result()?;
+        Ok(DeviceInfo {
+            name: self.ctx.name()?,
+            compute_capability: self.ctx.compute_capability()?,
+            total_memory: self.ctx.total_mem()?,
+            driver_version,
+            multiprocessors: self
+                .ctx
+                .attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
+        })
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize()?;
+        Ok(())
+    }
+
+    /// A kernel by name from family `family` (the `.cu` file stem); modules load once.
+    pub fn function(&self, family: &'static str, name: &'static str) -> Result<CudaFunction> {
+        let mut functions = self.functions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = functions.get(name) {
+            return Ok(f.clone());
+        }
+        let module = {
+            let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+            match modules.get(family) {
+                Some(m) => m.clone(),
+                None => {
+                    let image = kernels::image(family).ok_or_else(|| Error::MissingKernel {
+                        kernel: format!("{family}/{name}"),
+                        why: format!("kernels/{family}.cu was not compiled into this build"),
+                    })?;
+                    let m = self.ctx.load_module(Ptx::from_binary(image.to_vec()))?;
+                    modules.insert(family, m.clone());
+                    m
+                }
+            }
+        };
+        let f = module
+            .load_function(name)
+            .map_err(|e| Error::MissingKernel {
+                kernel: format!("{family}/{name}"),
+                why: e.to_string(),
+            })?;
+        functions.insert(name, f.clone());
+        Ok(f)
+    }
+
+    /// The cuBLAS handle, bound to this device's stream.
+    pub fn blas(&self) -> Result<&CudaBlas> {
+        self.blas
+            .get_or_init(|| {
+                // SAFETY: only tries to dlopen the library.
+                if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+                    return Err("libcublas is not on the loader path (set LD_LIBRARY_PATH to the CUDA toolkit's lib64 or PyTorch's nvidia/cublas/lib)".into());
+                }
+                CudaBlas::new(self.stream.clone()).map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|e| Error::NoCuda(e.clone()))
+    }
+
+    /// Device memory whose contents are unspecified, or all-ones bytes (NaN for f32 and bf16) while
+    /// output poisoning is on: kernels must write every element they promise.
+    pub fn alloc<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
+        // SAFETY: callers only hand this buffer to kernels that write it before it is read.
+        let mut slice = unsafe { self.stream.alloc::<T>(len.max(1)) }?;
+        if super::tensor::poisoning() {
+            let bytes = len.max(1) * std::mem::size_of::<T>();
+            let (ptr, _sync) = slice.device_ptr_mut(&self.stream);
+            // SAFETY: `ptr` covers exactly `bytes` bytes of this allocation.
+            unsafe {
+                cudarc::driver::result::memset_d8_async(ptr, 0xff, bytes, self.stream.cu_stream())
+            }?;
+        }
+        Ok(slice)
+    }
+
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
+        Ok(self.stream.alloc_zeros::<T>(len.max(1))?)
+    }
+
+    pub fn upload<T: DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
+        if data.is_empty() {
+            // cuMemAlloc rejects zero bytes; keep a one-element buffer that nothing reads.
+            // SAFETY: never read.
+            return Ok(unsafe { self.stream.alloc::<T>(1) }?);
+        }
+        Ok(self.stream.clone_htod(data)?)
+    }
+
+    pub fn download<T: DeviceRepr + Clone + Default>(
+        &self,
+        data: &CudaSlice<T>,
+        len: usize,
+    ) -> Result<Vec<T>> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let mut v = vec![T::default(); len];
+        self.stream.memcpy_dtoh(&data.slice(0..len), &mut v)?;
+        Ok(v)
+    }
+}

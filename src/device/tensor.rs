@@ -1,0 +1,356 @@
+//! A row-major tensor of f32 or bf16 on the CPU or a CUDA device.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use cudarc::driver::CudaSlice;
+use half::bf16;
+
+use super::Device;
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    BF16,
+}
+
+impl DType {
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+        }
+    }
+
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::BF16 => 2,
+        }
+    }
+}
+
+pub enum HostData {
+    F32(Vec<f32>),
+    BF16(Vec<bf16>),
+}
+
+pub enum CudaData {
+    F32(CudaSlice<f32>),
+    BF16(CudaSlice<bf16>),
+}
+
+pub enum Storage {
+    Cpu(HostData),
+    Cuda(CudaData),
+}
+
+pub struct Tensor {
+    shape: Vec<usize>,
+    dtype: DType,
+    storage: Storage,
+    device: Device,
+}
+
+static POISON: AtomicBool = AtomicBool::new(false);
+
+/// While on, every output buffer an op allocates starts as NaN, so an element a kernel forgets to
+/// write shows up in the comparison. Tests turn it on; it costs a memset per allocation.
+pub fn set_poisoning(on: bool) {
+    POISON.store(on, Ordering::Relaxed);
+}
+
+pub fn poisoning() -> bool {
+    POISON.load(Ordering::Relaxed)
+}
+
+fn numel(shape: &[usize]) -> usize {
+    shape.iter().product()
+}
+
+impl Tensor {
+    pub fn from_f32(shape: &[usize], data: Vec<f32>, device: &Device) -> Result<Tensor> {
+        Tensor::from_host(shape, HostData::F32(data), device)
+    }
+
+    /// An f32 host vector stored as `dtype` (rounded to nearest for bf16).
+    pub fn from_f32_as(
+        shape: &[usize],
+        data: &[f32],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let host = match dtype {
+            DType::F32 => HostData::F32(data.to_vec()),
+            DType::BF16 => HostData::BF16(data.iter().map(|&v| bf16::from_f32(v)).collect()),
+        };
+        Tensor::from_host(shape, host, device)
+    }
+
+    pub fn from_host(shape: &[usize], data: HostData, device: &Device) -> Result<Tensor> {
+        let (len, dtype) = match &data {
+            HostData::F32(v) => (v.len(), DType::F32),
+            HostData::BF16(v) => (v.len(), DType::BF16),
+        };
+        if len != numel(shape) {
+            return Err(Error::shape(
+                "Tensor::from_host",
+                format!("{len} values for shape {shape:?}"),
+            ));
+        }
+        let storage = match device {
+            Device::Cpu => Storage::Cpu(data),
+            Device::Cuda(d) => Storage::Cuda(match data {
+                HostData::F32(v) => CudaData::F32(d.upload(&v)?),
+                HostData::BF16(v) => CudaData::BF16(d.upload(&v)?),
+            }),
+        };
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            dtype,
+            storage,
+            device: device.clone(),
+        })
+    }
+
+    /// An output buffer: unspecified contents (NaN while poisoning is on) that the op must overwrite.
+    pub fn empty(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        let n = numel(shape);
+        let storage = match device {
+            Device::Cpu => {
+                let fill = if poisoning() { f32::NAN } else { 0.0 };
+                Storage::Cpu(match dtype {
+                    DType::F32 => HostData::F32(vec![fill; n]),
+                    DType::BF16 => HostData::BF16(vec![bf16::from_f32(fill); n]),
+                })
+            }
+            Device::Cuda(d) => Storage::Cuda(match dtype {
+                DType::F32 => CudaData::F32(d.alloc(n)?),
+                DType::BF16 => CudaData::BF16(d.alloc(n)?),
+            }),
+        };
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            dtype,
+            storage,
+            device: device.clone(),
+        })
+    }
+
+    pub fn zeros(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        let n = numel(shape);
+        let storage = match device {
+            Device::Cpu => Storage::Cpu(match dtype {
+                DType::F32 => HostData::F32(vec![0.0; n]),
+                DType::BF16 => HostData::BF16(vec![bf16::ZERO; n]),
+            }),
+            Device::Cuda(d) => Storage::Cuda(match dtype {
+                DType::F32 => CudaData::F32(d.zeros(n)?),
+                DType::BF16 => CudaData::BF16(d.zeros(n)?),
+            }),
+        };
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            dtype,
+            storage,
+            device: device.clone(),
+        })
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn numel(&self) -> usize {
+        numel(&self.shape)
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    pub fn storage_mut(&mut self) -> &mut Storage {
+        &mut self.storage
+    }
+
+    /// `[rows, cols]`, treating every leading dimension as rows.
+    pub fn dims2(&self, op: &'static str) -> Result<(usize, usize)> {
+        match self.shape.split_last() {
+            Some((&cols, lead)) if !lead.is_empty() => Ok((lead.iter().product(), cols)),
+            _ => Err(Error::shape(
+                op,
+                format!("expected at least 2 dims, got {:?}", self.shape),
+            )),
+        }
+    }
+
+    pub fn expect_shape(&self, op: &'static str, name: &str, shape: &[usize]) -> Result<()> {
+        if self.shape != shape {
+            return Err(Error::shape(
+                op,
+                format!("{name} has shape {:?}, expected {shape:?}", self.shape),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn expect_dtype(&self, op: &'static str, dtype: DType) -> Result<()> {
+        if self.dtype != dtype {
+            return Err(Error::DType {
+                op,
+                dtype: self.dtype.name(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The values as f32 on the host (a copy; bf16 widened exactly).
+    pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
+        let n = self.numel();
+        Ok(match &self.storage {
+            Storage::Cpu(HostData::F32(v)) => v.clone(),
+            Storage::Cpu(HostData::BF16(v)) => v.iter().map(|x| x.to_f32()).collect(),
+            Storage::Cuda(data) => {
+                let d = self.device.as_cuda("to_f32_vec")?;
+                match data {
+                    CudaData::F32(s) => d.download(s, n)?,
+                    CudaData::BF16(s) => d.download(s, n)?.iter().map(|x| x.to_f32()).collect(),
+                }
+            }
+        })
+    }
+
+    pub fn to_device(&self, device: &Device) -> Result<Tensor> {
+        let host = match self.dtype {
+            DType::F32 => HostData::F32(self.to_f32_vec()?),
+            DType::BF16 => HostData::BF16(match &self.storage {
+                Storage::Cpu(HostData::BF16(v)) => v.clone(),
+                Storage::Cuda(CudaData::BF16(s)) => self
+                    .device
+                    .as_cuda("to_device")?
+                    .download(s, self.numel())?,
+                _ => unreachable!("storage always matches dtype"),
+            }),
+        };
+        Tensor::from_host(&self.shape, host, device)
+    }
+
+    /// A CPU f32 view of the host data, or an error naming the op when the tensor is elsewhere.
+    pub fn cpu_f32(&self, op: &'static str) -> Result<&[f32]> {
+        match &self.storage {
+            Storage::Cpu(HostData::F32(v)) => Ok(v),
+            Storage::Cpu(HostData::BF16(_)) => Err(Error::DType { op, dtype: "bf16" }),
+            Storage::Cuda(_) => Err(Error::DeviceMismatch {
+                op,
+                detail: "expected a CPU tensor".into(),
+            }),
+        }
+    }
+
+    pub fn cpu_f32_mut(&mut self, op: &'static str) -> Result<&mut [f32]> {
+        match &mut self.storage {
+            Storage::Cpu(HostData::F32(v)) => Ok(v),
+            Storage::Cpu(HostData::BF16(_)) => Err(Error::DType { op, dtype: "bf16" }),
+            Storage::Cuda(_) => Err(Error::DeviceMismatch {
+                op,
+                detail: "expected a CPU tensor".into(),
+            }),
+        }
+    }
+
+    pub fn cuda_f32(&self, op: &'static str) -> Result<&CudaSlice<f32>> {
+        match &self.storage {
+            Storage::Cuda(CudaData::F32(s)) => Ok(s),
+            Storage::Cuda(CudaData::BF16(_)) => Err(Error::DType { op, dtype: "bf16" }),
+            Storage::Cpu(_) => Err(Error::DeviceMismatch {
+                op,
+                detail: "expected a CUDA tensor".into(),
+            }),
+        }
+    }
+
+    pub fn cuda_f32_mut(&mut self, op: &'static str) -> Result<&mut CudaSlice<f32>> {
+        match &mut self.storage {
+            Storage::Cuda(CudaData::F32(s)) => Ok(s),
+            Storage::Cuda(CudaData::BF16(_)) => Err(Error::DType { op, dtype: "bf16" }),
+            Storage::Cpu(_) => Err(Error::DeviceMismatch {
+                op,
+                detail: "expected a CUDA tensor".into(),
+            }),
+        }
+    }
+}
+
+/// Host-side values of a CPU tensor in f32, widening bf16; used by the CPU paths of the ops, which
+/// compute in f32 whatever the storage.
+pub(crate) fn host_f32<'a>(t: &'a Tensor, op: &'static str) -> Result<std::borrow::Cow<'a, [f32]>> {
+    match &t.storage {
+        Storage::Cpu(HostData::F32(v)) => Ok(std::borrow::Cow::Borrowed(v)),
+        Storage::Cpu(HostData::BF16(v)) => Ok(std::borrow::Cow::Owned(
+            v.iter().map(|x| x.to_f32()).collect(),
+        )),
+        Storage::Cuda(_) => Err(Error::DeviceMismatch {
+            op,
+            detail: "expected a CPU tensor".into(),
+        }),
+    }
+}
+
+/// An element type a kernel can be instantiated for: picks the `_f32` / `_bf16` kernel and the
+/// matching device buffer of a tensor.
+pub trait CudaElem:
+    cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Copy + Default
+{
+    const DTYPE: DType;
+    fn slice<'a>(t: &'a Tensor, op: &'static str) -> Result<&'a CudaSlice<Self>>;
+    fn slice_mut<'a>(t: &'a mut Tensor, op: &'static str) -> Result<&'a mut CudaSlice<Self>>;
+    /// The kernel name for this type out of its two instantiations.
+    fn pick(f32_name: &'static str, bf16_name: &'static str) -> &'static str {
+        match Self::DTYPE {
+            DType::F32 => f32_name,
+            DType::BF16 => bf16_name,
+        }
+    }
+}
+
+impl CudaElem for f32 {
+    const DTYPE: DType = DType::F32;
+    fn slice<'a>(t: &'a Tensor, op: &'static str) -> Result<&'a CudaSlice<f32>> {
+        t.cuda_f32(op)
+    }
+    fn slice_mut<'a>(t: &'a mut Tensor, op: &'static str) -> Result<&'a mut CudaSlice<f32>> {
+        t.cuda_f32_mut(op)
+    }
+}
+
+impl CudaElem for bf16 {
+    const DTYPE: DType = DType::BF16;
+    fn slice<'a>(t: &'a Tensor, op: &'static str) -> Result<&'a CudaSlice<bf16>> {
+        match &t.storage {
+            Storage::Cuda(CudaData::BF16(s)) => Ok(s),
+            Storage::Cuda(CudaData::F32(_)) => Err(Error::DType { op, dtype: "f32" }),
+            Storage::Cpu(_) => Err(Error::DeviceMismatch {
+                op,
+                detail: "expected a CUDA tensor".into(),
+            }),
+        }
+    }
+    fn slice_mut<'a>(t: &'a mut Tensor, op: &'static str) -> Result<&'a mut CudaSlice<bf16>> {
+        match &mut t.storage {
+            Storage::Cuda(CudaData::BF16(s)) => Ok(s),
+            Storage::Cuda(CudaData::F32(_)) => Err(Error::DType { op, dtype: "f32" }),
+            Storage::Cpu(_) => Err(Error::DeviceMismatch {
+                op,
+                detail: "expected a CUDA tensor".into(),
+            }),
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! rlhf-kernels: preference post-training on one GPU, on hand-written CUDA kernels.
+//!
+//! Layers, each calling only the one below: `cli` → `train` → `model` → `ops` → `device`.
+
+pub mod cli;
+pub mod device;
+pub mod error;
+pub mod golden;
+pub mod ops;
+pub mod testing;
+
+pub use device::{DType, Device, DeviceChoice, Tensor};
+pub use error::{Error, Result};

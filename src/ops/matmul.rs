@@ -1,0 +1,223 @@
+//! Plain GEMM: cuBLAS on the GPU (bf16 or f32 operands, f32 accumulation), `matrixmultiply` on the
+//! CPU. Row-major throughout: `c[m, n] = alpha * op(a)[m, k] · op(b)[k, n] + beta * c`.
+
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+use cudarc::driver::{DevicePtr, DevicePtrMut};
+
+use crate::device::tensor::{host_f32, CudaElem};
+use crate::device::{same_device, DType, Device, Tensor};
+use crate::error::{Error, Result};
+
+const OP: &str = "matmul";
+
+/// Whether an operand is used as stored or transposed: a `[out, in]` weight multiplies as `T`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trans {
+    N,
+    T,
+}
+
+/// `[rows, cols]` of op(t).
+fn op_dims(t: &Tensor, trans: Trans) -> Result<(usize, usize)> {
+    if t.shape().len() != 2 {
+        return Err(Error::shape(
+            OP,
+            format!("operands must be 2-D, got {:?}", t.shape()),
+        ));
+    }
+    let (r, c) = (t.shape()[0], t.shape()[1]);
+    Ok(if trans == Trans::N { (r, c) } else { (c, r) })
+}
+
+/// CPU reference: c = alpha * op(a) · op(b) + beta * c, all row-major.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_ref(
+    c: &mut [f32],
+    a: &[f32],
+    ta: Trans,
+    b: &[f32],
+    tb: Trans,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    beta: f32,
+) {
+    // Strides of op(a) [m, k] and op(b) [k, n] over the stored row-major buffers.
+    let (rsa, csa) = if ta == Trans::N {
+        (k as isize, 1)
+    } else {
+        (1, m as isize)
+    };
+    let (rsb, csb) = if tb == Trans::N {
+        (n as isize, 1)
+    } else {
+        (1, k as isize)
+    };
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        c.iter_mut().for_each(|v| *v *= beta);
+        return;
+    }
+    // SAFETY: the strides describe buffers of m*k, k*n and m*n elements, which the caller checked.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            alpha,
+            a.as_ptr(),
+            rsa,
+            csa,
+            b.as_ptr(),
+            rsb,
+            csb,
+            beta,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        );
+    }
+}
+
+/// `op(a) · op(b)` as a new tensor of a's dtype.
+pub fn matmul(a: &Tensor, ta: Trans, b: &Tensor, tb: Trans) -> Result<Tensor> {
+    let (m, _) = op_dims(a, ta)?;
+    let (_, n) = op_dims(b, tb)?;
+    let mut c = Tensor::empty(&[m, n], a.dtype(), a.device())?;
+    gemm(&mut c, a, ta, b, tb, 1.0, 0.0)?;
+    Ok(c)
+}
+
+/// `c = alpha * op(a) · op(b) + beta * c`. beta = 1 accumulates (gradients of weights).
+pub fn gemm(
+    c: &mut Tensor,
+    a: &Tensor,
+    ta: Trans,
+    b: &Tensor,
+    tb: Trans,
+    alpha: f32,
+    beta: f32,
+) -> Result<()> {
+    let device = same_device(OP, &[a, b, c])?.clone();
+    let (m, k) = op_dims(a, ta)?;
+    let (kb, n) = op_dims(b, tb)?;
+    if k != kb {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "inner dims differ: {:?}{ta:?} · {:?}{tb:?}",
+                a.shape(),
+                b.shape()
+            ),
+        ));
+    }
+    c.expect_shape(OP, "c", &[m, n])?;
+    b.expect_dtype(OP, a.dtype())?;
+    match &device {
+        Device::Cpu => {
+            let (av, bv) = (host_f32(a, OP)?, host_f32(b, OP)?);
+            let mut cv = if beta == 0.0 {
+                vec![0.0; m * n]
+            } else {
+                c.to_f32_vec()?
+            };
+            gemm_ref(&mut cv, &av, ta, &bv, tb, m, n, k, alpha, beta);
+            *c = Tensor::from_f32_as(&[m, n], &cv, c.dtype(), &device)?;
+            Ok(())
+        }
+        Device::Cuda(_) => {
+            if m == 0 || n == 0 {
+                return Ok(());
+            }
+            match (a.dtype(), c.dtype()) {
+                (DType::F32, DType::F32) => {
+                    gemm_cuda::<f32, f32>(c, a, ta, b, tb, m, n, k, alpha, beta)
+                }
+                (DType::BF16, DType::BF16) => {
+                    gemm_cuda::<half::bf16, half::bf16>(c, a, ta, b, tb, m, n, k, alpha, beta)
+                }
+                (DType::BF16, DType::F32) => {
+                    gemm_cuda::<half::bf16, f32>(c, a, ta, b, tb, m, n, k, alpha, beta)
+                }
+                (_, dt) => Err(Error::DType {
+                    op: OP,
+                    dtype: dt.name(),
+                }),
+            }
+        }
+    }
+}
+
+fn data_type(d: DType) -> cudaDataType {
+    match d {
+        DType::F32 => cudaDataType::CUDA_R_32F,
+        DType::BF16 => cudaDataType::CUDA_R_16BF,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_cuda<T: CudaElem, C: CudaElem>(
+    c: &mut Tensor,
+    a: &Tensor,
+    ta: Trans,
+    b: &Tensor,
+    tb: Trans,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    beta: f32,
+) -> Result<()> {
+    let dev = a.device().as_cuda(OP)?.clone();
+    let blas = dev.blas()?;
+    let stream = dev.stream();
+    let op = |t: Trans| {
+        if t == Trans::N {
+            cublasOperation_t::CUBLAS_OP_N
+        } else {
+            cublasOperation_t::CUBLAS_OP_T
+        }
+    };
+    let dim = |v: usize| {
+        i32::try_from(v).map_err(|_| Error::Unsupported {
+            op: OP,
+            detail: format!("dimension {v} exceeds i32"),
+        })
+    };
+    // cuBLAS is column-major: the row-major product c = a·b is the column-major c^T = b^T·a^T, so b
+    // goes first. A row-major [r, c] buffer is a column-major [c, r] matrix with leading dimension c.
+    let lda_b = if tb == Trans::N { n } else { k };
+    let ldb_a = if ta == Trans::N { k } else { m };
+    let (a_ptr, _ra) = T::slice(a, OP)?.device_ptr(stream);
+    let (b_ptr, _rb) = T::slice(b, OP)?.device_ptr(stream);
+    let (c_ptr, _rc) = C::slice_mut(c, OP)?.device_ptr_mut(stream);
+    // SAFETY: the dims and leading dimensions match buffers of m*k (a), k*n (b), m*n (c) elements,
+    // checked by `gemm`; alpha and beta are f32 as the 32F compute type requires.
+    unsafe {
+        cudarc::cublas::result::gemm_ex(
+            *blas.handle(),
+            op(tb),
+            op(ta),
+            dim(n)?,
+            dim(m)?,
+            dim(k)?,
+            (&alpha) as *const f32 as *const _,
+            b_ptr as *const _,
+            data_type(T::DTYPE),
+            dim(lda_b)?,
+            a_ptr as *const _,
+            data_type(T::DTYPE),
+            dim(ldb_a)?,
+            (&beta) as *const f32 as *const _,
+            c_ptr as *mut _,
+            data_type(C::DTYPE),
+            dim(n)?,
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,268 @@
+//! RMSNorm, the twin of `kernels/norm.cu`.
+//!
+//! `y = x * rstd * w` with `rstd = 1/sqrt(mean(x²) + eps)` per row. The forward returns `rstd` for the
+//! backward. The backward overwrites `dx` and accumulates into `dweight` (f32, `+=`), as every
+//! parameter gradient in this crate does.
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+use half::bf16;
+use num_traits::Float;
+
+use crate::device::tensor::{host_f32, CudaElem};
+use crate::device::{same_device, DType, Device, Tensor};
+use crate::error::{Error, Result};
+
+const OP_FWD: &str = "rms_norm_fwd";
+const OP_BWD: &str = "rms_norm_bwd";
+/// Blocks in the backward; each writes one partial dweight row. Fixed, so results are the same on
+/// every card.
+const BWD_PARTS: usize = 256;
+
+/// CPU reference forward. x, y: [rows, cols]; weight: [cols]; rstd: [rows].
+pub fn rms_norm_fwd_ref<F: Float>(
+    y: &mut [F],
+    rstd: &mut [F],
+    x: &[F],
+    weight: &[F],
+    cols: usize,
+    eps: F,
+) {
+    let n = F::from(cols).unwrap();
+    for (row, (xr, yr)) in x
+        .chunks_exact(cols)
+        .zip(y.chunks_exact_mut(cols))
+        .enumerate()
+    {
+        let mut sumsq = F::zero();
+        for &v in xr {
+            sumsq = sumsq + v * v;
+        }
+        let r = F::one() / (sumsq / n + eps).sqrt();
+        rstd[row] = r;
+        for c in 0..cols {
+            yr[c] = xr[c] * r * weight[c];
+        }
+    }
+}
+
+/// CPU reference backward: dx = (overwritten), dweight += (accumulated).
+pub fn rms_norm_bwd_ref<F: Float>(
+    dx: &mut [F],
+    dweight: &mut [F],
+    dy: &[F],
+    x: &[F],
+    weight: &[F],
+    rstd: &[F],
+    cols: usize,
+) {
+    let n = F::from(cols).unwrap();
+    for (row, ((xr, dyr), dxr)) in x
+        .chunks_exact(cols)
+        .zip(dy.chunks_exact(cols))
+        .zip(dx.chunks_exact_mut(cols))
+        .enumerate()
+    {
+        let r = rstd[row];
+        let mut dot = F::zero();
+        for c in 0..cols {
+            dot = dot + dyr[c] * weight[c] * xr[c];
+        }
+        let coef = r * r * r * dot / n;
+        for c in 0..cols {
+            dxr[c] = r * dyr[c] * weight[c] - xr[c] * coef;
+            dweight[c] = dweight[c] + dyr[c] * xr[c] * r;
+        }
+    }
+}
+
+pub struct RmsNormOut {
+    /// [rows, cols], x's dtype.
+    pub y: Tensor,
+    /// [rows] f32, saved for the backward.
+    pub rstd: Tensor,
+}
+
+pub fn rms_norm_fwd(x: &Tensor, weight: &Tensor, eps: f32) -> Result<RmsNormOut> {
+    let device = same_device(OP_FWD, &[x, weight])?;
+    let (rows, cols) = x.dims2(OP_FWD)?;
+    weight.expect_shape(OP_FWD, "weight", &[cols])?;
+    weight.expect_dtype(OP_FWD, x.dtype())?;
+    match device {
+        Device::Cpu => {
+            let (xs, ws) = (host_f32(x, OP_FWD)?, host_f32(weight, OP_FWD)?);
+            let mut y = vec![0.0f32; rows * cols];
+            let mut rstd = vec![0.0f32; rows];
+            rms_norm_fwd_ref(&mut y, &mut rstd, &xs, &ws, cols, eps);
+            Ok(RmsNormOut {
+                y: Tensor::from_f32_as(x.shape(), &y, x.dtype(), device)?,
+                rstd: Tensor::from_f32(&[rows], rstd, device)?,
+            })
+        }
+        Device::Cuda(_) => match x.dtype() {
+            DType::F32 => fwd_cuda::<f32>(x, weight, eps, rows, cols),
+            DType::BF16 => fwd_cuda::<bf16>(x, weight, eps, rows, cols),
+        },
+    }
+}
+
+/// Returns dx; adds this batch's weight gradient into `dweight` ([cols] f32).
+pub fn rms_norm_bwd(
+    dy: &Tensor,
+    x: &Tensor,
+    weight: &Tensor,
+    rstd: &Tensor,
+    dweight: &mut Tensor,
+) -> Result<Tensor> {
+    let device = same_device(OP_BWD, &[dy, x, weight, rstd, dweight])?.clone();
+    let (rows, cols) = x.dims2(OP_BWD)?;
+    dy.expect_shape(OP_BWD, "dy", x.shape())?;
+    weight.expect_shape(OP_BWD, "weight", &[cols])?;
+    rstd.expect_shape(OP_BWD, "rstd", &[rows])?;
+    dweight.expect_shape(OP_BWD, "dweight", &[cols])?;
+    for t in [dy, weight] {
+        t.expect_dtype(OP_BWD, x.dtype())?;
+    }
+    rstd.expect_dtype(OP_BWD, DType::F32)?;
+    dweight.expect_dtype(OP_BWD, DType::F32)?;
+    match &device {
+        Device::Cpu => {
+            let (dys, xs, ws, rs) = (
+                host_f32(dy, OP_BWD)?,
+                host_f32(x, OP_BWD)?,
+                host_f32(weight, OP_BWD)?,
+                host_f32(rstd, OP_BWD)?,
+            );
+            let mut dx = vec![0.0f32; rows * cols];
+            rms_norm_bwd_ref(
+                &mut dx,
+                dweight.cpu_f32_mut(OP_BWD)?,
+                &dys,
+                &xs,
+                &ws,
+                &rs,
+                cols,
+            );
+            Tensor::from_f32_as(x.shape(), &dx, x.dtype(), &device)
+        }
+        Device::Cuda(_) => match x.dtype() {
+            DType::F32 => bwd_cuda::<f32>(dy, x, weight, rstd, dweight, rows, cols),
+            DType::BF16 => bwd_cuda::<bf16>(dy, x, weight, rstd, dweight, rows, cols),
+        },
+    }
+}
+
+fn block_threads(cols: usize) -> u32 {
+    if cols >= 2048 {
+        512
+    } else if cols >= 512 {
+        256
+    } else {
+        128
+    }
+}
+
+fn to_i32(op: &'static str, name: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::Unsupported {
+        op,
+        detail: format!("{name} = {v} exceeds i32"),
+    })
+}
+
+fn fwd_cuda<T: CudaElem>(
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+    rows: usize,
+    cols: usize,
+) -> Result<RmsNormOut> {
+    let dev = x.device().as_cuda(OP_FWD)?;
+    let mut y = Tensor::empty(x.shape(), T::DTYPE, x.device())?;
+    let mut rstd = Tensor::empty(&[rows], DType::F32, x.device())?;
+    if rows == 0 {
+        return Ok(RmsNormOut { y, rstd });
+    }
+    let cols_i = to_i32(OP_FWD, "cols", cols)?;
+    let grid = u32::try_from(rows).map_err(|_| Error::Unsupported {
+        op: OP_FWD,
+        detail: format!("{rows} rows"),
+    })?;
+    let f = dev.function("norm", T::pick("rms_norm_fwd_f32", "rms_norm_fwd_bf16"))?;
+    let cfg = LaunchConfig {
+        grid_dim: (grid, 1, 1),
+        block_dim: (block_threads(cols), 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(T::slice_mut(&mut y, OP_FWD)?)
+        .arg(rstd.cuda_f32_mut(OP_FWD)?)
+        .arg(T::slice(x, OP_FWD)?)
+        .arg(T::slice(weight, OP_FWD)?)
+        .arg(&cols_i)
+        .arg(&eps);
+    // SAFETY: y and x hold rows*cols elements, weight cols, rstd rows; one block per row.
+    unsafe { b.launch(cfg) }?;
+    Ok(RmsNormOut { y, rstd })
+}
+
+fn bwd_cuda<T: CudaElem>(
+    dy: &Tensor,
+    x: &Tensor,
+    weight: &Tensor,
+    rstd: &Tensor,
+    dweight: &mut Tensor,
+    rows: usize,
+    cols: usize,
+) -> Result<Tensor> {
+    let dev = x.device().as_cuda(OP_BWD)?.clone();
+    let mut dx = Tensor::empty(x.shape(), T::DTYPE, x.device())?;
+    if rows == 0 {
+        return Ok(dx);
+    }
+    let shared = cols * 4;
+    if shared > 48 * 1024 {
+        return Err(Error::Unsupported {
+            op: OP_BWD,
+            detail: format!("cols = {cols}: the dweight accumulator needs {shared} B of shared memory, over 48 KiB"),
+        });
+    }
+    let parts = rows.min(BWD_PARTS);
+    let mut partial = Tensor::empty(&[parts, cols], DType::F32, x.device())?;
+    let (rows_i, cols_i, parts_i) = (
+        to_i32(OP_BWD, "rows", rows)?,
+        to_i32(OP_BWD, "cols", cols)?,
+        parts as i32,
+    );
+    let f = dev.function("norm", T::pick("rms_norm_bwd_f32", "rms_norm_bwd_bf16"))?;
+    let cfg = LaunchConfig {
+        grid_dim: (parts as u32, 1, 1),
+        block_dim: (block_threads(cols), 1, 1),
+        shared_mem_bytes: shared as u32,
+    };
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(T::slice_mut(&mut dx, OP_BWD)?)
+        .arg(partial.cuda_f32_mut(OP_BWD)?)
+        .arg(T::slice(dy, OP_BWD)?)
+        .arg(T::slice(x, OP_BWD)?)
+        .arg(T::slice(weight, OP_BWD)?)
+        .arg(rstd.cuda_f32(OP_BWD)?)
+        .arg(&rows_i)
+        .arg(&cols_i);
+    // SAFETY: dx, dy, x hold rows*cols elements; partial parts*cols; weight cols; rstd rows; dynamic
+    // shared memory holds cols floats.
+    unsafe { b.launch(cfg) }?;
+
+    let reduce = dev.function("norm", "rms_norm_dweight_reduce")?;
+    let cfg = LaunchConfig {
+        grid_dim: (cols.div_ceil(256) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = dev.stream().launch_builder(&reduce);
+    b.arg(dweight.cuda_f32_mut(OP_BWD)?)
+        .arg(partial.cuda_f32(OP_BWD)?)
+        .arg(&parts_i)
+        .arg(&cols_i);
+    // SAFETY: dweight holds cols floats, partial parts*cols; one thread per column.
+    unsafe { b.launch(cfg) }?;
+    Ok(dx)
+}

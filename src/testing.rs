@@ -1,0 +1,270 @@
+//! Test support shared by tests/ and benches/: seeded random data, output poisoning, NaN-aware
+//! comparisons, an f64 finite-difference gradient check, the golden files, and `cuda_test!`.
+
+use std::path::PathBuf;
+
+use crate::device::{tensor, Device};
+
+/// SplitMix64: tiny, seedable, and the same on every platform.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed ^ 0x9e37_79b9_7f4a_7c15)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    pub fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+        lo + (hi - lo) * self.unit() as f32
+    }
+
+    /// Standard normal (Box-Muller).
+    pub fn normal(&mut self) -> f32 {
+        let u1 = self.unit().max(1e-300);
+        let u2 = self.unit();
+        ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
+    pub fn normal_vec(&mut self, n: usize, std: f32) -> Vec<f32> {
+        (0..n).map(|_| self.normal() * std).collect()
+    }
+
+    pub fn uniform_vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uniform(lo, hi)).collect()
+    }
+}
+
+/// A seed that differs per run unless `RLHF_TEST_SEED` pins it; printed so a failure can be replayed.
+pub fn fresh_seed(test: &str) -> u64 {
+    let seed = std::env::var("RLHF_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+    println!("{test}: RLHF_TEST_SEED={seed}");
+    seed
+}
+
+/// Every output buffer allocated from now on starts as NaN.
+pub fn poison_outputs() {
+    tensor::set_poisoning(true);
+}
+
+/// Rounds each value to bf16 and back.
+pub fn round_bf16(v: &[f32]) -> Vec<f32> {
+    v.iter()
+        .map(|&x| half::bf16::from_f32(x).to_f32())
+        .collect()
+}
+
+/// NaN-aware `|got - want| <= atol + rtol * |want|` over every element. A NaN or infinity in `got`
+/// where `want` is finite fails. On failure the message names the first bad elements.
+pub fn compare(name: &str, got: &[f32], want: &[f32], atol: f64, rtol: f64) -> Result<f64, String> {
+    if got.len() != want.len() {
+        return Err(format!(
+            "{name}: {} values, expected {}",
+            got.len(),
+            want.len()
+        ));
+    }
+    let mut bad = Vec::new();
+    let mut max_err = 0.0f64;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let (g, w) = (g as f64, w as f64);
+        let err = (g - w).abs();
+        let ok = err <= atol + rtol * w.abs();
+        // `!ok` is true for NaN errors, so a NaN never passes.
+        if !ok {
+            bad.push((i, g, w));
+        }
+        if err.is_nan() {
+            max_err = f64::NAN;
+        } else if !max_err.is_nan() {
+            max_err = max_err.max(err);
+        }
+    }
+    if bad.is_empty() {
+        return Ok(max_err);
+    }
+    let first: Vec<String> = bad
+        .iter()
+        .take(5)
+        .map(|(i, g, w)| format!("[{i}] got {g:e}, want {w:e}"))
+        .collect();
+    Err(format!(
+        "{name}: {} of {} elements outside atol {atol:e} + rtol {rtol:e}; max error {max_err:e}; first: {}",
+        bad.len(),
+        got.len(),
+        first.join(", ")
+    ))
+}
+
+/// Panics with `compare`'s message on a mismatch; returns the max absolute error.
+#[track_caller]
+pub fn assert_close(name: &str, got: &[f32], want: &[f32], atol: f64, rtol: f64) -> f64 {
+    match compare(name, got, want, atol, rtol) {
+        Ok(err) => err,
+        Err(msg) => panic!("{msg}"),
+    }
+}
+
+/// One line per checked output for scripts/gpu-run's summary table:
+/// `CHECK|kernel|case|max_abs_error|tolerance`. Printed only after the check passed.
+pub fn report(kernel: &str, case: &str, max_err: f64, tolerance: &str) {
+    println!("CHECK|{kernel}|{case}|{max_err:.3e}|{tolerance}");
+}
+
+/// ‖got − want‖ / ‖want‖, NaN when anything is not finite.
+pub fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        let d = g as f64 - w as f64;
+        num += d * d;
+        den += (w as f64) * (w as f64);
+    }
+    if !num.is_finite() || !den.is_finite() {
+        return f64::NAN;
+    }
+    (num / den.max(f64::MIN_POSITIVE)).sqrt()
+}
+
+/// flash-attention's rule for low precision: the kernel's max error against the exact reference is at
+/// most twice that of the exact reference rounded to bf16 (plus `atol` for values that round to 0).
+/// Returns the kernel's max error.
+#[track_caller]
+pub fn assert_bf16_rule(name: &str, got: &[f32], exact: &[f32], atol: f64) -> f64 {
+    let lowp = round_bf16(exact);
+    let max_err = |a: &[f32]| {
+        a.iter()
+            .zip(exact)
+            .map(|(&x, &e)| (x as f64 - e as f64).abs())
+            .fold(0.0f64, |m, e| {
+                if e.is_nan() || m.is_nan() {
+                    f64::NAN
+                } else {
+                    m.max(e)
+                }
+            })
+    };
+    let (err, err_low) = (max_err(got), max_err(&lowp));
+    assert!(
+        err <= 2.0 * err_low + atol,
+        "{name}: max error {err:e} exceeds twice the bf16 rounding error {err_low:e} (+{atol:e}); {}",
+        compare(name, got, exact, atol, 2.0 * 2f64.powi(-8)).err().unwrap_or_default()
+    );
+    err
+}
+
+/// Central finite differences of `f` at `x` against `analytic`, in f64. Fails with the first bad
+/// coordinates. `h` is the step; `tol` bounds `|fd - analytic| / max(1, |analytic|)`.
+pub fn fd_check(
+    name: &str,
+    f: impl Fn(&[f64]) -> f64,
+    x: &[f64],
+    analytic: &[f64],
+    h: f64,
+    tol: f64,
+) -> Result<(), String> {
+    assert_eq!(x.len(), analytic.len(), "{name}: gradient length");
+    let mut xp = x.to_vec();
+    let mut bad = Vec::new();
+    for i in 0..x.len() {
+        xp[i] = x[i] + h;
+        let fp = f(&xp);
+        xp[i] = x[i] - h;
+        let fm = f(&xp);
+        xp[i] = x[i];
+        let fd = (fp - fm) / (2.0 * h);
+        let err = (fd - analytic[i]).abs() / analytic[i].abs().max(1.0);
+        if err.is_nan() || err > tol {
+            bad.push(format!(
+                "[{i}] finite difference {fd:e}, analytic {:e}",
+                analytic[i]
+            ));
+        }
+    }
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name}: {} of {} gradient entries disagree; first: {}",
+            bad.len(),
+            x.len(),
+            bad[..bad.len().min(5)].join(", ")
+        ))
+    }
+}
+
+/// `../shared/golden` beside the checkout, or `RLHF_GOLDEN_DIR` (the GPU bundle sets it).
+pub fn golden_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("RLHF_GOLDEN_DIR") {
+        return PathBuf::from(d);
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/golden")
+}
+
+/// The CUDA device for a CUDA test, with poisoning on; or None after printing why the test skips.
+/// With `RLHF_REQUIRE_GPU=1` (scripts/gpu-run sets it) a missing device fails the test instead.
+pub fn cuda_device_or_skip(test: &str) -> Option<Device> {
+    poison_outputs();
+    match Device::cuda() {
+        Ok(d) => Some(d),
+        Err(e) => {
+            if std::env::var("RLHF_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("{test}: RLHF_REQUIRE_GPU=1 but {e}");
+            }
+            println!("{test}: skipped: no CUDA device ({e})");
+            None
+        }
+    }
+}
+
+/// A CUDA variant of a test. It is `#[ignore]`d so that a machine without a GPU reports it as
+/// ignored rather than passed; `scripts/test` adds `--include-ignored` when a GPU is present and
+/// `scripts/gpu-run` always does. Inside, a missing device prints `skipped: no CUDA device`.
+#[macro_export]
+macro_rules! cuda_test {
+    ($(#[$meta:meta])* fn $name:ident($dev:ident) $body:block) => {
+        $(#[$meta])*
+        #[test]
+        #[ignore = "needs a CUDA device (scripts/gpu-run, or --include-ignored on a GPU machine)"]
+        fn $name() {
+            let Some($dev) = $crate::testing::cuda_device_or_skip(stringify!($name)) else {
+                return;
+            };
+            $body
+        }
+    };
+}
+
+/// Wall time of `iters` calls of `f` on `device`, synchronised before and after so asynchronous GPU
+/// work is inside the interval (for criterion's `iter_custom`).
+pub fn time_iters(device: &Device, iters: u64, mut f: impl FnMut()) -> std::time::Duration {
+    device.synchronize().expect("device synchronize");
+    let start = std::time::Instant::now();
+    for _ in 0..iters {
+        f();
+    }
+    device.synchronize().expect("device synchronize");
+    start.elapsed()
+}

@@ -1,0 +1,238 @@
+//! RMSNorm: the CPU reference against finite differences, the Tensor API on the CPU, and the CUDA
+//! kernels against the CPU reference on random shapes.
+
+use rlhf_kernels::cuda_test;
+use rlhf_kernels::device::{DType, Device, Tensor};
+use rlhf_kernels::ops::norm::{rms_norm_bwd, rms_norm_bwd_ref, rms_norm_fwd, rms_norm_fwd_ref};
+use rlhf_kernels::testing::{
+    assert_bf16_rule, assert_close, fd_check, fresh_seed, poison_outputs, report, round_bf16, Rng,
+};
+
+/// Loss L = sum(y * g) for a fixed random g, so dL/dy = g.
+fn loss_f64(x: &[f64], w: &[f64], g: &[f64], cols: usize, eps: f64) -> f64 {
+    let rows = x.len() / cols;
+    let (mut y, mut rstd) = (vec![0.0; x.len()], vec![0.0; rows]);
+    rms_norm_fwd_ref(&mut y, &mut rstd, x, w, cols, eps);
+    y.iter().zip(g).map(|(a, b)| a * b).sum()
+}
+
+#[test]
+fn cpu_backward_matches_finite_differences() {
+    let mut rng = Rng::new(fresh_seed("cpu_backward_matches_finite_differences"));
+    for &(rows, cols) in &[(1, 1), (3, 7), (5, 64), (2, 129)] {
+        let to64 = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<f64>>();
+        let x = to64(rng.normal_vec(rows * cols, 1.0));
+        let w = to64(rng.uniform_vec(cols, 0.5, 1.5));
+        let g = to64(rng.normal_vec(rows * cols, 1.0));
+        let eps = 1e-5;
+        let (mut y, mut rstd) = (vec![0.0; rows * cols], vec![0.0; rows]);
+        rms_norm_fwd_ref(&mut y, &mut rstd, &x, &w, cols, eps);
+        let mut dx = vec![f64::NAN; rows * cols];
+        let mut dw = vec![0.0; cols];
+        rms_norm_bwd_ref(&mut dx, &mut dw, &g, &x, &w, &rstd, cols);
+        fd_check(
+            "dx",
+            |xp| loss_f64(xp, &w, &g, cols, eps),
+            &x,
+            &dx,
+            1e-6,
+            1e-7,
+        )
+        .unwrap();
+        fd_check(
+            "dweight",
+            |wp| loss_f64(&x, wp, &g, cols, eps),
+            &w,
+            &dw,
+            1e-6,
+            1e-7,
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn cpu_forward_normalises_rows() {
+    let mut rng = Rng::new(fresh_seed("cpu_forward_normalises_rows"));
+    let (rows, cols) = (4, 33);
+    let x = rng.normal_vec(rows * cols, 3.0);
+    let ones = vec![1.0f32; cols];
+    let out = rms_norm_fwd(
+        &Tensor::from_f32(&[rows, cols], x.clone(), &Device::Cpu).unwrap(),
+        &Tensor::from_f32(&[cols], ones, &Device::Cpu).unwrap(),
+        0.0,
+    )
+    .unwrap();
+    let y = out.y.to_f32_vec().unwrap();
+    for r in 0..rows {
+        let ms: f32 = y[r * cols..(r + 1) * cols]
+            .iter()
+            .map(|v| v * v)
+            .sum::<f32>()
+            / cols as f32;
+        assert!((ms - 1.0).abs() < 1e-5, "row {r}: mean square {ms}");
+    }
+}
+
+#[test]
+fn cpu_backward_accumulates_into_dweight() {
+    let mut rng = Rng::new(fresh_seed("cpu_backward_accumulates_into_dweight"));
+    let (rows, cols) = (6, 10);
+    let dev = Device::Cpu;
+    let x = Tensor::from_f32(&[rows, cols], rng.normal_vec(rows * cols, 1.0), &dev).unwrap();
+    let w = Tensor::from_f32(&[cols], rng.uniform_vec(cols, 0.5, 1.5), &dev).unwrap();
+    let dy = Tensor::from_f32(&[rows, cols], rng.normal_vec(rows * cols, 1.0), &dev).unwrap();
+    let out = rms_norm_fwd(&x, &w, 1e-6).unwrap();
+    let mut once = Tensor::zeros(&[cols], DType::F32, &dev).unwrap();
+    rms_norm_bwd(&dy, &x, &w, &out.rstd, &mut once).unwrap();
+    let mut twice = Tensor::zeros(&[cols], DType::F32, &dev).unwrap();
+    rms_norm_bwd(&dy, &x, &w, &out.rstd, &mut twice).unwrap();
+    rms_norm_bwd(&dy, &x, &w, &out.rstd, &mut twice).unwrap();
+    let doubled: Vec<f32> = once.to_f32_vec().unwrap().iter().map(|v| 2.0 * v).collect();
+    assert_close(
+        "dweight accumulated twice",
+        &twice.to_f32_vec().unwrap(),
+        &doubled,
+        1e-6,
+        1e-6,
+    );
+}
+
+#[test]
+fn shape_errors_name_the_tensor() {
+    let dev = Device::Cpu;
+    let x = Tensor::from_f32(&[2, 4], vec![1.0; 8], &dev).unwrap();
+    let w = Tensor::from_f32(&[3], vec![1.0; 3], &dev).unwrap();
+    let err = rms_norm_fwd(&x, &w, 1e-6)
+        .err()
+        .expect("mismatched weight must fail")
+        .to_string();
+    assert!(err.contains("weight") && err.contains("[3]"), "{err}");
+}
+
+/// CUDA against the CPU reference for one shape and dtype; returns nothing, panics on a mismatch.
+fn check_cuda(dev: &Device, rng: &mut Rng, rows: usize, cols: usize, dtype: DType) {
+    let cpu = Device::Cpu;
+    let scale = rng.uniform(0.1, 10.0);
+    // Inputs are rounded to the storage dtype first, so both paths see identical values.
+    let round = |v: Vec<f32>| {
+        if dtype == DType::BF16 {
+            round_bf16(&v)
+        } else {
+            v
+        }
+    };
+    let x = round(rng.normal_vec(rows * cols, scale));
+    let w = round(rng.uniform_vec(cols, 0.5, 1.5));
+    let dy = round(rng.normal_vec(rows * cols, 1.0));
+    let dw0 = rng.normal_vec(cols, 1.0);
+    let on = |d: &Device, shape: &[usize], v: &[f32], dt: DType| {
+        Tensor::from_f32_as(shape, v, dt, d).unwrap()
+    };
+
+    let ref_out = rms_norm_fwd(
+        &on(&cpu, &[rows, cols], &x, DType::F32),
+        &on(&cpu, &[cols], &w, DType::F32),
+        1e-5,
+    )
+    .unwrap();
+    let mut ref_dw = on(&cpu, &[cols], &dw0, DType::F32);
+    let ref_dx = rms_norm_bwd(
+        &on(&cpu, &[rows, cols], &dy, DType::F32),
+        &on(&cpu, &[rows, cols], &x, DType::F32),
+        &on(&cpu, &[cols], &w, DType::F32),
+        &ref_out.rstd,
+        &mut ref_dw,
+    )
+    .unwrap();
+
+    let (gx, gw) = (
+        on(dev, &[rows, cols], &x, dtype),
+        on(dev, &[cols], &w, dtype),
+    );
+    let out = rms_norm_fwd(&gx, &gw, 1e-5).unwrap();
+    let mut dw = on(dev, &[cols], &dw0, DType::F32);
+    let dx = rms_norm_bwd(
+        &on(dev, &[rows, cols], &dy, dtype),
+        &gx,
+        &gw,
+        &out.rstd,
+        &mut dw,
+    )
+    .unwrap();
+
+    let tag = format!("{rows}x{cols} {}", dtype.name());
+    let (y, y_ref) = (out.y.to_f32_vec().unwrap(), ref_out.y.to_f32_vec().unwrap());
+    let (dxv, dx_ref) = (dx.to_f32_vec().unwrap(), ref_dx.to_f32_vec().unwrap());
+    let e = assert_close(
+        &format!("rstd {tag}"),
+        &out.rstd.to_f32_vec().unwrap(),
+        &ref_out.rstd.to_f32_vec().unwrap(),
+        0.0,
+        1e-5,
+    );
+    report("rms_norm_fwd.rstd", &tag, e, "rtol 1e-5");
+    let e = assert_close(
+        &format!("dweight {tag}"),
+        &dw.to_f32_vec().unwrap(),
+        &ref_dw.to_f32_vec().unwrap(),
+        1e-4,
+        1e-4,
+    );
+    report("rms_norm_bwd.dweight", &tag, e, "1e-4 + 1e-4|ref|");
+    match dtype {
+        DType::F32 => {
+            let e = assert_close(&format!("y {tag}"), &y, &y_ref, 1e-5, 1e-5);
+            report("rms_norm_fwd.y", &tag, e, "1e-5 + 1e-5|ref|");
+            let e = assert_close(&format!("dx {tag}"), &dxv, &dx_ref, 1e-5, 1e-4);
+            report("rms_norm_bwd.dx", &tag, e, "1e-5 + 1e-4|ref|");
+        }
+        DType::BF16 => {
+            let e = assert_bf16_rule(&format!("y {tag}"), &y, &y_ref, 1e-6);
+            report("rms_norm_fwd.y", &tag, e, "2x bf16 rounding");
+            let e = assert_bf16_rule(&format!("dx {tag}"), &dxv, &dx_ref, 1e-6);
+            report("rms_norm_bwd.dx", &tag, e, "2x bf16 rounding");
+        }
+    }
+}
+
+cuda_test! {
+    fn cuda_matches_cpu_on_random_shapes(dev) {
+        let mut rng = Rng::new(fresh_seed("cuda_matches_cpu_on_random_shapes"));
+        for &(rows, cols) in &[(1, 1), (37, 576), (3, 4097), (1000, 2048), (8192, 4096), (5, 12288)] {
+            for dtype in [DType::F32, DType::BF16] {
+                check_cuda(&dev, &mut rng, rows, cols, dtype);
+            }
+        }
+    }
+}
+
+cuda_test! {
+    fn cuda_backward_is_deterministic(dev) {
+        let mut rng = Rng::new(fresh_seed("cuda_backward_is_deterministic"));
+        let (rows, cols) = (3000, 1024);
+        let x = Tensor::from_f32_as(&[rows, cols], &rng.normal_vec(rows * cols, 1.0), DType::BF16, &dev).unwrap();
+        let w = Tensor::from_f32_as(&[cols], &rng.uniform_vec(cols, 0.5, 1.5), DType::BF16, &dev).unwrap();
+        let dy = Tensor::from_f32_as(&[rows, cols], &rng.normal_vec(rows * cols, 1.0), DType::BF16, &dev).unwrap();
+        let out = rms_norm_fwd(&x, &w, 1e-5).unwrap();
+        let run = || {
+            let mut dw = Tensor::zeros(&[cols], DType::F32, &dev).unwrap();
+            let dx = rms_norm_bwd(&dy, &x, &w, &out.rstd, &mut dw).unwrap();
+            (dx.to_f32_vec().unwrap(), dw.to_f32_vec().unwrap())
+        };
+        let (a, b) = (run(), run());
+        assert!(a.0.iter().zip(&b.0).all(|(p, q)| p.to_bits() == q.to_bits()), "dx differs between runs");
+        assert!(a.1.iter().zip(&b.1).all(|(p, q)| p.to_bits() == q.to_bits()), "dweight differs between runs");
+    }
+}
+
+#[test]
+fn poisoned_cpu_outputs_are_overwritten() {
+    poison_outputs();
+    let mut rng = Rng::new(fresh_seed("poisoned_cpu_outputs_are_overwritten"));
+    let x = Tensor::from_f32(&[3, 5], rng.normal_vec(15, 1.0), &Device::Cpu).unwrap();
+    let w = Tensor::from_f32(&[5], rng.uniform_vec(5, 0.5, 1.5), &Device::Cpu).unwrap();
+    let out = rms_norm_fwd(&x, &w, 1e-6).unwrap();
+    assert!(out.y.to_f32_vec().unwrap().iter().all(|v| v.is_finite()));
+    assert!(out.rstd.to_f32_vec().unwrap().iter().all(|v| v.is_finite()));
+}
