@@ -97,3 +97,33 @@ __device__ __forceinline__ OnlineSoftmax block_online_softmax(OnlineSoftmax v, f
     OnlineSoftmax t = lane < warps ? OnlineSoftmax{scratch[2 * lane], scratch[2 * lane + 1]} : online_softmax_init();
     return warp_online_softmax(t);
 }
+
+// 16-byte vector access: 8 bf16 or 4 f32 per load. The pointer must be 16-byte aligned, which holds
+// for every row of a [rows, cols] buffer from cuMemAlloc when cols is a multiple of the vector width.
+template <typename T> struct Vec16 {
+    static constexpr int N = 16 / sizeof(T);
+};
+
+template <typename T>
+__device__ __forceinline__ void load16(const T* p, float* out) {
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+    const T* v = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < Vec16<T>::N; ++i) out[i] = to_f32(v[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store16(T* p, const float* in) {
+    uint4 raw;
+    T* v = reinterpret_cast<T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < Vec16<T>::N; ++i) v[i] = from_f32<T>(in[i]);
+    *reinterpret_cast<uint4*>(p) = raw;
+}
+
+// Numerically stable log-sigmoid and friends, safe for |x| in the thousands.
+__device__ __forceinline__ float softplus(float x) { return x > 0.0f ? x + log1pf(expf(-x)) : log1pf(expf(x)); }
+__device__ __forceinline__ float log_sigmoid(float x) { return -softplus(-x); }
+__device__ __forceinline__ float sigmoid(float x) {
+    return x >= 0.0f ? 1.0f / (1.0f + expf(-x)) : expf(x) / (1.0f + expf(x));
+}

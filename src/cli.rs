@@ -4,9 +4,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use std::path::PathBuf;
+
 use crate::device::cuda::unavailable_reason;
-use crate::device::{kernels, CudaDevice};
+use crate::device::{kernels, CudaDevice, Device, DeviceChoice};
 use crate::error::Result;
+use crate::verify::Outcome;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -25,6 +28,17 @@ pub enum Command {
     Doctor,
     /// The end-to-end demo. Until the trainers land it runs `doctor`.
     Demo,
+    /// Check our kernels against reference-value files (safetensors with inputs, expected outputs and
+    /// gradients; family and hyper-parameters in the metadata, as in ../shared/golden). Prints the max
+    /// error of every output and gradient and PASS/FAIL; exits non-zero on any FAIL.
+    Verify {
+        /// Reference files, e.g. ../shared/golden/*.safetensors.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Where to run: the CPU references (f64) or the CUDA kernels.
+        #[arg(long, value_enum, default_value_t = DeviceChoice::Cpu)]
+        device: DeviceChoice,
+    },
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -33,7 +47,49 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             print!("{}", doctor_report());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Verify { files, device } => verify(&files, device),
     }
+}
+
+fn verify(files: &[PathBuf], choice: DeviceChoice) -> Result<ExitCode> {
+    let device = Device::from_choice(choice)?;
+    println!("verify on {device:?}");
+    let (mut failed, mut passed, mut skipped) = (0usize, 0usize, 0usize);
+    for path in files {
+        let report = crate::verify::verify_file(path, &device)?;
+        let name = path.file_name().map_or_else(
+            || path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        match &report.outcome {
+            Outcome::Skipped(why) => {
+                skipped += 1;
+                println!("SKIP {name} ({}): {why}", report.family);
+            }
+            Outcome::Checked(checks) => {
+                for c in checks {
+                    println!(
+                        "{} {name} {:<26} max abs err {:.3e}  max rel err {:.3e}",
+                        if c.pass { "PASS" } else { "FAIL" },
+                        c.name,
+                        c.max_abs_err,
+                        c.max_rel_err
+                    );
+                    if c.pass {
+                        passed += 1;
+                    } else {
+                        failed += 1;
+                    }
+                }
+            }
+        }
+    }
+    println!("verify: {passed} passed, {failed} failed, {skipped} files skipped");
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// Everything `rlhf doctor` prints, as one string.

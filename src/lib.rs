@@ -8,6 +8,7 @@ pub mod error;
 pub mod golden;
 pub mod ops;
 pub mod testing;
+pub mod verify;
 
 pub use device::{DType, Device, DeviceChoice, Tensor};
 pub use error::{Error, Result};

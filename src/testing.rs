@@ -268,3 +268,26 @@ pub fn time_iters(device: &Device, iters: u64, mut f: impl FnMut()) -> std::time
     device.synchronize().expect("device synchronize");
     start.elapsed()
 }
+
+/// A kernel output against the CPU reference at the precision it is stored in: `atol + rtol·|ref|`
+/// for f32, the bf16 rule (at most twice the reference's own bf16 rounding error, plus `atol`) for
+/// bf16. Panics on a mismatch; on a match prints the `CHECK|` line for gpu-run's table.
+#[track_caller]
+pub fn check_output(
+    kernel: &str,
+    case: &str,
+    got: &[f32],
+    want: &[f32],
+    dtype: crate::device::DType,
+    atol: f64,
+    rtol: f64,
+) {
+    let name = format!("{kernel} {case}");
+    if dtype == crate::device::DType::BF16 {
+        let e = assert_bf16_rule(&name, got, want, atol);
+        report(kernel, case, e, &format!("2x bf16 rounding + {atol:e}"));
+    } else {
+        let e = assert_close(&name, got, want, atol, rtol);
+        report(kernel, case, e, &format!("{atol:e} + {rtol:e}|ref|"));
+    }
+}

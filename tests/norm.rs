@@ -5,7 +5,7 @@ use rlhf_kernels::cuda_test;
 use rlhf_kernels::device::{DType, Device, Tensor};
 use rlhf_kernels::ops::norm::{rms_norm_bwd, rms_norm_bwd_ref, rms_norm_fwd, rms_norm_fwd_ref};
 use rlhf_kernels::testing::{
-    assert_bf16_rule, assert_close, fd_check, fresh_seed, poison_outputs, report, round_bf16, Rng,
+    assert_close, check_output, fd_check, fresh_seed, poison_outputs, report, round_bf16, Rng,
 };
 
 /// Loss L = sum(y * g) for a fixed random g, so dL/dy = g.
@@ -180,20 +180,8 @@ fn check_cuda(dev: &Device, rng: &mut Rng, rows: usize, cols: usize, dtype: DTyp
         1e-4,
     );
     report("rms_norm_bwd.dweight", &tag, e, "1e-4 + 1e-4|ref|");
-    match dtype {
-        DType::F32 => {
-            let e = assert_close(&format!("y {tag}"), &y, &y_ref, 1e-5, 1e-5);
-            report("rms_norm_fwd.y", &tag, e, "1e-5 + 1e-5|ref|");
-            let e = assert_close(&format!("dx {tag}"), &dxv, &dx_ref, 1e-5, 1e-4);
-            report("rms_norm_bwd.dx", &tag, e, "1e-5 + 1e-4|ref|");
-        }
-        DType::BF16 => {
-            let e = assert_bf16_rule(&format!("y {tag}"), &y, &y_ref, 1e-6);
-            report("rms_norm_fwd.y", &tag, e, "2x bf16 rounding");
-            let e = assert_bf16_rule(&format!("dx {tag}"), &dxv, &dx_ref, 1e-6);
-            report("rms_norm_bwd.dx", &tag, e, "2x bf16 rounding");
-        }
-    }
+    check_output("rms_norm_fwd.y", &tag, &y, &y_ref, dtype, 1e-5, 1e-5);
+    check_output("rms_norm_bwd.dx", &tag, &dxv, &dx_ref, dtype, 1e-5, 1e-4);
 }
 
 cuda_test! {

@@ -12,6 +12,8 @@ use crate::error::{Error, Result};
 pub enum DType {
     F32,
     BF16,
+    /// Token ids and other indices.
+    I32,
 }
 
 impl DType {
@@ -19,6 +21,7 @@ impl DType {
         match self {
             DType::F32 => "f32",
             DType::BF16 => "bf16",
+            DType::I32 => "i32",
         }
     }
 
@@ -26,6 +29,7 @@ impl DType {
         match self {
             DType::F32 => 4,
             DType::BF16 => 2,
+            DType::I32 => 4,
         }
     }
 }
@@ -33,11 +37,13 @@ impl DType {
 pub enum HostData {
     F32(Vec<f32>),
     BF16(Vec<bf16>),
+    I32(Vec<i32>),
 }
 
 pub enum CudaData {
     F32(CudaSlice<f32>),
     BF16(CudaSlice<bf16>),
+    I32(CudaSlice<i32>),
 }
 
 pub enum Storage {
@@ -73,7 +79,11 @@ impl Tensor {
         Tensor::from_host(shape, HostData::F32(data), device)
     }
 
-    /// An f32 host vector stored as `dtype` (rounded to nearest for bf16).
+    pub fn from_i32(shape: &[usize], data: Vec<i32>, device: &Device) -> Result<Tensor> {
+        Tensor::from_host(shape, HostData::I32(data), device)
+    }
+
+    /// An f32 host vector stored as `dtype` (rounded to nearest for bf16, truncated for i32).
     pub fn from_f32_as(
         shape: &[usize],
         data: &[f32],
@@ -83,6 +93,7 @@ impl Tensor {
         let host = match dtype {
             DType::F32 => HostData::F32(data.to_vec()),
             DType::BF16 => HostData::BF16(data.iter().map(|&v| bf16::from_f32(v)).collect()),
+            DType::I32 => HostData::I32(data.iter().map(|&v| v as i32).collect()),
         };
         Tensor::from_host(shape, host, device)
     }
@@ -91,6 +102,7 @@ impl Tensor {
         let (len, dtype) = match &data {
             HostData::F32(v) => (v.len(), DType::F32),
             HostData::BF16(v) => (v.len(), DType::BF16),
+            HostData::I32(v) => (v.len(), DType::I32),
         };
         if len != numel(shape) {
             return Err(Error::shape(
@@ -103,6 +115,7 @@ impl Tensor {
             Device::Cuda(d) => Storage::Cuda(match data {
                 HostData::F32(v) => CudaData::F32(d.upload(&v)?),
                 HostData::BF16(v) => CudaData::BF16(d.upload(&v)?),
+                HostData::I32(v) => CudaData::I32(d.upload(&v)?),
             }),
         };
         Ok(Tensor {
@@ -122,11 +135,13 @@ impl Tensor {
                 Storage::Cpu(match dtype {
                     DType::F32 => HostData::F32(vec![fill; n]),
                     DType::BF16 => HostData::BF16(vec![bf16::from_f32(fill); n]),
+                    DType::I32 => HostData::I32(vec![-1; n]),
                 })
             }
             Device::Cuda(d) => Storage::Cuda(match dtype {
                 DType::F32 => CudaData::F32(d.alloc(n)?),
                 DType::BF16 => CudaData::BF16(d.alloc(n)?),
+                DType::I32 => CudaData::I32(d.alloc(n)?),
             }),
         };
         Ok(Tensor {
@@ -143,10 +158,12 @@ impl Tensor {
             Device::Cpu => Storage::Cpu(match dtype {
                 DType::F32 => HostData::F32(vec![0.0; n]),
                 DType::BF16 => HostData::BF16(vec![bf16::ZERO; n]),
+                DType::I32 => HostData::I32(vec![0; n]),
             }),
             Device::Cuda(d) => Storage::Cuda(match dtype {
                 DType::F32 => CudaData::F32(d.zeros(n)?),
                 DType::BF16 => CudaData::BF16(d.zeros(n)?),
+                DType::I32 => CudaData::I32(d.zeros(n)?),
             }),
         };
         Ok(Tensor {
@@ -212,42 +229,73 @@ impl Tensor {
         Ok(())
     }
 
-    /// The values as f32 on the host (a copy; bf16 widened exactly).
-    pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
+    /// A host copy of the data as stored.
+    pub fn to_host(&self) -> Result<HostData> {
         let n = self.numel();
         Ok(match &self.storage {
-            Storage::Cpu(HostData::F32(v)) => v.clone(),
-            Storage::Cpu(HostData::BF16(v)) => v.iter().map(|x| x.to_f32()).collect(),
+            Storage::Cpu(HostData::F32(v)) => HostData::F32(v.clone()),
+            Storage::Cpu(HostData::BF16(v)) => HostData::BF16(v.clone()),
+            Storage::Cpu(HostData::I32(v)) => HostData::I32(v.clone()),
             Storage::Cuda(data) => {
-                let d = self.device.as_cuda("to_f32_vec")?;
+                let d = self.device.as_cuda("to_host")?;
                 match data {
-                    CudaData::F32(s) => d.download(s, n)?,
-                    CudaData::BF16(s) => d.download(s, n)?.iter().map(|x| x.to_f32()).collect(),
+                    CudaData::F32(s) => HostData::F32(d.download(s, n)?),
+                    CudaData::BF16(s) => HostData::BF16(d.download(s, n)?),
+                    CudaData::I32(s) => HostData::I32(d.download(s, n)?),
                 }
             }
         })
     }
 
+    /// The values as f32 on the host (a copy; bf16 widened exactly).
+    pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
+        Ok(match self.to_host()? {
+            HostData::F32(v) => v,
+            HostData::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            HostData::I32(v) => v.iter().map(|&x| x as f32).collect(),
+        })
+    }
+
     pub fn to_device(&self, device: &Device) -> Result<Tensor> {
-        let host = match self.dtype {
-            DType::F32 => HostData::F32(self.to_f32_vec()?),
-            DType::BF16 => HostData::BF16(match &self.storage {
-                Storage::Cpu(HostData::BF16(v)) => v.clone(),
-                Storage::Cuda(CudaData::BF16(s)) => self
-                    .device
-                    .as_cuda("to_device")?
-                    .download(s, self.numel())?,
-                _ => unreachable!("storage always matches dtype"),
+        Tensor::from_host(&self.shape, self.to_host()?, device)
+    }
+
+    pub fn cpu_i32(&self, op: &'static str) -> Result<&[i32]> {
+        match &self.storage {
+            Storage::Cpu(HostData::I32(v)) => Ok(v),
+            Storage::Cpu(_) => Err(Error::DType {
+                op,
+                dtype: self.dtype.name(),
             }),
-        };
-        Tensor::from_host(&self.shape, host, device)
+            Storage::Cuda(_) => Err(Error::DeviceMismatch {
+                op,
+                detail: "expected a CPU tensor".into(),
+            }),
+        }
+    }
+
+    pub fn cuda_i32(&self, op: &'static str) -> Result<&CudaSlice<i32>> {
+        match &self.storage {
+            Storage::Cuda(CudaData::I32(s)) => Ok(s),
+            Storage::Cuda(_) => Err(Error::DType {
+                op,
+                dtype: self.dtype.name(),
+            }),
+            Storage::Cpu(_) => Err(Error::DeviceMismatch {
+                op,
+                detail: "expected a CUDA tensor".into(),
+            }),
+        }
     }
 
     /// A CPU f32 view of the host data, or an error naming the op when the tensor is elsewhere.
     pub fn cpu_f32(&self, op: &'static str) -> Result<&[f32]> {
         match &self.storage {
             Storage::Cpu(HostData::F32(v)) => Ok(v),
-            Storage::Cpu(HostData::BF16(_)) => Err(Error::DType { op, dtype: "bf16" }),
+            Storage::Cpu(_) => Err(Error::DType {
+                op,
+                dtype: self.dtype.name(),
+            }),
             Storage::Cuda(_) => Err(Error::DeviceMismatch {
                 op,
                 detail: "expected a CPU tensor".into(),
@@ -258,7 +306,10 @@ impl Tensor {
     pub fn cpu_f32_mut(&mut self, op: &'static str) -> Result<&mut [f32]> {
         match &mut self.storage {
             Storage::Cpu(HostData::F32(v)) => Ok(v),
-            Storage::Cpu(HostData::BF16(_)) => Err(Error::DType { op, dtype: "bf16" }),
+            Storage::Cpu(_) => Err(Error::DType {
+                op,
+                dtype: self.dtype.name(),
+            }),
             Storage::Cuda(_) => Err(Error::DeviceMismatch {
                 op,
                 detail: "expected a CPU tensor".into(),
@@ -269,7 +320,10 @@ impl Tensor {
     pub fn cuda_f32(&self, op: &'static str) -> Result<&CudaSlice<f32>> {
         match &self.storage {
             Storage::Cuda(CudaData::F32(s)) => Ok(s),
-            Storage::Cuda(CudaData::BF16(_)) => Err(Error::DType { op, dtype: "bf16" }),
+            Storage::Cuda(_) => Err(Error::DType {
+                op,
+                dtype: self.dtype.name(),
+            }),
             Storage::Cpu(_) => Err(Error::DeviceMismatch {
                 op,
                 detail: "expected a CUDA tensor".into(),
@@ -280,7 +334,10 @@ impl Tensor {
     pub fn cuda_f32_mut(&mut self, op: &'static str) -> Result<&mut CudaSlice<f32>> {
         match &mut self.storage {
             Storage::Cuda(CudaData::F32(s)) => Ok(s),
-            Storage::Cuda(CudaData::BF16(_)) => Err(Error::DType { op, dtype: "bf16" }),
+            Storage::Cuda(_) => Err(Error::DType {
+                op,
+                dtype: self.dtype.name(),
+            }),
             Storage::Cpu(_) => Err(Error::DeviceMismatch {
                 op,
                 detail: "expected a CUDA tensor".into(),
@@ -297,6 +354,7 @@ pub(crate) fn host_f32<'a>(t: &'a Tensor, op: &'static str) -> Result<std::borro
         Storage::Cpu(HostData::BF16(v)) => Ok(std::borrow::Cow::Owned(
             v.iter().map(|x| x.to_f32()).collect(),
         )),
+        Storage::Cpu(HostData::I32(_)) => Err(Error::DType { op, dtype: "i32" }),
         Storage::Cuda(_) => Err(Error::DeviceMismatch {
             op,
             detail: "expected a CPU tensor".into(),
@@ -314,9 +372,10 @@ pub trait CudaElem:
     fn slice_mut<'a>(t: &'a mut Tensor, op: &'static str) -> Result<&'a mut CudaSlice<Self>>;
     /// The kernel name for this type out of its two instantiations.
     fn pick(f32_name: &'static str, bf16_name: &'static str) -> &'static str {
-        match Self::DTYPE {
-            DType::F32 => f32_name,
-            DType::BF16 => bf16_name,
+        if Self::DTYPE == DType::F32 {
+            f32_name
+        } else {
+            bf16_name
         }
     }
 }
@@ -336,7 +395,10 @@ impl CudaElem for bf16 {
     fn slice<'a>(t: &'a Tensor, op: &'static str) -> Result<&'a CudaSlice<bf16>> {
         match &t.storage {
             Storage::Cuda(CudaData::BF16(s)) => Ok(s),
-            Storage::Cuda(CudaData::F32(_)) => Err(Error::DType { op, dtype: "f32" }),
+            Storage::Cuda(_) => Err(Error::DType {
+                op,
+                dtype: t.dtype.name(),
+            }),
             Storage::Cpu(_) => Err(Error::DeviceMismatch {
                 op,
                 detail: "expected a CUDA tensor".into(),
@@ -346,7 +408,10 @@ impl CudaElem for bf16 {
     fn slice_mut<'a>(t: &'a mut Tensor, op: &'static str) -> Result<&'a mut CudaSlice<bf16>> {
         match &mut t.storage {
             Storage::Cuda(CudaData::BF16(s)) => Ok(s),
-            Storage::Cuda(CudaData::F32(_)) => Err(Error::DType { op, dtype: "f32" }),
+            Storage::Cuda(_) => Err(Error::DType {
+                op,
+                dtype: t.dtype.name(),
+            }),
             Storage::Cpu(_) => Err(Error::DeviceMismatch {
                 op,
                 detail: "expected a CUDA tensor".into(),

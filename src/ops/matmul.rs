@@ -5,7 +5,7 @@ use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 
 use crate::device::tensor::{host_f32, CudaElem};
-use crate::device::{same_device, DType, Device, Tensor};
+use crate::device::{same_device, CudaDevice, DType, Device, Tensor};
 use crate::error::{Error, Result};
 
 const OP: &str = "matmul";
@@ -155,6 +155,7 @@ fn data_type(d: DType) -> cudaDataType {
     match d {
         DType::F32 => cudaDataType::CUDA_R_32F,
         DType::BF16 => cudaDataType::CUDA_R_16BF,
+        DType::I32 => cudaDataType::CUDA_R_32I,
     }
 }
 
@@ -172,8 +173,59 @@ fn gemm_cuda<T: CudaElem, C: CudaElem>(
     beta: f32,
 ) -> Result<()> {
     let dev = a.device().as_cuda(OP)?.clone();
-    let blas = dev.blas()?;
     let stream = dev.stream();
+    let (a_ptr, _ra) = T::slice(a, OP)?.device_ptr(stream);
+    let (b_ptr, _rb) = T::slice(b, OP)?.device_ptr(stream);
+    let (c_ptr, _rc) = C::slice_mut(c, OP)?.device_ptr_mut(stream);
+    let shape = GemmShape { m, n, k, ta, tb };
+    // SAFETY: `gemm` checked that a, b and c hold m*k, k*n and m*n elements of these types.
+    unsafe {
+        gemm_raw(
+            &dev,
+            shape,
+            c_ptr,
+            C::DTYPE,
+            a_ptr,
+            b_ptr,
+            T::DTYPE,
+            alpha,
+            beta,
+        )
+    }
+}
+
+/// Dimensions of `c[m, n] = op(a)[m, k] · op(b)[k, n]` over dense row-major buffers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct GemmShape {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub ta: Trans,
+    pub tb: Trans,
+}
+
+/// cuBLAS GEMM on raw device pointers, for ops that multiply sub-ranges of tensors (a vocabulary
+/// tile of the LM head).
+///
+/// # Safety
+/// `a`, `b`, `c` must point to dense row-major buffers of `m*k`, `k*n`, `m*n` elements of `ab_type`,
+/// `ab_type` and `c_type`, live on `dev`'s stream for the duration of the call.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_raw(
+    dev: &CudaDevice,
+    s: GemmShape,
+    c: u64,
+    c_type: DType,
+    a: u64,
+    b: u64,
+    ab_type: DType,
+    alpha: f32,
+    beta: f32,
+) -> Result<()> {
+    if s.m == 0 || s.n == 0 {
+        return Ok(());
+    }
+    let blas = dev.blas()?;
     let op = |t: Trans| {
         if t == Trans::N {
             cublasOperation_t::CUBLAS_OP_N
@@ -189,32 +241,28 @@ fn gemm_cuda<T: CudaElem, C: CudaElem>(
     };
     // cuBLAS is column-major: the row-major product c = a·b is the column-major c^T = b^T·a^T, so b
     // goes first. A row-major [r, c] buffer is a column-major [c, r] matrix with leading dimension c.
-    let lda_b = if tb == Trans::N { n } else { k };
-    let ldb_a = if ta == Trans::N { k } else { m };
-    let (a_ptr, _ra) = T::slice(a, OP)?.device_ptr(stream);
-    let (b_ptr, _rb) = T::slice(b, OP)?.device_ptr(stream);
-    let (c_ptr, _rc) = C::slice_mut(c, OP)?.device_ptr_mut(stream);
-    // SAFETY: the dims and leading dimensions match buffers of m*k (a), k*n (b), m*n (c) elements,
-    // checked by `gemm`; alpha and beta are f32 as the 32F compute type requires.
+    let ld_b = if s.tb == Trans::N { s.n } else { s.k };
+    let ld_a = if s.ta == Trans::N { s.k } else { s.m };
+    // SAFETY: the caller guarantees the buffers; alpha and beta are f32 as CUBLAS_COMPUTE_32F requires.
     unsafe {
         cudarc::cublas::result::gemm_ex(
             *blas.handle(),
-            op(tb),
-            op(ta),
-            dim(n)?,
-            dim(m)?,
-            dim(k)?,
+            op(s.tb),
+            op(s.ta),
+            dim(s.n)?,
+            dim(s.m)?,
+            dim(s.k)?,
             (&alpha) as *const f32 as *const _,
-            b_ptr as *const _,
-            data_type(T::DTYPE),
-            dim(lda_b)?,
-            a_ptr as *const _,
-            data_type(T::DTYPE),
-            dim(ldb_a)?,
+            b as *const _,
+            data_type(ab_type),
+            dim(ld_b)?,
+            a as *const _,
+            data_type(ab_type),
+            dim(ld_a)?,
             (&beta) as *const f32 as *const _,
-            c_ptr as *mut _,
-            data_type(C::DTYPE),
-            dim(n)?,
+            c as *mut _,
+            data_type(c_type),
+            dim(s.n)?,
             cublasComputeType_t::CUBLAS_COMPUTE_32F,
             cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )?;

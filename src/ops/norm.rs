@@ -4,13 +4,14 @@
 //! backward. The backward overwrites `dx` and accumulates into `dweight` (f32, `+=`), as every
 //! parameter gradient in this crate does.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::PushKernelArg;
 use half::bf16;
 use num_traits::Float;
 
 use crate::device::tensor::{host_f32, CudaElem};
 use crate::device::{same_device, DType, Device, Tensor};
 use crate::error::{Error, Result};
+use crate::ops::{per_element, per_row, to_i32};
 
 const OP_FWD: &str = "rms_norm_fwd";
 const OP_BWD: &str = "rms_norm_bwd";
@@ -101,6 +102,10 @@ pub fn rms_norm_fwd(x: &Tensor, weight: &Tensor, eps: f32) -> Result<RmsNormOut>
         Device::Cuda(_) => match x.dtype() {
             DType::F32 => fwd_cuda::<f32>(x, weight, eps, rows, cols),
             DType::BF16 => fwd_cuda::<bf16>(x, weight, eps, rows, cols),
+            DType::I32 => Err(Error::DType {
+                op: OP_FWD,
+                dtype: "i32",
+            }),
         },
     }
 }
@@ -147,6 +152,10 @@ pub fn rms_norm_bwd(
         Device::Cuda(_) => match x.dtype() {
             DType::F32 => bwd_cuda::<f32>(dy, x, weight, rstd, dweight, rows, cols),
             DType::BF16 => bwd_cuda::<bf16>(dy, x, weight, rstd, dweight, rows, cols),
+            DType::I32 => Err(Error::DType {
+                op: OP_BWD,
+                dtype: "i32",
+            }),
         },
     }
 }
@@ -159,13 +168,6 @@ fn block_threads(cols: usize) -> u32 {
     } else {
         128
     }
-}
-
-fn to_i32(op: &'static str, name: &str, v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| Error::Unsupported {
-        op,
-        detail: format!("{name} = {v} exceeds i32"),
-    })
 }
 
 fn fwd_cuda<T: CudaElem>(
@@ -182,16 +184,8 @@ fn fwd_cuda<T: CudaElem>(
         return Ok(RmsNormOut { y, rstd });
     }
     let cols_i = to_i32(OP_FWD, "cols", cols)?;
-    let grid = u32::try_from(rows).map_err(|_| Error::Unsupported {
-        op: OP_FWD,
-        detail: format!("{rows} rows"),
-    })?;
     let f = dev.function("norm", T::pick("rms_norm_fwd_f32", "rms_norm_fwd_bf16"))?;
-    let cfg = LaunchConfig {
-        grid_dim: (grid, 1, 1),
-        block_dim: (block_threads(cols), 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = per_row(OP_FWD, rows, block_threads(cols), 0)?;
     let mut b = dev.stream().launch_builder(&f);
     b.arg(T::slice_mut(&mut y, OP_FWD)?)
         .arg(rstd.cuda_f32_mut(OP_FWD)?)
@@ -233,11 +227,7 @@ fn bwd_cuda<T: CudaElem>(
         parts as i32,
     );
     let f = dev.function("norm", T::pick("rms_norm_bwd_f32", "rms_norm_bwd_bf16"))?;
-    let cfg = LaunchConfig {
-        grid_dim: (parts as u32, 1, 1),
-        block_dim: (block_threads(cols), 1, 1),
-        shared_mem_bytes: shared as u32,
-    };
+    let cfg = per_row(OP_BWD, parts, block_threads(cols), shared as u32)?;
     let mut b = dev.stream().launch_builder(&f);
     b.arg(T::slice_mut(&mut dx, OP_BWD)?)
         .arg(partial.cuda_f32_mut(OP_BWD)?)
@@ -252,11 +242,7 @@ fn bwd_cuda<T: CudaElem>(
     unsafe { b.launch(cfg) }?;
 
     let reduce = dev.function("norm", "rms_norm_dweight_reduce")?;
-    let cfg = LaunchConfig {
-        grid_dim: (cols.div_ceil(256) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = per_element(OP_BWD, cols)?;
     let mut b = dev.stream().launch_builder(&reduce);
     b.arg(dweight.cuda_f32_mut(OP_BWD)?)
         .arg(partial.cuda_f32(OP_BWD)?)
