@@ -1,0 +1,138 @@
+//! KL: the CPU reference against finite differences and the definition, and the CUDA kernels
+//! against the CPU reference.
+
+use rlhf_kernels::cuda_test;
+use rlhf_kernels::device::{DType, Device, Tensor};
+use rlhf_kernels::ops::kl::{
+    kl_full_bwd, kl_full_bwd_ref, kl_full_fwd, kl_full_fwd_ref, kl_sampled_bwd, kl_sampled_fwd,
+    kl_sampled_ref, KlEstimator,
+};
+use rlhf_kernels::testing::{check_output, fd_check, fresh_seed, round_bf16, Rng};
+
+fn to64(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+#[test]
+fn full_kl_backward_matches_finite_differences() {
+    let mut rng = Rng::new(fresh_seed("full_kl_backward_matches_finite_differences"));
+    let (n, vocab) = (3, 17);
+    let x = to64(&rng.normal_vec(n * vocab, 1.5));
+    let y = to64(&rng.normal_vec(n * vocab, 1.5));
+    let g = to64(&rng.normal_vec(n, 1.0));
+    let loss = |xp: &[f64]| {
+        let (mut k, mut a, mut b) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+        kl_full_fwd_ref(&mut k, &mut a, &mut b, xp, &y, vocab);
+        k.iter().zip(&g).map(|(k, g)| k * g).sum::<f64>()
+    };
+    let (mut k, mut lp, mut lq) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+    kl_full_fwd_ref(&mut k, &mut lp, &mut lq, &x, &y, vocab);
+    assert!(
+        k.iter().all(|&v| v > 0.0),
+        "KL of different distributions is positive"
+    );
+    let mut dx = vec![f64::NAN; n * vocab];
+    kl_full_bwd_ref(&mut dx, &x, &y, &lp, &lq, &k, &g, vocab);
+    fd_check("dpolicy", loss, &x, &dx, 1e-6, 1e-7).unwrap();
+    // KL(p‖p) = 0.
+    let (mut k0, mut a, mut b) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+    kl_full_fwd_ref(&mut k0, &mut a, &mut b, &x, &x, vocab);
+    assert!(k0.iter().all(|v| v.abs() < 1e-12), "{k0:?}");
+}
+
+#[test]
+fn sampled_estimators_match_their_definitions_and_derivatives() {
+    let mut rng = Rng::new(fresh_seed(
+        "sampled_estimators_match_their_definitions_and_derivatives",
+    ));
+    for _ in 0..50 {
+        let (p, r) = (rng.uniform(-5.0, 0.0) as f64, rng.uniform(-5.0, 0.0) as f64);
+        let logr = r - p;
+        for (est, want) in [
+            (KlEstimator::K1, -logr),
+            (KlEstimator::K2, 0.5 * logr * logr),
+            (KlEstimator::K3, logr.exp() - 1.0 - logr),
+        ] {
+            let (k, d) = kl_sampled_ref(p, r, est);
+            assert!((k - want).abs() < 1e-12, "{est:?}");
+            let h = 1e-6;
+            let fd =
+                (kl_sampled_ref(p + h, r, est).0 - kl_sampled_ref(p - h, r, est).0) / (2.0 * h);
+            assert!((fd - d).abs() < 1e-6, "{est:?}: fd {fd} vs {d}");
+        }
+        assert!(kl_sampled_ref(p, r, KlEstimator::K3).0 >= 0.0);
+    }
+    let t = |v: Vec<f32>| Tensor::from_f32(&[v.len()], v, &Device::Cpu).unwrap();
+    let k = kl_sampled_fwd(&t(vec![-1.0, -2.0]), &t(vec![-1.5, -2.0]), KlEstimator::K1).unwrap();
+    assert_eq!(k.to_f32_vec().unwrap(), vec![0.5, 0.0]);
+    assert!(kl_sampled_fwd(&t(vec![-1.0]), &t(vec![-1.5, -2.0]), KlEstimator::K1).is_err());
+}
+
+fn check_cuda(dev: &Device, rng: &mut Rng, n: usize, vocab: usize, dtype: DType) {
+    let round = |v: Vec<f32>| {
+        if dtype == DType::BF16 {
+            round_bf16(&v)
+        } else {
+            v
+        }
+    };
+    let x = round(rng.normal_vec(n * vocab, 2.0));
+    let y: Vec<f32> = round(x.iter().map(|&v| v + rng.normal() * 0.5).collect());
+    let g = rng.normal_vec(n, 1.0);
+    let run = |d: &Device, dt: DType| {
+        let (xt, yt) = (
+            Tensor::from_f32_as(&[n, vocab], &x, dt, d).unwrap(),
+            Tensor::from_f32_as(&[n, vocab], &y, dt, d).unwrap(),
+        );
+        let out = kl_full_fwd(&xt, &yt).unwrap();
+        let dx = kl_full_bwd(
+            &xt,
+            &yt,
+            &out,
+            &Tensor::from_f32(&[n], g.clone(), d).unwrap(),
+        )
+        .unwrap();
+        (out.kl.to_f32_vec().unwrap(), dx.to_f32_vec().unwrap())
+    };
+    let (want_kl, want_dx) = run(&Device::Cpu, DType::F32);
+    let (got_kl, got_dx) = run(dev, dtype);
+    let case = format!("{n}x{vocab} {}", dtype.name());
+    check_output(
+        "kl_full_fwd",
+        &case,
+        &got_kl,
+        &want_kl,
+        DType::F32,
+        1e-5,
+        1e-4,
+    );
+    check_output("kl_full_bwd", &case, &got_dx, &want_dx, dtype, 1e-7, 1e-4);
+}
+
+cuda_test! {
+    fn cuda_matches_cpu_on_random_shapes(dev) {
+        let mut rng = Rng::new(fresh_seed("kl cuda_matches_cpu_on_random_shapes"));
+        for &(n, vocab) in &[(1, 1), (37, 50_257), (16, 128_256), (200, 1000)] {
+            for dtype in [DType::F32, DType::BF16] {
+                check_cuda(&dev, &mut rng, n, vocab, dtype);
+            }
+        }
+        for n in [1usize, 1000, 65_537] {
+            let p = rng.uniform_vec(n, -6.0, 0.0);
+            let r = rng.uniform_vec(n, -6.0, 0.0);
+            let g = rng.normal_vec(n, 1.0);
+            for est in [KlEstimator::K1, KlEstimator::K2, KlEstimator::K3] {
+                let run = |d: &Device| {
+                    let t = |v: &Vec<f32>| Tensor::from_f32(&[n], v.clone(), d).unwrap();
+                    (
+                        kl_sampled_fwd(&t(&p), &t(&r), est).unwrap().to_f32_vec().unwrap(),
+                        kl_sampled_bwd(&t(&p), &t(&r), &t(&g), est).unwrap().to_f32_vec().unwrap(),
+                    )
+                };
+                let (want, got) = (run(&Device::Cpu), run(&dev));
+                check_output("kl_sampled_fwd", &format!("{est:?} n{n}"), &got.0, &want.0, DType::F32, 1e-6, 1e-5);
+                check_output("kl_sampled_bwd", &format!("{est:?} n{n}"), &got.1, &want.1, DType::F32, 1e-6, 1e-5);
+            }
+        }
+    }
+}
