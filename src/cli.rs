@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 use std::path::PathBuf;
 
+use crate::bench::{self, BenchSize};
 use crate::device::cuda::unavailable_reason;
 use crate::device::{kernels, CudaDevice, Device, DeviceChoice};
 use crate::error::Result;
@@ -39,6 +40,25 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = DeviceChoice::Cpu)]
         device: DeviceChoice,
     },
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Time every kernel family at realistic shapes; report GB/s or TFLOP/s and the percentage of this
+    /// device's copy bandwidth and GEMM rate, both measured in the same run.
+    Kernels {
+        #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+        device: DeviceChoice,
+        /// Problem sizes [default: full on CUDA, small on the CPU].
+        #[arg(long, value_enum)]
+        size: Option<BenchSize>,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -48,7 +68,64 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify { files, device } => verify(&files, device),
+        Command::Bench(BenchCommand::Kernels { device, size, json }) => {
+            bench_kernels_cmd(device, size, json)
+        }
     }
+}
+
+fn bench_kernels_cmd(
+    choice: DeviceChoice,
+    size: Option<BenchSize>,
+    json: bool,
+) -> Result<ExitCode> {
+    let device = Device::from_choice(choice)?;
+    let size = size.unwrap_or(if device.is_cuda() {
+        BenchSize::Full
+    } else {
+        BenchSize::Small
+    });
+    let name = match &device {
+        Device::Cpu => "cpu".to_owned(),
+        Device::Cuda(d) => d.info()?.name,
+    };
+    eprintln!("measuring ceilings on {name} ...");
+    let ceil = bench::measure_ceilings(&device, size)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"device": name, "copy_gbs": ceil.copy_gbs, "gemm_tflops": ceil.gemm_tflops})
+        );
+    } else {
+        println!("device: {name}");
+        println!(
+            "ceilings: copy {:.0} GB/s (read + write), GEMM {:.1} TFLOP/s",
+            ceil.copy_gbs, ceil.gemm_tflops
+        );
+        println!(
+            "{:<26} {:<28} {:>10} {:>14} {:>9}",
+            "kernel", "shape", "median ms", "rate", "% ceiling"
+        );
+    }
+    bench::bench_kernels(&device, size, &ceil, |r| {
+        let unit = if r.bound == bench::Bound::Memory {
+            "GB/s"
+        } else {
+            "TFLOP/s"
+        };
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"kernel": r.kernel, "shape": r.shape, "median_ms": r.median_ms, "rate": r.rate, "unit": unit, "percent_of_ceiling": r.percent_of_ceiling})
+            );
+        } else {
+            println!(
+                "{:<26} {:<28} {:>10.3} {:>9.2} {:<7} {:>6.1}%",
+                r.kernel, r.shape, r.median_ms, r.rate, unit, r.percent_of_ceiling
+            );
+        }
+    })?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn verify(files: &[PathBuf], choice: DeviceChoice) -> Result<ExitCode> {

@@ -2,6 +2,7 @@
 //!
 //! Layers, each calling only the one below: `cli` → `train` → `model` → `ops` → `device`.
 
+pub mod bench;
 pub mod cli;
 pub mod device;
 pub mod error;

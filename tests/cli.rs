@@ -36,3 +36,20 @@ fn unknown_subcommand_fails_with_usage() {
     assert!(!ok);
     assert!(stderr.contains("Usage"), "{stderr}");
 }
+
+#[test]
+fn bench_kernels_on_cpu_reports_every_family() {
+    let (ok, stdout, stderr) = rlhf(&["bench", "kernels", "--device", "cpu", "--size", "small"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("ceilings: copy"), "{stdout}");
+    for kernel in [
+        "rms_norm",
+        "logprob fwd+bwd",
+        "kl_full",
+        "linear_logprob",
+        "pref_loss",
+        "ppo",
+    ] {
+        assert!(stdout.contains(kernel), "{kernel} missing:\n{stdout}");
+    }
+}

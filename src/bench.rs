@@ -1,0 +1,353 @@
+//! `rlhf bench kernels`: times every kernel family at realistic shapes and reports achieved bandwidth
+//! or FLOP rate against the device's own ceilings, measured in the same run (a large device-to-device
+//! copy; a large bf16 GEMM through cuBLAS). Criterion benches (benches/) cover the same shapes for
+//! statistics; this command is the quick table a user runs on their card.
+
+use std::time::Instant;
+
+use crate::device::{DType, Device, Tensor};
+use crate::error::Result;
+use crate::ops::kl::{kl_full_bwd, kl_full_fwd};
+use crate::ops::logprob::{linear_logprob_bwd, linear_logprob_fwd, logprob_bwd, logprob_fwd};
+use crate::ops::matmul::{gemm, Trans};
+use crate::ops::norm::{rms_norm_bwd, rms_norm_fwd};
+use crate::ops::ppo::{ppo_advantages, ppo_loss, PpoConfig};
+use crate::ops::pref_loss::{pref_loss, DpoLoss, PrefExtras, PrefLoss};
+use crate::testing::Rng;
+
+/// What a row's rate is measured in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bound {
+    /// Bytes that must cross device memory (each input read once, each output written once).
+    Memory,
+    /// Floating-point operations.
+    Compute,
+}
+
+#[derive(Debug, Clone)]
+pub struct BenchRow {
+    pub kernel: String,
+    pub shape: String,
+    pub median_ms: f64,
+    pub bound: Bound,
+    /// GB/s for memory-bound rows, TFLOP/s for compute-bound ones.
+    pub rate: f64,
+    /// Percentage of the matching ceiling measured in the same run.
+    pub percent_of_ceiling: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Ceilings {
+    pub copy_gbs: f64,
+    pub gemm_tflops: f64,
+}
+
+/// Problem sizes: `Full` is the realistic shapes (a GPU's work); `Small` fits a CPU run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchSize {
+    Small,
+    Full,
+}
+
+/// Median wall time of `reps` calls after `warmup` calls, synchronising around each call.
+pub fn median_ms(
+    device: &Device,
+    warmup: usize,
+    reps: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    device.synchronize()?;
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        f()?;
+        device.synchronize()?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+fn random(
+    device: &Device,
+    rng: &mut Rng,
+    shape: &[usize],
+    std: f32,
+    dtype: DType,
+) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    Tensor::from_f32_as(shape, &rng.normal_vec(n, std), dtype, device)
+}
+
+/// The two ceilings, measured now on `device`.
+pub fn measure_ceilings(device: &Device, size: BenchSize) -> Result<Ceilings> {
+    let mut rng = Rng::new(7);
+    // Copy: 1 GiB on a GPU (well past L2), 256 MiB on a CPU; counted as bytes read plus written.
+    let elems = if size == BenchSize::Full {
+        1usize << 28
+    } else {
+        1 << 26
+    };
+    let src = random(device, &mut rng, &[elems], 1.0, DType::F32)?;
+    let copy_ms = match device {
+        Device::Cpu => {
+            let s = src.cpu_f32("bench")?.to_vec();
+            let mut d = vec![0.0f32; elems];
+            median_ms(device, 1, 5, || {
+                d.copy_from_slice(&s);
+                std::hint::black_box(&d);
+                Ok(())
+            })?
+        }
+        Device::Cuda(dev) => {
+            let mut dst = dev.alloc::<f32>(elems)?;
+            let s = src.cuda_f32("bench")?;
+            median_ms(device, 2, 10, || {
+                Ok(dev.stream().memcpy_dtod(s, &mut dst)?)
+            })?
+        }
+    };
+    let copy_gbs = 2.0 * (elems * 4) as f64 / (copy_ms * 1e-3) / 1e9;
+    // GEMM: bf16 operands, f32 accumulation, 8192³ on a GPU; f32 1024³ on a CPU.
+    let (m, dtype) = if device.is_cuda() {
+        (
+            if size == BenchSize::Full { 8192 } else { 2048 },
+            DType::BF16,
+        )
+    } else {
+        (512, DType::F32)
+    };
+    let a = random(device, &mut rng, &[m, m], 1.0, dtype)?;
+    let b = random(device, &mut rng, &[m, m], 1.0, dtype)?;
+    let mut c = Tensor::empty(&[m, m], dtype, device)?;
+    let gemm_ms = median_ms(device, 2, 10, || {
+        gemm(&mut c, &a, Trans::N, &b, Trans::T, 1.0, 0.0)
+    })?;
+    let gemm_tflops = 2.0 * (m * m * m) as f64 / (gemm_ms * 1e-3) / 1e12;
+    Ok(Ceilings {
+        copy_gbs,
+        gemm_tflops,
+    })
+}
+
+fn row(
+    kernel: &str,
+    shape: String,
+    ms: f64,
+    bound: Bound,
+    amount: f64,
+    ceil: &Ceilings,
+) -> BenchRow {
+    let (rate, ceiling) = match bound {
+        Bound::Memory => (amount / (ms * 1e-3) / 1e9, ceil.copy_gbs),
+        Bound::Compute => (amount / (ms * 1e-3) / 1e12, ceil.gemm_tflops),
+    };
+    BenchRow {
+        kernel: kernel.into(),
+        shape,
+        median_ms: ms,
+        bound,
+        rate,
+        percent_of_ceiling: 100.0 * rate / ceiling,
+    }
+}
+
+/// Times every family. `Full` uses the realistic shapes: N = 8,192 tokens, V = 49,152 and 128,256,
+/// d = 576 and 4,096, DPO 64 pairs × 1,024 tokens, PPO 64 × 512.
+pub fn bench_kernels(
+    device: &Device,
+    size: BenchSize,
+    ceil: &Ceilings,
+    mut on_row: impl FnMut(&BenchRow),
+) -> Result<Vec<BenchRow>> {
+    let full = size == BenchSize::Full;
+    let mut rng = Rng::new(11);
+    let act = if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    let (warm, reps) = if full { (2, 10) } else { (1, 3) };
+    let mut rows = Vec::new();
+    let mut push = |r: BenchRow, rows: &mut Vec<BenchRow>| {
+        on_row(&r);
+        rows.push(r);
+    };
+
+    // RMSNorm forward + backward: read x, write y; read dy and x, write dx.
+    let (n, d) = if full { (8192, 4096) } else { (256, 576) };
+    let x = random(device, &mut rng, &[n, d], 1.0, act)?;
+    let w = random(device, &mut rng, &[d], 1.0, act)?;
+    let dy = random(device, &mut rng, &[n, d], 1.0, act)?;
+    let mut dw = Tensor::zeros(&[d], DType::F32, device)?;
+    let ms = median_ms(device, warm, reps, || {
+        let o = rms_norm_fwd(&x, &w, 1e-5)?;
+        rms_norm_bwd(&dy, &x, &w, &o.rstd, &mut dw).map(drop)
+    })?;
+    push(
+        row(
+            "rms_norm fwd+bwd",
+            format!("{n}x{d} {}", act.name()),
+            ms,
+            Bound::Memory,
+            (5 * n * d * act.size()) as f64,
+            ceil,
+        ),
+        &mut rows,
+    );
+
+    // logprob forward + backward: one read of the logits forward, one read and one write backward.
+    let n = if full { 8192 } else { 64 };
+    for vocab in if full {
+        vec![49_152, 128_256]
+    } else {
+        vec![4096]
+    } {
+        let logits = random(device, &mut rng, &[n, vocab], 2.0, act)?;
+        let tgt = Tensor::from_i32(
+            &[n],
+            (0..n).map(|_| rng.below(vocab) as i32).collect(),
+            device,
+        )?;
+        let g = Tensor::from_f32(&[n], vec![1.0; n], device)?;
+        let ms = median_ms(device, warm, reps, || {
+            let o = logprob_fwd(&logits, &tgt, 1.0)?;
+            logprob_bwd(&logits, &tgt, &o, &g, &g, 1.0).map(drop)
+        })?;
+        push(
+            row(
+                "logprob fwd+bwd",
+                format!("{n}x{vocab} {}", act.name()),
+                ms,
+                Bound::Memory,
+                (3 * n * vocab * act.size()) as f64,
+                ceil,
+            ),
+            &mut rows,
+        );
+
+        // KL full forward + backward: two rows read forward, two read and one written backward.
+        let reference = random(device, &mut rng, &[n, vocab], 2.0, act)?;
+        let ms = median_ms(device, warm, reps, || {
+            let o = kl_full_fwd(&logits, &reference)?;
+            kl_full_bwd(&logits, &reference, &o, &g).map(drop)
+        })?;
+        push(
+            row(
+                "kl_full fwd+bwd",
+                format!("{n}x{vocab} {}", act.name()),
+                ms,
+                Bound::Memory,
+                (5 * n * vocab * act.size()) as f64,
+                ceil,
+            ),
+            &mut rows,
+        );
+    }
+
+    // The LM-head-fused logprob: 2·N·V·d FLOPs forward, 6·N·V·d backward (recompute + two GEMMs).
+    let shapes: Vec<(usize, usize, usize)> = if full {
+        vec![(8192, 576, 49_152), (8192, 4096, 128_256)]
+    } else {
+        vec![(64, 64, 4096)]
+    };
+    for (n, d, vocab) in shapes {
+        let h = random(device, &mut rng, &[n, d], 1.0, act)?;
+        let wt = random(device, &mut rng, &[vocab, d], 1.0 / (d as f32).sqrt(), act)?;
+        let tgt = Tensor::from_i32(
+            &[n],
+            (0..n).map(|_| rng.below(vocab) as i32).collect(),
+            device,
+        )?;
+        let g = Tensor::from_f32(&[n], vec![1.0; n], device)?;
+        let mut dwt = Tensor::zeros(&[vocab, d], DType::F32, device)?;
+        let ms = median_ms(device, 1, if full { 5 } else { 3 }, || {
+            let o = linear_logprob_fwd(&h, &wt, &tgt, 1.0)?;
+            linear_logprob_bwd(&h, &wt, &tgt, &o, &g, &g, 1.0, &mut dwt).map(drop)
+        })?;
+        push(
+            row(
+                "linear_logprob fwd+bwd",
+                format!("n{n} d{d} V{vocab} {}", act.name()),
+                ms,
+                Bound::Compute,
+                8.0 * (n * vocab * d) as f64,
+                ceil,
+            ),
+            &mut rows,
+        );
+    }
+
+    // DPO: policy, reference and mask read, the token gradient written (f32).
+    let (pairs, t) = if full { (64, 1024) } else { (8, 256) };
+    let r = 2 * pairs;
+    let lp = Tensor::from_f32(&[r, t], rng.uniform_vec(r * t, -4.0, 0.0), device)?;
+    let rf = Tensor::from_f32(&[r, t], rng.uniform_vec(r * t, -4.0, 0.0), device)?;
+    let mask = Tensor::from_f32(&[r, t], vec![1.0; r * t], device)?;
+    let kind = PrefLoss::Dpo {
+        loss: DpoLoss::Sigmoid,
+        beta: 0.1,
+        label_smoothing: 0.0,
+    };
+    let ex = PrefExtras {
+        ref_logps: Some(&rf),
+        ..Default::default()
+    };
+    let ms = median_ms(device, warm, reps, || {
+        pref_loss(&kind, &lp, &mask, &ex).map(drop)
+    })?;
+    push(
+        row(
+            "pref_loss dpo sigmoid",
+            format!("{pairs} pairs x {t}"),
+            ms,
+            Bound::Memory,
+            (4 * r * t * 4) as f64,
+            ceil,
+        ),
+        &mut rows,
+    );
+
+    // PPO: rollout side and loss side; 7 [B, T] inputs read, 6 written.
+    let (b, t) = if full { (64, 512) } else { (8, 128) };
+    let f = |rng: &mut Rng| Tensor::from_f32(&[b, t], rng.uniform_vec(b * t, -2.0, 0.0), device);
+    let (old_lp, ref_lp, old_v, new_lp, new_v) = (
+        f(&mut rng)?,
+        f(&mut rng)?,
+        f(&mut rng)?,
+        f(&mut rng)?,
+        f(&mut rng)?,
+    );
+    let scores = Tensor::from_f32(&[b], rng.normal_vec(b, 1.0), device)?;
+    let mask = Tensor::from_f32(&[b, t], vec![1.0; b * t], device)?;
+    let cfg = PpoConfig::default();
+    let ms = median_ms(device, warm, reps, || {
+        let a = ppo_advantages(&cfg, &old_lp, &ref_lp, &old_v, &scores, &mask)?;
+        ppo_loss(
+            &cfg,
+            &new_lp,
+            &new_v,
+            &old_lp,
+            &old_v,
+            &a.whitened,
+            &a.returns,
+            &mask,
+        )
+        .map(drop)
+    })?;
+    push(
+        row(
+            "ppo advantages+loss",
+            format!("{b}x{t}"),
+            ms,
+            Bound::Memory,
+            (13 * b * t * 4) as f64,
+            ceil,
+        ),
+        &mut rows,
+    );
+    Ok(rows)
+}
