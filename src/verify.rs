@@ -11,6 +11,9 @@ use std::path::Path;
 use crate::device::{Device, Tensor};
 use crate::error::{Error, Result};
 use crate::golden::Golden;
+use crate::ops::attention::{
+    attention_bwd, attention_bwd_ref, attention_fwd, attention_fwd_ref, AttnBatch, Heads,
+};
 use crate::ops::kl::{
     kl_full_bwd, kl_full_bwd_ref, kl_full_fwd, kl_full_fwd_ref, kl_sampled_bwd, kl_sampled_fwd,
     kl_sampled_ref, KlEstimator,
@@ -105,6 +108,7 @@ pub fn verify_file(path: &Path, device: &Device) -> Result<FileReport> {
         "kl" => kl(&g, device)?,
         "dpo" | "simpo" | "orpo" | "kto" => preference(&g, &family, device)?,
         "ppo" => ppo(&g, device)?,
+        "attention" => attention(&g, device)?,
         other => {
             return Ok(FileReport {
                 family: family.clone(),
@@ -447,5 +451,106 @@ fn ppo(g: &Golden, device: &Device) -> Result<Named> {
         ("loss".into(), vec![l.loss]),
         ("grad_new_logps".into(), v(&l.grad_new_logps)?),
         ("grad_new_values".into(), v(&l.grad_new_values)?),
+    ])
+}
+
+/// `[B, H, T, D]` to packed rows `[B·T, H·D]` and back.
+fn to_rows(x: &[f32], b: usize, h: usize, t: usize, d: usize) -> Vec<f32> {
+    let mut out = vec![0.0; x.len()];
+    for bi in 0..b {
+        for hi in 0..h {
+            for ti in 0..t {
+                let src = ((bi * h + hi) * t + ti) * d;
+                let dst = ((bi * t + ti) * h + hi) * d;
+                out[dst..dst + d].copy_from_slice(&x[src..src + d]);
+            }
+        }
+    }
+    out
+}
+
+fn from_rows(x: &[f64], b: usize, h: usize, t: usize, d: usize) -> Vec<f64> {
+    let mut out = vec![0.0; x.len()];
+    for bi in 0..b {
+        for hi in 0..h {
+            for ti in 0..t {
+                let dst = ((bi * h + hi) * t + ti) * d;
+                let src = ((bi * t + ti) * h + hi) * d;
+                out[dst..dst + d].copy_from_slice(&x[src..src + d]);
+            }
+        }
+    }
+    out
+}
+
+fn attention(g: &Golden, device: &Device) -> Result<Named> {
+    let shape = |name: &str| -> Result<[usize; 4]> {
+        g.tensor(name)?
+            .shape
+            .clone()
+            .try_into()
+            .map_err(|_| Error::file(&g.path, format!("`{name}` must be [B, H, T, D]")))
+    };
+    let [b, h, t, d] = shape("q")?;
+    let [_, kvh, _, _] = shape("k")?;
+    let hd = Heads {
+        heads: h,
+        kv_heads: kvh,
+        head_dim: d,
+    };
+    let scale = 1.0 / (d as f64).sqrt();
+    let rows = |name: &str, heads: usize| g.tensor(name).map(|x| to_rows(&x.data, b, heads, t, d));
+    let (q, k, v, dout) = (
+        rows("q", h)?,
+        rows("k", kvh)?,
+        rows("v", kvh)?,
+        rows("grad_out", h)?,
+    );
+    let batch = AttnBatch::packed(&vec![t; b], device)?;
+    // lse [B, H, T] from per-row [B·T, H].
+    let lse_to_golden = |l: &[f64]| {
+        let mut o = vec![0.0; l.len()];
+        for bi in 0..b {
+            for ti in 0..t {
+                for hi in 0..h {
+                    o[(bi * h + hi) * t + ti] = l[(bi * t + ti) * h + hi];
+                }
+            }
+        }
+        o
+    };
+    let (out, lse, dq, dk, dv) = if let Device::Cpu = device {
+        let (q, k, v, dout) = (f64s(&q), f64s(&k), f64s(&v), f64s(&dout));
+        let (mut out, mut lse) = (vec![0.0; q.len()], vec![0.0; b * t * h]);
+        attention_fwd_ref(&mut out, &mut lse, &q, &k, &v, &batch, hd, scale);
+        let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+        attention_bwd_ref(
+            &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, &batch, hd, scale,
+        );
+        (out, lse, dq, dk, dv)
+    } else {
+        let up = |x: Vec<f32>, heads: usize| Tensor::from_f32(&[b * t, heads * d], x, device);
+        let (qt, kt, vt) = (up(q, h)?, up(k, kvh)?, up(v, kvh)?);
+        let (out, lse) = attention_fwd(&qt, &kt, &vt, &batch, hd, scale as f32)?;
+        let (dq, dk, dv) = attention_bwd(
+            &up(dout, h)?,
+            &qt,
+            &kt,
+            &vt,
+            &out,
+            &lse,
+            &batch,
+            hd,
+            scale as f32,
+        )?;
+        let v = |t: &Tensor| t.to_f32_vec().map(|v| f64s(&v));
+        (v(&out)?, v(&lse)?, v(&dq)?, v(&dk)?, v(&dv)?)
+    };
+    Ok(vec![
+        ("out".into(), from_rows(&out, b, h, t, d)),
+        ("lse".into(), lse_to_golden(&lse)),
+        ("grad_q".into(), from_rows(&dq, b, h, t, d)),
+        ("grad_k".into(), from_rows(&dk, b, kvh, t, d)),
+        ("grad_v".into(), from_rows(&dv, b, kvh, t, d)),
     ])
 }

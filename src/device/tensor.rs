@@ -256,6 +256,41 @@ impl Tensor {
         })
     }
 
+    /// A copy on the same device (device-to-device on a GPU).
+    pub fn duplicate(&self) -> Result<Tensor> {
+        let storage = match &self.storage {
+            Storage::Cpu(HostData::F32(v)) => Storage::Cpu(HostData::F32(v.clone())),
+            Storage::Cpu(HostData::BF16(v)) => Storage::Cpu(HostData::BF16(v.clone())),
+            Storage::Cpu(HostData::I32(v)) => Storage::Cpu(HostData::I32(v.clone())),
+            Storage::Cuda(data) => {
+                let stream = self.device.as_cuda("duplicate")?.stream();
+                Storage::Cuda(match data {
+                    CudaData::F32(s) => CudaData::F32(stream.clone_dtod(s)?),
+                    CudaData::BF16(s) => CudaData::BF16(stream.clone_dtod(s)?),
+                    CudaData::I32(s) => CudaData::I32(stream.clone_dtod(s)?),
+                })
+            }
+        };
+        Ok(Tensor {
+            shape: self.shape.clone(),
+            dtype: self.dtype,
+            storage,
+            device: self.device.clone(),
+        })
+    }
+
+    /// The same data under another shape with as many elements.
+    pub fn reshape(mut self, shape: &[usize]) -> Result<Tensor> {
+        if numel(shape) != self.numel() {
+            return Err(Error::shape(
+                "reshape",
+                format!("{:?} to {shape:?}", self.shape),
+            ));
+        }
+        self.shape = shape.to_vec();
+        Ok(self)
+    }
+
     pub fn to_device(&self, device: &Device) -> Result<Tensor> {
         Tensor::from_host(&self.shape, self.to_host()?, device)
     }

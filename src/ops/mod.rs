@@ -1,12 +1,18 @@
 //! One module per kernel family, each the twin of `kernels/<family>.cu`: a CPU reference in plain
 //! loops and a CUDA launcher behind one signature that dispatches on the tensors' device.
 
+pub mod adamw;
+pub mod attention;
+pub mod elementwise;
+pub mod embed;
 pub mod kl;
 pub mod logprob;
 pub mod matmul;
+pub mod mlp;
 pub mod norm;
 pub mod ppo;
 pub mod pref_loss;
+pub mod rope;
 
 use cudarc::driver::LaunchConfig;
 
@@ -49,6 +55,16 @@ pub(crate) fn per_element(op: &'static str, n: usize) -> Result<LaunchConfig> {
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     })
+}
+
+/// A grid-stride launch over `n` elements: 256 threads a block, at most 8,192 blocks (enough to fill
+/// any current GPU several times over).
+pub(crate) fn grid_stride(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(256).clamp(1, 8192) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// Numerically stable scalar helpers shared by the CPU references.

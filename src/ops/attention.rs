@@ -1,0 +1,529 @@
+//! Causal grouped-query attention over packed variable-length sequences, the twin of
+//! `kernels/attention.cu`.
+//!
+//! `q` is `[Nq, H·D]`, `k` and `v` `[*, KV·D]`; query head `h` reads kv head `h / (H/KV)`. An
+//! [`AttnBatch`] says which query rows and key rows belong to each sequence: packed training batches
+//! (keys are the query rows) or a KV cache (keys live in a per-sequence region). Causality is aligned
+//! bottom-right, so a decode step's single query sees its whole cache. The forward returns the
+//! per-row, per-head logsumexp for the backward, which recomputes the scores.
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+use half::bf16;
+use num_traits::Float;
+
+use crate::device::tensor::{host_f32, CudaElem};
+use crate::device::{same_device, DType, Device, Tensor};
+use crate::error::{Error, Result};
+use crate::ops::to_i32;
+
+const OP_FWD: &str = "attention_fwd";
+const OP_BWD: &str = "attention_bwd";
+
+/// Which rows belong to which sequence, on the host (CPU path, launch sizes) and on the device.
+pub struct AttnBatch {
+    /// `[B+1]` query row offsets.
+    pub cu_q: Vec<i32>,
+    /// `[B]` first key row of each sequence.
+    pub k_start: Vec<i32>,
+    /// `[B]` number of keys of each sequence.
+    pub k_len: Vec<i32>,
+    /// Whether the keys are the query rows themselves (a packed training batch).
+    pub packed: bool,
+    dev: Option<(Tensor, Tensor, Tensor)>,
+}
+
+impl AttnBatch {
+    /// A packed batch of sequences of these lengths: rows `0..len0` are the first, and so on.
+    pub fn packed(seq_lens: &[usize], device: &Device) -> Result<AttnBatch> {
+        let mut cu = vec![0i32];
+        for &l in seq_lens {
+            cu.push(cu.last().unwrap() + to_i32(OP_FWD, "sequence length", l)?);
+        }
+        let k_start = cu[..seq_lens.len()].to_vec();
+        let k_len: Vec<i32> = seq_lens.iter().map(|&l| l as i32).collect();
+        AttnBatch::new(cu, k_start, k_len, true, device)
+    }
+
+    /// Queries `q_lens[b]` rows per sequence (packed), keys in a cache: sequence b's keys are rows
+    /// `k_start[b] .. k_start[b] + k_len[b]`, the last `q_lens[b]` of them the queries' own.
+    pub fn cached(
+        q_lens: &[usize],
+        k_start: &[usize],
+        k_len: &[usize],
+        device: &Device,
+    ) -> Result<AttnBatch> {
+        let mut cu = vec![0i32];
+        for (&q, &k) in q_lens.iter().zip(k_len) {
+            if q > k {
+                return Err(Error::shape(
+                    OP_FWD,
+                    format!("{q} queries but only {k} keys"),
+                ));
+            }
+            cu.push(cu.last().unwrap() + to_i32(OP_FWD, "query length", q)?);
+        }
+        let ks = k_start
+            .iter()
+            .map(|&s| to_i32(OP_FWD, "key start", s))
+            .collect::<Result<_>>()?;
+        let kl = k_len
+            .iter()
+            .map(|&s| to_i32(OP_FWD, "key length", s))
+            .collect::<Result<_>>()?;
+        AttnBatch::new(cu, ks, kl, false, device)
+    }
+
+    fn new(
+        cu_q: Vec<i32>,
+        k_start: Vec<i32>,
+        k_len: Vec<i32>,
+        packed: bool,
+        device: &Device,
+    ) -> Result<AttnBatch> {
+        let dev = match device {
+            Device::Cpu => None,
+            Device::Cuda(_) => Some((
+                Tensor::from_i32(&[cu_q.len()], cu_q.clone(), device)?,
+                Tensor::from_i32(&[k_start.len()], k_start.clone(), device)?,
+                Tensor::from_i32(&[k_len.len()], k_len.clone(), device)?,
+            )),
+        };
+        Ok(AttnBatch {
+            cu_q,
+            k_start,
+            k_len,
+            packed,
+            dev,
+        })
+    }
+
+    pub fn sequences(&self) -> usize {
+        self.k_len.len()
+    }
+
+    pub fn query_rows(&self) -> usize {
+        *self.cu_q.last().unwrap() as usize
+    }
+
+    /// Rows of `k` and `v` the batch reads: they must exist.
+    fn key_rows_needed(&self) -> usize {
+        self.k_start
+            .iter()
+            .zip(&self.k_len)
+            .map(|(&s, &l)| (s + l) as usize)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// Head geometry: `heads` query heads, `kv_heads` key/value heads, `head_dim` each.
+#[derive(Debug, Clone, Copy)]
+pub struct Heads {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// CPU reference forward. out: [Nq, H·D]; lse: [Nq, H].
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fwd_ref<F: Float>(
+    out: &mut [F],
+    lse: &mut [F],
+    q: &[F],
+    k: &[F],
+    v: &[F],
+    batch: &AttnBatch,
+    hd: Heads,
+    scale: F,
+) {
+    let (h_n, kv, d) = (hd.heads, hd.kv_heads, hd.head_dim);
+    for b in 0..batch.sequences() {
+        let (q0, q1) = (batch.cu_q[b] as usize, batch.cu_q[b + 1] as usize);
+        let (k0, kl) = (batch.k_start[b] as usize, batch.k_len[b] as usize);
+        for (iq, row) in (q0..q1).enumerate() {
+            let n_keys = kl - (q1 - q0) + iq + 1;
+            for h in 0..h_n {
+                let g = h / (h_n / kv);
+                let qv = &q[(row * h_n + h) * d..][..d];
+                let scores: Vec<F> = (0..n_keys)
+                    .map(|j| {
+                        let kv_row = &k[((k0 + j) * kv + g) * d..][..d];
+                        qv.iter()
+                            .zip(kv_row)
+                            .fold(F::zero(), |s, (&a, &b)| s + a * b)
+                            * scale
+                    })
+                    .collect();
+                let m = scores.iter().copied().fold(F::neg_infinity(), F::max);
+                let sum = scores.iter().fold(F::zero(), |s, &x| s + (x - m).exp());
+                lse[row * h_n + h] = m + sum.ln();
+                let o = &mut out[(row * h_n + h) * d..][..d];
+                o.iter_mut().for_each(|x| *x = F::zero());
+                for (j, &s) in scores.iter().enumerate() {
+                    let p = (s - m).exp() / sum;
+                    let vr = &v[((k0 + j) * kv + g) * d..][..d];
+                    for (x, &vv) in o.iter_mut().zip(vr) {
+                        *x = *x + p * vv;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// CPU reference backward for a packed batch: dq, dk, dv overwritten.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd_ref<F: Float>(
+    dq: &mut [F],
+    dk: &mut [F],
+    dv: &mut [F],
+    dout: &[F],
+    q: &[F],
+    k: &[F],
+    v: &[F],
+    out: &[F],
+    lse: &[F],
+    batch: &AttnBatch,
+    hd: Heads,
+    scale: F,
+) {
+    let (h_n, kv, d) = (hd.heads, hd.kv_heads, hd.head_dim);
+    dq.iter_mut()
+        .chain(dk.iter_mut())
+        .chain(dv.iter_mut())
+        .for_each(|x| *x = F::zero());
+    let dot = |a: &[F], b: &[F]| a.iter().zip(b).fold(F::zero(), |s, (&x, &y)| s + x * y);
+    for b in 0..batch.sequences() {
+        let (q0, q1) = (batch.cu_q[b] as usize, batch.cu_q[b + 1] as usize);
+        for i in q0..q1 {
+            for h in 0..h_n {
+                let g = h / (h_n / kv);
+                let qi = (i * h_n + h) * d;
+                let delta = dot(&dout[qi..qi + d], &out[qi..qi + d]);
+                for j in q0..=i {
+                    let kj = (j * kv + g) * d;
+                    let p = (dot(&q[qi..qi + d], &k[kj..kj + d]) * scale - lse[i * h_n + h]).exp();
+                    let ds = p * (dot(&dout[qi..qi + d], &v[kj..kj + d]) - delta);
+                    for x in 0..d {
+                        dq[qi + x] = dq[qi + x] + scale * ds * k[kj + x];
+                        dk[kj + x] = dk[kj + x] + scale * ds * q[qi + x];
+                        dv[kj + x] = dv[kj + x] + p * dout[qi + x];
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn check(
+    op: &'static str,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    batch: &AttnBatch,
+    hd: Heads,
+) -> Result<usize> {
+    let (nq, wq) = q.dims2(op)?;
+    let (nk, wk) = k.dims2(op)?;
+    if hd.kv_heads == 0 || hd.heads % hd.kv_heads != 0 {
+        return Err(Error::shape(
+            op,
+            format!(
+                "{} query heads are not a multiple of {} kv heads",
+                hd.heads, hd.kv_heads
+            ),
+        ));
+    }
+    if wq != hd.heads * hd.head_dim || wk != hd.kv_heads * hd.head_dim {
+        return Err(Error::shape(
+            op,
+            format!(
+                "q is [{nq}, {wq}] and k [{nk}, {wk}]; expected widths {} and {}",
+                hd.heads * hd.head_dim,
+                hd.kv_heads * hd.head_dim
+            ),
+        ));
+    }
+    v.expect_shape(op, "v", k.shape())?;
+    for t in [k, v] {
+        t.expect_dtype(op, q.dtype())?;
+    }
+    if batch.query_rows() != nq || batch.key_rows_needed() > nk {
+        return Err(Error::shape(
+            op,
+            format!(
+                "the batch covers {} query rows and {} key rows; q has {nq}, k {nk}",
+                batch.query_rows(),
+                batch.key_rows_needed()
+            ),
+        ));
+    }
+    if hd.head_dim > 1024 {
+        return Err(Error::Unsupported {
+            op,
+            detail: format!("head_dim {} over 1024", hd.head_dim),
+        });
+    }
+    Ok(nq)
+}
+
+/// Returns (out `[Nq, H·D]` in q's dtype, lse `[Nq, H]` f32).
+pub fn attention_fwd(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    batch: &AttnBatch,
+    hd: Heads,
+    scale: f32,
+) -> Result<(Tensor, Tensor)> {
+    let device = same_device(OP_FWD, &[q, k, v])?;
+    let nq = check(OP_FWD, q, k, v, batch, hd)?;
+    match device {
+        Device::Cpu => {
+            let (mut out, mut lse) = (vec![0.0f32; q.numel()], vec![0.0f32; nq * hd.heads]);
+            attention_fwd_ref(
+                &mut out,
+                &mut lse,
+                &host_f32(q, OP_FWD)?,
+                &host_f32(k, OP_FWD)?,
+                &host_f32(v, OP_FWD)?,
+                batch,
+                hd,
+                scale,
+            );
+            Ok((
+                Tensor::from_f32_as(q.shape(), &out, q.dtype(), device)?,
+                Tensor::from_f32(&[nq, hd.heads], lse, device)?,
+            ))
+        }
+        Device::Cuda(_) => match q.dtype() {
+            DType::F32 => fwd_cuda::<f32>(q, k, v, batch, hd, scale),
+            DType::BF16 => fwd_cuda::<bf16>(q, k, v, batch, hd, scale),
+            DType::I32 => Err(Error::DType {
+                op: OP_FWD,
+                dtype: "i32",
+            }),
+        },
+    }
+}
+
+/// Returns (dq, dk, dv) for a packed batch.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd(
+    dout: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    batch: &AttnBatch,
+    hd: Heads,
+    scale: f32,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let device = same_device(OP_BWD, &[dout, q, k, v, out, lse])?;
+    let nq = check(OP_BWD, q, k, v, batch, hd)?;
+    if !batch.packed {
+        return Err(Error::Unsupported {
+            op: OP_BWD,
+            detail: "the backward needs a packed batch (keys are the query rows)".into(),
+        });
+    }
+    dout.expect_shape(OP_BWD, "dout", q.shape())?;
+    out.expect_shape(OP_BWD, "out", q.shape())?;
+    lse.expect_shape(OP_BWD, "lse", &[nq, hd.heads])?;
+    match device {
+        Device::Cpu => {
+            let (mut dq, mut dk, mut dv) = (
+                vec![0.0f32; q.numel()],
+                vec![0.0f32; k.numel()],
+                vec![0.0f32; v.numel()],
+            );
+            attention_bwd_ref(
+                &mut dq,
+                &mut dk,
+                &mut dv,
+                &host_f32(dout, OP_BWD)?,
+                &host_f32(q, OP_BWD)?,
+                &host_f32(k, OP_BWD)?,
+                &host_f32(v, OP_BWD)?,
+                &host_f32(out, OP_BWD)?,
+                lse.cpu_f32(OP_BWD)?,
+                batch,
+                hd,
+                scale,
+            );
+            Ok((
+                Tensor::from_f32_as(q.shape(), &dq, q.dtype(), device)?,
+                Tensor::from_f32_as(k.shape(), &dk, k.dtype(), device)?,
+                Tensor::from_f32_as(v.shape(), &dv, v.dtype(), device)?,
+            ))
+        }
+        Device::Cuda(_) => match q.dtype() {
+            DType::F32 => bwd_cuda::<f32>(dout, q, k, v, out, lse, batch, hd, scale),
+            DType::BF16 => bwd_cuda::<bf16>(dout, q, k, v, out, lse, batch, hd, scale),
+            DType::I32 => Err(Error::DType {
+                op: OP_BWD,
+                dtype: "i32",
+            }),
+        },
+    }
+}
+
+fn threads(head_dim: usize) -> u32 {
+    (head_dim.max(128).div_ceil(32) * 32) as u32
+}
+
+fn grid(
+    op: &'static str,
+    rows: usize,
+    heads: usize,
+    head_dim: usize,
+    shared_floats: usize,
+) -> Result<LaunchConfig> {
+    Ok(LaunchConfig {
+        grid_dim: (to_i32(op, "rows", rows)? as u32, heads as u32, 1),
+        block_dim: (threads(head_dim), 1, 1),
+        shared_mem_bytes: (shared_floats * 4) as u32,
+    })
+}
+
+fn fwd_cuda<T: CudaElem>(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    batch: &AttnBatch,
+    hd: Heads,
+    scale: f32,
+) -> Result<(Tensor, Tensor)> {
+    let dev = q.device().as_cuda(OP_FWD)?;
+    let nq = batch.query_rows();
+    let mut out = Tensor::empty(q.shape(), T::DTYPE, q.device())?;
+    let mut lse = Tensor::empty(&[nq, hd.heads], DType::F32, q.device())?;
+    if nq == 0 {
+        return Ok((out, lse));
+    }
+    let (cu, ks, kl) = batch.dev.as_ref().ok_or_else(|| Error::DeviceMismatch {
+        op: OP_FWD,
+        detail: "the batch was built for the CPU".into(),
+    })?;
+    let (b_n, h, kv, d) = (
+        batch.sequences() as i32,
+        hd.heads as i32,
+        hd.kv_heads as i32,
+        hd.head_dim as i32,
+    );
+    let f = dev.function(
+        "attention",
+        T::pick("attention_fwd_f32", "attention_fwd_bf16"),
+    )?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(T::slice_mut(&mut out, OP_FWD)?)
+        .arg(lse.cuda_f32_mut(OP_FWD)?)
+        .arg(T::slice(q, OP_FWD)?)
+        .arg(T::slice(k, OP_FWD)?)
+        .arg(T::slice(v, OP_FWD)?)
+        .arg(cu.cuda_i32(OP_FWD)?)
+        .arg(ks.cuda_i32(OP_FWD)?)
+        .arg(kl.cuda_i32(OP_FWD)?)
+        .arg(&b_n)
+        .arg(&h)
+        .arg(&kv)
+        .arg(&d)
+        .arg(&scale);
+    // SAFETY: `check` matched q, k, v to the batch's rows and the head geometry; one block per
+    // (query row, head) with head_dim floats of dynamic shared memory.
+    unsafe { l.launch(grid(OP_FWD, nq, hd.heads, hd.head_dim, hd.head_dim)?) }?;
+    Ok((out, lse))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bwd_cuda<T: CudaElem>(
+    dout: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    batch: &AttnBatch,
+    hd: Heads,
+    scale: f32,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let device = q.device();
+    let dev = device.as_cuda(OP_BWD)?;
+    let nq = batch.query_rows();
+    let mut dq = Tensor::empty(q.shape(), T::DTYPE, device)?;
+    let mut dk = Tensor::empty(k.shape(), T::DTYPE, device)?;
+    let mut dv = Tensor::empty(v.shape(), T::DTYPE, device)?;
+    if nq == 0 {
+        return Ok((dq, dk, dv));
+    }
+    let (cu, ks, kl) = batch.dev.as_ref().ok_or_else(|| Error::DeviceMismatch {
+        op: OP_BWD,
+        detail: "the batch was built for the CPU".into(),
+    })?;
+    let (b_n, h, kv, d) = (
+        batch.sequences() as i32,
+        hd.heads as i32,
+        hd.kv_heads as i32,
+        hd.head_dim as i32,
+    );
+    let mut delta = Tensor::empty(&[nq, hd.heads], DType::F32, device)?;
+    let f = dev.function(
+        "attention",
+        T::pick("attention_bwd_dot_f32", "attention_bwd_dot_bf16"),
+    )?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(delta.cuda_f32_mut(OP_BWD)?)
+        .arg(T::slice(dout, OP_BWD)?)
+        .arg(T::slice(out, OP_BWD)?)
+        .arg(&h)
+        .arg(&d);
+    // SAFETY: dout and out hold nq*H*D elements, delta nq*H; one block per (row, head).
+    unsafe { l.launch(grid(OP_BWD, nq, hd.heads, hd.head_dim, 0)?) }?;
+
+    let f = dev.function(
+        "attention",
+        T::pick("attention_bwd_dq_f32", "attention_bwd_dq_bf16"),
+    )?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(T::slice_mut(&mut dq, OP_BWD)?)
+        .arg(T::slice(q, OP_BWD)?)
+        .arg(T::slice(k, OP_BWD)?)
+        .arg(T::slice(v, OP_BWD)?)
+        .arg(T::slice(dout, OP_BWD)?)
+        .arg(lse.cuda_f32(OP_BWD)?)
+        .arg(delta.cuda_f32(OP_BWD)?)
+        .arg(cu.cuda_i32(OP_BWD)?)
+        .arg(ks.cuda_i32(OP_BWD)?)
+        .arg(kl.cuda_i32(OP_BWD)?)
+        .arg(&b_n)
+        .arg(&h)
+        .arg(&kv)
+        .arg(&d)
+        .arg(&scale);
+    // SAFETY: as the forward; 2*head_dim floats of dynamic shared memory.
+    unsafe { l.launch(grid(OP_BWD, nq, hd.heads, hd.head_dim, 2 * hd.head_dim)?) }?;
+
+    let f = dev.function(
+        "attention",
+        T::pick("attention_bwd_dkv_f32", "attention_bwd_dkv_bf16"),
+    )?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(T::slice_mut(&mut dk, OP_BWD)?)
+        .arg(T::slice_mut(&mut dv, OP_BWD)?)
+        .arg(T::slice(q, OP_BWD)?)
+        .arg(T::slice(k, OP_BWD)?)
+        .arg(T::slice(v, OP_BWD)?)
+        .arg(T::slice(dout, OP_BWD)?)
+        .arg(lse.cuda_f32(OP_BWD)?)
+        .arg(delta.cuda_f32(OP_BWD)?)
+        .arg(cu.cuda_i32(OP_BWD)?)
+        .arg(&b_n)
+        .arg(&h)
+        .arg(&kv)
+        .arg(&d)
+        .arg(&scale);
+    // SAFETY: packed batch, so key rows are the nq query rows; one block per (key row, kv head).
+    unsafe { l.launch(grid(OP_BWD, nq, hd.kv_heads, hd.head_dim, 2 * hd.head_dim)?) }?;
+    Ok((dq, dk, dv))
+}

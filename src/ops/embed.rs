@@ -1,0 +1,144 @@
+//! Token embedding, the twin of `kernels/embed.cu`: lookup forward, scatter-add backward into an f32
+//! gradient table.
+
+use cudarc::driver::PushKernelArg;
+use half::bf16;
+
+use crate::device::tensor::{host_f32, CudaElem};
+use crate::device::{same_device, DType, Device, Tensor};
+use crate::error::{Error, Result};
+use crate::ops::{per_row, to_i32};
+
+const OP_FWD: &str = "embed_fwd";
+const OP_BWD: &str = "embed_bwd";
+
+fn check_ids(op: &'static str, ids: &Tensor, vocab: usize) -> Result<usize> {
+    if ids.shape().len() != 1 {
+        return Err(Error::shape(
+            op,
+            format!("ids must be 1-D, got {:?}", ids.shape()),
+        ));
+    }
+    ids.expect_dtype(op, DType::I32)?;
+    if let Device::Cpu = ids.device() {
+        if let Some((i, &id)) = ids
+            .cpu_i32(op)?
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id < 0 || id as usize >= vocab)
+        {
+            return Err(Error::Unsupported {
+                op,
+                detail: format!(
+                    "token id {id} at position {i} is outside the vocabulary of {vocab}"
+                ),
+            });
+        }
+    }
+    Ok(ids.numel())
+}
+
+/// `out[n, :] = table[ids[n], :]`. table: [V, d]; ids: [N] i32.
+pub fn embed_fwd(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let device = same_device(OP_FWD, &[table, ids])?;
+    let (vocab, d) = table.dims2(OP_FWD)?;
+    let n = check_ids(OP_FWD, ids, vocab)?;
+    match device {
+        Device::Cpu => {
+            let t = host_f32(table, OP_FWD)?;
+            let mut out = Vec::with_capacity(n * d);
+            for &id in ids.cpu_i32(OP_FWD)? {
+                out.extend_from_slice(&t[id as usize * d..(id as usize + 1) * d]);
+            }
+            Tensor::from_f32_as(&[n, d], &out, table.dtype(), device)
+        }
+        Device::Cuda(_) => match table.dtype() {
+            DType::F32 => fwd_cuda::<f32>(table, ids, n, vocab, d),
+            DType::BF16 => fwd_cuda::<bf16>(table, ids, n, vocab, d),
+            DType::I32 => Err(Error::DType {
+                op: OP_FWD,
+                dtype: "i32",
+            }),
+        },
+    }
+}
+
+/// `dtable[ids[n], :] += dout[n, :]`; dtable is [V, d] f32.
+pub fn embed_bwd(dtable: &mut Tensor, dout: &Tensor, ids: &Tensor) -> Result<()> {
+    let device = same_device(OP_BWD, &[dtable, dout, ids])?.clone();
+    let (vocab, d) = dtable.dims2(OP_BWD)?;
+    dtable.expect_dtype(OP_BWD, DType::F32)?;
+    let n = check_ids(OP_BWD, ids, vocab)?;
+    dout.expect_shape(OP_BWD, "dout", &[n, d])?;
+    match &device {
+        Device::Cpu => {
+            let g = host_f32(dout, OP_BWD)?.into_owned();
+            let ids = ids.cpu_i32(OP_BWD)?.to_vec();
+            let t = dtable.cpu_f32_mut(OP_BWD)?;
+            for (row, &id) in ids.iter().enumerate() {
+                for c in 0..d {
+                    t[id as usize * d + c] += g[row * d + c];
+                }
+            }
+            Ok(())
+        }
+        Device::Cuda(_) => match dout.dtype() {
+            DType::F32 => bwd_cuda::<f32>(dtable, dout, ids, n, vocab, d),
+            DType::BF16 => bwd_cuda::<bf16>(dtable, dout, ids, n, vocab, d),
+            DType::I32 => Err(Error::DType {
+                op: OP_BWD,
+                dtype: "i32",
+            }),
+        },
+    }
+}
+
+fn fwd_cuda<T: CudaElem>(
+    table: &Tensor,
+    ids: &Tensor,
+    n: usize,
+    vocab: usize,
+    d: usize,
+) -> Result<Tensor> {
+    let dev = table.device().as_cuda(OP_FWD)?;
+    let mut out = Tensor::empty(&[n, d], T::DTYPE, table.device())?;
+    if n == 0 {
+        return Ok(out);
+    }
+    let (v, dd) = (to_i32(OP_FWD, "vocab", vocab)?, to_i32(OP_FWD, "d", d)?);
+    let f = dev.function("embed", T::pick("embed_fwd_f32", "embed_fwd_bf16"))?;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(T::slice_mut(&mut out, OP_FWD)?)
+        .arg(T::slice(table, OP_FWD)?)
+        .arg(ids.cuda_i32(OP_FWD)?)
+        .arg(&v)
+        .arg(&dd);
+    // SAFETY: out holds n*d elements, table vocab*d, ids n; ids are range-checked in the kernel.
+    unsafe { b.launch(per_row(OP_FWD, n, 128, 0)?) }?;
+    Ok(out)
+}
+
+fn bwd_cuda<T: CudaElem>(
+    dtable: &mut Tensor,
+    dout: &Tensor,
+    ids: &Tensor,
+    n: usize,
+    vocab: usize,
+    d: usize,
+) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let dev = dout.device().as_cuda(OP_BWD)?.clone();
+    let (v, dd) = (to_i32(OP_BWD, "vocab", vocab)?, to_i32(OP_BWD, "d", d)?);
+    let f = dev.function("embed", T::pick("embed_bwd_f32", "embed_bwd_bf16"))?;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(dtable.cuda_f32_mut(OP_BWD)?)
+        .arg(T::slice(dout, OP_BWD)?)
+        .arg(ids.cuda_i32(OP_BWD)?)
+        .arg(&v)
+        .arg(&dd);
+    // SAFETY: dtable holds vocab*d floats, dout n*d, ids n; ids are range-checked in the kernel.
+    unsafe { b.launch(per_row(OP_BWD, n, 128, 0)?) }?;
+    Ok(())
+}

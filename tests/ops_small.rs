@@ -1,0 +1,276 @@
+//! The transformer's small kernel families (rope, mlp, embed, elementwise, adamw): CPU references
+//! against finite differences or their definitions, bad input, and CUDA against the CPU.
+
+use rlhf_kernels::cuda_test;
+use rlhf_kernels::device::{DType, Device, Tensor};
+use rlhf_kernels::ops::adamw::{
+    adamw_ref, adamw_step, clip_coefficient, global_grad_norm, AdamWConfig,
+};
+use rlhf_kernels::ops::elementwise::{add, bias_add, bias_grad, cast};
+use rlhf_kernels::ops::embed::{embed_bwd, embed_fwd};
+use rlhf_kernels::ops::mlp::{swiglu_bwd, swiglu_bwd_ref, swiglu_fwd, swiglu_fwd_ref};
+use rlhf_kernels::ops::rope::{rope_bwd, rope_fwd, rope_ref};
+use rlhf_kernels::testing::{assert_close, check_output, fd_check, fresh_seed, round_bf16, Rng};
+
+fn to64(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+fn cpu(shape: &[usize], v: Vec<f32>) -> Tensor {
+    Tensor::from_f32(shape, v, &Device::Cpu).unwrap()
+}
+
+fn inv_freq(head_dim: usize, theta: f32) -> Vec<f32> {
+    (0..head_dim / 2)
+        .map(|i| 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32))
+        .collect()
+}
+
+#[test]
+fn rope_is_a_rotation_and_its_backward_the_transpose() {
+    let mut rng = Rng::new(fresh_seed(
+        "rope_is_a_rotation_and_its_backward_the_transpose",
+    ));
+    let (n, heads, d) = (5, 3, 8);
+    let x = to64(&rng.normal_vec(n * heads * d, 1.0));
+    let g = to64(&rng.normal_vec(n * heads * d, 1.0));
+    let pos = vec![0, 1, 7, 100, 4095];
+    let f = inv_freq(d, 10000.0);
+    let fwd = |xp: &[f64]| {
+        let mut y = vec![0.0; xp.len()];
+        rope_ref(&mut y, xp, &pos, &f, heads, d, 1.0);
+        y
+    };
+    let y = fwd(&x);
+    let norm = |v: &[f64]| v.iter().map(|a| a * a).sum::<f64>();
+    assert!(
+        (norm(&y) - norm(&x)).abs() < 1e-9,
+        "a rotation keeps the norm"
+    );
+    assert_eq!(
+        &y[..heads * d],
+        &x[..heads * d],
+        "position 0 is the identity"
+    );
+    let mut dx = vec![0.0; x.len()];
+    rope_ref(&mut dx, &g, &pos, &f, heads, d, -1.0);
+    fd_check(
+        "rope dx",
+        |xp| fwd(xp).iter().zip(&g).map(|(a, b)| a * b).sum(),
+        &x,
+        &dx,
+        1e-6,
+        1e-8,
+    )
+    .unwrap();
+    let ids = Tensor::from_i32(&[n], pos.clone(), &Device::Cpu).unwrap();
+    let err = rope_fwd(&cpu(&[n, 7], vec![0.0; n * 7]), &ids, &cpu(&[4], f), heads)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("heads"), "{err}");
+}
+
+#[test]
+fn swiglu_backward_matches_finite_differences() {
+    let mut rng = Rng::new(fresh_seed("swiglu_backward_matches_finite_differences"));
+    let n = 40;
+    let (gate, up, dh) = (
+        to64(&rng.normal_vec(n, 3.0)),
+        to64(&rng.normal_vec(n, 1.0)),
+        to64(&rng.normal_vec(n, 1.0)),
+    );
+    let (mut dg, mut du) = (vec![0.0; n], vec![0.0; n]);
+    swiglu_bwd_ref(&mut dg, &mut du, &dh, &gate, &up);
+    let loss = |g: &[f64], u: &[f64]| {
+        let mut h = vec![0.0; n];
+        swiglu_fwd_ref(&mut h, g, u);
+        h.iter().zip(&dh).map(|(a, b)| a * b).sum::<f64>()
+    };
+    fd_check("dgate", |g| loss(g, &up), &gate, &dg, 1e-6, 1e-8).unwrap();
+    fd_check("dup", |u| loss(&gate, u), &up, &du, 1e-6, 1e-8).unwrap();
+}
+
+#[test]
+fn embed_looks_up_and_scatters() {
+    let table = cpu(&[4, 3], (0..12).map(|x| x as f32).collect());
+    let ids = Tensor::from_i32(&[3], vec![2, 0, 2], &Device::Cpu).unwrap();
+    assert_eq!(
+        embed_fwd(&table, &ids).unwrap().to_f32_vec().unwrap(),
+        vec![6., 7., 8., 0., 1., 2., 6., 7., 8.]
+    );
+    let mut dt = Tensor::zeros(&[4, 3], DType::F32, &Device::Cpu).unwrap();
+    embed_bwd(&mut dt, &cpu(&[3, 3], vec![1.0; 9]), &ids).unwrap();
+    assert_eq!(
+        dt.to_f32_vec().unwrap(),
+        vec![1., 1., 1., 0., 0., 0., 2., 2., 2., 0., 0., 0.]
+    );
+    let bad = Tensor::from_i32(&[1], vec![4], &Device::Cpu).unwrap();
+    let err = embed_fwd(&table, &bad).err().unwrap().to_string();
+    assert!(err.contains("token id 4 at position 0"), "{err}");
+}
+
+#[test]
+fn elementwise_ops_follow_their_definitions() {
+    let a = cpu(&[2, 3], vec![1., 2., 3., 4., 5., 6.]);
+    let b = cpu(&[2, 3], vec![0.5; 6]);
+    assert_eq!(
+        add(&a, &b).unwrap().to_f32_vec().unwrap(),
+        vec![1.5, 2.5, 3.5, 4.5, 5.5, 6.5]
+    );
+    let bias = cpu(&[3], vec![10., 20., 30.]);
+    assert_eq!(
+        bias_add(&a, &bias).unwrap().to_f32_vec().unwrap(),
+        vec![11., 22., 33., 14., 25., 36.]
+    );
+    let mut db = cpu(&[3], vec![1.0; 3]);
+    bias_grad(&mut db, &a).unwrap();
+    assert_eq!(db.to_f32_vec().unwrap(), vec![6., 8., 10.]);
+    let h = cast(&cpu(&[2], vec![1.0 / 3.0, 1e-3]), DType::BF16).unwrap();
+    assert_eq!(h.dtype(), DType::BF16);
+    assert_eq!(h.to_f32_vec().unwrap(), round_bf16(&[1.0 / 3.0, 1e-3]));
+    assert!(add(&a, &bias).is_err());
+}
+
+#[test]
+fn adamw_matches_its_definition_and_clips() {
+    let cfg = AdamWConfig {
+        lr: 0.1,
+        beta1: 0.9,
+        beta2: 0.99,
+        eps: 1e-8,
+        weight_decay: 0.01,
+    };
+    let (mut w, mut m, mut v) = (vec![1.0f32, -2.0], vec![0.0f32; 2], vec![0.0f32; 2]);
+    adamw_ref(&mut w, &mut m, &mut v, &[0.5, -0.25], &cfg, 1, 1.0);
+    // Step 1: m̂ = g, v̂ = g², so the update is lr·sign(g) (up to eps) plus decay.
+    let want = [
+        1.0 * (1.0 - 0.1 * 0.01) - 0.1,
+        -2.0 * (1.0 - 0.1 * 0.01) + 0.1,
+    ];
+    assert_close(
+        "w after one step",
+        &w,
+        &[want[0] as f32, want[1] as f32],
+        1e-6,
+        1e-6,
+    );
+    let g = cpu(&[2], vec![3.0, 4.0]);
+    assert!((global_grad_norm(&[&g]).unwrap() - 5.0).abs() < 1e-12);
+    assert!((clip_coefficient(5.0, 1.0) - 1.0 / 5.000001).abs() < 1e-9);
+    assert_eq!(clip_coefficient(0.5, 1.0), 1.0);
+    let (mut wt, mut mt, mut vt) = (
+        cpu(&[2], vec![1.0, -2.0]),
+        cpu(&[2], vec![0.0; 2]),
+        cpu(&[2], vec![0.0; 2]),
+    );
+    let mut copy = Tensor::zeros(&[2], DType::BF16, &Device::Cpu).unwrap();
+    adamw_step(
+        &mut wt,
+        &mut mt,
+        &mut vt,
+        Some(&mut copy),
+        &cpu(&[2], vec![0.5, -0.25]),
+        &cfg,
+        1,
+        1.0,
+    )
+    .unwrap();
+    assert_eq!(wt.to_f32_vec().unwrap(), w);
+    assert_eq!(copy.to_f32_vec().unwrap(), round_bf16(&w));
+    assert!(adamw_step(&mut wt, &mut mt, &mut vt, None, &g, &cfg, 0, 1.0).is_err());
+}
+
+cuda_test! {
+    fn cuda_small_ops_match_cpu(dev) {
+        let mut rng = Rng::new(fresh_seed("cuda_small_ops_match_cpu"));
+        let cpu_dev = Device::Cpu;
+        for dtype in [DType::F32, DType::BF16] {
+            let round = |v: Vec<f32>| if dtype == DType::BF16 { round_bf16(&v) } else { v };
+            let on = |d: &Device, shape: &[usize], v: &[f32]| Tensor::from_f32_as(shape, v, dtype, d).unwrap();
+            let tag = dtype.name();
+            // rope
+            let (n, heads, d) = (37, 9, 64);
+            let x = round(rng.normal_vec(n * heads * d, 1.0));
+            let pos: Vec<i32> = (0..n).map(|_| rng.below(8192) as i32).collect();
+            let f = inv_freq(d, 100_000.0);
+            let run = |dv: &Device| {
+                let p = Tensor::from_i32(&[n], pos.clone(), dv).unwrap();
+                let fr = Tensor::from_f32(&[d / 2], f.clone(), dv).unwrap();
+                let y = rope_fwd(&on(dv, &[n, heads * d], &x), &p, &fr, heads).unwrap();
+                let dx = rope_bwd(&on(dv, &[n, heads * d], &x), &p, &fr, heads).unwrap();
+                (y.to_f32_vec().unwrap(), dx.to_f32_vec().unwrap())
+            };
+            let (want, got) = (run(&cpu_dev), run(&dev));
+            check_output("rope_fwd", tag, &got.0, &want.0, dtype, 1e-5, 1e-4);
+            check_output("rope_bwd", tag, &got.1, &want.1, dtype, 1e-5, 1e-4);
+            // swiglu
+            let m = 1000 * 37;
+            let (g, u, dh) = (round(rng.normal_vec(m, 2.0)), round(rng.normal_vec(m, 1.0)), round(rng.normal_vec(m, 1.0)));
+            let run = |dv: &Device| {
+                let (gt, ut) = (on(dv, &[m], &g), on(dv, &[m], &u));
+                let h = swiglu_fwd(&gt, &ut).unwrap().to_f32_vec().unwrap();
+                let (dg, du) = swiglu_bwd(&on(dv, &[m], &dh), &gt, &ut).unwrap();
+                (h, dg.to_f32_vec().unwrap(), du.to_f32_vec().unwrap())
+            };
+            let (want, got) = (run(&cpu_dev), run(&dev));
+            check_output("swiglu_fwd", tag, &got.0, &want.0, dtype, 1e-6, 1e-5);
+            check_output("swiglu_bwd.dgate", tag, &got.1, &want.1, dtype, 1e-6, 1e-5);
+            check_output("swiglu_bwd.dup", tag, &got.2, &want.2, dtype, 1e-6, 1e-5);
+            // embed
+            let (vocab, width, toks) = (1000, 576, 333);
+            let table = round(rng.normal_vec(vocab * width, 1.0));
+            let ids: Vec<i32> = (0..toks).map(|_| rng.below(vocab) as i32).collect();
+            let dout = round(rng.normal_vec(toks * width, 1.0));
+            let run = |dv: &Device| {
+                let idt = Tensor::from_i32(&[toks], ids.clone(), dv).unwrap();
+                let e = embed_fwd(&on(dv, &[vocab, width], &table), &idt).unwrap().to_f32_vec().unwrap();
+                let mut dt = Tensor::zeros(&[vocab, width], DType::F32, dv).unwrap();
+                embed_bwd(&mut dt, &on(dv, &[toks, width], &dout), &idt).unwrap();
+                (e, dt.to_f32_vec().unwrap())
+            };
+            let (want, got) = (run(&cpu_dev), run(&dev));
+            check_output("embed_fwd", tag, &got.0, &want.0, DType::F32, 0.0, 0.0);
+            check_output("embed_bwd", tag, &got.1, &want.1, DType::F32, 1e-6, 1e-5);
+            // elementwise
+            let (r, c) = (129, 333);
+            let (a, b, bias) = (round(rng.normal_vec(r * c, 1.0)), round(rng.normal_vec(r * c, 1.0)), round(rng.normal_vec(c, 1.0)));
+            let run = |dv: &Device| {
+                let at = on(dv, &[r, c], &a);
+                let s = add(&at, &on(dv, &[r, c], &b)).unwrap().to_f32_vec().unwrap();
+                let ba = bias_add(&at, &on(dv, &[c], &bias)).unwrap().to_f32_vec().unwrap();
+                let mut db = Tensor::from_f32(&[c], vec![0.5; c], dv).unwrap();
+                bias_grad(&mut db, &at).unwrap();
+                let c32 = cast(&at, DType::F32).unwrap().to_f32_vec().unwrap();
+                let c16 = cast(&at, DType::BF16).unwrap().to_f32_vec().unwrap();
+                (s, ba, db.to_f32_vec().unwrap(), c32, c16)
+            };
+            let (want, got) = (run(&cpu_dev), run(&dev));
+            check_output("add", tag, &got.0, &want.0, dtype, 0.0, 0.0);
+            check_output("bias_add", tag, &got.1, &want.1, dtype, 0.0, 0.0);
+            check_output("bias_grad", tag, &got.2, &want.2, DType::F32, 1e-5, 1e-5);
+            check_output("cast_f32", tag, &got.3, &want.3, DType::F32, 0.0, 0.0);
+            check_output("cast_bf16", tag, &got.4, &want.4, DType::F32, 0.0, 0.0);
+        }
+        // adamw with clipping and the bf16 copy
+        let n = 100_003;
+        let cfg = AdamWConfig { lr: 1e-3, weight_decay: 0.1, ..AdamWConfig::default() };
+        let (w0, g) = (rng.normal_vec(n, 1.0), rng.normal_vec(n, 1.0));
+        let run = |dv: &Device| {
+            let t = |v: &[f32]| Tensor::from_f32(&[n], v.to_vec(), dv).unwrap();
+            let (mut w, mut m, mut v) = (t(&w0), t(&vec![0.0; n]), t(&vec![0.0; n]));
+            let mut copy = Tensor::zeros(&[n], DType::BF16, dv).unwrap();
+            let gt = t(&g);
+            let norm = global_grad_norm(&[&gt]).unwrap();
+            for step in 1..=3 {
+                adamw_step(&mut w, &mut m, &mut v, Some(&mut copy), &gt, &cfg, step, clip_coefficient(norm, 1.0)).unwrap();
+            }
+            (norm, w.to_f32_vec().unwrap(), copy.to_f32_vec().unwrap())
+        };
+        let (want, got) = (run(&cpu_dev), run(&dev));
+        assert!((want.0 - got.0).abs() <= 1e-5 * want.0, "grad norm {} vs {}", got.0, want.0);
+        check_output("adamw.w", "n100003", &got.1, &want.1, DType::F32, 1e-6, 1e-5);
+        // The copy is the device's own weights rounded once.
+        check_output("adamw.copy", "n100003", &got.2, &round_bf16(&got.1), DType::F32, 0.0, 0.0);
+    }
+}
