@@ -225,7 +225,7 @@ fn check(
 ) -> Result<usize> {
     let (nq, wq) = q.dims2(op)?;
     let (nk, wk) = k.dims2(op)?;
-    if hd.kv_heads == 0 || hd.heads % hd.kv_heads != 0 {
+    if hd.kv_heads == 0 || !hd.heads.is_multiple_of(hd.kv_heads) {
         return Err(Error::shape(
             op,
             format!(
