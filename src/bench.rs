@@ -13,7 +13,7 @@ use crate::ops::matmul::{gemm, Trans};
 use crate::ops::norm::{rms_norm_bwd, rms_norm_fwd};
 use crate::ops::ppo::{ppo_advantages, ppo_loss, PpoConfig};
 use crate::ops::pref_loss::{pref_loss, DpoLoss, PrefExtras, PrefLoss};
-use crate::testing::Rng;
+use crate::rng::Rng;
 
 /// What a row's rate is measured in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

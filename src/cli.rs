@@ -10,6 +10,9 @@ use crate::bench::{self, BenchSize};
 use crate::device::cuda::unavailable_reason;
 use crate::device::{kernels, CudaDevice, Device, DeviceChoice};
 use crate::error::Result;
+use crate::model::generate::GenerateOptions;
+use crate::model::tokenizer::{Message, TextTokenizer};
+use crate::model::{Batch, Model};
 use crate::verify::Outcome;
 
 #[derive(Parser, Debug)]
@@ -43,6 +46,45 @@ pub enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Convert a llama.cpp GGUF file (llama architecture; F32/F16/BF16/Q8_0/Q4_1 tensors) into a
+    /// Hugging Face folder: safetensors weights, config.json, tokenizer.json, tokenizer_config.json.
+    ImportGguf { file: PathBuf, out_dir: PathBuf },
+    /// Generate text from a prompt, streaming tokens as they are sampled.
+    Generate {
+        /// A Hugging Face model folder.
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        /// Wrap the prompt as a user message in the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        /// 0 for greedy decoding.
+        #[arg(long, default_value_t = 0.7)]
+        temperature: f32,
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+        device: DeviceChoice,
+    },
+    /// Per-token log-probabilities of a text under a model (the first token has none).
+    Logprobs {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        text: String,
+        /// One JSON object: {"tokens": [...], "logprobs": [null, ...]}.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+        device: DeviceChoice,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -71,6 +113,48 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Bench(BenchCommand::Kernels { device, size, json }) => {
             bench_kernels_cmd(device, size, json)
         }
+        Command::ImportGguf { file, out_dir } => {
+            let cfg = crate::model::gguf::import_gguf(&file, &out_dir)?;
+            println!(
+                "imported {} ({} layers, hidden {}, {} heads / {} kv heads, vocab {}, {:.1}M parameters) into {}",
+                file.display(),
+                cfg.num_layers,
+                cfg.hidden_size,
+                cfg.num_heads,
+                cfg.num_kv_heads,
+                cfg.vocab_size,
+                cfg.parameter_count() as f64 / 1e6,
+                out_dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Generate {
+            model,
+            prompt,
+            chat,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            device,
+        } => {
+            let opts = GenerateOptions {
+                max_new_tokens,
+                temperature,
+                top_k,
+                top_p,
+                seed,
+                eos: Vec::new(),
+            };
+            generate_cmd(&model, &prompt, chat, opts, device)
+        }
+        Command::Logprobs {
+            model,
+            text,
+            json,
+            device,
+        } => logprobs_cmd(&model, &text, json, device),
     }
 }
 
@@ -244,4 +328,129 @@ pub fn doctor_report() -> String {
         },
     }
     s
+}
+
+/// Token ids of a prompt: raw, or as one user turn of the chat template with the assistant's turn
+/// opened.
+pub fn prompt_tokens(tok: &TextTokenizer, prompt: &str, chat: bool) -> Result<Vec<i32>> {
+    if chat {
+        let text = tok.apply_chat_template(
+            &[Message {
+                role: "user".into(),
+                content: prompt.into(),
+            }],
+            true,
+        )?;
+        tok.encode(&text, false)
+    } else {
+        tok.encode(prompt, true)
+    }
+}
+
+/// The ids that end generation: the config's EOS ids and the tokenizer's EOS token.
+pub fn eos_ids(model: &Model, tok: &TextTokenizer) -> Vec<i32> {
+    let mut eos: Vec<i32> = model.cfg.eos_token_ids.iter().map(|&e| e as i32).collect();
+    if let Some(id) = tok.eos_token().and_then(|t| tok.token_id(t)) {
+        if !eos.contains(&id) {
+            eos.push(id);
+        }
+    }
+    eos
+}
+
+fn generate_cmd(
+    dir: &std::path::Path,
+    prompt: &str,
+    chat: bool,
+    mut opts: GenerateOptions,
+    choice: DeviceChoice,
+) -> Result<ExitCode> {
+    use std::io::Write;
+    let device = Device::from_choice(choice)?;
+    let model = Model::load(dir, &device)?;
+    let tok = TextTokenizer::load(dir)?;
+    opts.eos = eos_ids(&model, &tok);
+    let ids = prompt_tokens(&tok, prompt, chat)?;
+    let mut shown = String::new();
+    let mut sampled = Vec::new();
+    let stdout = std::io::stdout();
+    let start = std::time::Instant::now();
+    let eos = opts.eos.clone();
+    let out = model.generate(&[ids], &opts, |_, t| {
+        if eos.contains(&t) {
+            return;
+        }
+        sampled.push(t);
+        // Decode the whole continuation each time: a token can be half of a UTF-8 character.
+        if let Ok(text) = tok.decode(&sampled, true) {
+            if text.len() > shown.len() && text.starts_with(&shown) {
+                let mut lock = stdout.lock();
+                let _ = write!(lock, "{}", &text[shown.len()..]);
+                let _ = lock.flush();
+                shown = text;
+            }
+        }
+    })?;
+    let n = out[0].tokens.len();
+    let secs = start.elapsed().as_secs_f64();
+    println!();
+    eprintln!(
+        "[{n} tokens in {secs:.2}s, {:.1} tokens/s, {}]",
+        n as f64 / secs,
+        if out[0].finished {
+            "stopped at EOS"
+        } else {
+            "length limit"
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// log p(token[t] | tokens[..t]) for t ≥ 1 under the model.
+pub fn sequence_logprobs(model: &Model, ids: &[i32]) -> Result<Vec<f32>> {
+    use crate::ops::logprob::linear_logprob_fwd;
+    if ids.len() < 2 {
+        return Ok(Vec::new());
+    }
+    let acts = model.forward(&Batch::new(&[ids.to_vec()]))?;
+    let mut targets: Vec<i32> = ids[1..].to_vec();
+    targets.push(-100);
+    let t = crate::Tensor::from_i32(&[ids.len()], targets, &model.device)?;
+    let out = linear_logprob_fwd(&acts.hidden, model.lm_head(), &t, 1.0)?;
+    let mut lp = out.logp.to_f32_vec()?;
+    lp.pop();
+    Ok(lp)
+}
+
+fn logprobs_cmd(
+    dir: &std::path::Path,
+    text: &str,
+    json: bool,
+    choice: DeviceChoice,
+) -> Result<ExitCode> {
+    let device = Device::from_choice(choice)?;
+    let model = Model::load(dir, &device)?;
+    let tok = TextTokenizer::load(dir)?;
+    let ids = tok.encode(text, true)?;
+    let lp = sequence_logprobs(&model, &ids)?;
+    if json {
+        let lps: Vec<serde_json::Value> = std::iter::once(serde_json::Value::Null)
+            .chain(lp.iter().map(|&v| serde_json::json!(v)))
+            .collect();
+        println!("{}", serde_json::json!({"tokens": ids, "logprobs": lps}));
+    } else {
+        for (i, &id) in ids.iter().enumerate() {
+            let piece = tok.decode(&[id], false)?;
+            match i.checked_sub(1).map(|j| lp[j]) {
+                Some(v) => println!("{id:>8} {:<20} {v:>10.4}", format!("{piece:?}")),
+                None => println!("{id:>8} {:<20} {:>10}", format!("{piece:?}"), "-"),
+            }
+        }
+        println!(
+            "total log-prob {:.4} over {} predicted tokens",
+            lp.iter().map(|&v| v as f64).sum::<f64>(),
+            lp.len()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

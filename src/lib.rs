@@ -7,7 +7,9 @@ pub mod cli;
 pub mod device;
 pub mod error;
 pub mod golden;
+pub mod model;
 pub mod ops;
+pub mod rng;
 pub mod testing;
 pub mod verify;
 

@@ -279,6 +279,75 @@ impl Tensor {
         })
     }
 
+    /// Copies `rows` rows of `src` starting at `src_row` into this tensor at `dst_row`; both are 2-D
+    /// with the same width and dtype (a KV cache append).
+    pub fn copy_rows(
+        &mut self,
+        dst_row: usize,
+        src: &Tensor,
+        src_row: usize,
+        rows: usize,
+    ) -> Result<()> {
+        const OP: &str = "copy_rows";
+        let (dst_rows, width) = self.dims2(OP)?;
+        let (src_rows, src_width) = src.dims2(OP)?;
+        if width != src_width || self.dtype != src.dtype {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "{:?} {} into {:?} {}",
+                    src.shape,
+                    src.dtype.name(),
+                    self.shape,
+                    self.dtype.name()
+                ),
+            ));
+        }
+        if dst_row + rows > dst_rows || src_row + rows > src_rows {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "rows {src_row}..+{rows} into {dst_row}..+{rows} of {src_rows} and {dst_rows}"
+                ),
+            ));
+        }
+        let (a, b) = (src_row * width, dst_row * width);
+        let n = rows * width;
+        match (&mut self.storage, &src.storage) {
+            (Storage::Cpu(HostData::F32(d)), Storage::Cpu(HostData::F32(s))) => {
+                d[b..b + n].copy_from_slice(&s[a..a + n])
+            }
+            (Storage::Cpu(HostData::BF16(d)), Storage::Cpu(HostData::BF16(s))) => {
+                d[b..b + n].copy_from_slice(&s[a..a + n])
+            }
+            (Storage::Cpu(HostData::I32(d)), Storage::Cpu(HostData::I32(s))) => {
+                d[b..b + n].copy_from_slice(&s[a..a + n])
+            }
+            (Storage::Cuda(dst), Storage::Cuda(srcd)) => {
+                let stream = self.device.as_cuda(OP)?.stream().clone();
+                match (dst, srcd) {
+                    (CudaData::F32(d), CudaData::F32(s)) => {
+                        stream.memcpy_dtod(&s.slice(a..a + n), &mut d.slice_mut(b..b + n))?
+                    }
+                    (CudaData::BF16(d), CudaData::BF16(s)) => {
+                        stream.memcpy_dtod(&s.slice(a..a + n), &mut d.slice_mut(b..b + n))?
+                    }
+                    (CudaData::I32(d), CudaData::I32(s)) => {
+                        stream.memcpy_dtod(&s.slice(a..a + n), &mut d.slice_mut(b..b + n))?
+                    }
+                    _ => unreachable!("dtypes checked above"),
+                }
+            }
+            _ => {
+                return Err(Error::DeviceMismatch {
+                    op: OP,
+                    detail: "source and destination on different devices".into(),
+                })
+            }
+        }
+        Ok(())
+    }
+
     /// The same data under another shape with as many elements.
     pub fn reshape(mut self, shape: &[usize]) -> Result<Tensor> {
         if numel(shape) != self.numel() {

@@ -1,0 +1,384 @@
+//! A Llama-family model's shape, read from a Hugging Face `config.json` (Llama, SmolLM2, Qwen2,
+//! Mistral without sliding windows). Anything we cannot honour is an error naming the field.
+
+use std::path::Path;
+
+use serde_json::{json, Map, Value};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    Llama,
+    Qwen2,
+    Mistral,
+}
+
+impl Arch {
+    fn hf_class(self) -> &'static str {
+        match self {
+            Arch::Llama => "LlamaForCausalLM",
+            Arch::Qwen2 => "Qwen2ForCausalLM",
+            Arch::Mistral => "MistralForCausalLM",
+        }
+    }
+
+    fn model_type(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Mistral => "mistral",
+        }
+    }
+}
+
+/// Llama 3's frequency-dependent RoPE scaling, or plain linear position interpolation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    Linear {
+        factor: f64,
+    },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    pub arch: Arch,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rope_theta: f64,
+    pub rope_scaling: Option<RopeScaling>,
+    pub rms_norm_eps: f64,
+    pub tie_word_embeddings: bool,
+    /// Biases on the q, k and v projections (always for Qwen2).
+    pub qkv_bias: bool,
+    pub max_position_embeddings: usize,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    /// A scalar head (`score.weight`, 1 × hidden) for reward and value models.
+    pub scalar_head: bool,
+}
+
+fn field<'a>(obj: &'a Map<String, Value>, path: &Path, key: &str) -> Result<&'a Value> {
+    obj.get(key)
+        .ok_or_else(|| Error::file(path, format!("missing field `{key}`")))
+}
+
+fn usize_field(obj: &Map<String, Value>, path: &Path, key: &str) -> Result<usize> {
+    field(obj, path, key)?
+        .as_u64()
+        .map(|v| v as usize)
+        .ok_or_else(|| {
+            Error::file(
+                path,
+                format!("field `{key}` must be a non-negative integer"),
+            )
+        })
+}
+
+fn opt_usize(obj: &Map<String, Value>, path: &Path, key: &str) -> Result<Option<usize>> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_u64().map(|v| Some(v as usize)).ok_or_else(|| {
+            Error::file(
+                path,
+                format!("field `{key}` must be a non-negative integer"),
+            )
+        }),
+    }
+}
+
+fn opt_f64(obj: &Map<String, Value>, path: &Path, key: &str) -> Result<Option<f64>> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .map(Some)
+            .ok_or_else(|| Error::file(path, format!("field `{key}` must be a number"))),
+    }
+}
+
+fn opt_bool(obj: &Map<String, Value>, path: &Path, key: &str) -> Result<Option<bool>> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_bool()
+            .map(Some)
+            .ok_or_else(|| Error::file(path, format!("field `{key}` must be true or false"))),
+    }
+}
+
+impl LlamaConfig {
+    pub fn load(path: &Path) -> Result<LlamaConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let value: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::file(path, format!("invalid JSON: {e}")))?;
+        LlamaConfig::from_json(&value, path)
+    }
+
+    /// `path` only names the source in errors.
+    pub fn from_json(value: &Value, path: &Path) -> Result<LlamaConfig> {
+        let obj = value
+            .as_object()
+            .ok_or_else(|| Error::file(path, "expected a JSON object"))?;
+        let model_type = field(obj, path, "model_type")?.as_str().unwrap_or("");
+        let arch = match model_type {
+            "llama" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            "mistral" => Arch::Mistral,
+            other => {
+                return Err(Error::file(
+                    path,
+                    format!("model_type `{other}` is not supported (llama, qwen2 and mistral are)"),
+                ))
+            }
+        };
+        let mut scalar_head = false;
+        if let Some(archs) = obj.get("architectures").and_then(Value::as_array) {
+            for a in archs.iter().filter_map(Value::as_str) {
+                if a.ends_with("ForSequenceClassification") || a.ends_with("ForTokenClassification")
+                {
+                    scalar_head = true;
+                } else if !a.ends_with("ForCausalLM") && !a.ends_with("Model") {
+                    return Err(Error::file(
+                        path,
+                        format!("architecture `{a}` is not supported"),
+                    ));
+                }
+            }
+        }
+        if scalar_head {
+            if let Some(n) = opt_usize(obj, path, "num_labels")? {
+                if n != 1 {
+                    return Err(Error::file(
+                        path,
+                        format!("num_labels = {n}: only a scalar head (1 label) is supported"),
+                    ));
+                }
+            }
+        }
+        let act = obj
+            .get("hidden_act")
+            .and_then(Value::as_str)
+            .unwrap_or("silu");
+        if act != "silu" {
+            return Err(Error::file(
+                path,
+                format!("hidden_act `{act}` is not supported (only silu)"),
+            ));
+        }
+        if opt_bool(obj, path, "mlp_bias")? == Some(true) {
+            return Err(Error::file(path, "mlp_bias = true is not supported"));
+        }
+        if let Some(w) = opt_usize(obj, path, "sliding_window")? {
+            let used = opt_bool(obj, path, "use_sliding_window")?.unwrap_or(arch == Arch::Mistral);
+            if used {
+                return Err(Error::file(
+                    path,
+                    format!("sliding_window = {w} is not supported (full attention only)"),
+                ));
+            }
+        }
+        let hidden_size = usize_field(obj, path, "hidden_size")?;
+        let num_heads = usize_field(obj, path, "num_attention_heads")?;
+        let num_kv_heads = opt_usize(obj, path, "num_key_value_heads")?.unwrap_or(num_heads);
+        if num_heads == 0 || num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
+            return Err(Error::file(path, format!("num_attention_heads = {num_heads} must be a positive multiple of num_key_value_heads = {num_kv_heads}")));
+        }
+        let head_dim = opt_usize(obj, path, "head_dim")?.unwrap_or(hidden_size / num_heads);
+        if head_dim % 2 != 0 {
+            return Err(Error::file(
+                path,
+                format!("head_dim = {head_dim} must be even for rotary embeddings"),
+            ));
+        }
+        let rope_scaling = match obj.get("rope_scaling") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(rs)) => {
+                let kind = rs
+                    .get("rope_type")
+                    .or_else(|| rs.get("type"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                let num = |k: &str| {
+                    rs.get(k).and_then(Value::as_f64).ok_or_else(|| {
+                        Error::file(path, format!("rope_scaling needs a number `{k}`"))
+                    })
+                };
+                match kind {
+                    "default" => None,
+                    "linear" => Some(RopeScaling::Linear {
+                        factor: num("factor")?,
+                    }),
+                    "llama3" => Some(RopeScaling::Llama3 {
+                        factor: num("factor")?,
+                        low_freq_factor: num("low_freq_factor")?,
+                        high_freq_factor: num("high_freq_factor")?,
+                        original_max_position_embeddings: num("original_max_position_embeddings")?,
+                    }),
+                    other => {
+                        return Err(Error::file(
+                            path,
+                            format!(
+                            "rope_scaling type `{other}` is not supported (linear and llama3 are)"
+                        ),
+                        ))
+                    }
+                }
+            }
+            Some(_) => return Err(Error::file(path, "rope_scaling must be an object or null")),
+        };
+        let eos_token_ids = match obj.get("eos_token_id") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(Value::as_u64)
+                .map(|v| v as u32)
+                .collect(),
+            Some(v) => v
+                .as_u64()
+                .map(|v| vec![v as u32])
+                .ok_or_else(|| Error::file(path, "eos_token_id must be an integer or a list"))?,
+        };
+        Ok(LlamaConfig {
+            arch,
+            vocab_size: usize_field(obj, path, "vocab_size")?,
+            hidden_size,
+            intermediate_size: usize_field(obj, path, "intermediate_size")?,
+            num_layers: usize_field(obj, path, "num_hidden_layers")?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rope_theta: opt_f64(obj, path, "rope_theta")?.unwrap_or(10_000.0),
+            rope_scaling,
+            rms_norm_eps: opt_f64(obj, path, "rms_norm_eps")?.unwrap_or(1e-6),
+            tie_word_embeddings: opt_bool(obj, path, "tie_word_embeddings")?.unwrap_or(false),
+            qkv_bias: arch == Arch::Qwen2
+                || opt_bool(obj, path, "attention_bias")?.unwrap_or(false),
+            max_position_embeddings: opt_usize(obj, path, "max_position_embeddings")?
+                .unwrap_or(2048),
+            bos_token_id: opt_usize(obj, path, "bos_token_id")?.map(|v| v as u32),
+            eos_token_ids,
+            scalar_head,
+        })
+    }
+
+    /// The `config.json` transformers reads back as this model.
+    pub fn to_json(&self) -> Value {
+        let class = if self.scalar_head {
+            self.arch
+                .hf_class()
+                .replace("ForCausalLM", "ForSequenceClassification")
+        } else {
+            self.arch.hf_class().to_owned()
+        };
+        let mut v = json!({
+            "architectures": [class],
+            "model_type": self.arch.model_type(),
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "torch_dtype": "float32",
+        });
+        let o = v.as_object_mut().unwrap();
+        if self.arch != Arch::Qwen2 {
+            o.insert("attention_bias".into(), json!(self.qkv_bias));
+        }
+        o.insert(
+            "rope_scaling".into(),
+            match &self.rope_scaling {
+                None => Value::Null,
+                Some(RopeScaling::Linear { factor }) => json!({"rope_type": "linear", "factor": factor}),
+                Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => json!({
+                    "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                    "high_freq_factor": high_freq_factor, "original_max_position_embeddings": original_max_position_embeddings
+                }),
+            },
+        );
+        if let Some(b) = self.bos_token_id {
+            o.insert("bos_token_id".into(), json!(b));
+        }
+        match self.eos_token_ids.as_slice() {
+            [] => {}
+            [e] => {
+                o.insert("eos_token_id".into(), json!(e));
+            }
+            many => {
+                o.insert("eos_token_id".into(), json!(many));
+            }
+        }
+        if self.scalar_head {
+            o.insert("num_labels".into(), json!(1));
+        }
+        v
+    }
+
+    /// RoPE inverse frequencies `[head_dim / 2]`, computed as transformers does (f32), with scaling.
+    pub fn inv_freq(&self) -> Vec<f32> {
+        let d = self.head_dim;
+        let base: Vec<f64> = (0..d / 2)
+            .map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / d as f64))
+            .collect();
+        let scaled: Vec<f64> = match &self.rope_scaling {
+            None => base,
+            Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / factor).collect(),
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
+                let low_wavelen = original_max_position_embeddings / low_freq_factor;
+                let high_wavelen = original_max_position_embeddings / high_freq_factor;
+                base.iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (original_max_position_embeddings / wavelen
+                                - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        };
+        scaled.into_iter().map(|f| f as f32).collect()
+    }
+
+    /// Parameters of the decoder (and head), for reports.
+    pub fn parameter_count(&self) -> usize {
+        let (d, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let (q, kv) = (
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        );
+        let bias = if self.qkv_bias { q + 2 * kv } else { 0 };
+        let layer = 2 * d + d * q + 2 * d * kv + q * d + bias + 3 * d * i;
+        let head = if self.tie_word_embeddings { 0 } else { v * d };
+        v * d + self.num_layers * layer + d + head + if self.scalar_head { d } else { 0 }
+    }
+}

@@ -1,0 +1,514 @@
+//! The Llama-family decoder: forward keeping what the backward needs, and the backward written by
+//! hand, layer by layer, as llm.c does. One code path for both devices: every step is an op from
+//! `ops`, which runs the CPU reference (f32) or the CUDA kernels (bf16 activations and weights, f32
+//! accumulation and f32 gradients).
+//!
+//! Batches are packed: the token rows of every sequence one after another, no padding; positions
+//! restart at 0 for each sequence. Parameter gradients accumulate (`+=`) into a [`Params`] of f32
+//! tensors, so gradient accumulation over micro-batches is just several backward calls.
+
+use super::config::LlamaConfig;
+use super::weights::{LayerParams, Params};
+use crate::device::{DType, Device, Tensor};
+use crate::error::{Error, Result};
+use crate::ops::attention::{attention_bwd, attention_fwd, AttnBatch, Heads};
+use crate::ops::elementwise::{add, bias_add, bias_grad, cast};
+use crate::ops::embed::{embed_bwd, embed_fwd};
+use crate::ops::matmul::{gemm, matmul, Trans};
+use crate::ops::mlp::{swiglu_bwd, swiglu_fwd};
+use crate::ops::norm::{rms_norm_bwd, rms_norm_fwd};
+use crate::ops::rope::{rope_bwd, rope_fwd};
+
+pub struct Model {
+    pub cfg: LlamaConfig,
+    pub params: Params,
+    pub device: Device,
+    /// Activations and weights: f32 on the CPU, bf16 on CUDA.
+    pub dtype: DType,
+    inv_freq: Tensor,
+    /// Recompute each layer's activations in the backward instead of keeping them (saves memory,
+    /// costs one more forward).
+    pub recompute: bool,
+}
+
+/// A packed batch of token sequences.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub tokens: Vec<i32>,
+    pub seq_lens: Vec<usize>,
+}
+
+impl Batch {
+    pub fn new(seqs: &[Vec<i32>]) -> Batch {
+        Batch {
+            tokens: seqs.concat(),
+            seq_lens: seqs.iter().map(Vec::len).collect(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// Row offsets of each sequence: `[0, len0, len0 + len1, ...]`.
+    pub fn offsets(&self) -> Vec<usize> {
+        let mut o = vec![0];
+        for &l in &self.seq_lens {
+            o.push(o.last().unwrap() + l);
+        }
+        o
+    }
+
+    fn positions(&self) -> Vec<i32> {
+        self.seq_lens.iter().flat_map(|&l| 0..l as i32).collect()
+    }
+}
+
+/// What one layer's backward needs.
+struct LayerActs {
+    xn1: Tensor,
+    rstd1: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn: Tensor,
+    lse: Tensor,
+    h: Tensor,
+    xn2: Tensor,
+    rstd2: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    act: Tensor,
+}
+
+/// The forward's saved state; `hidden` is the final normalised hidden state `[N, d]`.
+pub struct Activations {
+    ids: Tensor,
+    positions: Tensor,
+    attn: AttnBatch,
+    /// The input of every layer (and of the final norm, last).
+    inputs: Vec<Tensor>,
+    layers: Vec<Option<LayerActs>>,
+    rstd_final: Tensor,
+    pub hidden: Tensor,
+}
+
+/// `x · wᵀ (+ b)`: a linear layer with weight `[out, in]`.
+fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let y = matmul(x, Trans::N, w, Trans::T)?;
+    match b {
+        Some(b) => bias_add(&y, b),
+        None => Ok(y),
+    }
+}
+
+/// Backward of `linear`: returns dx; `dw += dyᵀ · x` (and `db += Σ dy`).
+fn linear_bwd(
+    dy: &Tensor,
+    x: &Tensor,
+    w: &Tensor,
+    dw: &mut Tensor,
+    db: Option<&mut Tensor>,
+) -> Result<Tensor> {
+    gemm(dw, dy, Trans::T, x, Trans::N, 1.0, 1.0)?;
+    if let Some(db) = db {
+        bias_grad(db, dy)?;
+    }
+    matmul(dy, Trans::N, w, Trans::N)
+}
+
+impl Model {
+    pub fn new(cfg: LlamaConfig, params: Params, device: Device) -> Result<Model> {
+        let dtype = if device.is_cuda() {
+            DType::BF16
+        } else {
+            DType::F32
+        };
+        if params.embed.dtype() != dtype {
+            return Err(Error::DType {
+                op: "Model::new",
+                dtype: params.embed.dtype().name(),
+            });
+        }
+        let inv_freq = Tensor::from_f32(&[cfg.head_dim / 2], cfg.inv_freq(), &device)?;
+        Ok(Model {
+            cfg,
+            params,
+            device,
+            dtype,
+            inv_freq,
+            recompute: false,
+        })
+    }
+
+    /// Loads a Hugging Face folder (`config.json` and safetensors weights) onto `device`.
+    pub fn load(dir: &std::path::Path, device: &Device) -> Result<Model> {
+        let cfg = LlamaConfig::load(&dir.join("config.json"))?;
+        let dtype = if device.is_cuda() {
+            DType::BF16
+        } else {
+            DType::F32
+        };
+        let params = Params::load(&cfg, dir, device, dtype)?;
+        Model::new(cfg, params, device.clone())
+    }
+
+    fn heads(&self) -> Heads {
+        Heads {
+            heads: self.cfg.num_heads,
+            kv_heads: self.cfg.num_kv_heads,
+            head_dim: self.cfg.head_dim,
+        }
+    }
+
+    fn scale(&self) -> f32 {
+        1.0 / (self.cfg.head_dim as f32).sqrt()
+    }
+
+    fn eps(&self) -> f32 {
+        self.cfg.rms_norm_eps as f32
+    }
+
+    /// The output projection: `lm_head`, or the embedding when tied.
+    pub fn lm_head(&self) -> &Tensor {
+        self.params.lm_head.as_ref().unwrap_or(&self.params.embed)
+    }
+
+    /// Checks ids against the vocabulary: a bad id is an error, not a NaN.
+    fn check_tokens(&self, tokens: &[i32]) -> Result<()> {
+        let v = self.cfg.vocab_size as i32;
+        if let Some((i, t)) = tokens.iter().enumerate().find(|(_, &t)| t < 0 || t >= v) {
+            return Err(Error::Unsupported {
+                op: "model",
+                detail: format!("token id {t} at position {i} is outside the vocabulary of {v}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// One layer forward on input `x`. `kv` decides where keys and values come from: the fresh rows
+    /// (training) or a cache that the fresh rows are appended to first.
+    fn layer_fwd(
+        &self,
+        l: &LayerParams,
+        x: &Tensor,
+        positions: &Tensor,
+        attn: &AttnBatch,
+        mut kv: Option<CacheWrite>,
+    ) -> Result<(Tensor, LayerActs)> {
+        let heads = self.heads();
+        let (xn1, rstd1) = rms_norm_fwd(x, &l.attn_norm, self.eps()).map(|o| (o.y, o.rstd))?;
+        let q = rope_fwd(
+            &linear(&xn1, &l.q, l.q_bias.as_ref())?,
+            positions,
+            &self.inv_freq,
+            heads.heads,
+        )?;
+        let k = rope_fwd(
+            &linear(&xn1, &l.k, l.k_bias.as_ref())?,
+            positions,
+            &self.inv_freq,
+            heads.kv_heads,
+        )?;
+        let v = linear(&xn1, &l.v, l.v_bias.as_ref())?;
+        let (a, lse) = match kv.as_mut() {
+            None => attention_fwd(&q, &k, &v, attn, heads, self.scale())?,
+            Some(c) => {
+                for &(dst, src, rows) in &c.rows {
+                    c.k.copy_rows(dst, &k, src, rows)?;
+                    c.v.copy_rows(dst, &v, src, rows)?;
+                }
+                attention_fwd(&q, c.k, c.v, attn, heads, self.scale())?
+            }
+        };
+        let h = add(x, &linear(&a, &l.o, None)?)?;
+        let (xn2, rstd2) = rms_norm_fwd(&h, &l.mlp_norm, self.eps()).map(|o| (o.y, o.rstd))?;
+        let gate = linear(&xn2, &l.gate, None)?;
+        let up = linear(&xn2, &l.up, None)?;
+        let act = swiglu_fwd(&gate, &up)?;
+        let out = add(&h, &linear(&act, &l.down, None)?)?;
+        Ok((
+            out,
+            LayerActs {
+                xn1,
+                rstd1,
+                q,
+                k,
+                v,
+                attn: a,
+                lse,
+                h,
+                xn2,
+                rstd2,
+                gate,
+                up,
+                act,
+            },
+        ))
+    }
+
+    /// The forward over a packed batch, keeping what `backward` needs.
+    pub fn forward(&self, batch: &Batch) -> Result<Activations> {
+        self.check_tokens(&batch.tokens)?;
+        let n = batch.len();
+        let ids = Tensor::from_i32(&[n], batch.tokens.clone(), &self.device)?;
+        let positions = Tensor::from_i32(&[n], batch.positions(), &self.device)?;
+        let attn = AttnBatch::packed(&batch.seq_lens, &self.device)?;
+        let mut x = embed_fwd(&self.params.embed, &ids)?;
+        let mut inputs = Vec::with_capacity(self.cfg.num_layers + 1);
+        let mut layers = Vec::with_capacity(self.cfg.num_layers);
+        for l in &self.params.layers {
+            let (out, acts) = self.layer_fwd(l, &x, &positions, &attn, None)?;
+            inputs.push(x);
+            layers.push(if self.recompute { None } else { Some(acts) });
+            x = out;
+        }
+        let o = rms_norm_fwd(&x, &self.params.norm, self.eps())?;
+        inputs.push(x);
+        Ok(Activations {
+            ids,
+            positions,
+            attn,
+            inputs,
+            layers,
+            rstd_final: o.rstd,
+            hidden: o.y,
+        })
+    }
+
+    /// Backward from `dhidden` (`[N, d]`, the gradient of the loss with respect to `hidden`, any
+    /// float dtype), accumulating into `grads` (f32, same layout as the parameters).
+    pub fn backward(&self, acts: &Activations, dhidden: &Tensor, grads: &mut Params) -> Result<()> {
+        let mut dx = {
+            let dh = cast(dhidden, self.dtype)?;
+            rms_norm_bwd(
+                &dh,
+                acts.inputs.last().unwrap(),
+                &self.params.norm,
+                &acts.rstd_final,
+                &mut grads.norm,
+            )?
+        };
+        for (i, l) in self.params.layers.iter().enumerate().rev() {
+            let x = &acts.inputs[i];
+            let recomputed;
+            let a = match &acts.layers[i] {
+                Some(a) => a,
+                None => {
+                    recomputed = self.layer_fwd(l, x, &acts.positions, &acts.attn, None)?.1;
+                    &recomputed
+                }
+            };
+            dx = self.layer_bwd(
+                l,
+                &mut grads.layers[i],
+                x,
+                a,
+                &acts.positions,
+                &acts.attn,
+                &dx,
+            )?;
+        }
+        embed_bwd(&mut grads.embed, &dx, &acts.ids)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer_bwd(
+        &self,
+        l: &LayerParams,
+        g: &mut LayerParams,
+        x: &Tensor,
+        a: &LayerActs,
+        positions: &Tensor,
+        attn: &AttnBatch,
+        dout: &Tensor,
+    ) -> Result<Tensor> {
+        let heads = self.heads();
+        // MLP: out = h + down(swiglu(gate(xn2), up(xn2))).
+        let dact = linear_bwd(dout, &a.act, &l.down, &mut g.down, None)?;
+        let (dgate, dup) = swiglu_bwd(&dact, &a.gate, &a.up)?;
+        let mut dxn2 = linear_bwd(&dgate, &a.xn2, &l.gate, &mut g.gate, None)?;
+        gemm(&mut g.up, &dup, Trans::T, &a.xn2, Trans::N, 1.0, 1.0)?;
+        gemm(&mut dxn2, &dup, Trans::N, &l.up, Trans::N, 1.0, 1.0)?;
+        let dh = add(
+            dout,
+            &rms_norm_bwd(&dxn2, &a.h, &l.mlp_norm, &a.rstd2, &mut g.mlp_norm)?,
+        )?;
+        // Attention: h = x + o(attention(rope(q(xn1)), rope(k(xn1)), v(xn1))).
+        let dattn = linear_bwd(&dh, &a.attn, &l.o, &mut g.o, None)?;
+        let (dq, dk, dv) = attention_bwd(
+            &dattn,
+            &a.q,
+            &a.k,
+            &a.v,
+            &a.attn,
+            &a.lse,
+            attn,
+            heads,
+            self.scale(),
+        )?;
+        let dq = rope_bwd(&dq, positions, &self.inv_freq, heads.heads)?;
+        let dk = rope_bwd(&dk, positions, &self.inv_freq, heads.kv_heads)?;
+        let mut dxn1 = linear_bwd(&dq, &a.xn1, &l.q, &mut g.q, g.q_bias.as_mut())?;
+        for (d, w, gw, gb) in [
+            (&dk, &l.k, &mut g.k, g.k_bias.as_mut()),
+            (&dv, &l.v, &mut g.v, g.v_bias.as_mut()),
+        ] {
+            gemm(gw, d, Trans::T, &a.xn1, Trans::N, 1.0, 1.0)?;
+            if let Some(gb) = gb {
+                bias_grad(gb, d)?;
+            }
+            gemm(&mut dxn1, d, Trans::N, w, Trans::N, 1.0, 1.0)?;
+        }
+        add(
+            &dh,
+            &rms_norm_bwd(&dxn1, x, &l.attn_norm, &a.rstd1, &mut g.attn_norm)?,
+        )
+    }
+
+    /// Rows `rows` of `hidden` times the LM head: logits `[rows.len(), V]` as f32 on the host.
+    pub fn logits_rows(&self, hidden: &Tensor, rows: &[usize]) -> Result<Vec<f32>> {
+        let ids = Tensor::from_i32(
+            &[rows.len()],
+            rows.iter().map(|&r| r as i32).collect(),
+            &self.device,
+        )?;
+        let h = embed_fwd(hidden, &ids)?;
+        matmul(&h, Trans::N, self.lm_head(), Trans::T)?.to_f32_vec()
+    }
+
+    /// The scalar head on every row: `[N]` values (reward and value models).
+    pub fn scalar_head(&self, hidden: &Tensor) -> Result<Tensor> {
+        let w = self
+            .params
+            .score
+            .as_ref()
+            .ok_or_else(|| Error::Unsupported {
+                op: "scalar_head",
+                detail: "this model has no score head".into(),
+            })?;
+        let n = hidden.shape()[0];
+        cast(&matmul(hidden, Trans::N, w, Trans::T)?, DType::F32)?.reshape(&[n])
+    }
+
+    /// Backward of `scalar_head` for upstream `dvalues` `[N]` f32: returns dhidden (f32); `dscore +=`.
+    pub fn scalar_head_bwd(
+        &self,
+        hidden: &Tensor,
+        dvalues: &Tensor,
+        dscore: &mut Tensor,
+    ) -> Result<Tensor> {
+        let w = self
+            .params
+            .score
+            .as_ref()
+            .ok_or_else(|| Error::Unsupported {
+                op: "scalar_head",
+                detail: "this model has no score head".into(),
+            })?;
+        let n = hidden.shape()[0];
+        let dv = cast(&dvalues.duplicate()?.reshape(&[n, 1])?, self.dtype)?;
+        gemm(dscore, &dv, Trans::T, hidden, Trans::N, 1.0, 1.0)?;
+        let mut dh = Tensor::zeros(hidden.shape(), DType::F32, &self.device)?;
+        gemm(&mut dh, &dv, Trans::N, w, Trans::N, 1.0, 0.0)?;
+        Ok(dh)
+    }
+}
+
+/// Where a layer writes its new keys and values: `(cache row, fresh row, rows)` copies.
+pub(crate) struct CacheWrite<'a> {
+    pub k: &'a mut Tensor,
+    pub v: &'a mut Tensor,
+    pub rows: Vec<(usize, usize, usize)>,
+}
+
+/// Keys and values of every layer for a batch of sequences, `capacity` positions each.
+pub struct KvCache {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    pub lens: Vec<usize>,
+    pub capacity: usize,
+}
+
+impl KvCache {
+    pub fn new(model: &Model, sequences: usize, capacity: usize) -> Result<KvCache> {
+        let width = model.cfg.num_kv_heads * model.cfg.head_dim;
+        let make = || Tensor::zeros(&[sequences * capacity, width], model.dtype, &model.device);
+        let k = (0..model.cfg.num_layers)
+            .map(|_| make())
+            .collect::<Result<_>>()?;
+        let v = (0..model.cfg.num_layers)
+            .map(|_| make())
+            .collect::<Result<_>>()?;
+        Ok(KvCache {
+            k,
+            v,
+            lens: vec![0; sequences],
+            capacity,
+        })
+    }
+}
+
+impl Model {
+    /// Runs `new_tokens[b]` (possibly empty) after what the cache holds for each sequence, appends
+    /// their keys and values, and returns the final hidden state of the last new token of each
+    /// sequence that had any, as rows of the returned `[rows, d]` tensor, with their sequence ids.
+    pub fn forward_cached(
+        &self,
+        new_tokens: &[Vec<i32>],
+        cache: &mut KvCache,
+    ) -> Result<(Tensor, Vec<usize>)> {
+        let batch = Batch::new(new_tokens);
+        self.check_tokens(&batch.tokens)?;
+        let q_lens: Vec<usize> = new_tokens.iter().map(Vec::len).collect();
+        for (b, &q) in q_lens.iter().enumerate() {
+            if cache.lens[b] + q > cache.capacity {
+                return Err(Error::Unsupported {
+                    op: "generate",
+                    detail: format!(
+                        "sequence {b} needs {} positions; the cache holds {}",
+                        cache.lens[b] + q,
+                        cache.capacity
+                    ),
+                });
+            }
+        }
+        let n = batch.len();
+        let positions: Vec<i32> = q_lens
+            .iter()
+            .zip(&cache.lens)
+            .flat_map(|(&q, &l)| (l..l + q).map(|p| p as i32))
+            .collect();
+        let ids = Tensor::from_i32(&[n], batch.tokens.clone(), &self.device)?;
+        let pos = Tensor::from_i32(&[n], positions, &self.device)?;
+        let k_start: Vec<usize> = (0..q_lens.len()).map(|b| b * cache.capacity).collect();
+        let k_len: Vec<usize> = q_lens.iter().zip(&cache.lens).map(|(q, l)| q + l).collect();
+        let attn = AttnBatch::cached(&q_lens, &k_start, &k_len, &self.device)?;
+        let offsets = batch.offsets();
+        let rows: Vec<(usize, usize, usize)> = (0..q_lens.len())
+            .filter(|&b| q_lens[b] > 0)
+            .map(|b| (b * cache.capacity + cache.lens[b], offsets[b], q_lens[b]))
+            .collect();
+        let mut x = embed_fwd(&self.params.embed, &ids)?;
+        for (i, l) in self.params.layers.iter().enumerate() {
+            let write = CacheWrite {
+                k: &mut cache.k[i],
+                v: &mut cache.v[i],
+                rows: rows.clone(),
+            };
+            x = self.layer_fwd(l, &x, &pos, &attn, Some(write))?.0;
+        }
+        let hidden = rms_norm_fwd(&x, &self.params.norm, self.eps())?.y;
+        for (l, q) in cache.lens.iter_mut().zip(&q_lens) {
+            *l += q;
+        }
+        let seqs: Vec<usize> = (0..q_lens.len()).filter(|&b| q_lens[b] > 0).collect();
+        let last: Vec<i32> = seqs.iter().map(|&b| (offsets[b + 1] - 1) as i32).collect();
+        let idx = Tensor::from_i32(&[last.len()], last, &self.device)?;
+        Ok((embed_fwd(&hidden, &idx)?, seqs))
+    }
+}

@@ -1,0 +1,346 @@
+//! The decoder's parameters under Hugging Face's tensor names, loaded from and saved to safetensors
+//! (single file or a sharded index). Saving is atomic: a temporary file, then a rename.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use safetensors::{Dtype, SafeTensors};
+
+use super::config::LlamaConfig;
+use crate::device::{DType, Device, Tensor};
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+
+pub struct LayerParams {
+    pub attn_norm: Tensor,
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub o: Tensor,
+    pub q_bias: Option<Tensor>,
+    pub k_bias: Option<Tensor>,
+    pub v_bias: Option<Tensor>,
+    pub mlp_norm: Tensor,
+    pub gate: Tensor,
+    pub up: Tensor,
+    pub down: Tensor,
+}
+
+pub struct Params {
+    pub embed: Tensor,
+    pub layers: Vec<LayerParams>,
+    pub norm: Tensor,
+    /// None when tied to `embed`.
+    pub lm_head: Option<Tensor>,
+    /// The scalar head `[1, hidden]` of a reward or value model.
+    pub score: Option<Tensor>,
+}
+
+/// Every parameter's HF name and shape, in a fixed order.
+pub fn parameter_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+    let (d, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let (q, kv) = (
+        cfg.num_heads * cfg.head_dim,
+        cfg.num_kv_heads * cfg.head_dim,
+    );
+    let mut out = vec![("model.embed_tokens.weight".to_owned(), vec![v, d])];
+    for l in 0..cfg.num_layers {
+        let p = format!("model.layers.{l}");
+        out.push((format!("{p}.input_layernorm.weight"), vec![d]));
+        out.push((format!("{p}.self_attn.q_proj.weight"), vec![q, d]));
+        out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, d]));
+        out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, d]));
+        out.push((format!("{p}.self_attn.o_proj.weight"), vec![d, q]));
+        if cfg.qkv_bias {
+            out.push((format!("{p}.self_attn.q_proj.bias"), vec![q]));
+            out.push((format!("{p}.self_attn.k_proj.bias"), vec![kv]));
+            out.push((format!("{p}.self_attn.v_proj.bias"), vec![kv]));
+        }
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
+        out.push((format!("{p}.mlp.gate_proj.weight"), vec![i, d]));
+        out.push((format!("{p}.mlp.up_proj.weight"), vec![i, d]));
+        out.push((format!("{p}.mlp.down_proj.weight"), vec![d, i]));
+    }
+    out.push(("model.norm.weight".to_owned(), vec![d]));
+    if !cfg.tie_word_embeddings && !cfg.scalar_head {
+        out.push(("lm_head.weight".to_owned(), vec![v, d]));
+    }
+    if cfg.scalar_head {
+        out.push(("score.weight".to_owned(), vec![1, d]));
+    }
+    out
+}
+
+impl Params {
+    /// Builds every parameter with `make(name, shape)`, in `parameter_shapes` order.
+    pub fn build(
+        cfg: &LlamaConfig,
+        mut make: impl FnMut(&str, &[usize]) -> Result<Tensor>,
+    ) -> Result<Params> {
+        let shapes = parameter_shapes(cfg);
+        let mut it = shapes.iter();
+        let mut next = || -> Result<Tensor> {
+            let (name, shape) = it.next().expect("parameter_shapes lists every parameter");
+            make(name, shape)
+        };
+        let embed = next()?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for _ in 0..cfg.num_layers {
+            let (attn_norm, q, k, v, o) = (next()?, next()?, next()?, next()?, next()?);
+            let (q_bias, k_bias, v_bias) = if cfg.qkv_bias {
+                (Some(next()?), Some(next()?), Some(next()?))
+            } else {
+                (None, None, None)
+            };
+            let (mlp_norm, gate, up, down) = (next()?, next()?, next()?, next()?);
+            layers.push(LayerParams {
+                attn_norm,
+                q,
+                k,
+                v,
+                o,
+                q_bias,
+                k_bias,
+                v_bias,
+                mlp_norm,
+                gate,
+                up,
+                down,
+            });
+        }
+        let norm = next()?;
+        let lm_head = if !cfg.tie_word_embeddings && !cfg.scalar_head {
+            Some(next()?)
+        } else {
+            None
+        };
+        let score = if cfg.scalar_head { Some(next()?) } else { None };
+        Ok(Params {
+            embed,
+            layers,
+            norm,
+            lm_head,
+            score,
+        })
+    }
+
+    /// Every parameter with its HF name, in `parameter_shapes` order.
+    pub fn named(&self) -> Vec<&Tensor> {
+        let mut v = vec![&self.embed];
+        for l in &self.layers {
+            v.extend([&l.attn_norm, &l.q, &l.k, &l.v, &l.o]);
+            v.extend([&l.q_bias, &l.k_bias, &l.v_bias].into_iter().flatten());
+            v.extend([&l.mlp_norm, &l.gate, &l.up, &l.down]);
+        }
+        v.push(&self.norm);
+        v.extend(self.lm_head.iter());
+        v.extend(self.score.iter());
+        v
+    }
+
+    pub fn named_mut(&mut self) -> Vec<&mut Tensor> {
+        let mut v = vec![&mut self.embed];
+        for l in &mut self.layers {
+            v.extend([&mut l.attn_norm, &mut l.q, &mut l.k, &mut l.v, &mut l.o]);
+            v.extend(
+                [&mut l.q_bias, &mut l.k_bias, &mut l.v_bias]
+                    .into_iter()
+                    .flatten(),
+            );
+            v.extend([&mut l.mlp_norm, &mut l.gate, &mut l.up, &mut l.down]);
+        }
+        v.push(&mut self.norm);
+        v.extend(self.lm_head.iter_mut());
+        v.extend(self.score.iter_mut());
+        v
+    }
+
+    /// The output projection: `lm_head`, or the embedding when tied.
+    pub fn lm_head_mut(&mut self) -> &mut Tensor {
+        match &mut self.lm_head {
+            Some(h) => h,
+            None => &mut self.embed,
+        }
+    }
+
+    /// All zeros: the gradient accumulators (f32) of a model.
+    pub fn zeros(cfg: &LlamaConfig, device: &Device, dtype: DType) -> Result<Params> {
+        Params::build(cfg, |_, shape| Tensor::zeros(shape, dtype, device))
+    }
+
+    /// A random model for tests and demos: norms at 1, matrices N(0, 0.02²)·(scale), like HF's init.
+    pub fn random(cfg: &LlamaConfig, seed: u64, device: &Device, dtype: DType) -> Result<Params> {
+        let mut rng = Rng::new(seed);
+        Params::build(cfg, |name, shape| {
+            let n: usize = shape.iter().product();
+            let data = if name.ends_with("norm.weight") {
+                vec![1.0; n]
+            } else {
+                rng.normal_vec(n, 0.02)
+            };
+            Tensor::from_f32_as(shape, &data, dtype, device)
+        })
+    }
+
+    /// A copy in another dtype or on another device.
+    pub fn convert(&self, cfg: &LlamaConfig, device: &Device, dtype: DType) -> Result<Params> {
+        let mut src = self.named().into_iter();
+        Params::build(cfg, |_, shape| {
+            let t = src.next().expect("same config");
+            Tensor::from_f32_as(shape, &t.to_f32_vec()?, dtype, device)
+        })
+    }
+
+    /// Loads `model.safetensors` or the shards named by `model.safetensors.index.json` in `dir`.
+    pub fn load(cfg: &LlamaConfig, dir: &Path, device: &Device, dtype: DType) -> Result<Params> {
+        let files = safetensors_files(dir)?;
+        let mut host: HashMap<String, (Vec<usize>, Vec<f32>, PathBuf)> = HashMap::new();
+        for file in &files {
+            let bytes = std::fs::read(file).map_err(|e| Error::io(file, e))?;
+            let st = SafeTensors::deserialize(&bytes)
+                .map_err(|e| Error::file(file, format!("not a safetensors file: {e}")))?;
+            for (name, view) in st.tensors() {
+                let data = to_f32(view.dtype(), view.data()).ok_or_else(|| {
+                    Error::file(
+                        file,
+                        format!(
+                            "tensor `{name}` has dtype {:?}; F32, BF16 and F16 are supported",
+                            view.dtype()
+                        ),
+                    )
+                })?;
+                host.insert(name, (view.shape().to_vec(), data, file.clone()));
+            }
+        }
+        let shown = files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        Params::build(cfg, |name, shape| {
+            let (got, data, file) = host
+                .remove(name)
+                .ok_or_else(|| Error::file(dir, format!("no tensor `{name}` in {shown}")))?;
+            if got != shape {
+                return Err(Error::file(
+                    &file,
+                    format!("tensor `{name}` has shape {got:?}, the config implies {shape:?}"),
+                ));
+            }
+            Tensor::from_f32_as(shape, &data, dtype, device)
+        })
+    }
+
+    /// Writes `model.safetensors` into `dir` (f32, or bf16 when `dtype` says so), atomically.
+    pub fn save(&self, cfg: &LlamaConfig, dir: &Path, dtype: DType) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let names = parameter_shapes(cfg);
+        let mut buffers = Vec::with_capacity(names.len());
+        for ((name, shape), t) in names.iter().zip(self.named()) {
+            let v = t.to_f32_vec()?;
+            let bytes: Vec<u8> = match dtype {
+                DType::BF16 => v
+                    .iter()
+                    .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
+                    .collect(),
+                _ => v.iter().flat_map(|&x| x.to_le_bytes()).collect(),
+            };
+            buffers.push((name.clone(), shape.clone(), bytes));
+        }
+        let st_dtype = if dtype == DType::BF16 {
+            Dtype::BF16
+        } else {
+            Dtype::F32
+        };
+        let views = buffers
+            .iter()
+            .map(|(n, s, b)| {
+                safetensors::tensor::TensorView::new(st_dtype, s.clone(), b)
+                    .map(|v| (n.clone(), v))
+                    .map_err(|e| Error::file(dir, format!("tensor `{n}`: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let meta = HashMap::from([("format".to_owned(), "pt".to_owned())]);
+        let path = dir.join("model.safetensors");
+        write_atomic(&path, |tmp| {
+            safetensors::serialize_to_file(views, Some(meta), tmp)
+                .map_err(|e| Error::file(tmp, e.to_string()))
+        })?;
+        // A stale index from an earlier sharded save would point loaders at files that are gone.
+        let index = dir.join("model.safetensors.index.json");
+        if index.exists() {
+            std::fs::remove_file(&index).map_err(|e| Error::io(&index, e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes through `write(tmp)` then renames over `path`, so a reader never sees half a file and an
+/// interrupted save leaves the previous file intact.
+pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    if let Err(e) = write(&tmp) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// `write_atomic` for bytes.
+pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic(path, |tmp| {
+        std::fs::write(tmp, bytes).map_err(|e| Error::io(tmp, e))
+    })
+}
+
+fn to_f32(dtype: Dtype, data: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::BF16 => data
+            .chunks_exact(2)
+            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        _ => return None,
+    })
+}
+
+fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::file(&index, format!("invalid JSON: {e}")))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::file(&index, "no `weight_map` object"))?;
+        let mut files: Vec<PathBuf> = map
+            .values()
+            .filter_map(|f| f.as_str())
+            .map(|f| dir.join(f))
+            .collect();
+        files.sort();
+        files.dedup();
+        return Ok(files);
+    }
+    Err(Error::file(
+        dir,
+        "no model.safetensors or model.safetensors.index.json",
+    ))
+}

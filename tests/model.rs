@@ -1,0 +1,373 @@
+//! The decoder on tiny random configurations: the hand-written backward against finite differences
+//! for every parameter tensor, recomputation, save/reload, KV-cache generation against the full
+//! forward, sampling, config errors, and CUDA against the CPU.
+
+use rlhf_kernels::cuda_test;
+use rlhf_kernels::device::{DType, Device, Tensor};
+use rlhf_kernels::model::generate::GenerateOptions;
+use rlhf_kernels::model::weights::parameter_shapes;
+use rlhf_kernels::model::{Batch, LlamaConfig, Model, Params};
+use rlhf_kernels::ops::logprob::{linear_logprob_bwd, linear_logprob_fwd};
+use rlhf_kernels::testing::{fresh_seed, rel_l2, Rng};
+use serde_json::json;
+
+fn tiny_config(qkv_bias: bool, tied: bool, scalar_head: bool) -> LlamaConfig {
+    let arch = if scalar_head {
+        "LlamaForSequenceClassification"
+    } else {
+        "LlamaForCausalLM"
+    };
+    let v = json!({
+        "architectures": [arch], "model_type": "llama", "vocab_size": 23, "hidden_size": 16,
+        "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 4, "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": tied,
+        "attention_bias": qkv_bias, "max_position_embeddings": 64, "eos_token_id": 2, "num_labels": 1
+    });
+    LlamaConfig::from_json(&v, std::path::Path::new("tiny/config.json")).unwrap()
+}
+
+/// Larger weights than a real init so the small network is far from linear.
+fn tiny_model(cfg: &LlamaConfig, seed: u64, device: &Device) -> Model {
+    let mut rng = Rng::new(seed);
+    let dtype = if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    let params = Params::build(cfg, |name, shape| {
+        let n: usize = shape.iter().product();
+        let v = if name.ends_with("norm.weight") {
+            rng.uniform_vec(n, 0.5, 1.5)
+        } else {
+            rng.normal_vec(n, 0.3)
+        };
+        Tensor::from_f32_as(shape, &v, dtype, device)
+    })
+    .unwrap();
+    Model::new(cfg.clone(), params, device.clone()).unwrap()
+}
+
+fn batch() -> Batch {
+    Batch::new(&[vec![1, 5, 9, 2, 22, 7], vec![3, 3, 14], vec![8]])
+}
+
+/// Loss Σ w_t·logp_t of next-token targets (the last token of each sequence has none); returns the
+/// loss and, when `grads` is given, accumulates the gradient.
+fn lm_loss(model: &Model, b: &Batch, weights: &[f32], grads: Option<&mut Params>) -> f64 {
+    let acts = model.forward(b).unwrap();
+    let offsets = b.offsets();
+    let mut targets = vec![-100i32; b.len()];
+    for s in 0..b.seq_lens.len() {
+        let (a, z) = (offsets[s], offsets[s + 1] - 1);
+        targets[a..z].copy_from_slice(&b.tokens[a + 1..z + 1]);
+    }
+    let dev = &model.device;
+    let tgt = Tensor::from_i32(&[b.len()], targets, dev).unwrap();
+    let out = linear_logprob_fwd(&acts.hidden, model.lm_head(), &tgt, 1.0).unwrap();
+    let lp = out.logp.to_f32_vec().unwrap();
+    let loss = lp.iter().zip(weights).map(|(&l, &w)| (l * w) as f64).sum();
+    if let Some(g) = grads {
+        let gl = Tensor::from_f32(&[b.len()], weights.to_vec(), dev).unwrap();
+        let ge = Tensor::zeros(&[b.len()], DType::F32, dev).unwrap();
+        let head = g.lm_head_mut();
+        let dh = linear_logprob_bwd(
+            &acts.hidden,
+            model.lm_head(),
+            &tgt,
+            &out,
+            &gl,
+            &ge,
+            1.0,
+            head,
+        )
+        .unwrap();
+        model.backward(&acts, &dh, g).unwrap();
+    }
+    loss
+}
+
+/// Directional finite differences per parameter tensor: (L(θ+εu) − L(θ−εu)) / 2ε against ⟨∇L, u⟩
+/// for a random unit direction u, in the model's f32 arithmetic.
+fn check_every_tensor(
+    model: &mut Model,
+    grads: &Params,
+    loss: impl Fn(&Model) -> f64,
+    rng: &mut Rng,
+) {
+    let names = parameter_shapes(&model.cfg);
+    let analytic: Vec<Vec<f32>> = grads
+        .named()
+        .iter()
+        .map(|g| g.to_f32_vec().unwrap())
+        .collect();
+    let eps = 1e-2f32;
+    for (i, (name, _)) in names.iter().enumerate() {
+        let n = analytic[i].len();
+        let mut u = rng.normal_vec(n, 1.0);
+        let norm = u.iter().map(|x| x * x).sum::<f32>().sqrt();
+        u.iter_mut().for_each(|x| *x /= norm);
+        let dot: f64 = analytic[i]
+            .iter()
+            .zip(&u)
+            .map(|(&g, &d)| (g * d) as f64)
+            .sum();
+        let orig = model.params.named()[i].to_f32_vec().unwrap();
+        let mut at = |sign: f32| {
+            let p: Vec<f32> = orig
+                .iter()
+                .zip(&u)
+                .map(|(&w, &d)| w + sign * eps * d)
+                .collect();
+            model.params.named_mut()[i]
+                .cpu_f32_mut("test")
+                .unwrap()
+                .copy_from_slice(&p);
+            loss(model)
+        };
+        let fd = (at(1.0) - at(-1.0)) / (2.0 * eps as f64);
+        model.params.named_mut()[i]
+            .cpu_f32_mut("test")
+            .unwrap()
+            .copy_from_slice(&orig);
+        let err = (fd - dot).abs();
+        assert!(
+            err <= 2e-2 * dot.abs().max(fd.abs()) + 2e-4,
+            "{name}: finite difference {fd:e}, backward {dot:e}"
+        );
+    }
+}
+
+#[test]
+fn whole_model_gradient_matches_finite_differences() {
+    let mut rng = Rng::new(fresh_seed(
+        "whole_model_gradient_matches_finite_differences",
+    ));
+    for (qkv_bias, tied) in [(false, true), (true, false)] {
+        let cfg = tiny_config(qkv_bias, tied, false);
+        let mut model = tiny_model(&cfg, rng.next_u64(), &Device::Cpu);
+        let b = batch();
+        let w = rng.normal_vec(b.len(), 1.0);
+        let mut grads = Params::zeros(&cfg, &Device::Cpu, DType::F32).unwrap();
+        lm_loss(&model, &b, &w, Some(&mut grads));
+        assert!(
+            grads
+                .named()
+                .iter()
+                .all(|g| g.to_f32_vec().unwrap().iter().any(|&x| x != 0.0)),
+            "every tensor gets a gradient"
+        );
+        check_every_tensor(&mut model, &grads, |m| lm_loss(m, &b, &w, None), &mut rng);
+    }
+}
+
+#[test]
+fn scalar_head_gradient_matches_finite_differences() {
+    let mut rng = Rng::new(fresh_seed(
+        "scalar_head_gradient_matches_finite_differences",
+    ));
+    let cfg = tiny_config(false, true, true);
+    let mut model = tiny_model(&cfg, rng.next_u64(), &Device::Cpu);
+    let b = batch();
+    let c = rng.normal_vec(b.len(), 1.0);
+    let loss = |m: &Model| {
+        let v = m
+            .scalar_head(&m.forward(&b).unwrap().hidden)
+            .unwrap()
+            .to_f32_vec()
+            .unwrap();
+        v.iter().zip(&c).map(|(&a, &w)| (a * w) as f64).sum::<f64>()
+    };
+    let mut grads = Params::zeros(&cfg, &Device::Cpu, DType::F32).unwrap();
+    let acts = model.forward(&b).unwrap();
+    let dv = Tensor::from_f32(&[b.len()], c.clone(), &Device::Cpu).unwrap();
+    let dh = model
+        .scalar_head_bwd(&acts.hidden, &dv, grads.score.as_mut().unwrap())
+        .unwrap();
+    model.backward(&acts, &dh, &mut grads).unwrap();
+    check_every_tensor(&mut model, &grads, loss, &mut rng);
+}
+
+#[test]
+fn recomputation_gives_the_same_gradients() {
+    let cfg = tiny_config(true, false, false);
+    let mut model = tiny_model(&cfg, 5, &Device::Cpu);
+    let (b, w) = (batch(), vec![1.0; 10]);
+    let mut g1 = Params::zeros(&cfg, &Device::Cpu, DType::F32).unwrap();
+    lm_loss(&model, &b, &w, Some(&mut g1));
+    model.recompute = true;
+    let mut g2 = Params::zeros(&cfg, &Device::Cpu, DType::F32).unwrap();
+    lm_loss(&model, &b, &w, Some(&mut g2));
+    for (a, c) in g1.named().iter().zip(g2.named()) {
+        assert_eq!(a.to_f32_vec().unwrap(), c.to_f32_vec().unwrap());
+    }
+}
+
+#[test]
+fn save_and_reload_gives_identical_logits() {
+    let cfg = tiny_config(true, false, false);
+    let model = tiny_model(&cfg, 9, &Device::Cpu);
+    let dir = std::env::temp_dir().join(format!("rlhf-save-{}", std::process::id()));
+    model.params.save(&cfg, &dir, DType::F32).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string(&cfg.to_json()).unwrap(),
+    )
+    .unwrap();
+    let back = Model::load(&dir, &Device::Cpu).unwrap();
+    assert_eq!(back.cfg, cfg);
+    let b = batch();
+    let (h1, h2) = (
+        model.forward(&b).unwrap().hidden,
+        back.forward(&b).unwrap().hidden,
+    );
+    let rows: Vec<usize> = (0..b.len()).collect();
+    assert_eq!(
+        model.logits_rows(&h1, &rows).unwrap(),
+        back.logits_rows(&h2, &rows).unwrap()
+    );
+    assert!(!dir.join(".model.safetensors.tmp").exists());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn kv_cache_generation_matches_the_full_forward() {
+    let cfg = tiny_config(true, false, false);
+    let model = tiny_model(&cfg, 13, &Device::Cpu);
+    let prompts = vec![vec![1, 4, 9, 16], vec![7], vec![3, 5]];
+    for temperature in [0.0, 1.0] {
+        let opts = GenerateOptions {
+            max_new_tokens: 7,
+            temperature,
+            seed: 4,
+            eos: vec![],
+            ..Default::default()
+        };
+        let mut streamed = vec![Vec::new(); prompts.len()];
+        let out = model
+            .generate(&prompts, &opts, |b, t| streamed[b].push(t))
+            .unwrap();
+        for (b, g) in out.iter().enumerate() {
+            assert_eq!(g.tokens.len(), 7);
+            assert_eq!(streamed[b], g.tokens);
+            let mut seq = prompts[b].clone();
+            seq.extend(&g.tokens[..6]);
+            let h = model.forward(&Batch::new(&[seq.clone()])).unwrap().hidden;
+            for (i, (&tok, &lp)) in g.tokens.iter().zip(&g.logprobs).enumerate() {
+                let row = prompts[b].len() - 1 + i;
+                let logits = model.logits_rows(&h, &[row]).unwrap();
+                let t = if temperature > 0.0 { temperature } else { 1.0 };
+                let z: Vec<f64> = logits.iter().map(|&l| l as f64 / t as f64).collect();
+                let m = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let lse = m + z.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+                assert!(
+                    (z[tok as usize] - lse - lp as f64).abs() < 1e-4,
+                    "seq {b} step {i}: cached log-prob {lp} vs full {}",
+                    z[tok as usize] - lse
+                );
+                if temperature == 0.0 {
+                    let best = z
+                        .iter()
+                        .enumerate()
+                        .max_by(|a, c| a.1.total_cmp(c.1))
+                        .unwrap()
+                        .0;
+                    assert_eq!(best as i32, tok, "greedy picks the argmax");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn sampling_follows_the_seed_and_stops_at_eos() {
+    let cfg = tiny_config(false, true, false);
+    let model = tiny_model(&cfg, 21, &Device::Cpu);
+    let opts = |seed, top_k| GenerateOptions {
+        max_new_tokens: 20,
+        temperature: 1.5,
+        top_k,
+        seed,
+        ..Default::default()
+    };
+    let run = |o: &GenerateOptions| {
+        model.generate(&[vec![1, 2]], o, |_, _| {}).unwrap()[0]
+            .tokens
+            .clone()
+    };
+    assert_eq!(run(&opts(1, 0)), run(&opts(1, 0)));
+    assert_ne!(run(&opts(1, 0)), run(&opts(2, 0)));
+    let greedy = GenerateOptions {
+        temperature: 0.0,
+        ..opts(1, 0)
+    };
+    assert_eq!(run(&opts(1, 1)), run(&greedy), "top-k 1 is greedy");
+    let first = run(&greedy)[0];
+    let stop = GenerateOptions {
+        eos: vec![first],
+        ..greedy
+    };
+    let out = model.generate(&[vec![1, 2]], &stop, |_, _| {}).unwrap();
+    assert_eq!(out[0].tokens, vec![first]);
+    assert!(out[0].finished);
+    assert!(
+        model.generate(&[vec![1, 99]], &stop, |_, _| {}).is_err(),
+        "an id outside the vocabulary is an error"
+    );
+}
+
+#[test]
+fn config_errors_name_the_field() {
+    let base = json!({"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
+        "num_hidden_layers": 1, "num_attention_heads": 2});
+    let p = std::path::Path::new("m/config.json");
+    assert!(LlamaConfig::from_json(&base, p).is_ok());
+    let with = |k: &str, v: serde_json::Value| {
+        let mut c = base.clone();
+        c.as_object_mut().unwrap().insert(k.into(), v);
+        LlamaConfig::from_json(&c, p)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    assert!(with("model_type", json!("gpt2")).contains("model_type `gpt2`"));
+    assert!(with("hidden_act", json!("gelu")).contains("hidden_act"));
+    assert!(with("num_key_value_heads", json!(3)).contains("num_key_value_heads"));
+    assert!(with("rope_scaling", json!({"rope_type": "yarn", "factor": 4.0})).contains("yarn"));
+    assert!(with("mlp_bias", json!(true)).contains("mlp_bias"));
+    let mut missing = base.clone();
+    missing.as_object_mut().unwrap().remove("vocab_size");
+    let e = LlamaConfig::from_json(&missing, p)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("m/config.json") && e.contains("vocab_size"),
+        "{e}"
+    );
+}
+
+cuda_test! {
+    fn cuda_forward_and_gradients_match_cpu(dev) {
+        let mut rng = Rng::new(fresh_seed("cuda_forward_and_gradients_match_cpu"));
+        for (qkv_bias, tied) in [(false, true), (true, false)] {
+            let cfg = tiny_config(qkv_bias, tied, false);
+            let seed = rng.next_u64();
+            let cpu = tiny_model(&cfg, seed, &Device::Cpu);
+            // The same weights rounded to bf16 on both sides.
+            let rounded = cpu.params.convert(&cfg, &Device::Cpu, DType::BF16).unwrap().convert(&cfg, &Device::Cpu, DType::F32).unwrap();
+            let cpu = Model::new(cfg.clone(), rounded, Device::Cpu).unwrap();
+            let gpu = Model::new(cfg.clone(), cpu.params.convert(&cfg, &dev, DType::BF16).unwrap(), dev.clone()).unwrap();
+            let b = batch();
+            let w = rng.normal_vec(b.len(), 1.0);
+            let mut gc = Params::zeros(&cfg, &Device::Cpu, DType::F32).unwrap();
+            let mut gg = Params::zeros(&cfg, &dev, DType::F32).unwrap();
+            let (lc, lg) = (lm_loss(&cpu, &b, &w, Some(&mut gc)), lm_loss(&gpu, &b, &w, Some(&mut gg)));
+            assert!((lc - lg).abs() <= 2e-2 * lc.abs().max(1.0), "loss {lg} vs {lc}");
+            for ((name, _), (a, c)) in parameter_shapes(&cfg).iter().zip(gg.named().iter().zip(gc.named())) {
+                let e = rel_l2(&a.to_f32_vec().unwrap(), &c.to_f32_vec().unwrap());
+                assert!(e <= 3e-2, "{name}: relative L2 error {e:e}");
+                rlhf_kernels::testing::report("model.grad", name, e, "rel L2 <= 3e-2 (bf16)");
+            }
+        }
+    }
+}
