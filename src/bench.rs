@@ -351,3 +351,70 @@ pub fn bench_kernels(
     );
     Ok(rows)
 }
+
+/// One model-step measurement.
+#[derive(Debug, Clone)]
+pub struct ModelBench {
+    pub tokens: usize,
+    pub forward_ms: f64,
+    pub forward_backward_ms: f64,
+    /// Forward + backward FLOPs (3 × forward) per second.
+    pub tflops: f64,
+}
+
+/// Times the forward and the forward + backward (next-token log-likelihood through the fused LM
+/// head) of a model with `cfg`'s shape and random weights, on `seqs` sequences of `len` tokens.
+pub fn bench_model(
+    device: &Device,
+    cfg: &crate::model::LlamaConfig,
+    seqs: usize,
+    len: usize,
+    reps: usize,
+) -> Result<ModelBench> {
+    use crate::model::{Batch, Model, Params};
+    let dtype = if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    let model = Model::new(
+        cfg.clone(),
+        Params::random(cfg, 1, device, dtype)?,
+        device.clone(),
+    )?;
+    let mut rng = Rng::new(3);
+    let seq_tokens: Vec<Vec<i32>> = (0..seqs)
+        .map(|_| (0..len).map(|_| rng.below(cfg.vocab_size) as i32).collect())
+        .collect();
+    let batch = Batch::new(&seq_tokens);
+    let n = batch.len();
+    let mut targets: Vec<i32> = batch.tokens[1..].to_vec();
+    targets.push(-100);
+    let tgt = Tensor::from_i32(&[n], targets, device)?;
+    let ones = Tensor::from_f32(&[n], vec![1.0 / n as f32; n], device)?;
+    let zeros = Tensor::zeros(&[n], DType::F32, device)?;
+    let mut grads = Params::zeros(cfg, device, DType::F32)?;
+    let forward_ms = median_ms(device, 1, reps, || model.forward(&batch).map(drop))?;
+    let forward_backward_ms = median_ms(device, 1, reps, || {
+        let acts = model.forward(&batch)?;
+        let out = linear_logprob_fwd(&acts.hidden, model.lm_head(), &tgt, 1.0)?;
+        let dh = linear_logprob_bwd(
+            &acts.hidden,
+            model.lm_head(),
+            &tgt,
+            &out,
+            &ones,
+            &zeros,
+            1.0,
+            grads.lm_head_mut(),
+        )?;
+        model.backward(&acts, &dh, &mut grads)
+    })?;
+    let flops = 3.0 * cfg.forward_flops(seqs, len);
+    Ok(ModelBench {
+        tokens: n,
+        forward_ms,
+        forward_backward_ms,
+        tflops: flops / (forward_backward_ms * 1e-3) / 1e12,
+    })
+}

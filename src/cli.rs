@@ -101,6 +101,21 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Forward and forward+backward tokens/s of a model (random weights) and its MFU against this
+    /// device's GEMM rate measured in the same run.
+    Model {
+        /// A model folder whose config.json gives the shape [default: SmolLM2-135M's shape].
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 1024)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+        device: DeviceChoice,
+    },
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -112,6 +127,40 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Verify { files, device } => verify(&files, device),
         Command::Bench(BenchCommand::Kernels { device, size, json }) => {
             bench_kernels_cmd(device, size, json)
+        }
+        Command::Bench(BenchCommand::Model {
+            model,
+            batch,
+            seq_len,
+            reps,
+            device,
+        }) => {
+            let device = Device::from_choice(device)?;
+            let cfg = match model {
+                Some(dir) => crate::model::LlamaConfig::load(&dir.join("config.json"))?,
+                None => crate::model::LlamaConfig::smollm2_135m(),
+            };
+            eprintln!("measuring the GEMM ceiling ...");
+            let ceil = bench::measure_ceilings(&device, BenchSize::Full)?;
+            let r = bench::bench_model(&device, &cfg, batch, seq_len, reps)?;
+            println!(
+                "{:.1}M parameters, {batch} x {seq_len} tokens on {device:?}",
+                cfg.parameter_count() as f64 / 1e6
+            );
+            println!(
+                "forward           {:>9.1} ms  {:>10.0} tokens/s",
+                r.forward_ms,
+                r.tokens as f64 / (r.forward_ms * 1e-3)
+            );
+            println!(
+                "forward+backward  {:>9.1} ms  {:>10.0} tokens/s  {:.2} TFLOP/s  MFU {:.1}% of the measured {:.1} TFLOP/s GEMM",
+                r.forward_backward_ms,
+                r.tokens as f64 / (r.forward_backward_ms * 1e-3),
+                r.tflops,
+                100.0 * r.tflops / ceil.gemm_tflops,
+                ceil.gemm_tflops
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::ImportGguf { file, out_dir } => {
             let cfg = crate::model::gguf::import_gguf(&file, &out_dir)?;

@@ -369,6 +369,39 @@ impl LlamaConfig {
         scaled.into_iter().map(|f| f as f32).collect()
     }
 
+    /// SmolLM2-135M's shape (the weights come from `scripts/get-smollm2`); benchmarks use it with
+    /// random weights.
+    pub fn smollm2_135m() -> LlamaConfig {
+        let v = json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152, "hidden_size": 576,
+            "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+            "head_dim": 64, "rope_theta": 100000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": true,
+            "max_position_embeddings": 8192, "bos_token_id": 1, "eos_token_id": 2
+        });
+        LlamaConfig::from_json(&v, Path::new("built-in SmolLM2-135M config"))
+            .expect("valid built-in config")
+    }
+
+    /// Forward FLOPs for `seqs` sequences of `len` tokens: every GEMM (2 per multiply-add, the LM
+    /// head included) and causal attention (QKᵀ and PV over the lower triangle).
+    pub fn forward_flops(&self, seqs: usize, len: usize) -> f64 {
+        let (d, i, v) = (
+            self.hidden_size as f64,
+            self.intermediate_size as f64,
+            self.vocab_size as f64,
+        );
+        let (q, kv) = (
+            (self.num_heads * self.head_dim) as f64,
+            (self.num_kv_heads * self.head_dim) as f64,
+        );
+        let per_token =
+            self.num_layers as f64 * (d * q + 2.0 * d * kv + q * d + 3.0 * d * i) + d * v;
+        let tokens = (seqs * len) as f64;
+        let attn =
+            self.num_layers as f64 * seqs as f64 * 2.0 * 2.0 * q * (len * (len + 1) / 2) as f64;
+        2.0 * per_token * tokens + attn
+    }
+
     /// Parameters of the decoder (and head), for reports.
     pub fn parameter_count(&self) -> usize {
         let (d, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
