@@ -13,6 +13,8 @@ use crate::error::Result;
 use crate::model::generate::GenerateOptions;
 use crate::model::tokenizer::{Message, TextTokenizer};
 use crate::model::{Batch, Model};
+use crate::ops::pref_loss::DpoLoss;
+use crate::train::{RunSummary, TrainArgs};
 use crate::verify::Outcome;
 
 #[derive(Parser, Debug)]
@@ -30,8 +32,112 @@ pub struct Cli {
 pub enum Command {
     /// Report the build's CUDA toolchain, every embedded kernel's registers and spills, the GPU and cuBLAS.
     Doctor,
-    /// The end-to-end demo. Until the trainers land it runs `doctor`.
-    Demo,
+    /// The end-to-end demo: SFT, a reward model and DPO on a built-in synthetic task (a tiny model
+    /// on the CPU in seconds, no downloads), then a before/after table and a PNG of the curves.
+    Demo {
+        /// Run the pipeline on this model instead of the built-in tiny one (e.g. the imported SmolLM2).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long, default_value = "demo-run")]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+        device: DeviceChoice,
+        /// Synthetic examples per data file.
+        #[arg(long, default_value_t = 800)]
+        examples: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Supervised fine-tuning: loss on the completion tokens only.
+    Sft {
+        #[command(flatten)]
+        train: TrainArgs,
+    },
+    /// Train a reward model (scalar head, Bradley-Terry loss) on prompt/chosen/rejected pairs.
+    Rm {
+        #[command(flatten)]
+        train: TrainArgs,
+    },
+    /// Score prompt/completion lines (JSON Lines) with a reward model; prints one JSON line each.
+    Score {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+        device: DeviceChoice,
+    },
+    /// Direct preference optimisation (every loss type of TRL's DPOTrainer).
+    Dpo {
+        #[command(flatten)]
+        train: TrainArgs,
+        #[arg(long, value_enum, default_value_t = DpoLoss::Sigmoid)]
+        loss_type: DpoLoss,
+        #[arg(long, default_value_t = 0.1)]
+        beta: f64,
+        /// ε of cDPO / rDPO / EXO.
+        #[arg(long, default_value_t = 0.0)]
+        label_smoothing: f64,
+        /// Compute the reference's log-probs in one pass before training instead of keeping a second
+        /// model on the device.
+        #[arg(long)]
+        precompute_ref: bool,
+    },
+    /// KTO on prompt/completion/label data.
+    Kto {
+        #[command(flatten)]
+        train: TrainArgs,
+        #[arg(long, default_value_t = 0.1)]
+        beta: f64,
+        #[arg(long, default_value_t = 1.0)]
+        desirable_weight: f64,
+        #[arg(long, default_value_t = 1.0)]
+        undesirable_weight: f64,
+    },
+    /// ORPO: NLL on the chosen response plus an odds-ratio term; no reference model.
+    Orpo {
+        #[command(flatten)]
+        train: TrainArgs,
+        #[arg(long, default_value_t = 0.1)]
+        beta: f64,
+    },
+    /// SimPO: length-normalised margin with a target gap; no reference model.
+    Simpo {
+        #[command(flatten)]
+        train: TrainArgs,
+        #[arg(long, default_value_t = 2.0)]
+        beta: f64,
+        #[arg(long, default_value_t = 0.5)]
+        gamma: f64,
+        #[arg(long, default_value_t = 0.0)]
+        label_smoothing: f64,
+    },
+    /// Evaluate a policy on held-out preference pairs.
+    Eval {
+        #[arg(long)]
+        model: PathBuf,
+        /// prompt/chosen/rejected JSON Lines.
+        #[arg(long)]
+        data: PathBuf,
+        /// The reference (usually the SFT model): implicit-reward accuracy, KL, win rate.
+        #[arg(long)]
+        reference: Option<PathBuf>,
+        /// A reward model: its accuracy on the pairs, sample scores, win rate.
+        #[arg(long)]
+        reward_model: Option<PathBuf>,
+        #[arg(long, default_value_t = 0.1)]
+        beta: f64,
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+        device: DeviceChoice,
+    },
+    /// Write RUN_DIR/metrics.png from RUN_DIR/metrics.jsonl.
+    Plot { run_dir: PathBuf },
     /// Check our kernels against reference-value files (safetensors with inputs, expected outputs and
     /// gradients; family and hyper-parameters in the metadata, as in ../shared/golden). Prints the max
     /// error of every output and gradient and PASS/FAIL; exits non-zero on any FAIL.
@@ -120,7 +226,7 @@ pub enum BenchCommand {
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Doctor | Command::Demo => {
+        Command::Doctor => {
             print!("{}", doctor_report());
             Ok(ExitCode::SUCCESS)
         }
@@ -160,6 +266,118 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 100.0 * r.tflops / ceil.gemm_tflops,
                 ceil.gemm_tflops
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo {
+            model,
+            out,
+            device,
+            examples,
+            seed,
+        } => {
+            let report = crate::train::demo::run(&crate::train::demo::DemoOptions {
+                out,
+                model,
+                device,
+                examples,
+                seed,
+                quiet: false,
+            })?;
+            print!("{}", crate::train::demo::render(&report));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sft { train } => {
+            let (run, eval) = crate::train::sft::train(&train)?;
+            finish(&run, &train);
+            if let Some(l) = eval {
+                println!("held-out loss per completion token: {l:.4}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Rm { train } => {
+            let (run, held) = crate::train::reward::train(&train)?;
+            finish(&run, &train);
+            if let Some((acc, margin)) = held {
+                println!(
+                    "held-out accuracy {:.1}%, mean margin {margin:.4}",
+                    100.0 * acc
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Score {
+            model,
+            data,
+            device,
+        } => score_cmd(&model, &data, device),
+        Command::Dpo {
+            train,
+            loss_type,
+            beta,
+            label_smoothing,
+            precompute_ref,
+        } => {
+            let which = crate::train::dpo::PrefTrainer::Dpo {
+                loss: loss_type,
+                beta,
+                label_smoothing,
+                precompute_ref,
+            };
+            pref_cmd(&train, which)
+        }
+        Command::Orpo { train, beta } => {
+            pref_cmd(&train, crate::train::dpo::PrefTrainer::Orpo { beta })
+        }
+        Command::Simpo {
+            train,
+            beta,
+            gamma,
+            label_smoothing,
+        } => pref_cmd(
+            &train,
+            crate::train::dpo::PrefTrainer::Simpo {
+                beta,
+                gamma,
+                label_smoothing,
+            },
+        ),
+        Command::Kto {
+            train,
+            beta,
+            desirable_weight,
+            undesirable_weight,
+        } => {
+            let (run, held) =
+                crate::train::kto::train(&train, beta, desirable_weight, undesirable_weight)?;
+            finish(&run, &train);
+            if let Some((d, u)) = held {
+                println!("held-out implicit reward: desirable {d:.4}, undesirable {u:.4}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Eval {
+            model,
+            data,
+            reference,
+            reward_model,
+            beta,
+            max_new_tokens,
+            temperature,
+            seed,
+            device,
+        } => eval_cmd(
+            &model,
+            &data,
+            reference.as_deref(),
+            reward_model.as_deref(),
+            beta,
+            max_new_tokens,
+            temperature,
+            seed,
+            device,
+        ),
+        Command::Plot { run_dir } => {
+            println!("{}", crate::train::plot::plot_run(&run_dir)?.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::ImportGguf { file, out_dir } => {
@@ -500,6 +718,127 @@ fn logprobs_cmd(
             lp.iter().map(|&v| v as f64).sum::<f64>(),
             lp.len()
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn finish(run: &RunSummary, args: &TrainArgs) {
+    let shown: Vec<String> = run
+        .last
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "step" | "epoch"))
+        .map(|(k, v)| format!("{k} {v:.4}"))
+        .collect();
+    if run.interrupted {
+        println!(
+            "interrupted at step {}; checkpoint saved (continue with --resume)",
+            run.steps
+        );
+    }
+    println!("{} steps; last: {}", run.steps, shown.join(", "));
+    println!(
+        "model: {}   metrics: {}",
+        run.final_dir.display(),
+        args.out.join("metrics.jsonl").display()
+    );
+}
+
+fn pref_cmd(args: &TrainArgs, which: crate::train::dpo::PrefTrainer) -> Result<ExitCode> {
+    let (run, held) = crate::train::dpo::train(args, which)?;
+    finish(&run, args);
+    if let Some((acc, margin)) = held {
+        println!(
+            "held-out implicit reward accuracy {:.1}%, mean margin {margin:.4}",
+            100.0 * acc
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn score_cmd(
+    dir: &std::path::Path,
+    data: &std::path::Path,
+    choice: DeviceChoice,
+) -> Result<ExitCode> {
+    let device = Device::from_choice(choice)?;
+    let model = Model::load(dir, &device)?;
+    if !model.cfg.scalar_head {
+        return Err(crate::Error::file(
+            dir.join("config.json"),
+            "not a reward model (no ForSequenceClassification head)",
+        ));
+    }
+    let tok = TextTokenizer::load(dir)?;
+    let enc = crate::train::data::Encoder {
+        tok: &tok,
+        limits: Default::default(),
+        eos: crate::train::eos_id(&model, &tok)?,
+    };
+    let (examples, report) = crate::train::data::load_sft(data, &enc, false)?;
+    eprintln!("{}", report.summary(data));
+    for chunk in examples.chunks(16) {
+        let seqs: Vec<Vec<i32>> = chunk.iter().map(|e| e.tokens()).collect();
+        for r in crate::train::reward::sequence_rewards(&model, &seqs)? {
+            println!("{}", serde_json::json!({ "score": r }));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn eval_cmd(
+    dir: &std::path::Path,
+    data: &std::path::Path,
+    reference: Option<&std::path::Path>,
+    reward_model: Option<&std::path::Path>,
+    beta: f64,
+    max_new_tokens: usize,
+    temperature: f32,
+    seed: u64,
+    choice: DeviceChoice,
+) -> Result<ExitCode> {
+    let device = Device::from_choice(choice)?;
+    let policy = Model::load(dir, &device)?;
+    let tok = TextTokenizer::load(dir)?;
+    let eos = crate::train::eos_id(&policy, &tok)?;
+    let enc = crate::train::data::Encoder {
+        tok: &tok,
+        limits: Default::default(),
+        eos,
+    };
+    let (pairs, report) = crate::train::data::load_pairs(data, &enc, false)?;
+    eprintln!("{}", report.summary(data));
+    let reference = reference.map(|d| Model::load(d, &device)).transpose()?;
+    let rm = reward_model.map(|d| Model::load(d, &device)).transpose()?;
+    let opts = GenerateOptions {
+        max_new_tokens,
+        temperature,
+        seed,
+        eos: vec![eos],
+        ..Default::default()
+    };
+    let r = crate::train::eval::evaluate(
+        &policy,
+        reference.as_ref(),
+        rm.as_ref(),
+        &pairs,
+        beta,
+        &opts,
+        16,
+    )?;
+    let show = |name: &str, v: Option<f64>| {
+        if let Some(v) = v {
+            println!("{name:<40} {v:.4}");
+        }
+    };
+    show("implicit reward accuracy", r.implicit_accuracy);
+    show("implicit reward margin", r.implicit_margin);
+    show("reward model accuracy", r.reward_model_accuracy);
+    show("KL to reference on samples (nats)", r.kl_to_reference);
+    show("mean reward of samples", r.mean_sample_reward);
+    show("win rate over reference samples", r.win_rate);
+    if reference.is_none() && rm.is_none() {
+        println!("nothing to measure: give --reference and/or --reward-model");
     }
     Ok(ExitCode::SUCCESS)
 }

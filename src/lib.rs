@@ -11,6 +11,7 @@ pub mod model;
 pub mod ops;
 pub mod rng;
 pub mod testing;
+pub mod train;
 pub mod verify;
 
 pub use device::{DType, Device, DeviceChoice, Tensor};

@@ -1,0 +1,705 @@
+//! Training: one loop shared by every trainer (batches, gradient accumulation, AdamW with warmup and
+//! cosine decay, clipping, checkpoints every N steps, at the end and on Ctrl-C, resume, JSON-lines
+//! metrics and a progress bar), and one file per trainer.
+
+pub mod builtin;
+pub mod data;
+pub mod demo;
+pub mod dpo;
+pub mod eval;
+pub mod kto;
+pub mod plot;
+pub mod reward;
+pub mod sft;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use crate::device::{DType, Device, DeviceChoice, Tensor};
+use crate::error::{Error, Result};
+use crate::model::tokenizer::TextTokenizer;
+use crate::model::weights::{parameter_shapes, write_file_atomic};
+use crate::model::{Batch, Model, Params};
+use crate::ops::adamw::{adamw_step, clip_coefficient, global_grad_norm, AdamWConfig};
+use crate::ops::logprob::{linear_logprob_bwd, linear_logprob_fwd, LogprobOut};
+
+/// Options every trainer takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrainArgs {
+    /// The starting model: a Hugging Face folder (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Training data, JSON Lines.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Where checkpoints, metrics.jsonl and the final model go.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+    #[arg(long, default_value_t = 1e-5)]
+    pub lr: f64,
+    /// Passes over the data (ignored when --max-steps is given).
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    /// Optimizer steps to run; overrides --epochs.
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Examples (pairs, for preference trainers) per micro-batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step; the loss is normalised over all of them together.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Linear warmup steps, then cosine decay to zero.
+    #[arg(long, default_value_t = 0)]
+    pub warmup_steps: usize,
+    /// Clip the global gradient norm to this (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Save a checkpoint every N steps (0: only at the end and on Ctrl-C).
+    #[arg(long, default_value_t = 0)]
+    pub save_every: usize,
+    /// Continue from the newest checkpoint in --out.
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop after this many steps of this invocation (checkpoint saved; the schedule still spans the
+    /// whole run), e.g. to fit a time slot; continue later with --resume.
+    #[arg(long)]
+    pub stop_after: Option<usize>,
+    /// Longest prompt + completion, in tokens.
+    #[arg(long, default_value_t = 1024)]
+    pub max_len: usize,
+    /// Longest prompt; longer prompts keep their end.
+    #[arg(long, default_value_t = 512)]
+    pub max_prompt_len: usize,
+    /// Skip and count lines that fail to parse instead of stopping at the first.
+    #[arg(long)]
+    pub skip_invalid: bool,
+    /// Fraction of the data held out for evaluation at the end.
+    #[arg(long, default_value_t = 0.0)]
+    pub eval_fraction: f64,
+    /// Recompute activations in the backward pass, layer by layer (less memory, one more forward).
+    #[arg(long)]
+    pub recompute: bool,
+    /// No progress bar (metrics still go to metrics.jsonl).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl TrainArgs {
+    /// Defaults for a run driven from code (the demo, tests).
+    pub fn new(model: &Path, data: &Path, out: &Path) -> TrainArgs {
+        TrainArgs {
+            model: model.to_path_buf(),
+            data: data.to_path_buf(),
+            out: out.to_path_buf(),
+            device: DeviceChoice::Auto,
+            lr: 1e-5,
+            epochs: 1,
+            max_steps: None,
+            batch_size: 8,
+            grad_accum: 1,
+            warmup_steps: 0,
+            max_grad_norm: 1.0,
+            weight_decay: 0.0,
+            seed: 0,
+            save_every: 0,
+            resume: false,
+            stop_after: None,
+            max_len: 1024,
+            max_prompt_len: 512,
+            skip_invalid: false,
+            eval_fraction: 0.0,
+            recompute: false,
+            quiet: true,
+        }
+    }
+
+    pub fn limits(&self) -> data::Limits {
+        data::Limits {
+            max_len: self.max_len,
+            max_prompt_len: self
+                .max_prompt_len
+                .min(self.max_len.saturating_sub(1))
+                .max(1),
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        let bad = |detail: String| {
+            Err(Error::Unsupported {
+                op: "train",
+                detail,
+            })
+        };
+        if self.batch_size == 0 || self.grad_accum == 0 {
+            return bad("--batch-size and --grad-accum must be at least 1".into());
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return bad(format!("--lr must be positive, got {}", self.lr));
+        }
+        if !(0.0..1.0).contains(&self.eval_fraction) {
+            return bad(format!(
+                "--eval-fraction must be in [0, 1), got {}",
+                self.eval_fraction
+            ));
+        }
+        if self.max_len < 2 {
+            return bad("--max-len must be at least 2".into());
+        }
+        Ok(())
+    }
+}
+
+/// A learning rate: linear warmup from 0, then cosine decay to 0 at `total`.
+pub fn learning_rate(base: f64, step: usize, warmup: usize, total: usize) -> f64 {
+    if step < warmup {
+        return base * (step + 1) as f64 / warmup as f64;
+    }
+    let span = total.saturating_sub(warmup).max(1) as f64;
+    let progress = ((step - warmup) as f64 / span).min(1.0);
+    base * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+}
+
+/// AdamW over a model's parameters with f32 master weights (the model's own on the CPU; separate
+/// f32 copies on CUDA, where the model computes in bf16).
+pub struct Optimizer {
+    pub cfg: AdamWConfig,
+    m: Params,
+    v: Params,
+    master: Option<Params>,
+    pub step: u64,
+}
+
+impl Optimizer {
+    pub fn new(model: &Model, cfg: AdamWConfig) -> Result<Optimizer> {
+        let master = if model.dtype == DType::F32 {
+            None
+        } else {
+            Some(
+                model
+                    .params
+                    .convert(&model.cfg, &model.device, DType::F32)?,
+            )
+        };
+        Ok(Optimizer {
+            cfg,
+            m: Params::zeros(&model.cfg, &model.device, DType::F32)?,
+            v: Params::zeros(&model.cfg, &model.device, DType::F32)?,
+            master,
+            step: 0,
+        })
+    }
+
+    /// One step with learning rate `lr` after scaling gradients by `clip`.
+    pub fn update(&mut self, model: &mut Model, grads: &Params, lr: f64, clip: f64) -> Result<()> {
+        self.step += 1;
+        let cfg = AdamWConfig { lr, ..self.cfg };
+        let grads = grads.named();
+        let (ms, vs) = (self.m.named_mut(), self.v.named_mut());
+        match &mut self.master {
+            None => {
+                for (((w, m), v), g) in model
+                    .params
+                    .named_mut()
+                    .into_iter()
+                    .zip(ms)
+                    .zip(vs)
+                    .zip(grads)
+                {
+                    adamw_step(w, m, v, None, g, &cfg, self.step, clip)?;
+                }
+            }
+            Some(master) => {
+                for ((((w, copy), m), v), g) in master
+                    .named_mut()
+                    .into_iter()
+                    .zip(model.params.named_mut())
+                    .zip(ms)
+                    .zip(vs)
+                    .zip(grads)
+                {
+                    adamw_step(w, m, v, Some(copy), g, &cfg, self.step, clip)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn save(&self, model: &Model, path: &Path) -> Result<()> {
+        let names = parameter_shapes(&model.cfg);
+        let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        let mut put = |prefix: &str, p: &Params| -> Result<()> {
+            for ((name, shape), t) in names.iter().zip(p.named()) {
+                let bytes = t
+                    .to_f32_vec()?
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect();
+                tensors.push((format!("{prefix}.{name}"), shape.clone(), bytes));
+            }
+            Ok(())
+        };
+        put("exp_avg", &self.m)?;
+        put("exp_avg_sq", &self.v)?;
+        if let Some(master) = &self.master {
+            put("master", master)?;
+        }
+        let views: Vec<_> = tensors
+            .iter()
+            .map(|(n, s, b)| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                        .expect("sizes match"),
+                )
+            })
+            .collect();
+        let meta = std::collections::HashMap::from([("step".to_owned(), self.step.to_string())]);
+        safetensors::serialize_to_file(views, Some(meta), path)
+            .map_err(|e| Error::file(path, e.to_string()))
+    }
+
+    fn load(&mut self, model: &Model, path: &Path) -> Result<()> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| Error::file(path, e.to_string()))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| Error::file(path, e.to_string()))?;
+        self.step = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("step"))
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| Error::file(path, "no `step` in the metadata"))?;
+        let names = parameter_shapes(&model.cfg);
+        let get = |prefix: &str, p: &mut Params| -> Result<()> {
+            for ((name, shape), t) in names.iter().zip(p.named_mut()) {
+                let key = format!("{prefix}.{name}");
+                let view = st
+                    .tensor(&key)
+                    .map_err(|_| Error::file(path, format!("missing `{key}`")))?;
+                let data: Vec<f32> = view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                *t = Tensor::from_f32(shape, data, &model.device)?;
+            }
+            Ok(())
+        };
+        get("exp_avg", &mut self.m)?;
+        get("exp_avg_sq", &mut self.v)?;
+        if let Some(master) = &mut self.master {
+            get("master", master)?;
+        }
+        Ok(())
+    }
+}
+
+/// One optimizer step's worth of work for a trainer: compute the loss over `examples` (split into
+/// micro-batches of `micro`), normalised over all of them, and add its gradient into `grads`.
+pub trait Objective {
+    /// Number of training examples (the loop indexes them).
+    fn example_count(&self) -> usize;
+    fn step(
+        &mut self,
+        model: &Model,
+        examples: &[usize],
+        micro: usize,
+        grads: &mut Params,
+    ) -> Result<Metrics>;
+    /// Tokens processed per example index (for tokens/s).
+    fn tokens(&self, example: usize) -> usize;
+}
+
+pub type Metrics = BTreeMap<String, f64>;
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+fn install_ctrl_c() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // If another handler is installed already, Ctrl-C keeps its default meaning.
+        let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst));
+    });
+}
+
+/// The newest `checkpoint-N` folder in `out`.
+pub fn latest_checkpoint(out: &Path) -> Option<(usize, PathBuf)> {
+    std::fs::read_dir(out)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix("checkpoint-")?.parse::<usize>().ok()?;
+            e.path()
+                .join("trainer_state.json")
+                .is_file()
+                .then_some((step, e.path()))
+        })
+        .max_by_key(|(s, _)| *s)
+}
+
+/// Copies the tokenizer files of `from` into `to` (a checkpoint opens on its own).
+fn copy_tokenizer(from: &Path, to: &Path) -> Result<()> {
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+    ] {
+        let src = from.join(f);
+        if src.is_file() {
+            std::fs::copy(&src, to.join(f)).map_err(|e| Error::io(&src, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes a complete checkpoint into `dir` atomically: everything goes to `dir.tmp`, then one rename.
+pub fn save_checkpoint(
+    model: &Model,
+    opt: Option<&Optimizer>,
+    source: &Path,
+    dir: &Path,
+    state: &serde_json::Value,
+) -> Result<()> {
+    let tmp = dir.with_extension("tmp");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    model.params.save(&model.cfg, &tmp, DType::F32)?;
+    write_file_atomic(
+        &tmp.join("config.json"),
+        serde_json::to_string_pretty(&model.cfg.to_json())
+            .unwrap()
+            .as_bytes(),
+    )?;
+    copy_tokenizer(source, &tmp)?;
+    if let Some(opt) = opt {
+        opt.save(model, &tmp.join("optimizer.safetensors"))?;
+    }
+    write_file_atomic(
+        &tmp.join("trainer_state.json"),
+        serde_json::to_string_pretty(state).unwrap().as_bytes(),
+    )?;
+    if dir.exists() {
+        // An older save of the same step: replace it only now that the new one is complete.
+        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
+}
+
+/// The outcome of a run.
+pub struct RunSummary {
+    pub steps: usize,
+    pub interrupted: bool,
+    pub last: Metrics,
+    pub final_dir: PathBuf,
+}
+
+/// The shared loop: data order, micro-batches, optimizer, schedule, logging, checkpoints, resume.
+pub fn run(
+    args: &TrainArgs,
+    model: &mut Model,
+    objective: &mut dyn Objective,
+    name: &str,
+) -> Result<RunSummary> {
+    args.check()?;
+    install_ctrl_c();
+    INTERRUPTED.store(false, Ordering::SeqCst);
+    std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
+    let n = objective.example_count();
+    let per_step = args.batch_size * args.grad_accum;
+    let steps_per_epoch = n.div_ceil(per_step).max(1);
+    let total = args
+        .max_steps
+        .unwrap_or(steps_per_epoch * args.epochs.max(1));
+    let mut opt = Optimizer::new(
+        model,
+        AdamWConfig {
+            weight_decay: args.weight_decay,
+            ..AdamWConfig::default()
+        },
+    )?;
+    let mut start = 0usize;
+    if args.resume {
+        let (step, dir) = latest_checkpoint(&args.out).ok_or_else(|| {
+            Error::file(
+                &args.out,
+                "--resume: no checkpoint-N folder with trainer_state.json",
+            )
+        })?;
+        model.params = Params::load(&model.cfg, &dir, &model.device, model.dtype)?;
+        opt.load(model, &dir.join("optimizer.safetensors"))?;
+        start = step;
+        if !args.quiet {
+            eprintln!("resuming from {} (step {step})", dir.display());
+        }
+    }
+    let metrics_path = args.out.join("metrics.jsonl");
+    let mut metrics_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .map_err(|e| Error::io(&metrics_path, e))?;
+    let bar = if args.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let b = indicatif::ProgressBar::new(total as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        b.set_prefix(name.to_owned());
+        b.set_position(start as u64);
+        b
+    };
+    let mut grads = Params::zeros(&model.cfg, &model.device, DType::F32)?;
+    let state = |step: usize| {
+        serde_json::json!({"trainer": name, "step": step, "total_steps": total, "seed": args.seed, "examples": n,
+            "batch_size": args.batch_size, "grad_accum": args.grad_accum, "lr": args.lr})
+    };
+    let mut last = Metrics::new();
+    let mut interrupted = false;
+    let mut step = start;
+    let stop = args.stop_after.map_or(total, |n| (start + n).min(total));
+    while step < stop {
+        // The data order of each epoch is a seeded shuffle, so a step number alone locates the batch.
+        let (epoch, within) = (step / steps_per_epoch, step % steps_per_epoch);
+        let mut order: Vec<usize> = (0..n).collect();
+        data::shuffle(&mut order, args.seed.wrapping_add(epoch as u64));
+        let examples = &order[within * per_step..((within + 1) * per_step).min(n)];
+        let t0 = Instant::now();
+        for g in grads.named_mut() {
+            *g = Tensor::zeros(g.shape(), DType::F32, &model.device)?;
+        }
+        let mut m = objective.step(model, examples, args.batch_size, &mut grads)?;
+        let norm = global_grad_norm(&grads.named())?;
+        if !norm.is_finite() {
+            return Err(Error::Unsupported {
+                op: "train",
+                detail: format!(
+                    "step {}: the gradient norm is {norm}; stopping before the weights are ruined",
+                    step + 1
+                ),
+            });
+        }
+        let lr = learning_rate(args.lr, step, args.warmup_steps, total);
+        opt.update(
+            model,
+            &grads,
+            lr,
+            clip_coefficient(norm, args.max_grad_norm),
+        )?;
+        model.device.synchronize()?;
+        step += 1;
+        let secs = t0.elapsed().as_secs_f64();
+        let tokens: usize = examples.iter().map(|&i| objective.tokens(i)).sum();
+        m.insert("step".into(), step as f64);
+        m.insert(
+            "epoch".into(),
+            epoch as f64 + (within + 1) as f64 / steps_per_epoch as f64,
+        );
+        m.insert("learning_rate".into(), lr);
+        m.insert("grad_norm".into(), norm);
+        m.insert("tokens_per_s".into(), tokens as f64 / secs);
+        writeln!(metrics_file, "{}", serde_json::to_string(&m).unwrap())
+            .map_err(|e| Error::io(&metrics_path, e))?;
+        bar.set_position(step as u64);
+        bar.set_message(format!(
+            "loss {:.4} lr {:.2e} |g| {:.3} {:.0} tok/s",
+            m.get("loss").copied().unwrap_or(f64::NAN),
+            lr,
+            norm,
+            tokens as f64 / secs
+        ));
+        last = m;
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            interrupted = true;
+            break;
+        }
+        if args.save_every > 0 && step.is_multiple_of(args.save_every) && step < total {
+            save_checkpoint(
+                model,
+                Some(&opt),
+                &args.model,
+                &args.out.join(format!("checkpoint-{step}")),
+                &state(step),
+            )?;
+        }
+    }
+    bar.finish_and_clear();
+    save_checkpoint(
+        model,
+        Some(&opt),
+        &args.model,
+        &args.out.join(format!("checkpoint-{step}")),
+        &state(step),
+    )?;
+    let final_dir = args.out.join("final");
+    save_checkpoint(model, None, &args.model, &final_dir, &state(step))?;
+    Ok(RunSummary {
+        steps: step,
+        interrupted,
+        last,
+        final_dir,
+    })
+}
+
+/// Loads the policy for a trainer from `args`.
+pub fn load_model(args: &TrainArgs) -> Result<(Model, TextTokenizer)> {
+    let device = Device::from_choice(args.device)?;
+    let mut model = Model::load(&args.model, &device)?;
+    model.recompute = args.recompute;
+    let tok = TextTokenizer::load(&args.model)?;
+    Ok((model, tok))
+}
+
+/// The EOS id completions end with: the tokenizer's EOS token, else the config's first.
+pub fn eos_id(model: &Model, tok: &TextTokenizer) -> Result<i32> {
+    tok.eos_token()
+        .and_then(|t| tok.token_id(t))
+        .or_else(|| model.cfg.eos_token_ids.first().map(|&e| e as i32))
+        .ok_or_else(|| {
+            Error::file(
+                model_source(tok),
+                "no EOS token in tokenizer_config.json or config.json",
+            )
+        })
+}
+
+fn model_source(_tok: &TextTokenizer) -> PathBuf {
+    PathBuf::from("tokenizer_config.json")
+}
+
+/// Sequences of prompt + completion, packed, with next-token targets on the completion only.
+pub struct ScoredBatch {
+    pub batch: Batch,
+    /// `[N]`: the next token for rows that predict a completion token, else -100.
+    pub targets: Vec<i32>,
+    /// Per sequence: the packed rows whose log-probs score its completion.
+    pub spans: Vec<std::ops::Range<usize>>,
+}
+
+impl ScoredBatch {
+    pub fn new(seqs: &[(&[i32], &[i32])]) -> ScoredBatch {
+        let mut tokens = Vec::new();
+        let mut seq_lens = Vec::new();
+        let mut targets = Vec::new();
+        let mut spans = Vec::new();
+        for (p, c) in seqs {
+            let base = tokens.len();
+            let full: Vec<i32> = p.iter().chain(c.iter()).copied().collect();
+            for j in 0..full.len() {
+                targets.push(if j + 1 >= p.len() && j + 1 < full.len() {
+                    full[j + 1]
+                } else {
+                    -100
+                });
+            }
+            // Row j predicts token j + 1: the completion's tokens are predicted by rows p-1 .. L-2.
+            let start = base + p.len().max(1) - 1;
+            spans.push(start..base + full.len() - 1);
+            seq_lens.push(full.len());
+            tokens.extend(full);
+        }
+        ScoredBatch {
+            batch: Batch { tokens, seq_lens },
+            targets,
+            spans,
+        }
+    }
+
+    /// Completion log-probs `[R, T]` (T = the longest completion) and their mask.
+    pub fn padded(&self, per_token: &[f32]) -> (Vec<f32>, Vec<f32>, usize) {
+        let t = self.spans.iter().map(|s| s.len()).max().unwrap_or(0).max(1);
+        let mut lp = vec![0.0; self.spans.len() * t];
+        let mut mask = vec![0.0; self.spans.len() * t];
+        for (r, s) in self.spans.iter().enumerate() {
+            for (c, row) in s.clone().enumerate() {
+                lp[r * t + c] = per_token[row];
+                mask[r * t + c] = 1.0;
+            }
+        }
+        (lp, mask, t)
+    }
+
+    /// The inverse of `padded` for a gradient: `[R, T]` back to packed rows `[N]`.
+    pub fn unpad(&self, grad: &[f32], t: usize) -> Vec<f32> {
+        let mut g = vec![0.0; self.batch.len()];
+        for (r, s) in self.spans.iter().enumerate() {
+            for (c, row) in s.clone().enumerate() {
+                g[row] = grad[r * t + c];
+            }
+        }
+        g
+    }
+}
+
+/// The forward's state for one scored batch.
+pub struct Scored {
+    pub acts: crate::model::Activations,
+    pub out: LogprobOut,
+    targets: Tensor,
+    /// Per packed row, log p(target) (0 where there is none).
+    pub per_token: Vec<f32>,
+}
+
+/// Forward + completion log-probs through the fused LM head.
+pub fn score(model: &Model, sb: &ScoredBatch) -> Result<Scored> {
+    let acts = model.forward(&sb.batch)?;
+    let targets = Tensor::from_i32(&[sb.batch.len()], sb.targets.clone(), &model.device)?;
+    let out = linear_logprob_fwd(&acts.hidden, model.lm_head(), &targets, 1.0)?;
+    let per_token = out.logp.to_f32_vec()?;
+    Ok(Scored {
+        acts,
+        out,
+        targets,
+        per_token,
+    })
+}
+
+/// Backward of `Σ upstream[row]·logp[row]`, accumulating into `grads`.
+pub fn score_backward(
+    model: &Model,
+    s: &Scored,
+    upstream: Vec<f32>,
+    grads: &mut Params,
+) -> Result<()> {
+    let n = upstream.len();
+    let g = Tensor::from_f32(&[n], upstream, &model.device)?;
+    let zero = Tensor::zeros(&[n], DType::F32, &model.device)?;
+    let dh = linear_logprob_bwd(
+        &s.acts.hidden,
+        model.lm_head(),
+        &s.targets,
+        &s.out,
+        &g,
+        &zero,
+        1.0,
+        grads.lm_head_mut(),
+    )?;
+    model.backward(&s.acts, &dh, grads)
+}
+
+/// Per-sequence sums of completion log-probs.
+pub fn sequence_sums(sb: &ScoredBatch, per_token: &[f32]) -> Vec<f64> {
+    sb.spans
+        .iter()
+        .map(|s| per_token[s.clone()].iter().map(|&v| v as f64).sum())
+        .collect()
+}

@@ -1,0 +1,386 @@
+//! The trainers on the built-in tiny model and synthetic task, on the CPU: each learns, resuming
+//! equals not stopping, checkpoints are complete, and bad data is reported by file, line and field.
+
+use std::path::{Path, PathBuf};
+
+use rlhf_kernels::device::DeviceChoice;
+use rlhf_kernels::model::tokenizer::TextTokenizer;
+use rlhf_kernels::model::Model;
+use rlhf_kernels::ops::pref_loss::DpoLoss;
+use rlhf_kernels::train::data::{load_pairs, load_sft, Encoder, Limits};
+use rlhf_kernels::train::dpo::{pair_logps, PrefTrainer};
+use rlhf_kernels::train::{builtin, dpo, kto, latest_checkpoint, reward, sft, TrainArgs};
+
+/// A fresh folder with the tiny model and the synthetic data.
+fn setup(name: &str, examples: usize) -> PathBuf {
+    let root = std::env::temp_dir().join(format!("rlhf-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    builtin::write_tiny_model(&root.join("base"), 1).unwrap();
+    builtin::write_synthetic_task(&root.join("data"), examples, 2).unwrap();
+    root
+}
+
+fn args(root: &Path, model: &Path, data: &str, out: &str, lr: f64) -> TrainArgs {
+    let mut a = TrainArgs::new(model, &root.join("data").join(data), &root.join(out));
+    a.device = DeviceChoice::Cpu;
+    a.lr = lr;
+    a.batch_size = 16;
+    a.warmup_steps = 5;
+    a.max_len = 96;
+    a
+}
+
+/// SFT for 3 epochs: the starting point of the preference trainers.
+fn sft_model(root: &Path) -> PathBuf {
+    let mut a = args(root, &root.join("base"), "sft.jsonl", "sft", 3e-3);
+    a.epochs = 3;
+    sft::train(&a).unwrap().0.final_dir
+}
+
+#[test]
+fn sft_loss_falls_below_half_a_nat() {
+    let root = setup("sft", 300);
+    let mut a = args(&root, &root.join("base"), "sft.jsonl", "sft", 3e-3);
+    a.epochs = 3;
+    a.eval_fraction = 0.1;
+    let (run, eval) = sft::train(&a).unwrap();
+    let first: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(root.join("sft/metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    let start = first["loss"].as_f64().unwrap();
+    let eval = eval.unwrap();
+    println!(
+        "sft loss {start:.3} -> held-out {eval:.3} in {} steps",
+        run.steps
+    );
+    assert!(
+        start > 4.0,
+        "a random byte model starts near ln(259): {start}"
+    );
+    assert!(eval < 0.5, "held-out loss per completion token {eval}");
+    std::fs::remove_dir_all(&root).ok();
+}
+
+#[test]
+fn reward_model_and_dpo_reach_90_percent_held_out() {
+    let root = setup("rm-dpo", 300);
+    let sft = sft_model(&root);
+    let mut a = args(&root, &sft, "prefs.jsonl", "rm", 1e-3);
+    a.eval_fraction = 0.2;
+    let (_, held) = reward::train(&a).unwrap();
+    let (acc, margin) = held.unwrap();
+    println!("reward model held-out accuracy {acc}, margin {margin}");
+    assert!(acc >= 0.9 && margin > 0.0);
+    for precompute_ref in [false, true] {
+        let mut a = args(
+            &root,
+            &sft,
+            "prefs.jsonl",
+            if precompute_ref { "dpo-pre" } else { "dpo" },
+            1e-4,
+        );
+        a.eval_fraction = 0.2;
+        let which = PrefTrainer::Dpo {
+            loss: DpoLoss::Sigmoid,
+            beta: 0.1,
+            label_smoothing: 0.0,
+            precompute_ref,
+        };
+        let (run, held) = dpo::train(&a, which).unwrap();
+        let (acc, margin) = held.unwrap();
+        println!("dpo (precompute_ref {precompute_ref}) held-out implicit accuracy {acc}, margin {margin}; last {:?}", run.last);
+        assert!(acc >= 0.9 && margin > 0.0);
+        for key in [
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/accuracies",
+            "rewards/margins",
+            "logps/chosen",
+            "logps/rejected",
+        ] {
+            assert!(run.last.contains_key(key), "missing TRL metric {key}");
+        }
+    }
+    std::fs::remove_dir_all(&root).ok();
+}
+
+#[test]
+fn every_dpo_loss_type_trains() {
+    let root = setup("losses", 120);
+    let sft = sft_model(&root);
+    for loss in DpoLoss::ALL {
+        let mut a = args(
+            &root,
+            &sft,
+            "prefs.jsonl",
+            &format!("dpo-{}", loss.name()),
+            1e-4,
+        );
+        a.max_steps = Some(4);
+        a.eval_fraction = 0.2;
+        let smoothing = if matches!(loss, DpoLoss::Robust | DpoLoss::ExoPair) {
+            0.1
+        } else {
+            0.0
+        };
+        let which = PrefTrainer::Dpo {
+            loss,
+            beta: 0.1,
+            label_smoothing: smoothing,
+            precompute_ref: true,
+        };
+        let (run, held) = dpo::train(&a, which).unwrap();
+        let (acc, _) = held.unwrap();
+        assert!(run.last["loss"].is_finite(), "{}", loss.name());
+        assert!(
+            acc > 0.5,
+            "{}: held-out implicit accuracy {acc} after 4 steps",
+            loss.name()
+        );
+    }
+    std::fs::remove_dir_all(&root).ok();
+}
+
+/// Mean log π(chosen) − log π(rejected) on the pairs.
+fn mean_gap(model: &Path, root: &Path) -> f64 {
+    let m = Model::load(model, &rlhf_kernels::Device::Cpu).unwrap();
+    let tok = TextTokenizer::load(model).unwrap();
+    let enc = Encoder {
+        tok: &tok,
+        limits: Limits {
+            max_len: 96,
+            max_prompt_len: 48,
+        },
+        eos: 256,
+    };
+    let (pairs, _) = load_pairs(&root.join("data/held_out.jsonl"), &enc, false).unwrap();
+    let lp = pair_logps(&m, &pairs[..40], 16).unwrap();
+    lp.iter().map(|(c, r)| (c - r) as f64).sum::<f64>() / lp.len() as f64
+}
+
+#[test]
+fn kto_orpo_and_simpo_move_rewards_the_right_way() {
+    let root = setup("ref-free", 240);
+    let sft = sft_model(&root);
+    let before = mean_gap(&sft, &root);
+    let mut a = args(&root, &sft, "kto.jsonl", "kto", 1e-4);
+    a.eval_fraction = 0.2;
+    let (_, held) = kto::train(&a, 0.1, 1.0, 1.0).unwrap();
+    let (desirable, undesirable) = held.unwrap();
+    println!("kto held-out implicit rewards: desirable {desirable}, undesirable {undesirable}");
+    assert!(desirable > 0.0 && undesirable < 0.0 && desirable > undesirable);
+    for (name, which, lr) in [
+        ("orpo", PrefTrainer::Orpo { beta: 0.1 }, 3e-4),
+        (
+            "simpo",
+            PrefTrainer::Simpo {
+                beta: 2.0,
+                gamma: 0.5,
+                label_smoothing: 0.0,
+            },
+            1e-4,
+        ),
+    ] {
+        let (run, _) = dpo::train(&args(&root, &sft, "prefs.jsonl", name, lr), which).unwrap();
+        let after = mean_gap(&run.final_dir, &root);
+        println!("{name}: held-out log-prob gap chosen - rejected {before:.2} -> {after:.2}");
+        assert!(after > before + 1.0, "{name}: {before} -> {after}");
+    }
+    std::fs::remove_dir_all(&root).ok();
+}
+
+fn params(dir: &Path) -> Vec<Vec<f32>> {
+    let m = Model::load(dir, &rlhf_kernels::Device::Cpu).unwrap();
+    m.params
+        .named()
+        .iter()
+        .map(|t| t.to_f32_vec().unwrap())
+        .collect()
+}
+
+#[test]
+fn resuming_equals_not_stopping() {
+    let root = setup("resume", 200);
+    let mut a = args(&root, &root.join("base"), "sft.jsonl", "straight", 3e-3);
+    a.max_steps = Some(10);
+    a.batch_size = 8;
+    a.grad_accum = 2;
+    let straight = sft::train(&a).unwrap().0;
+    let mut b = a.clone();
+    b.out = root.join("resumed");
+    b.stop_after = Some(5);
+    let first = sft::train(&b).unwrap().0;
+    assert_eq!(first.steps, 5);
+    assert_eq!(latest_checkpoint(&b.out).unwrap().0, 5);
+    b.stop_after = None;
+    b.resume = true;
+    let second = sft::train(&b).unwrap().0;
+    assert_eq!(second.steps, 10);
+    assert_eq!(
+        params(&straight.final_dir),
+        params(&second.final_dir),
+        "10 steps straight == 5 + 5 resumed, bit for bit"
+    );
+    let ckpt = latest_checkpoint(&b.out).unwrap().1;
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "optimizer.safetensors",
+        "trainer_state.json",
+    ] {
+        assert!(ckpt.join(f).is_file(), "checkpoint lacks {f}");
+    }
+    assert!(!std::fs::read_dir(&b.out).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .ends_with(".tmp")));
+    let lines = std::fs::read_to_string(b.out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .count();
+    assert_eq!(lines, 10, "metrics continue across the resume");
+    std::fs::remove_dir_all(&root).ok();
+}
+
+#[test]
+fn bad_lines_name_file_line_and_field() {
+    let root = setup("bad", 10);
+    let tok = TextTokenizer::load(&root.join("base")).unwrap();
+    let enc = Encoder {
+        tok: &tok,
+        limits: Limits::default(),
+        eos: 256,
+    };
+    let cases = [
+        ("{not json", "line 2: invalid JSON"),
+        (r#"{"prompt": "a"}"#, "line 2: missing field `chosen`"),
+        (
+            r#"{"prompt": "a", "chosen": 3, "rejected": "b"}"#,
+            "line 2: field `chosen` must be a string or a list of messages",
+        ),
+        (
+            r#"{"prompt": "a", "chosen": "  ", "rejected": "b"}"#,
+            "line 2: field `chosen` is empty",
+        ),
+        (
+            r#"{"prompt": "a", "chosen": "x", "rejected": "b", "margin": "big"}"#,
+            "line 2: field `margin` must be a number",
+        ),
+        (
+            r#"{"prompt": [{"role": "user", "content": "a"}], "chosen": "x", "rejected": "b"}"#,
+            "must both be plain text or both be chat",
+        ),
+        ("[1, 2]", "line 2: expected a JSON object"),
+    ];
+    let good = r#"{"prompt": "Q", "chosen": " yes", "rejected": " no"}"#;
+    let path = root.join("bad.jsonl");
+    for (bad, want) in cases {
+        std::fs::write(&path, format!("{good}\n{bad}\n{good}\n")).unwrap();
+        let err = load_pairs(&path, &enc, false).err().unwrap().to_string();
+        assert!(
+            err.contains("bad.jsonl") && err.contains(want),
+            "{bad}: {err}"
+        );
+        let (ok, report) = load_pairs(&path, &enc, true).unwrap();
+        assert_eq!(
+            (ok.len(), report.skipped.len()),
+            (2, 1),
+            "--skip-invalid counts the bad line"
+        );
+        assert!(report.summary(&path).contains("1 invalid lines skipped"));
+    }
+    std::fs::write(
+        &path,
+        r#"{"messages": [{"role": "user", "content": "hi"}]}"#,
+    )
+    .unwrap();
+    let err = load_sft(&path, &enc, false).err().unwrap().to_string();
+    assert!(
+        err.contains("line 1: field `messages` has no assistant turn"),
+        "{err}"
+    );
+    std::fs::write(&path, "\n\n").unwrap();
+    assert!(load_sft(&path, &enc, false)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("no usable examples"));
+    std::fs::remove_dir_all(&root).ok();
+}
+
+#[test]
+fn chat_data_and_truncation() {
+    let root = setup("chat", 10);
+    let tok = TextTokenizer::load(&root.join("base")).unwrap();
+    let path = root.join("chat.jsonl");
+    let long = "x".repeat(100);
+    std::fs::write(
+        &path,
+        format!(
+            "{}\n{}\n",
+            serde_json::json!({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}),
+            serde_json::json!({"prompt": long, "completion": long})
+        ),
+    )
+    .unwrap();
+    let enc = Encoder {
+        tok: &tok,
+        limits: Limits {
+            max_len: 64,
+            max_prompt_len: 24,
+        },
+        eos: 256,
+    };
+    let (ex, report) = load_sft(&path, &enc, false).unwrap();
+    assert_eq!(
+        tok.decode(&ex[0].prompt, false).unwrap(),
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    assert_eq!(
+        tok.decode(&ex[0].completion, false).unwrap(),
+        "hello<|im_end|>\n<|endoftext|>"
+    );
+    assert_eq!(
+        ex[1].prompt.len(),
+        24,
+        "prompts keep their last max_prompt_len tokens"
+    );
+    assert_eq!(ex[1].prompt.len() + ex[1].completion.len(), 64);
+    assert_eq!(report.truncated, 1);
+    std::fs::remove_dir_all(&root).ok();
+}
+
+#[test]
+fn demo_runs_and_plots() {
+    let root = std::env::temp_dir().join(format!("rlhf-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let opts = rlhf_kernels::train::demo::DemoOptions {
+        out: root.clone(),
+        model: None,
+        device: DeviceChoice::Cpu,
+        examples: 400,
+        seed: 0,
+        quiet: true,
+    };
+    let r = rlhf_kernels::train::demo::run(&opts).unwrap();
+    let table = rlhf_kernels::train::demo::render(&r);
+    println!("{table}");
+    assert!(r.rm_heldout_accuracy >= 0.9);
+    assert!(r.after.implicit_accuracy.unwrap() >= 0.9);
+    assert_eq!(
+        r.before.implicit_accuracy,
+        Some(0.5),
+        "the SFT model against itself ties on every pair"
+    );
+    let png = std::fs::read(&r.plot).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    assert!(table.contains("samples that refuse"));
+    std::fs::remove_dir_all(&root).ok();
+}
