@@ -418,3 +418,100 @@ pub fn bench_model(
         tflops: flops / (forward_backward_ms * 1e-3) / 1e12,
     })
 }
+
+/// One DPO step's measurement.
+#[derive(Debug, Clone)]
+pub struct TrainBench {
+    pub tokens: usize,
+    pub step_ms: f64,
+    pub tflops: f64,
+    /// Device memory in use right after the policy's forward (activations held), CUDA only: the
+    /// driver's used memory, which includes every other allocation of this process.
+    pub device_memory_after_forward: Option<usize>,
+}
+
+/// Times a DPO step (policy forward + backward on chosen and rejected, reference forward) with
+/// `cfg`'s shape and random weights: `pairs` pairs of `len` tokens each side, half prompt.
+pub fn bench_dpo_step(
+    device: &Device,
+    cfg: &crate::model::LlamaConfig,
+    pairs: usize,
+    len: usize,
+    reps: usize,
+) -> Result<TrainBench> {
+    use crate::model::{Model, Params};
+    use crate::ops::pref_loss::{pref_loss, DpoLoss, PrefExtras, PrefLoss};
+    use crate::train::{score, score_backward, ScoredBatch};
+    let dtype = if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    let policy = Model::new(
+        cfg.clone(),
+        Params::random(cfg, 1, device, dtype)?,
+        device.clone(),
+    )?;
+    let reference = Model::new(
+        cfg.clone(),
+        Params::random(cfg, 1, device, dtype)?,
+        device.clone(),
+    )?;
+    let mut rng = Rng::new(5);
+    let mut tok = |n: usize| {
+        (0..n)
+            .map(|_| rng.below(cfg.vocab_size) as i32)
+            .collect::<Vec<i32>>()
+    };
+    let prompt_len = len / 2;
+    let prompts: Vec<Vec<i32>> = (0..pairs).map(|_| tok(prompt_len)).collect();
+    let comps: Vec<Vec<i32>> = (0..2 * pairs).map(|_| tok(len - prompt_len)).collect();
+    let seqs: Vec<(&[i32], &[i32])> = (0..2 * pairs)
+        .map(|i| (prompts[i % pairs].as_slice(), comps[i].as_slice()))
+        .collect();
+    let sb = ScoredBatch::new(&seqs);
+    let mut grads = Params::zeros(cfg, device, DType::F32)?;
+    let kind = PrefLoss::Dpo {
+        loss: DpoLoss::Sigmoid,
+        beta: 0.1,
+        label_smoothing: 0.0,
+    };
+    let mut memory = None;
+    let step_ms = median_ms(device, 1, reps, || {
+        let r = score(&reference, &sb)?;
+        let s = score(&policy, &sb)?;
+        if let Device::Cuda(d) = device {
+            memory = d.memory_in_use().ok();
+        }
+        let (lp, mask, t) = sb.padded(&s.per_token);
+        let (rp, _, _) = sb.padded(&r.per_token);
+        let shape = [2 * pairs, t];
+        let (lp, mask, rp) = (
+            Tensor::from_f32(&shape, lp, device)?,
+            Tensor::from_f32(&shape, mask, device)?,
+            Tensor::from_f32(&shape, rp, device)?,
+        );
+        let out = pref_loss(
+            &kind,
+            &lp,
+            &mask,
+            &PrefExtras {
+                ref_logps: Some(&rp),
+                ..Default::default()
+            },
+        )?;
+        score_backward(
+            &policy,
+            &s,
+            sb.unpad(&out.grad_policy_logps.to_f32_vec()?, t),
+            &mut grads,
+        )
+    })?;
+    let flops = 4.0 * cfg.forward_flops(2 * pairs, len);
+    Ok(TrainBench {
+        tokens: sb.batch.len(),
+        step_ms,
+        tflops: flops / (step_ms * 1e-3) / 1e12,
+        device_memory_after_forward: memory,
+    })
+}

@@ -207,6 +207,25 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Tokens/s, MFU and device memory of one training step (random weights).
+    Train {
+        /// Which trainer's step (dpo: policy forward+backward on chosen and rejected plus the
+        /// reference forward).
+        #[arg(long, default_value = "dpo")]
+        trainer: String,
+        /// A model folder whose config.json gives the shape [default: SmolLM2-135M's shape].
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long, default_value_t = 16)]
+        pairs: usize,
+        /// Tokens per sequence (half prompt, half completion).
+        #[arg(long, default_value_t = 1024)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+        device: DeviceChoice,
+    },
     /// Forward and forward+backward tokens/s of a model (random weights) and its MFU against this
     /// device's GEMM rate measured in the same run.
     Model {
@@ -378,6 +397,49 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         ),
         Command::Plot { run_dir } => {
             println!("{}", crate::train::plot::plot_run(&run_dir)?.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Train {
+            trainer,
+            model,
+            pairs,
+            seq_len,
+            reps,
+            device,
+        }) => {
+            if trainer != "dpo" {
+                return Err(crate::Error::Unsupported {
+                    op: "bench train",
+                    detail: format!("--trainer {trainer}: only dpo is benchmarked so far"),
+                });
+            }
+            let device = Device::from_choice(device)?;
+            let cfg = match model {
+                Some(dir) => crate::model::LlamaConfig::load(&dir.join("config.json"))?,
+                None => crate::model::LlamaConfig::smollm2_135m(),
+            };
+            eprintln!("measuring the GEMM ceiling ...");
+            let ceil = bench::measure_ceilings(&device, BenchSize::Full)?;
+            let r = bench::bench_dpo_step(&device, &cfg, pairs, seq_len, reps)?;
+            println!(
+                "DPO step, {pairs} pairs x {seq_len} tokens, {:.1}M parameters on {device:?}",
+                cfg.parameter_count() as f64 / 1e6
+            );
+            println!(
+                "{:.1} ms/step  {:.0} tokens/s  {:.2} TFLOP/s  MFU {:.1}% of the measured {:.1} TFLOP/s GEMM",
+                r.step_ms,
+                r.tokens as f64 / (r.step_ms * 1e-3),
+                r.tflops,
+                100.0 * r.tflops / ceil.gemm_tflops,
+                ceil.gemm_tflops
+            );
+            match r.device_memory_after_forward {
+                Some(b) => println!(
+                    "device memory in use after the policy forward: {:.2} GiB",
+                    b as f64 / (1u64 << 30) as f64
+                ),
+                None => println!("device memory: not measured on the CPU"),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::ImportGguf { file, out_dir } => {

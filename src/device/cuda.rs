@@ -107,6 +107,12 @@ impl CudaDevice {
         })
     }
 
+    /// Device memory in use (total − free, as the driver reports it: all processes' allocations).
+    pub fn memory_in_use(&self) -> Result<usize> {
+        let (free, total) = self.ctx.mem_get_info()?;
+        Ok(total - free)
+    }
+
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize()?;
         Ok(())
