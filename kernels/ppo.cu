@@ -3,7 +3,8 @@
 //
 // Rows are responses [B, T]; mask = 1 on response tokens, a prefix of the row.
 // 1. ppo_gae (one thread per row, a reverse scan over its tokens):
-//      r[t] = -kl_coef * (old_lp[t] - ref_lp[t]) (+ score on the last mask token), 0 past the end
+//      r[t] = -kl_coef * kl[t] (+ score on the last mask token), 0 past the end, with the per-token KL
+//      estimate kl = k1 = old_lp - ref_lp (kl_kind 1) or k3 = exp(ref - old) - 1 - (ref - old) (kl_kind 3)
 //      delta = r[t] + gamma * V[t+1] - V[t];  A[t] = delta + gamma * lam * A[t+1];  V = 0 past the end
 //      returns = A + V; and the row's (count, mean, M2) of A over the mask for the whitening.
 // 2. ppo_whiten (one block per row): merges every row's (count, mean, M2) with Chan's formula (no
@@ -27,7 +28,7 @@ extern "C" __global__ void ppo_gae(float* __restrict__ rewards,        // [B, T]
                                    const float* __restrict__ values,   // [B, T]
                                    const float* __restrict__ scores,   // [B]
                                    const float* __restrict__ mask,     // [B, T]
-                                   int B, int T, float kl_coef, float gamma, float lam) {
+                                   int B, int T, float kl_coef, float gamma, float lam, int kl_kind) {
     const int row = blockIdx.x * blockDim.x + threadIdx.x;
     if (row >= B) return;
     const size_t o = (size_t)row * T;
@@ -45,7 +46,8 @@ extern "C" __global__ void ppo_gae(float* __restrict__ rewards,        // [B, T]
             next_adv = 0.0f;
             continue;
         }
-        float r = -kl_coef * (old_lp[i] - ref_lp[i]);
+        const float logr = ref_lp[i] - old_lp[i];
+        float r = -kl_coef * (kl_kind == 3 ? expm1f(logr) - logr : -logr);
         if (t == last) r += scores[row];
         const float v = values[i];
         const float delta = r + gamma * next_value - v;

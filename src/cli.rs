@@ -112,6 +112,16 @@ pub enum Command {
         #[arg(long, default_value_t = 0.0)]
         label_smoothing: f64,
     },
+    /// PPO against a reward model, with a value model, GAE and a KL penalty to the reference.
+    Ppo {
+        #[command(flatten)]
+        args: crate::train::ppo::PpoArgs,
+    },
+    /// GRPO: group-relative advantages from a reward model or a rule (verifiable answers).
+    Grpo {
+        #[command(flatten)]
+        args: crate::train::grpo::GrpoArgs,
+    },
     /// Evaluate a policy on held-out preference pairs.
     Eval {
         #[arg(long)]
@@ -440,6 +450,16 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 ),
                 None => println!("device memory: not measured on the CPU"),
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ppo { args } => {
+            let run = crate::train::ppo::train(&args)?;
+            show_online(run.iterations, &run.last, &run.final_dir, &args.train);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Grpo { args } => {
+            let run = crate::train::grpo::train(&args)?;
+            show_online(run.iterations, &run.last, &run.final_dir, &args.train);
             Ok(ExitCode::SUCCESS)
         }
         Command::ImportGguf { file, out_dir } => {
@@ -903,4 +923,23 @@ fn eval_cmd(
         println!("nothing to measure: give --reference and/or --reward-model");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn show_online(
+    iterations: usize,
+    last: &crate::train::Metrics,
+    dir: &std::path::Path,
+    args: &TrainArgs,
+) {
+    let shown: Vec<String> = last
+        .iter()
+        .filter(|(k, _)| k.as_str() != "iteration")
+        .map(|(k, v)| format!("{k} {v:.4}"))
+        .collect();
+    println!("{iterations} iterations; last: {}", shown.join(", "));
+    println!(
+        "model: {}   metrics: {}",
+        dir.display(),
+        args.out.join("metrics.jsonl").display()
+    );
 }

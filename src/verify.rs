@@ -379,6 +379,7 @@ fn preference(g: &Golden, family: &str, device: &Device) -> Result<Named> {
 fn ppo(g: &Golden, device: &Device) -> Result<Named> {
     let cfg = PpoConfig {
         kl_coef: g.meta_f64("kl_coef")?,
+        kl_estimator: crate::ops::kl::KlEstimator::K1,
         gamma: g.meta_f64("gamma")?,
         lam: g.meta_f64("lam")?,
         cliprange: g.meta_f64("cliprange")?,

@@ -9,6 +9,7 @@ use num_traits::Float;
 
 use crate::device::{same_device, DType, Device, Tensor};
 use crate::error::{Error, Result};
+use crate::ops::kl::KlEstimator;
 use crate::ops::{per_row, to_i32};
 
 const OP_ADV: &str = "ppo_advantages";
@@ -18,6 +19,8 @@ const WHITEN_EPS: f64 = 1e-8;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PpoConfig {
     pub kl_coef: f64,
+    /// The per-token KL estimate in the reward: k1 (`old − ref`, InstructGPT's) or k3.
+    pub kl_estimator: KlEstimator,
     pub gamma: f64,
     pub lam: f64,
     pub cliprange: f64,
@@ -30,6 +33,7 @@ impl Default for PpoConfig {
     fn default() -> Self {
         PpoConfig {
             kl_coef: 0.05,
+            kl_estimator: KlEstimator::K1,
             gamma: 1.0,
             lam: 0.95,
             cliprange: 0.2,
@@ -74,7 +78,14 @@ pub fn ppo_advantages_ref<F: Float>(
                 continue;
             }
             let i = o + t;
-            let mut r = -f(cfg.kl_coef) * (old_lp[i] - ref_lp[i]);
+            let penalty = match cfg.kl_estimator {
+                KlEstimator::K3 => {
+                    crate::ops::kl::kl_sampled_ref(old_lp[i], ref_lp[i], KlEstimator::K3).0
+                }
+                // k2 is refused by `ppo_advantages`; the reference computes k1 for it.
+                KlEstimator::K1 | KlEstimator::K2 => old_lp[i] - ref_lp[i],
+            };
+            let mut r = -f(cfg.kl_coef) * penalty;
             if Some(t) == last {
                 r = r + score;
             }
@@ -223,6 +234,12 @@ pub fn ppo_advantages(
     mask: &Tensor,
 ) -> Result<PpoAdvantages> {
     let device = same_device(OP_ADV, &[old_logps, ref_logps, old_values, scores, mask])?;
+    if cfg.kl_estimator == KlEstimator::K2 {
+        return Err(Error::Unsupported {
+            op: OP_ADV,
+            detail: "the k2 estimator is biased; PPO rewards take k1 or k3".into(),
+        });
+    }
     let (rows, cols) = mask.dims2(OP_ADV)?;
     check_bt(
         OP_ADV,
@@ -273,6 +290,11 @@ pub fn ppo_advantages(
                 cfg.lam as f32,
                 WHITEN_EPS as f32,
             );
+            let kl_kind: i32 = if cfg.kl_estimator == KlEstimator::K3 {
+                3
+            } else {
+                1
+            };
             let f = dev.function("ppo", "ppo_gae")?;
             let mut b = dev.stream().launch_builder(&f);
             b.arg(out.rewards.cuda_f32_mut(OP_ADV)?)
@@ -288,7 +310,8 @@ pub fn ppo_advantages(
                 .arg(&t_i)
                 .arg(&kl)
                 .arg(&gamma)
-                .arg(&lam);
+                .arg(&lam)
+                .arg(&kl_kind);
             let cfg_rows = LaunchConfig {
                 grid_dim: (rows.div_ceil(128) as u32, 1, 1),
                 block_dim: (128, 1, 1),

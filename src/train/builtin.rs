@@ -133,7 +133,8 @@ pub fn is_refusal(text: &str) -> bool {
 }
 
 /// The synthetic task's files in `dir`: `sft.jsonl` (answers and refusals, half each),
-/// `prefs.jsonl` (answer over refusal), `kto.jsonl` (answers desirable, refusals not), and
+/// `prefs.jsonl` (answer over refusal), `kto.jsonl` (answers desirable, refusals not), `prompts.jsonl`
+/// (questions with their `answer`, for online training), and
 /// `held_out.jsonl`, preference pairs drawn afresh for evaluation (numbers 0..50, so most of its
 /// questions never occur in training).
 pub fn write_synthetic_task(dir: &Path, n: usize, seed: u64) -> Result<()> {
@@ -143,6 +144,7 @@ pub fn write_synthetic_task(dir: &Path, n: usize, seed: u64) -> Result<()> {
     let mut prefs = String::new();
     let mut kto = String::new();
     let mut held = String::new();
+    let mut prompts = String::new();
     for i in 0..n {
         let (a, b) = (rng.below(50) as u32, rng.below(50) as u32);
         let refusal = REFUSALS[rng.below(REFUSALS.len())];
@@ -153,6 +155,7 @@ pub fn write_synthetic_task(dir: &Path, n: usize, seed: u64) -> Result<()> {
             refusal.to_owned()
         };
         sft += &format!("{}\n", json!({"prompt": q, "completion": sft_completion}));
+        prompts += &format!("{}\n", json!({"prompt": q, "answer": (a + b).to_string()}));
         prefs += &format!(
             "{}\n",
             json!({"prompt": q, "chosen": ans, "rejected": refusal})
@@ -177,8 +180,30 @@ pub fn write_synthetic_task(dir: &Path, n: usize, seed: u64) -> Result<()> {
         ("prefs.jsonl", prefs),
         ("kto.jsonl", kto),
         ("held_out.jsonl", held),
+        ("prompts.jsonl", prompts),
     ] {
         write_file_atomic(&dir.join(name), text.as_bytes())?;
     }
     Ok(())
+}
+
+/// A verifiable task for online RL: `Repeat the digit d.` answered ` The answer is d.`. The SFT data
+/// (`copy_sft.jsonl`) repeats the right digit only half the time (a random one otherwise), so the SFT
+/// model is right about half the time; `copy_prompts.jsonl` holds the prompts with their `answer`.
+pub fn write_copy_task(dir: &Path, n: usize, seed: u64) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut rng = Rng::new(seed);
+    let (mut sft, mut prompts) = (String::new(), String::new());
+    for i in 0..n {
+        let d = rng.below(10);
+        let q = format!("Repeat the digit {d}.\nA:");
+        let said = if i % 2 == 0 { d } else { rng.below(10) };
+        sft += &format!(
+            "{}\n",
+            json!({"prompt": q, "completion": format!(" The answer is {said}.")})
+        );
+        prompts += &format!("{}\n", json!({"prompt": q, "answer": d.to_string()}));
+    }
+    write_file_atomic(&dir.join("copy_sft.jsonl"), sft.as_bytes())?;
+    write_file_atomic(&dir.join("copy_prompts.jsonl"), prompts.as_bytes())
 }

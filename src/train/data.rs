@@ -368,3 +368,37 @@ pub fn shuffle<T>(v: &mut [T], seed: u64) {
         v.swap(i, rng.below(i + 1));
     }
 }
+
+/// A prompt's tokens and, when the data gives one, its reference `answer`.
+pub type Prompt = (Vec<i32>, Option<String>);
+
+/// Prompts for online training: `prompt` (plain text or chat messages; chat prompts get the
+/// assistant's turn opened) and, when present, a reference `answer` for rule-based rewards.
+pub fn load_prompts(
+    path: &Path,
+    enc: &Encoder,
+    skip_invalid: bool,
+) -> Result<(Vec<Prompt>, LoadReport)> {
+    read_jsonl(path, skip_invalid, |ctx, o| {
+        let mut ids = match text_field(ctx, o, "prompt")? {
+            Text::Plain(p) => enc.tok.encode(&p, true)?,
+            Text::Chat(m) => enc
+                .tok
+                .encode(&enc.tok.apply_chat_template(&m, true)?, false)?,
+        };
+        if ids.is_empty() {
+            return Err(ctx.err("field `prompt` is empty"));
+        }
+        let answer = match o.get("answer") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(v) if v.is_number() => Some(v.to_string()),
+            Some(_) => return Err(ctx.err("field `answer` must be a string or a number")),
+        };
+        let cut = ids.len() > enc.limits.max_prompt_len;
+        if cut {
+            ids.drain(..ids.len() - enc.limits.max_prompt_len);
+        }
+        Ok(((ids, answer), cut))
+    })
+}

@@ -7,8 +7,10 @@ pub mod data;
 pub mod demo;
 pub mod dpo;
 pub mod eval;
+pub mod grpo;
 pub mod kto;
 pub mod plot;
+pub mod ppo;
 pub mod reward;
 pub mod sft;
 

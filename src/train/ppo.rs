@@ -1,0 +1,503 @@
+//! PPO against a reward model (InstructGPT / TRL's PPOTrainer): per iteration, sample responses with
+//! the KV cache, score them, put a per-token KL penalty to the frozen reference into the reward (plus
+//! the score on the last response token, minus a penalty when the response never reached EOS), GAE
+//! with whitening, then several epochs of clipped policy and value updates over minibatches.
+//!
+//! The log-probs in the ratio's denominator are recomputed by the training forward pass; the sampling
+//! log-probs are logged beside them (`logprob_mismatch`) so a mismatch between the two paths shows.
+//! The value model starts from the reward model (a separate network with its own optimizer).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use super::data::{self, Encoder};
+use super::eval::response_logps;
+use super::reward::sequence_rewards;
+use super::{
+    eos_id, load_model, save_checkpoint, score, score_backward, Metrics, Optimizer, ScoredBatch,
+    TrainArgs,
+};
+use crate::device::{DType, Tensor};
+use crate::error::{Error, Result};
+use crate::model::generate::GenerateOptions;
+use crate::model::{Model, Params};
+use crate::ops::adamw::{clip_coefficient, global_grad_norm, AdamWConfig};
+use crate::ops::kl::KlEstimator;
+use crate::ops::ppo::{ppo_advantages, ppo_loss, PpoConfig};
+use crate::rng::Rng;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct PpoArgs {
+    /// --model is the policy (usually the SFT model); --data holds `prompt` lines.
+    #[command(flatten)]
+    pub train: TrainArgs,
+    /// The reward model (a ForSequenceClassification folder, e.g. from `rlhf rm`).
+    #[arg(long)]
+    pub reward_model: PathBuf,
+    /// The value model's starting point [default: the reward model].
+    #[arg(long)]
+    pub value_model: Option<PathBuf>,
+    /// PPO iterations (rollout, then updates).
+    #[arg(long, default_value_t = 100)]
+    pub iterations: usize,
+    /// Prompts per rollout.
+    #[arg(long, default_value_t = 32)]
+    pub rollout_batch: usize,
+    /// Passes over each rollout.
+    #[arg(long, default_value_t = 4)]
+    pub ppo_epochs: usize,
+    /// Responses per minibatch update.
+    #[arg(long, default_value_t = 8)]
+    pub minibatch: usize,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0.05)]
+    pub kl_coef: f64,
+    #[arg(long, value_enum, default_value_t = KlEstimator::K1)]
+    pub kl_estimator: KlEstimator,
+    /// Adapt the KL coefficient toward this per-response KL (Ziegler et al.); fixed when absent.
+    #[arg(long)]
+    pub target_kl: Option<f64>,
+    /// The adaptive controller's horizon, in responses.
+    #[arg(long, default_value_t = 10_000.0)]
+    pub kl_horizon: f64,
+    /// Subtracted from the score of a response that hit the length limit without EOS.
+    #[arg(long, default_value_t = 1.0)]
+    pub missing_eos_penalty: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub gamma: f64,
+    #[arg(long, default_value_t = 0.95)]
+    pub lam: f64,
+    #[arg(long, default_value_t = 0.2)]
+    pub cliprange: f64,
+    #[arg(long, default_value_t = 0.2)]
+    pub cliprange_value: f64,
+    #[arg(long, default_value_t = 0.1)]
+    pub vf_coef: f64,
+}
+
+impl PpoArgs {
+    pub fn new(train: TrainArgs, reward_model: PathBuf) -> PpoArgs {
+        PpoArgs {
+            train,
+            reward_model,
+            value_model: None,
+            iterations: 100,
+            rollout_batch: 32,
+            ppo_epochs: 4,
+            minibatch: 8,
+            max_new_tokens: 64,
+            temperature: 1.0,
+            top_p: 1.0,
+            kl_coef: 0.05,
+            kl_estimator: KlEstimator::K1,
+            target_kl: None,
+            kl_horizon: 10_000.0,
+            missing_eos_penalty: 1.0,
+            gamma: 1.0,
+            lam: 0.95,
+            cliprange: 0.2,
+            cliprange_value: 0.2,
+            vf_coef: 0.1,
+        }
+    }
+}
+
+/// Ziegler et al.'s adaptive KL coefficient.
+pub fn adapt_kl(coef: f64, observed: f64, target: f64, responses: usize, horizon: f64) -> f64 {
+    let error = (observed / target - 1.0).clamp(-0.2, 0.2);
+    coef * (1.0 + error * responses as f64 / horizon)
+}
+
+/// 1 − Var(returns − values) / Var(returns) over the masked tokens.
+pub fn explained_variance(values: &[f32], returns: &[f32], mask: &[f32]) -> f64 {
+    let pick = |f: &dyn Fn(usize) -> f64| -> Vec<f64> {
+        (0..mask.len()).filter(|&i| mask[i] > 0.0).map(f).collect()
+    };
+    let var = |v: &[f64]| {
+        let m = v.iter().sum::<f64>() / v.len().max(1) as f64;
+        v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / v.len().max(1) as f64
+    };
+    let r = pick(&|i| returns[i] as f64);
+    let d = pick(&|i| (returns[i] - values[i]) as f64);
+    let vr = var(&r);
+    if vr == 0.0 {
+        return f64::NAN;
+    }
+    1.0 - var(&d) / vr
+}
+
+/// Host-side `[B, T]` rows picked by `idx`.
+fn rows(v: &[f32], t: usize, idx: &[usize]) -> Vec<f32> {
+    idx.iter()
+        .flat_map(|&i| v[i * t..(i + 1) * t].iter().copied())
+        .collect()
+}
+
+/// Per-row values of a scalar-head model at the rows scoring each response token, padded `[B, T]`.
+fn values(model: &Model, sb: &ScoredBatch) -> Result<(crate::model::Activations, Vec<f32>)> {
+    let acts = model.forward(&sb.batch)?;
+    let v = model.scalar_head(&acts.hidden)?.to_f32_vec()?;
+    let (padded, _, _) = sb.padded(&v);
+    Ok((acts, padded))
+}
+
+pub struct PpoSummary {
+    pub iterations: usize,
+    pub last: Metrics,
+    pub final_dir: PathBuf,
+}
+
+/// `rlhf ppo`.
+pub fn train(a: &PpoArgs) -> Result<PpoSummary> {
+    let t = &a.train;
+    if t.resume {
+        return Err(Error::Unsupported {
+            op: "ppo",
+            detail: "--resume is not supported for PPO yet; start from the saved policy instead"
+                .into(),
+        });
+    }
+    if a.minibatch == 0 || a.rollout_batch == 0 || a.max_new_tokens == 0 {
+        return Err(Error::Unsupported {
+            op: "ppo",
+            detail: "--rollout-batch, --minibatch and --max-new-tokens must be at least 1".into(),
+        });
+    }
+    let (mut policy, tok) = load_model(t)?;
+    let device = policy.device.clone();
+    let reference = Model::load(&t.model, &device)?;
+    let reward = Model::load(&a.reward_model, &device)?;
+    if !reward.cfg.scalar_head {
+        return Err(Error::file(
+            a.reward_model.join("config.json"),
+            "the reward model has no scalar head (train one with `rlhf rm`)",
+        ));
+    }
+    let value_dir = a
+        .value_model
+        .clone()
+        .unwrap_or_else(|| a.reward_model.clone());
+    let mut value = Model::load(&value_dir, &device)?;
+    value.recompute = t.recompute;
+    let eos = eos_id(&policy, &tok)?;
+    let enc = Encoder {
+        tok: &tok,
+        limits: t.limits(),
+        eos,
+    };
+    let (prompts, report) = data::load_prompts(&t.data, &enc, t.skip_invalid)?;
+    if !t.quiet {
+        eprintln!("{}", report.summary(&t.data));
+    }
+    std::fs::create_dir_all(&t.out).map_err(|e| Error::io(&t.out, e))?;
+    let adam = AdamWConfig {
+        weight_decay: t.weight_decay,
+        ..AdamWConfig::default()
+    };
+    let (mut opt_p, mut opt_v) = (
+        Optimizer::new(&policy, adam)?,
+        Optimizer::new(&value, adam)?,
+    );
+    let mut cfg = PpoConfig {
+        kl_coef: a.kl_coef,
+        kl_estimator: a.kl_estimator,
+        gamma: a.gamma,
+        lam: a.lam,
+        cliprange: a.cliprange,
+        cliprange_value: a.cliprange_value,
+        vf_coef: a.vf_coef,
+    };
+    let metrics_path = t.out.join("metrics.jsonl");
+    let mut metrics_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .map_err(|e| Error::io(&metrics_path, e))?;
+    let bar = if t.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(a.iterations as u64)
+    };
+    let mut order: Vec<usize> = (0..prompts.len()).collect();
+    let mut cursor = order.len();
+    let mut epoch = 0u64;
+    let mut rng = Rng::new(t.seed);
+    let mut last = Metrics::new();
+    let updates_per_iter = a.ppo_epochs * a.rollout_batch.div_ceil(a.minibatch);
+    let total_updates = a.iterations * updates_per_iter;
+    let mut update = 0usize;
+    for it in 0..a.iterations {
+        // 1. Prompts, cycling through the data in seeded shuffles.
+        let mut batch = Vec::with_capacity(a.rollout_batch);
+        while batch.len() < a.rollout_batch {
+            if cursor == order.len() {
+                data::shuffle(&mut order, t.seed.wrapping_add(epoch));
+                epoch += 1;
+                cursor = 0;
+            }
+            batch.push(prompts[order[cursor]].0.clone());
+            cursor += 1;
+        }
+        // 2. Rollout.
+        let t_gen = Instant::now();
+        let opts = GenerateOptions {
+            max_new_tokens: a.max_new_tokens,
+            temperature: a.temperature,
+            top_p: a.top_p,
+            seed: rng.next_u64(),
+            eos: vec![eos],
+            top_k: 0,
+        };
+        let gens = policy.generate(&batch, &opts, |_, _| {})?;
+        let gen_tokens: usize = gens.iter().map(|g| g.tokens.len()).sum();
+        let gen_secs = t_gen.elapsed().as_secs_f64();
+        let responses: Vec<Vec<i32>> = gens.iter().map(|g| g.tokens.clone()).collect();
+        let seqs: Vec<(&[i32], &[i32])> = batch
+            .iter()
+            .zip(&responses)
+            .map(|(p, r)| (p.as_slice(), r.as_slice()))
+            .collect();
+        let sb = ScoredBatch::new(&seqs);
+        let t_train = Instant::now();
+        // 3. Old log-probs (training forward), reference log-probs, values, scores.
+        let old = score(&policy, &sb)?;
+        let (old_lp, mask, tt) = sb.padded(&old.per_token);
+        let entropy = old.out.entropy.to_f32_vec()?;
+        let (ref_lp, _, _) = sb.padded(&score(&reference, &sb)?.per_token);
+        let (_, old_v) = values(&value, &sb)?;
+        let full: Vec<Vec<i32>> = batch
+            .iter()
+            .zip(&responses)
+            .map(|(p, r)| [p.as_slice(), r.as_slice()].concat())
+            .collect();
+        let raw_scores = sequence_rewards(&reward, &full)?;
+        let scores: Vec<f32> = raw_scores
+            .iter()
+            .zip(&gens)
+            .map(|(&s, g)| {
+                if g.finished {
+                    s
+                } else {
+                    s - a.missing_eos_penalty as f32
+                }
+            })
+            .collect();
+        let b = batch.len();
+        let up = |v: Vec<f32>, shape: &[usize]| Tensor::from_f32(shape, v, &device);
+        let adv = ppo_advantages(
+            &cfg,
+            &up(old_lp.clone(), &[b, tt])?,
+            &up(ref_lp.clone(), &[b, tt])?,
+            &up(old_v.clone(), &[b, tt])?,
+            &up(scores.clone(), &[b])?,
+            &up(mask.clone(), &[b, tt])?,
+        )?;
+        let (whitened, returns) = (adv.whitened.to_f32_vec()?, adv.returns.to_f32_vec()?);
+        // 4. PPO epochs over minibatches.
+        let (mut pg, mut vf, mut clip, mut akl, mut n_mb) = (0.0, 0.0, 0.0, 0.0, 0.0);
+        for _ in 0..a.ppo_epochs {
+            let mut idx: Vec<usize> = (0..b).collect();
+            data::shuffle(&mut idx, rng.next_u64());
+            for mb in idx.chunks(a.minibatch) {
+                let mseqs: Vec<(&[i32], &[i32])> = mb.iter().map(|&i| seqs[i]).collect();
+                let msb = ScoredBatch::new(&mseqs);
+                let s = score(&policy, &msb)?;
+                let (new_lp, _, mt) = msb.padded(&s.per_token);
+                let (vacts, new_v) = values(&value, &msb)?;
+                // Minibatch rows padded to the rollout's width T; the minibatch's own width is ≤ T.
+                let widen = |v: &[f32]| -> Vec<f32> {
+                    v.chunks(mt)
+                        .flat_map(|r| r.iter().copied().chain(std::iter::repeat_n(0.0, tt - mt)))
+                        .collect()
+                };
+                let n = mb.len();
+                let l = ppo_loss(
+                    &cfg,
+                    &up(widen(&new_lp), &[n, tt])?,
+                    &up(widen(&new_v), &[n, tt])?,
+                    &up(rows(&old_lp, tt, mb), &[n, tt])?,
+                    &up(rows(&old_v, tt, mb), &[n, tt])?,
+                    &up(rows(&whitened, tt, mb), &[n, tt])?,
+                    &up(rows(&returns, tt, mb), &[n, tt])?,
+                    &up(rows(&mask, tt, mb), &[n, tt])?,
+                )?;
+                let narrow = |v: Vec<f32>| -> Vec<f32> {
+                    v.chunks(tt).flat_map(|r| r[..mt].to_vec()).collect()
+                };
+                let lr = super::learning_rate(t.lr, update, t.warmup_steps, total_updates);
+                update += 1;
+                let mut gp = Params::zeros(&policy.cfg, &device, DType::F32)?;
+                score_backward(
+                    &policy,
+                    &s,
+                    msb.unpad(&narrow(l.grad_new_logps.to_f32_vec()?), mt),
+                    &mut gp,
+                )?;
+                let norm = global_grad_norm(&gp.named())?;
+                opt_p.update(
+                    &mut policy,
+                    &gp,
+                    lr,
+                    clip_coefficient(norm, t.max_grad_norm),
+                )?;
+                let mut gv = Params::zeros(&value.cfg, &device, DType::F32)?;
+                let dv = Tensor::from_f32(
+                    &[msb.batch.len()],
+                    msb.unpad(&narrow(l.grad_new_values.to_f32_vec()?), mt),
+                    &device,
+                )?;
+                let dh = value.scalar_head_bwd(
+                    &vacts.hidden,
+                    &dv,
+                    gv.score.as_mut().expect("value models have a score head"),
+                )?;
+                value.backward(&vacts, &dh, &mut gv)?;
+                let vnorm = global_grad_norm(&gv.named())?;
+                opt_v.update(
+                    &mut value,
+                    &gv,
+                    lr,
+                    clip_coefficient(vnorm, t.max_grad_norm),
+                )?;
+                pg += l.pg_loss;
+                vf += l.vf_loss;
+                clip += l.clip_fraction;
+                akl += l.approx_kl;
+                n_mb += 1.0;
+            }
+        }
+        let train_secs = t_train.elapsed().as_secs_f64();
+        // 5. Logging and the KL controller.
+        let per_seq_kl: Vec<f64> = (0..b)
+            .map(|r| {
+                (0..tt)
+                    .map(|c| (mask[r * tt + c] * (old_lp[r * tt + c] - ref_lp[r * tt + c])) as f64)
+                    .sum()
+            })
+            .collect();
+        let kl = per_seq_kl.iter().sum::<f64>() / b as f64;
+        let n_tok: f64 = mask.iter().map(|&m| m as f64).sum();
+        let sample_lp: Vec<f32> = gens
+            .iter()
+            .flat_map(|g| {
+                g.logprobs
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(0.0, tt - g.logprobs.len()))
+            })
+            .collect();
+        let mismatch = sample_lp
+            .iter()
+            .zip(&old_lp)
+            .zip(&mask)
+            .map(|((s, o), m)| (m * (s - o).abs()) as f64)
+            .sum::<f64>()
+            / n_tok;
+        let mean_entropy = sb
+            .spans
+            .iter()
+            .flat_map(|s| s.clone().map(|r| entropy[r] as f64))
+            .sum::<f64>()
+            / n_tok;
+        let m = Metrics::from([
+            ("iteration".into(), (it + 1) as f64),
+            (
+                "score".into(),
+                raw_scores.iter().map(|&s| s as f64).sum::<f64>() / b as f64,
+            ),
+            ("kl".into(), kl),
+            ("kl_coef".into(), cfg.kl_coef),
+            ("entropy".into(), mean_entropy),
+            ("pg_loss".into(), pg / n_mb),
+            ("vf_loss".into(), vf / n_mb),
+            ("clip_fraction".into(), clip / n_mb),
+            ("approx_kl".into(), akl / n_mb),
+            (
+                "explained_variance".into(),
+                explained_variance(&old_v, &returns, &mask),
+            ),
+            ("response_length".into(), gen_tokens as f64 / b as f64),
+            (
+                "eos_fraction".into(),
+                gens.iter().filter(|g| g.finished).count() as f64 / b as f64,
+            ),
+            ("logprob_mismatch".into(), mismatch),
+            (
+                "generation_tokens_per_s".into(),
+                gen_tokens as f64 / gen_secs,
+            ),
+            (
+                "training_tokens_per_s".into(),
+                (sb.batch.len() * (1 + a.ppo_epochs)) as f64 / train_secs,
+            ),
+        ]);
+        writeln!(metrics_file, "{}", serde_json::to_string(&m).unwrap())
+            .map_err(|e| Error::io(&metrics_path, e))?;
+        bar.set_position((it + 1) as u64);
+        bar.set_message(format!(
+            "score {:.3} kl {:.3} clip {:.3}",
+            m["score"], kl, m["clip_fraction"]
+        ));
+        if let Some(target) = a.target_kl {
+            cfg.kl_coef = adapt_kl(cfg.kl_coef, kl, target, b, a.kl_horizon);
+        }
+        last = m;
+        if t.save_every > 0 && (it + 1) % t.save_every == 0 {
+            let state = serde_json::json!({"trainer": "ppo", "iteration": it + 1});
+            save_checkpoint(
+                &policy,
+                None,
+                &t.model,
+                &t.out.join(format!("checkpoint-{}", it + 1)),
+                &state,
+            )?;
+        }
+    }
+    bar.finish_and_clear();
+    let state = serde_json::json!({"trainer": "ppo", "iteration": a.iterations});
+    let final_dir = t.out.join("final");
+    save_checkpoint(&policy, None, &t.model, &final_dir, &state)?;
+    save_checkpoint(&value, None, &value_dir, &t.out.join("value"), &state)?;
+    Ok(PpoSummary {
+        iterations: a.iterations,
+        last,
+        final_dir,
+    })
+}
+
+/// Mean reward-model score and mean KL to the reference (Σ log π − log π_ref over the response) of
+/// `policy`'s samples on `prompts`.
+pub fn score_and_kl(
+    policy: &Model,
+    reference: &Model,
+    reward: &Model,
+    prompts: &[Vec<i32>],
+    opts: &GenerateOptions,
+) -> Result<(f64, f64)> {
+    let samples: Vec<Vec<i32>> = policy
+        .generate(prompts, opts, |_, _| {})?
+        .into_iter()
+        .map(|g| g.tokens)
+        .collect();
+    let full: Vec<Vec<i32>> = prompts
+        .iter()
+        .zip(&samples)
+        .map(|(p, r)| [p.as_slice(), r.as_slice()].concat())
+        .collect();
+    let s = sequence_rewards(reward, &full)?;
+    let (p, q) = (
+        response_logps(policy, prompts, &samples, 16)?,
+        response_logps(reference, prompts, &samples, 16)?,
+    );
+    let n = prompts.len().max(1) as f64;
+    Ok((
+        s.iter().map(|&v| v as f64).sum::<f64>() / n,
+        p.iter().zip(&q).map(|(a, b)| a - b).sum::<f64>() / n,
+    ))
+}
