@@ -82,6 +82,21 @@ pub enum Command {
         /// model on the device.
         #[arg(long)]
         precompute_ref: bool,
+        /// Online (iterative) DPO: this many rounds of labelling the policy's own samples with a
+        /// judge, then DPO on them from the current policy. --data then holds `prompt` lines.
+        #[arg(long, default_value_t = 0)]
+        online_rounds: usize,
+        /// The judge for --online-rounds: a reward model ...
+        #[arg(long)]
+        judge_reward_model: Option<PathBuf>,
+        /// ... or an LLM asked which response is better.
+        #[arg(long)]
+        judge_model: Option<PathBuf>,
+    },
+    /// RLAIF: sample responses with a policy, have a judge rank them, write preference pairs.
+    Label {
+        #[command(flatten)]
+        args: crate::train::label::LabelArgs,
     },
     /// KTO on prompt/completion/label data.
     Kto {
@@ -143,6 +158,56 @@ pub enum Command {
         temperature: f32,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+        device: DeviceChoice,
+    },
+    /// Calibration on questions with reference answers: expected calibration error, a reliability
+    /// diagram, and how often the model abstains ("I'm not sure") when it would be wrong vs right.
+    Calibration {
+        #[arg(long)]
+        model: PathBuf,
+        /// JSON Lines with `prompt` and `answer`.
+        #[arg(long)]
+        data: PathBuf,
+        /// How a forced answer starts (to judge what the model would have said when it abstains).
+        #[arg(long, default_value = " The answer is")]
+        answer_prefix: String,
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// Where the reliability diagram goes.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+        device: DeviceChoice,
+    },
+    /// Suppression is not unlearning: a behaviour's rate in the base model, in the model trained
+    /// against it, and after a few SFT steps on examples of it.
+    Suppression {
+        /// The model before suppression.
+        #[arg(long)]
+        base: PathBuf,
+        /// The model trained against the behaviour.
+        #[arg(long)]
+        suppressed: PathBuf,
+        /// JSON Lines with `prompt` lines to sample on.
+        #[arg(long)]
+        prompts: PathBuf,
+        /// Text whose presence in a response marks the behaviour (case-insensitive).
+        #[arg(long)]
+        pattern: String,
+        /// SFT data showing the behaviour (prompt/completion).
+        #[arg(long)]
+        relearn: PathBuf,
+        /// Step counts of relearning to measure after.
+        #[arg(long, value_delimiter = ',', default_value = "0,5,20")]
+        steps: Vec<usize>,
+        #[arg(long, default_value_t = 1e-5)]
+        lr: f64,
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// Working folder for the relearning runs.
+        #[arg(long, default_value = "suppression-run")]
+        out: PathBuf,
         #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
         device: DeviceChoice,
     },
@@ -345,6 +410,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             beta,
             label_smoothing,
             precompute_ref,
+            online_rounds,
+            judge_reward_model,
+            judge_model,
         } => {
             let which = crate::train::dpo::PrefTrainer::Dpo {
                 loss: loss_type,
@@ -352,7 +420,27 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 label_smoothing,
                 precompute_ref,
             };
-            pref_cmd(&train, which)
+            if online_rounds == 0 {
+                if judge_reward_model.is_some() || judge_model.is_some() {
+                    return Err(crate::Error::Unsupported {
+                        op: "dpo",
+                        detail: "a judge is only used with --online-rounds".into(),
+                    });
+                }
+                return pref_cmd(&train, which);
+            }
+            let device = Device::from_choice(train.device)?;
+            let judge = crate::train::label::Judge::load(
+                judge_reward_model.as_deref(),
+                judge_model.as_deref(),
+                &device,
+            )?;
+            let final_dir = crate::train::label::online_dpo(&train, which, &judge, online_rounds)?;
+            println!(
+                "online DPO, {online_rounds} rounds: {}",
+                final_dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Orpo { train, beta } => {
             pref_cmd(&train, crate::train::dpo::PrefTrainer::Orpo { beta })
@@ -452,6 +540,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Label { args } => {
+            let (n, skipped, conf) = crate::train::label::run(&args)?;
+            println!("{n} pairs written to {} (mean judge confidence {conf:.3}); {skipped} prompts gave identical samples", args.out.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Ppo { args } => {
             let run = crate::train::ppo::train(&args)?;
             show_online(run.iterations, &run.last, &run.final_dir, &args.train);
@@ -460,6 +553,117 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Grpo { args } => {
             let run = crate::train::grpo::train(&args)?;
             show_online(run.iterations, &run.last, &run.final_dir, &args.train);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Calibration {
+            model,
+            data,
+            answer_prefix,
+            max_new_tokens,
+            plot,
+            device,
+        } => {
+            let device = Device::from_choice(device)?;
+            let m = Model::load(&model, &device)?;
+            let tok = TextTokenizer::load(&model)?;
+            let eos = crate::train::eos_id(&m, &tok)?;
+            let enc = crate::train::data::Encoder {
+                tok: &tok,
+                limits: Default::default(),
+                eos,
+            };
+            let (prompts, report) = crate::train::data::load_prompts(&data, &enc, false)?;
+            eprintln!("{}", report.summary(&data));
+            let qa = prompts
+                .into_iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    p.answer.map(|a| (p.tokens, a)).ok_or_else(|| {
+                        crate::Error::file(&data, format!("example {}: no `answer`", i + 1))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let r = crate::train::honesty::calibration(
+                &m,
+                &tok,
+                &qa,
+                &answer_prefix,
+                max_new_tokens,
+                &[eos],
+            )?;
+            println!(
+                "questions {}, answered {}, accuracy when answering {:.1}%",
+                r.questions,
+                r.answered,
+                100.0 * r.accuracy
+            );
+            println!("expected calibration error {:.4}", r.ece);
+            println!(
+                "abstains when it would be wrong {:.1}%, when it would be right {:.1}%",
+                100.0 * r.abstain_when_wrong,
+                100.0 * r.abstain_when_right
+            );
+            for b in &r.bins {
+                println!("  confidence [{:.1}, {:.1}): {:>4} answers, mean confidence {:.3}, accuracy {:.3}", b.lo, b.hi, b.count, b.mean_confidence, b.accuracy);
+            }
+            if let Some(path) = plot {
+                crate::train::honesty::reliability_png(&r, "reliability", &path)?;
+                println!("reliability diagram: {}", path.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Suppression {
+            base,
+            suppressed,
+            prompts,
+            pattern,
+            relearn,
+            steps,
+            lr,
+            max_new_tokens,
+            out,
+            device,
+        } => {
+            let dev = Device::from_choice(device)?;
+            let tok = TextTokenizer::load(&suppressed)?;
+            let m = Model::load(&suppressed, &dev)?;
+            let eos = crate::train::eos_id(&m, &tok)?;
+            drop(m);
+            let enc = crate::train::data::Encoder {
+                tok: &tok,
+                limits: Default::default(),
+                eos,
+            };
+            let (ps, _) = crate::train::data::load_prompts(&prompts, &enc, false)?;
+            let ps: Vec<Vec<i32>> = ps.into_iter().map(|p| p.tokens).collect();
+            let mut train = TrainArgs::new(&suppressed, &relearn, &out);
+            train.device = device;
+            train.lr = lr;
+            let opts = GenerateOptions {
+                max_new_tokens,
+                temperature: 1.0,
+                eos: vec![eos],
+                ..Default::default()
+            };
+            let r = crate::train::honesty::suppression(
+                &base,
+                &suppressed,
+                &relearn,
+                &steps,
+                &ps,
+                &pattern,
+                &out,
+                &train,
+                &opts,
+            )?;
+            println!(
+                "rate of {pattern:?}: base {:.1}%, suppressed {:.1}%",
+                100.0 * r.base,
+                100.0 * r.suppressed
+            );
+            for (k, v) in &r.after_relearning {
+                println!("  after {k:>4} relearning steps: {:.1}%", 100.0 * v);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::ImportGguf { file, out_dir } => {

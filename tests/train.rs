@@ -381,6 +381,13 @@ fn demo_runs_and_plots() {
     );
     let png = std::fs::read(&r.plot).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
-    assert!(table.contains("samples that refuse"));
+    assert!(table.contains("samples that refuse") && table.contains("expected calibration error"));
+    let (before, after) = &r.calibration;
+    assert!(
+        after.ece < before.ece,
+        "calibration ECE {} -> {}",
+        before.ece,
+        after.ece
+    );
     std::fs::remove_dir_all(&root).ok();
 }

@@ -207,3 +207,58 @@ pub fn write_copy_task(dir: &Path, n: usize, seed: u64) -> Result<()> {
     write_file_atomic(&dir.join("copy_sft.jsonl"), sft.as_bytes())?;
     write_file_atomic(&dir.join("copy_prompts.jsonl"), prompts.as_bytes())
 }
+
+const NAMES: [&str; 12] = [
+    "Zork", "Quib", "Marlo", "Tesk", "Vundo", "Prell", "Ostra", "Kimb", "Dulan", "Fenn", "Rast",
+    "Yolo",
+];
+pub const NOT_SURE: &str = " I'm not sure.";
+
+/// A calibration task: `Repeat the digit d.` can be known; `What is the secret number of <name>?`
+/// cannot (its answer is drawn at random each time). `cal_sft.jsonl` answers the first kind rightly
+/// and mostly guesses on the second (abstaining 30% of the time); `cal_prefs.jsonl` prefers abstaining over a guess on
+/// the second kind and answering over abstaining on the first; `cal_qa.jsonl` holds evaluation
+/// questions of both kinds with their `answer`.
+pub fn write_calibration_task(dir: &Path, n: usize, seed: u64) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut rng = Rng::new(seed);
+    let (mut sft, mut prefs, mut qa) = (String::new(), String::new(), String::new());
+    for i in 0..n {
+        let guess = format!(" The answer is {}.", rng.below(10));
+        if i % 2 == 0 {
+            let d = rng.below(10);
+            let q = format!("Repeat the digit {d}.\nA:");
+            let right = format!(" The answer is {d}.");
+            sft += &format!("{}\n", json!({"prompt": q, "completion": right}));
+            prefs += &format!(
+                "{}\n",
+                json!({"prompt": q, "chosen": right, "rejected": NOT_SURE})
+            );
+            qa += &format!("{}\n", json!({"prompt": q, "answer": d.to_string()}));
+        } else {
+            let q = format!(
+                "What is the secret number of {}?\nA:",
+                NAMES[rng.below(NAMES.len())]
+            );
+            // The SFT model mostly guesses, and abstains now and then: preference training has a
+            // behaviour to strengthen.
+            let said = if rng.below(10) < 3 {
+                NOT_SURE.to_owned()
+            } else {
+                guess.clone()
+            };
+            sft += &format!("{}\n", json!({"prompt": q, "completion": said}));
+            prefs += &format!(
+                "{}\n",
+                json!({"prompt": q, "chosen": NOT_SURE, "rejected": guess})
+            );
+            qa += &format!(
+                "{}\n",
+                json!({"prompt": q, "answer": rng.below(10).to_string()})
+            );
+        }
+    }
+    write_file_atomic(&dir.join("cal_sft.jsonl"), sft.as_bytes())?;
+    write_file_atomic(&dir.join("cal_prefs.jsonl"), prefs.as_bytes())?;
+    write_file_atomic(&dir.join("cal_qa.jsonl"), qa.as_bytes())
+}

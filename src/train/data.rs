@@ -369,8 +369,15 @@ pub fn shuffle<T>(v: &mut [T], seed: u64) {
     }
 }
 
-/// A prompt's tokens and, when the data gives one, its reference `answer`.
-pub type Prompt = (Vec<i32>, Option<String>);
+/// A prompt for online training.
+#[derive(Debug, Clone)]
+pub struct Prompt {
+    pub tokens: Vec<i32>,
+    /// The reference `answer`, for rule rewards.
+    pub answer: Option<String>,
+    /// The `prompt` field as written (text or messages), to write back into labelled data.
+    pub raw: Value,
+}
 
 /// Prompts for online training: `prompt` (plain text or chat messages; chat prompts get the
 /// assistant's turn opened) and, when present, a reference `answer` for rule-based rewards.
@@ -399,6 +406,13 @@ pub fn load_prompts(
         if cut {
             ids.drain(..ids.len() - enc.limits.max_prompt_len);
         }
-        Ok(((ids, answer), cut))
+        Ok((
+            Prompt {
+                tokens: ids,
+                answer,
+                raw: o["prompt"].clone(),
+            },
+            cut,
+        ))
     })
 }

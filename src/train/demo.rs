@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use super::builtin::{self, is_refusal};
 use super::data::{self, Encoder, Limits};
 use super::eval::{evaluate, sample_responses, EvalReport};
+use super::honesty::{calibration, reliability_png, CalibrationReport};
 use super::{dpo, eos_id, plot, reward, sft, TrainArgs};
 use crate::device::{Device, DeviceChoice};
 use crate::error::{Error, Result};
@@ -36,6 +37,8 @@ pub struct DemoReport {
     pub refusals_after: f64,
     pub samples: Vec<(String, String, String)>,
     pub plot: PathBuf,
+    /// Calibration on the abstention task: (before, after) DPO on abstention preferences.
+    pub calibration: (CalibrationReport, CalibrationReport),
 }
 
 fn say(quiet: bool, msg: &str) {
@@ -179,6 +182,68 @@ pub fn run(o: &DemoOptions) -> Result<DemoReport> {
     let plot_path = o.out.join("demo.png");
     plot::plot_series(&series, "rlhf demo: sft, reward model, dpo", &plot_path)?;
     let rm_acc = rm_run.last.get("accuracy").copied().unwrap_or(f64::NAN);
+
+    say(
+        o.quiet,
+        "calibration: SFT that guesses, then DPO that prefers abstaining over a guess",
+    );
+    builtin::write_calibration_task(&data_dir, o.examples / 2, o.seed)?;
+    let (cal_lr, cal_epochs, cal_dpo_lr) = if o.model.is_some() {
+        (lr, epochs, dpo_lr)
+    } else {
+        (3e-3, 6, 3e-4)
+    };
+    let cal_sft = sft::train(&args(&base, "cal_sft.jsonl", "cal-sft", cal_lr, cal_epochs))?
+        .0
+        .final_dir;
+    let cal_dpo = dpo::train(
+        &args(&cal_sft, "cal_prefs.jsonl", "cal-dpo", cal_dpo_lr, 1),
+        dpo_choice,
+    )?
+    .0
+    .final_dir;
+    let cal_tok = TextTokenizer::load(&cal_sft)?;
+    let cal_eos = eos_id(&Model::load(&cal_sft, &device)?, &cal_tok)?;
+    let cal_enc = Encoder {
+        tok: &cal_tok,
+        limits: Limits {
+            max_len: 96,
+            max_prompt_len: 48,
+        },
+        eos: cal_eos,
+    };
+    let (questions, _) = data::load_prompts(&data_dir.join("cal_qa.jsonl"), &cal_enc, false)?;
+    let qa: Vec<(Vec<i32>, String)> = questions
+        .into_iter()
+        .take(80)
+        .filter_map(|p| p.answer.map(|a| (p.tokens, a)))
+        .collect();
+    let cal_before = calibration(
+        &Model::load(&cal_sft, &device)?,
+        &cal_tok,
+        &qa,
+        " The answer is",
+        20,
+        &[cal_eos],
+    )?;
+    let cal_after = calibration(
+        &Model::load(&cal_dpo, &device)?,
+        &cal_tok,
+        &qa,
+        " The answer is",
+        20,
+        &[cal_eos],
+    )?;
+    reliability_png(
+        &cal_before,
+        "before DPO",
+        &o.out.join("reliability-before.png"),
+    )?;
+    reliability_png(
+        &cal_after,
+        "after DPO",
+        &o.out.join("reliability-after.png"),
+    )?;
     Ok(DemoReport {
         sft_eval_loss: sft_eval.unwrap_or(f64::NAN),
         rm_heldout_accuracy: after.reward_model_accuracy.unwrap_or(rm_acc),
@@ -188,6 +253,7 @@ pub fn run(o: &DemoOptions) -> Result<DemoReport> {
         refusals_after,
         samples,
         plot: plot_path,
+        calibration: (cal_before, cal_after),
     })
 }
 
@@ -255,6 +321,34 @@ pub fn render(r: &DemoReport) -> String {
             "  {}\n    SFT:       {a:?}\n    SFT + DPO: {b:?}\n",
             q.replace('\n', " ")
         );
+    }
+    let (b, a) = &r.calibration;
+    s += "\ncalibration (known questions and unknowable ones; DPO prefers abstaining over guessing):\n";
+    s += &format!("{:<44} {:>12} {:>12}\n", "", "SFT", "SFT + DPO");
+    let cal_rows = [
+        (
+            "expected calibration error",
+            num(Some(b.ece)),
+            num(Some(a.ece)),
+        ),
+        (
+            "accuracy when answering",
+            pct(Some(b.accuracy)),
+            pct(Some(a.accuracy)),
+        ),
+        (
+            "abstains when it would be wrong",
+            pct(Some(b.abstain_when_wrong)),
+            pct(Some(a.abstain_when_wrong)),
+        ),
+        (
+            "abstains when it would be right",
+            pct(Some(b.abstain_when_right)),
+            pct(Some(a.abstain_when_right)),
+        ),
+    ];
+    for (name, x, y) in cal_rows {
+        s += &format!("{name:<44} {x:>12} {y:>12}\n");
     }
     s += &format!("\ntraining curves: {}\n", r.plot.display());
     s

@@ -229,7 +229,8 @@ pub fn train(a: &GrpoArgs) -> Result<GrpoSummary> {
     if !t.quiet {
         eprintln!("{}", report.summary(&t.data));
     }
-    if matches!(scorer, Scorer::Rule(RewardRule::Exact, _)) && prompts.iter().any(|p| p.1.is_none())
+    if matches!(scorer, Scorer::Rule(RewardRule::Exact, _))
+        && prompts.iter().any(|p| p.answer.is_none())
     {
         return Err(Error::file(
             &t.data,
@@ -275,7 +276,7 @@ pub fn train(a: &GrpoArgs) -> Result<GrpoSummary> {
         // Each prompt repeated group_size times, consecutively.
         let batch: Vec<Vec<i32>> = picked
             .iter()
-            .flat_map(|&i| std::iter::repeat_n(prompts[i].0.clone(), a.group_size))
+            .flat_map(|&i| std::iter::repeat_n(prompts[i].tokens.clone(), a.group_size))
             .collect();
         let t_gen = Instant::now();
         let opts = GenerateOptions {
@@ -304,7 +305,7 @@ pub fn train(a: &GrpoArgs) -> Result<GrpoSummary> {
                     Ok(rule_reward(
                         *rule,
                         &tok.decode(r, true)?,
-                        prompts[picked[k / a.group_size]].1.as_deref(),
+                        prompts[picked[k / a.group_size]].answer.as_deref(),
                     ))
                 })
                 .collect::<Result<_>>()?,

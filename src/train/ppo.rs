@@ -241,7 +241,7 @@ pub fn train(a: &PpoArgs) -> Result<PpoSummary> {
                 epoch += 1;
                 cursor = 0;
             }
-            batch.push(prompts[order[cursor]].0.clone());
+            batch.push(prompts[order[cursor]].tokens.clone());
             cursor += 1;
         }
         // 2. Rollout.
