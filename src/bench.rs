@@ -515,3 +515,63 @@ pub fn bench_dpo_step(
         device_memory_after_forward: memory,
     })
 }
+
+/// One attention measurement: median forward and backward times and their TFLOP/s (forward
+/// 4·B·H·T²·D / 2 for causal attention, backward 2.5× that).
+#[derive(Debug, Clone)]
+pub struct AttentionBench {
+    pub seqs: usize,
+    pub len: usize,
+    pub head_dim: usize,
+    pub forward_ms: f64,
+    pub backward_ms: f64,
+    pub forward_tflops: f64,
+    pub backward_tflops: f64,
+}
+
+pub fn bench_attention(
+    device: &Device,
+    seqs: usize,
+    len: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    reps: usize,
+) -> Result<AttentionBench> {
+    use crate::ops::attention::{attention_bwd, attention_fwd, AttnBatch, Heads};
+    let dtype = if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    let n = seqs * len;
+    let hd = Heads {
+        heads,
+        kv_heads,
+        head_dim,
+    };
+    let mut rng = Rng::new(2);
+    let q = random(device, &mut rng, &[n, heads * head_dim], 1.0, dtype)?;
+    let k = random(device, &mut rng, &[n, kv_heads * head_dim], 1.0, dtype)?;
+    let v = random(device, &mut rng, &[n, kv_heads * head_dim], 1.0, dtype)?;
+    let dout = random(device, &mut rng, &[n, heads * head_dim], 1.0, dtype)?;
+    let batch = AttnBatch::packed(&vec![len; seqs], device)?;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let forward_ms = median_ms(device, 1, reps, || {
+        attention_fwd(&q, &k, &v, &batch, hd, scale).map(drop)
+    })?;
+    let (o, lse) = attention_fwd(&q, &k, &v, &batch, hd, scale)?;
+    let backward_ms = median_ms(device, 1, reps, || {
+        attention_bwd(&dout, &q, &k, &v, &o, &lse, &batch, hd, scale).map(drop)
+    })?;
+    let flops = 4.0 * (seqs * heads * len * len * head_dim) as f64 / 2.0;
+    Ok(AttentionBench {
+        seqs,
+        len,
+        head_dim,
+        forward_ms,
+        backward_ms,
+        forward_tflops: flops / (forward_ms * 1e-3) / 1e12,
+        backward_tflops: 2.5 * flops / (backward_ms * 1e-3) / 1e12,
+    })
+}

@@ -282,6 +282,26 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Causal attention forward and backward TFLOP/s at T = 512 .. 16,384 (batch·T = 16k tokens,
+    /// H·D = 2,048, D = 64 and 128), against the device's measured GEMM rate.
+    Attention {
+        /// Sequence lengths to time.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "512,1024,2048,4096,8192,16384"
+        )]
+        lens: Vec<usize>,
+        /// Tokens per batch (batch = tokens / length).
+        #[arg(long, default_value_t = 16_384)]
+        tokens: usize,
+        #[arg(long, value_delimiter = ',', default_value = "64,128")]
+        head_dims: Vec<usize>,
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+        device: DeviceChoice,
+    },
     /// Tokens/s, MFU and device memory of one training step (random weights).
     Train {
         /// Which trainer's step (dpo: policy forward+backward on chosen and rejected plus the
@@ -663,6 +683,39 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             );
             for (k, v) in &r.after_relearning {
                 println!("  after {k:>4} relearning steps: {:.1}%", 100.0 * v);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Attention {
+            lens,
+            tokens,
+            head_dims,
+            reps,
+            device,
+        }) => {
+            let device = Device::from_choice(device)?;
+            eprintln!("measuring the GEMM ceiling ...");
+            let ceil = bench::measure_ceilings(&device, BenchSize::Full)?;
+            println!("GEMM ceiling {:.1} TFLOP/s on {device:?}", ceil.gemm_tflops);
+            println!(
+                "{:>6} {:>6} {:>5} {:>11} {:>11} {:>12} {:>12}",
+                "T", "batch", "D", "fwd ms", "bwd ms", "fwd TFLOP/s", "bwd TFLOP/s"
+            );
+            for &d in &head_dims {
+                for &t in &lens {
+                    let seqs = (tokens / t).max(1);
+                    let r = bench::bench_attention(&device, seqs, t, 2048 / d, 2048 / d, d, reps)?;
+                    println!(
+                        "{:>6} {:>6} {:>5} {:>11.3} {:>11.3} {:>12.2} {:>12.2}",
+                        t,
+                        seqs,
+                        d,
+                        r.forward_ms,
+                        r.backward_ms,
+                        r.forward_tflops,
+                        r.backward_tflops
+                    );
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
