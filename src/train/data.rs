@@ -62,6 +62,9 @@ impl Default for Limits {
     }
 }
 
+/// A loader of one kind of data: path, encoder, whether to skip invalid lines.
+pub type Loader<T> = fn(&Path, &Encoder, bool) -> Result<(Vec<T>, LoadReport)>;
+
 /// What loading found, for the run summary.
 #[derive(Debug, Default, Clone)]
 pub struct LoadReport {

@@ -214,11 +214,7 @@ pub fn train(args: &TrainArgs, which: PrefTrainer) -> Result<(RunSummary, Option
         limits: args.limits(),
         eos: eos_id(&model, &tok)?,
     };
-    let (pairs, report) = data::load_pairs(&args.data, &enc, args.skip_invalid)?;
-    if !args.quiet {
-        eprintln!("{}", report.summary(&args.data));
-    }
-    let (train, eval) = data::split(&pairs, args.eval_fraction, args.seed);
+    let (train, eval) = super::load_split(args, &enc, data::load_pairs)?;
     let eval_ref = if eval.is_empty() {
         Vec::new()
     } else {

@@ -3,7 +3,6 @@
 //! loss aggregated per sequence (mean of each response's token mean) or per token (over all tokens).
 //! Rewards come from a reward model or from a rule for verifiable tasks.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -245,12 +244,7 @@ pub fn train(a: &GrpoArgs) -> Result<GrpoSummary> {
             ..AdamWConfig::default()
         },
     )?;
-    let metrics_path = t.out.join("metrics.jsonl");
-    let mut metrics_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .map_err(|e| Error::io(&metrics_path, e))?;
+    let mut metrics = super::MetricsLog::open(&t.out)?;
     let bar = if t.quiet {
         indicatif::ProgressBar::hidden()
     } else {
@@ -258,21 +252,11 @@ pub fn train(a: &GrpoArgs) -> Result<GrpoSummary> {
     };
     let (eps_low, eps_high) = (a.epsilon, a.epsilon_high.unwrap_or(a.epsilon));
     let mut rng = Rng::new(t.seed);
-    let mut order: Vec<usize> = (0..prompts.len()).collect();
-    let (mut cursor, mut epoch) = (order.len(), 0u64);
+    let mut cycle = super::PromptCycler::new(prompts.len(), t.seed);
     let mut last = Metrics::new();
     let total_updates = a.iterations * a.updates_per_rollout;
     for it in 0..a.iterations {
-        let mut picked = Vec::new();
-        while picked.len() < a.prompts_per_step {
-            if cursor == order.len() {
-                data::shuffle(&mut order, t.seed.wrapping_add(epoch));
-                epoch += 1;
-                cursor = 0;
-            }
-            picked.push(order[cursor]);
-            cursor += 1;
-        }
+        let picked = cycle.take(a.prompts_per_step);
         // Each prompt repeated group_size times, consecutively.
         let batch: Vec<Vec<i32>> = picked
             .iter()
@@ -390,8 +374,7 @@ pub fn train(a: &GrpoArgs) -> Result<GrpoSummary> {
                     / t_train.elapsed().as_secs_f64(),
             ),
         ]);
-        writeln!(metrics_file, "{}", serde_json::to_string(&m).unwrap())
-            .map_err(|e| Error::io(&metrics_path, e))?;
+        metrics.write(&m)?;
         bar.set_position((it + 1) as u64);
         bar.set_message(format!("reward {mean_reward:.3}"));
         last = m;

@@ -135,11 +135,7 @@ pub fn train(
         limits: args.limits(),
         eos: eos_id(&model, &tok)?,
     };
-    let (examples, report) = data::load_kto(&args.data, &enc, args.skip_invalid)?;
-    if !args.quiet {
-        eprintln!("{}", report.summary(&args.data));
-    }
-    let (train, eval) = data::split(&examples, args.eval_fraction, args.seed);
+    let (train, eval) = super::load_split(args, &enc, data::load_kto)?;
     let reference = Model::load(&args.model, &model.device)?;
     let eval_ref = if eval.is_empty() {
         Vec::new()

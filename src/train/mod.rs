@@ -451,12 +451,7 @@ pub fn run(
             eprintln!("resuming from {} (step {step})", dir.display());
         }
     }
-    let metrics_path = args.out.join("metrics.jsonl");
-    let mut metrics_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .map_err(|e| Error::io(&metrics_path, e))?;
+    let mut metrics = MetricsLog::open(&args.out)?;
     let bar = if args.quiet {
         indicatif::ProgressBar::hidden()
     } else {
@@ -521,8 +516,7 @@ pub fn run(
         m.insert("learning_rate".into(), lr);
         m.insert("grad_norm".into(), norm);
         m.insert("tokens_per_s".into(), tokens as f64 / secs);
-        writeln!(metrics_file, "{}", serde_json::to_string(&m).unwrap())
-            .map_err(|e| Error::io(&metrics_path, e))?;
+        metrics.write(&m)?;
         bar.set_position(step as u64);
         bar.set_message(format!(
             "loss {:.4} lr {:.2e} |g| {:.3} {:.0} tok/s",
@@ -562,6 +556,77 @@ pub fn run(
         last,
         final_dir,
     })
+}
+
+/// Loads one kind of data with `loader`, reports what loading found (unless quiet), and splits off
+/// the held-out fraction.
+pub fn load_split<T: Clone>(
+    args: &TrainArgs,
+    enc: &data::Encoder,
+    loader: data::Loader<T>,
+) -> Result<(Vec<T>, Vec<T>)> {
+    let (items, report) = loader(&args.data, enc, args.skip_invalid)?;
+    if !args.quiet {
+        eprintln!("{}", report.summary(&args.data));
+    }
+    Ok(data::split(&items, args.eval_fraction, args.seed))
+}
+
+/// `metrics.jsonl` of a run, opened for appending (a resumed run continues it).
+pub struct MetricsLog {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl MetricsLog {
+    pub fn open(out: &Path) -> Result<MetricsLog> {
+        let path = out.join("metrics.jsonl");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        Ok(MetricsLog { path, file })
+    }
+
+    pub fn write(&mut self, m: &Metrics) -> Result<()> {
+        writeln!(self.file, "{}", serde_json::to_string(m).unwrap())
+            .map_err(|e| Error::io(&self.path, e))
+    }
+}
+
+/// Prompts in seeded shuffles, one epoch after another, for the online trainers.
+pub struct PromptCycler {
+    order: Vec<usize>,
+    cursor: usize,
+    epoch: u64,
+    seed: u64,
+}
+
+impl PromptCycler {
+    pub fn new(n: usize, seed: u64) -> PromptCycler {
+        PromptCycler {
+            order: (0..n).collect(),
+            cursor: n,
+            epoch: 0,
+            seed,
+        }
+    }
+
+    /// The next `k` prompt indices.
+    pub fn take(&mut self, k: usize) -> Vec<usize> {
+        let mut out = Vec::with_capacity(k);
+        while out.len() < k {
+            if self.cursor == self.order.len() {
+                data::shuffle(&mut self.order, self.seed.wrapping_add(self.epoch));
+                self.epoch += 1;
+                self.cursor = 0;
+            }
+            out.push(self.order[self.cursor]);
+            self.cursor += 1;
+        }
+        out
+    }
 }
 
 /// Loads the policy for a trainer from `args`.

@@ -7,7 +7,6 @@
 //! log-probs are logged beside them (`logprob_mismatch`) so a mismatch between the two paths shows.
 //! The value model starts from the reward model (a separate network with its own optimizer).
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -213,20 +212,13 @@ pub fn train(a: &PpoArgs) -> Result<PpoSummary> {
         cliprange_value: a.cliprange_value,
         vf_coef: a.vf_coef,
     };
-    let metrics_path = t.out.join("metrics.jsonl");
-    let mut metrics_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .map_err(|e| Error::io(&metrics_path, e))?;
+    let mut metrics = super::MetricsLog::open(&t.out)?;
     let bar = if t.quiet {
         indicatif::ProgressBar::hidden()
     } else {
         indicatif::ProgressBar::new(a.iterations as u64)
     };
-    let mut order: Vec<usize> = (0..prompts.len()).collect();
-    let mut cursor = order.len();
-    let mut epoch = 0u64;
+    let mut cycle = super::PromptCycler::new(prompts.len(), t.seed);
     let mut rng = Rng::new(t.seed);
     let mut last = Metrics::new();
     let updates_per_iter = a.ppo_epochs * a.rollout_batch.div_ceil(a.minibatch);
@@ -234,16 +226,11 @@ pub fn train(a: &PpoArgs) -> Result<PpoSummary> {
     let mut update = 0usize;
     for it in 0..a.iterations {
         // 1. Prompts, cycling through the data in seeded shuffles.
-        let mut batch = Vec::with_capacity(a.rollout_batch);
-        while batch.len() < a.rollout_batch {
-            if cursor == order.len() {
-                data::shuffle(&mut order, t.seed.wrapping_add(epoch));
-                epoch += 1;
-                cursor = 0;
-            }
-            batch.push(prompts[order[cursor]].tokens.clone());
-            cursor += 1;
-        }
+        let batch: Vec<Vec<i32>> = cycle
+            .take(a.rollout_batch)
+            .into_iter()
+            .map(|i| prompts[i].tokens.clone())
+            .collect();
         // 2. Rollout.
         let t_gen = Instant::now();
         let opts = GenerateOptions {
@@ -437,8 +424,7 @@ pub fn train(a: &PpoArgs) -> Result<PpoSummary> {
                 (sb.batch.len() * (1 + a.ppo_epochs)) as f64 / train_secs,
             ),
         ]);
-        writeln!(metrics_file, "{}", serde_json::to_string(&m).unwrap())
-            .map_err(|e| Error::io(&metrics_path, e))?;
+        metrics.write(&m)?;
         bar.set_position((it + 1) as u64);
         bar.set_message(format!(
             "score {:.3} kl {:.3} clip {:.3}",

@@ -138,11 +138,7 @@ pub fn train(args: &TrainArgs) -> Result<(RunSummary, Option<(f64, f64)>)> {
         eos: eos_id(&model, &tok)?,
     };
     let mut model = into_reward_model(model, args.seed)?;
-    let (pairs, report) = data::load_pairs(&args.data, &enc, args.skip_invalid)?;
-    if !args.quiet {
-        eprintln!("{}", report.summary(&args.data));
-    }
-    let (train, eval) = data::split(&pairs, args.eval_fraction, args.seed);
+    let (train, eval) = super::load_split(args, &enc, data::load_pairs)?;
     let mut obj = RewardObjective { pairs: train };
     let summary = run(args, &mut model, &mut obj, "rm")?;
     let held_out = if eval.is_empty() {

@@ -95,11 +95,7 @@ pub fn train(args: &TrainArgs) -> Result<(RunSummary, Option<f64>)> {
         limits: args.limits(),
         eos: eos_id(&model, &tok)?,
     };
-    let (examples, report) = data::load_sft(&args.data, &enc, args.skip_invalid)?;
-    if !args.quiet {
-        eprintln!("{}", report.summary(&args.data));
-    }
-    let (train, eval) = data::split(&examples, args.eval_fraction, args.seed);
+    let (train, eval) = super::load_split(args, &enc, data::load_sft)?;
     let mut obj = Sft { examples: train };
     let summary = run(args, &mut model, &mut obj, "sft")?;
     let eval_loss = if eval.is_empty() {
