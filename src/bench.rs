@@ -575,3 +575,105 @@ pub fn bench_attention(
         backward_tflops: 2.5 * flops / (backward_ms * 1e-3) / 1e12,
     })
 }
+
+/// Generation and training throughput of an online trainer's iteration.
+#[derive(Debug, Clone)]
+pub struct OnlineBench {
+    pub generated_tokens: usize,
+    pub generation_tokens_per_s: f64,
+    pub training_tokens: usize,
+    pub training_tokens_per_s: f64,
+}
+
+/// Times one rollout (`prompts` prompts of `prompt_len` tokens, `new_tokens` sampled each, no EOS)
+/// and its update: for PPO the policy and value forward+backward plus the reference and reward
+/// forwards; for GRPO the policy forward+backward plus the reference forward. Random weights with
+/// `cfg`'s shape.
+pub fn bench_online(
+    device: &Device,
+    cfg: &crate::model::LlamaConfig,
+    ppo: bool,
+    prompts: usize,
+    prompt_len: usize,
+    new_tokens: usize,
+) -> Result<OnlineBench> {
+    use crate::model::generate::GenerateOptions;
+    use crate::model::{Model, Params};
+    use crate::train::{score, score_backward, ScoredBatch};
+    let dtype = if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    let policy = Model::new(
+        cfg.clone(),
+        Params::random(cfg, 1, device, dtype)?,
+        device.clone(),
+    )?;
+    let reference = Model::new(
+        cfg.clone(),
+        Params::random(cfg, 2, device, dtype)?,
+        device.clone(),
+    )?;
+    let mut vcfg = cfg.clone();
+    vcfg.scalar_head = true;
+    let value = Model::new(
+        vcfg.clone(),
+        Params::random(&vcfg, 3, device, dtype)?,
+        device.clone(),
+    )?;
+    let mut rng = Rng::new(4);
+    let batch: Vec<Vec<i32>> = (0..prompts)
+        .map(|_| {
+            (0..prompt_len)
+                .map(|_| rng.below(cfg.vocab_size) as i32)
+                .collect()
+        })
+        .collect();
+    let opts = GenerateOptions {
+        max_new_tokens: new_tokens,
+        temperature: 1.0,
+        seed: 5,
+        ..Default::default()
+    };
+    device.synchronize()?;
+    let t = Instant::now();
+    let gens = policy.generate(&batch, &opts, |_, _| {})?;
+    device.synchronize()?;
+    let gen_secs = t.elapsed().as_secs_f64();
+    let generated: usize = gens.iter().map(|g| g.tokens.len()).sum();
+    let seqs: Vec<(&[i32], &[i32])> = batch
+        .iter()
+        .zip(&gens)
+        .map(|(p, g)| (p.as_slice(), g.tokens.as_slice()))
+        .collect();
+    let sb = ScoredBatch::new(&seqs);
+    let mut grads = Params::zeros(cfg, device, DType::F32)?;
+    let mut vgrads = Params::zeros(&vcfg, device, DType::F32)?;
+    let train_ms = median_ms(device, 1, 3, || {
+        score(&reference, &sb)?;
+        let s = score(&policy, &sb)?;
+        let up = vec![1.0 / sb.batch.len() as f32; sb.batch.len()];
+        score_backward(&policy, &s, up.clone(), &mut grads)?;
+        if ppo {
+            let acts = value.forward(&sb.batch)?;
+            value.scalar_head(&acts.hidden)?;
+            let dv = Tensor::from_f32(&[sb.batch.len()], up, device)?;
+            let dh = value.scalar_head_bwd(
+                &acts.hidden,
+                &dv,
+                vgrads.score.as_mut().expect("value head"),
+            )?;
+            value.backward(&acts, &dh, &mut vgrads)?;
+            // The reward model's forward (the same shape as the value model's).
+            value.forward(&sb.batch)?;
+        }
+        Ok(())
+    })?;
+    Ok(OnlineBench {
+        generated_tokens: generated,
+        generation_tokens_per_s: generated as f64 / gen_secs,
+        training_tokens: sb.batch.len(),
+        training_tokens_per_s: sb.batch.len() as f64 / (train_ms * 1e-3),
+    })
+}

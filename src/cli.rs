@@ -304,8 +304,8 @@ pub enum BenchCommand {
     },
     /// Tokens/s, MFU and device memory of one training step (random weights).
     Train {
-        /// Which trainer's step (dpo: policy forward+backward on chosen and rejected plus the
-        /// reference forward).
+        /// Which trainer's step: dpo (policy forward+backward on chosen and rejected plus the
+        /// reference forward), ppo or grpo (a rollout's generation and its update).
         #[arg(long, default_value = "dpo")]
         trainer: String,
         /// A model folder whose config.json gives the shape [default: SmolLM2-135M's shape].
@@ -525,10 +525,42 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             reps,
             device,
         }) => {
+            if trainer == "ppo" || trainer == "grpo" {
+                let device = Device::from_choice(device)?;
+                let cfg = match model {
+                    Some(dir) => crate::model::LlamaConfig::load(&dir.join("config.json"))?,
+                    None => crate::model::LlamaConfig::smollm2_135m(),
+                };
+                // A rollout of `pairs` × 4 prompts (a GRPO step's 4 groups, or a PPO rollout), half of
+                // --seq-len prompt and half sampled.
+                let r = bench::bench_online(
+                    &device,
+                    &cfg,
+                    trainer == "ppo",
+                    pairs * 4,
+                    seq_len / 2,
+                    seq_len / 2,
+                )?;
+                println!(
+                    "{trainer} iteration, {} responses of {} + {} tokens on {device:?}",
+                    pairs * 4,
+                    seq_len / 2,
+                    seq_len / 2
+                );
+                println!(
+                    "generation: {} tokens, {:.0} tokens/s",
+                    r.generated_tokens, r.generation_tokens_per_s
+                );
+                println!(
+                    "training:   {} tokens, {:.0} tokens/s",
+                    r.training_tokens, r.training_tokens_per_s
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             if trainer != "dpo" {
                 return Err(crate::Error::Unsupported {
                     op: "bench train",
-                    detail: format!("--trainer {trainer}: only dpo is benchmarked so far"),
+                    detail: format!("--trainer {trainer}: dpo, ppo and grpo are benchmarked"),
                 });
             }
             let device = Device::from_choice(device)?;
