@@ -117,8 +117,8 @@ pub struct Labelled {
     pub confidence: f64,
 }
 
-/// Samples `n` responses per prompt with `policy` and ranks them with `judge`. Prompts whose samples
-/// are all identical give no pair and are skipped (their count is returned).
+/// Samples `n` responses per prompt with `policy` and ranks them with `judge`. Prompts without two
+/// distinct non-empty samples give no pair and are skipped (their count is returned).
 pub fn label(
     policy: &Model,
     tok: &TextTokenizer,
@@ -146,8 +146,9 @@ pub fn label(
             .iter()
             .map(|g| tok.decode(&g.tokens, true))
             .collect::<Result<_>>()?;
+        // Empty responses (EOS at once) make no usable pair: a trainer rejects an empty completion.
         let distinct: Vec<usize> = (0..n)
-            .filter(|&i| !texts[..i].contains(&texts[i]))
+            .filter(|&i| !texts[i].trim().is_empty() && !texts[..i].contains(&texts[i]))
             .collect();
         if distinct.len() < 2 {
             skipped += 1;
