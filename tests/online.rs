@@ -117,6 +117,25 @@ fn ppo_raises_the_reward_within_a_kl_bound() {
     println!("held-out reward-model score {s0:.3} -> {s1:.3}, KL to the SFT model {kl:.3} nats");
     assert!(s1 > s0 + 0.2, "score {s0} -> {s1}");
     assert!(kl < 3.0, "KL {kl} over the stated bound of 3 nats");
+    // The same with a value head on the policy instead of a separate value model.
+    let mut p = p.clone();
+    p.train.out = r.join("ppo-shared");
+    p.shared_value = true;
+    let shared = ppo::train(&p).unwrap();
+    assert!(shared.final_dir.join("value_head.safetensors").is_file());
+    let (s2, kl2) = ppo::score_and_kl(
+        &Model::load(&shared.final_dir, &dev).unwrap(),
+        &before,
+        &rm,
+        &prompts,
+        &opts,
+    )
+    .unwrap();
+    println!("shared value head: score {s0:.3} -> {s2:.3}, KL {kl2:.3}");
+    assert!(
+        s2 > s0 + 0.2 && kl2 < 3.0,
+        "shared value head: score {s0} -> {s2}, KL {kl2}"
+    );
     std::fs::remove_dir_all(&r).ok();
 }
 

@@ -381,18 +381,19 @@ impl Model {
         matmul(&h, Trans::N, self.lm_head(), Trans::T)?.to_f32_vec()
     }
 
-    /// The scalar head on every row: `[N]` values (reward and value models).
-    pub fn scalar_head(&self, hidden: &Tensor) -> Result<Tensor> {
-        let w = self
-            .params
+    fn score_weight(&self) -> Result<&Tensor> {
+        self.params
             .score
             .as_ref()
             .ok_or_else(|| Error::Unsupported {
                 op: "scalar_head",
                 detail: "this model has no score head".into(),
-            })?;
-        let n = hidden.shape()[0];
-        cast(&matmul(hidden, Trans::N, w, Trans::T)?, DType::F32)?.reshape(&[n])
+            })
+    }
+
+    /// The scalar head on every row: `[N]` values (reward and value models).
+    pub fn scalar_head(&self, hidden: &Tensor) -> Result<Tensor> {
+        head_values(hidden, self.score_weight()?)
     }
 
     /// Backward of `scalar_head` for upstream `dvalues` `[N]` f32: returns dhidden (f32); `dscore +=`.
@@ -402,21 +403,30 @@ impl Model {
         dvalues: &Tensor,
         dscore: &mut Tensor,
     ) -> Result<Tensor> {
-        let w = self
-            .params
-            .score
-            .as_ref()
-            .ok_or_else(|| Error::Unsupported {
-                op: "scalar_head",
-                detail: "this model has no score head".into(),
-            })?;
-        let n = hidden.shape()[0];
-        let dv = cast(&dvalues.duplicate()?.reshape(&[n, 1])?, self.dtype)?;
-        gemm(dscore, &dv, Trans::T, hidden, Trans::N, 1.0, 1.0)?;
-        let mut dh = Tensor::zeros(hidden.shape(), DType::F32, &self.device)?;
-        gemm(&mut dh, &dv, Trans::N, w, Trans::N, 1.0, 0.0)?;
-        Ok(dh)
+        head_values_bwd(hidden, self.score_weight()?, dvalues, dscore)
     }
+}
+
+/// `hidden · wᵀ` for a `[1, d]` head: one f32 value per row.
+pub fn head_values(hidden: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let n = hidden.shape()[0];
+    cast(&matmul(hidden, Trans::N, w, Trans::T)?, DType::F32)?.reshape(&[n])
+}
+
+/// Backward of `head_values` for upstream `dvalues` `[N]` f32: returns dhidden `[N, d]` f32 and adds
+/// the head's gradient into `dw` (`[1, d]` f32).
+pub fn head_values_bwd(
+    hidden: &Tensor,
+    w: &Tensor,
+    dvalues: &Tensor,
+    dw: &mut Tensor,
+) -> Result<Tensor> {
+    let n = hidden.shape()[0];
+    let dv = cast(&dvalues.duplicate()?.reshape(&[n, 1])?, hidden.dtype())?;
+    gemm(dw, &dv, Trans::T, hidden, Trans::N, 1.0, 1.0)?;
+    let mut dh = Tensor::zeros(hidden.shape(), DType::F32, hidden.device())?;
+    gemm(&mut dh, &dv, Trans::N, w, Trans::N, 1.0, 0.0)?;
+    Ok(dh)
 }
 
 /// Where a layer writes its new keys and values: `(cache row, fresh row, rows)` copies.

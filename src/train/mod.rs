@@ -723,7 +723,7 @@ impl ScoredBatch {
 pub struct Scored {
     pub acts: crate::model::Activations,
     pub out: LogprobOut,
-    targets: Tensor,
+    pub(crate) targets: Tensor,
     /// Per packed row, log p(target) (0 where there is none).
     pub per_token: Vec<f32>,
 }

@@ -5,7 +5,8 @@
 //!
 //! The log-probs in the ratio's denominator are recomputed by the training forward pass; the sampling
 //! log-probs are logged beside them (`logprob_mismatch`) so a mismatch between the two paths shows.
-//! The value model starts from the reward model (a separate network with its own optimizer).
+//! The value model starts from the reward model (a separate network with its own optimizer), or with
+//! `shared_value` is a scalar head on the policy's hidden states, trained with it.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -20,9 +21,12 @@ use super::{
 use crate::device::{DType, Tensor};
 use crate::error::{Error, Result};
 use crate::model::generate::GenerateOptions;
+use crate::model::llama::{head_values, head_values_bwd};
 use crate::model::{Model, Params};
-use crate::ops::adamw::{clip_coefficient, global_grad_norm, AdamWConfig};
+use crate::ops::adamw::{adamw_step, clip_coefficient, global_grad_norm, AdamWConfig};
+use crate::ops::elementwise::add;
 use crate::ops::kl::KlEstimator;
+use crate::ops::logprob::linear_logprob_bwd;
 use crate::ops::ppo::{ppo_advantages, ppo_loss, PpoConfig};
 use crate::rng::Rng;
 
@@ -35,8 +39,12 @@ pub struct PpoArgs {
     #[arg(long)]
     pub reward_model: PathBuf,
     /// The value model's starting point [default: the reward model].
-    #[arg(long)]
+    #[arg(long, conflicts_with = "shared_value")]
     pub value_model: Option<PathBuf>,
+    /// A value head on the policy's own hidden states instead of a separate value model (half the
+    /// memory; the value loss then also trains the policy's trunk). The head starts at N(0, 0.02²).
+    #[arg(long)]
+    pub shared_value: bool,
     /// PPO iterations (rollout, then updates).
     #[arg(long, default_value_t = 100)]
     pub iterations: usize,
@@ -86,6 +94,7 @@ impl PpoArgs {
             train,
             reward_model,
             value_model: None,
+            shared_value: false,
             iterations: 100,
             rollout_batch: 32,
             ppo_epochs: 4,
@@ -138,6 +147,82 @@ fn rows(v: &[f32], t: usize, idx: &[usize]) -> Vec<f32> {
         .collect()
 }
 
+/// Where PPO's values come from.
+enum Critic {
+    Separate(Box<Model>, Box<Optimizer>),
+    Shared(Box<ValueHead>),
+}
+
+/// A `[1, d]` value head on the policy's hidden states, with its own AdamW state (f32 master).
+struct ValueHead {
+    /// In the policy's dtype, for the forward.
+    w: Tensor,
+    master: Tensor,
+    m: Tensor,
+    v: Tensor,
+    step: u64,
+    cfg: AdamWConfig,
+}
+
+impl ValueHead {
+    fn new(policy: &Model, seed: u64) -> Result<ValueHead> {
+        let d = policy.cfg.hidden_size;
+        let init = Rng::new(seed ^ 0x5ca1ab1e).normal_vec(d, 0.02);
+        let dev = &policy.device;
+        Ok(ValueHead {
+            w: Tensor::from_f32_as(&[1, d], &init, policy.dtype, dev)?,
+            master: Tensor::from_f32(&[1, d], init, dev)?,
+            m: Tensor::zeros(&[1, d], DType::F32, dev)?,
+            v: Tensor::zeros(&[1, d], DType::F32, dev)?,
+            step: 0,
+            cfg: AdamWConfig::default(),
+        })
+    }
+
+    fn update(&mut self, grad: &Tensor, lr: f64, clip: f64) -> Result<()> {
+        self.step += 1;
+        let cfg = AdamWConfig { lr, ..self.cfg };
+        let copy = if self.w.dtype() == DType::F32 {
+            None
+        } else {
+            Some(&mut self.w)
+        };
+        adamw_step(
+            &mut self.master,
+            &mut self.m,
+            &mut self.v,
+            copy,
+            grad,
+            &cfg,
+            self.step,
+            clip,
+        )?;
+        if self.w.dtype() == DType::F32 {
+            self.w = self.master.duplicate()?;
+        }
+        Ok(())
+    }
+
+    fn save(&self, path: &std::path::Path) -> Result<()> {
+        let bytes: Vec<u8> = self
+            .master
+            .to_f32_vec()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let view = safetensors::tensor::TensorView::new(
+            safetensors::Dtype::F32,
+            self.master.shape().to_vec(),
+            &bytes,
+        )
+        .map_err(|e| Error::file(path, e.to_string()))?;
+        crate::model::weights::write_atomic(path, |tmp| {
+            safetensors::serialize_to_file(vec![("score.weight", view)], None, tmp)
+                .map_err(|e| Error::file(tmp, e.to_string()))
+        })
+    }
+}
+
 /// Per-row values of a scalar-head model at the rows scoring each response token, padded `[B, T]`.
 fn values(model: &Model, sb: &ScoredBatch) -> Result<(crate::model::Activations, Vec<f32>)> {
     let acts = model.forward(&sb.batch)?;
@@ -182,8 +267,20 @@ pub fn train(a: &PpoArgs) -> Result<PpoSummary> {
         .value_model
         .clone()
         .unwrap_or_else(|| a.reward_model.clone());
-    let mut value = Model::load(&value_dir, &device)?;
-    value.recompute = t.recompute;
+    let mut critic = if a.shared_value {
+        Critic::Shared(Box::new(ValueHead::new(&policy, t.seed)?))
+    } else {
+        let mut value = Model::load(&value_dir, &device)?;
+        value.recompute = t.recompute;
+        let opt = Optimizer::new(
+            &value,
+            AdamWConfig {
+                weight_decay: t.weight_decay,
+                ..AdamWConfig::default()
+            },
+        )?;
+        Critic::Separate(Box::new(value), Box::new(opt))
+    };
     let eos = eos_id(&policy, &tok)?;
     let enc = Encoder {
         tok: &tok,
@@ -199,10 +296,7 @@ pub fn train(a: &PpoArgs) -> Result<PpoSummary> {
         weight_decay: t.weight_decay,
         ..AdamWConfig::default()
     };
-    let (mut opt_p, mut opt_v) = (
-        Optimizer::new(&policy, adam)?,
-        Optimizer::new(&value, adam)?,
-    );
+    let mut opt_p = Optimizer::new(&policy, adam)?;
     let mut cfg = PpoConfig {
         kl_coef: a.kl_coef,
         kl_estimator: a.kl_estimator,
@@ -257,7 +351,13 @@ pub fn train(a: &PpoArgs) -> Result<PpoSummary> {
         let (old_lp, mask, tt) = sb.padded(&old.per_token);
         let entropy = old.out.entropy.to_f32_vec()?;
         let (ref_lp, _, _) = sb.padded(&score(&reference, &sb)?.per_token);
-        let (_, old_v) = values(&value, &sb)?;
+        let old_v = match &critic {
+            Critic::Separate(value, _) => values(value, &sb)?.1,
+            Critic::Shared(head) => {
+                sb.padded(&head_values(&old.acts.hidden, &head.w)?.to_f32_vec()?)
+                    .0
+            }
+        };
         let full: Vec<Vec<i32>> = batch
             .iter()
             .zip(&responses)
@@ -296,7 +396,17 @@ pub fn train(a: &PpoArgs) -> Result<PpoSummary> {
                 let msb = ScoredBatch::new(&mseqs);
                 let s = score(&policy, &msb)?;
                 let (new_lp, _, mt) = msb.padded(&s.per_token);
-                let (vacts, new_v) = values(&value, &msb)?;
+                let (vacts, new_v) = match &critic {
+                    Critic::Separate(value, _) => {
+                        let (acts, v) = values(value, &msb)?;
+                        (Some(acts), v)
+                    }
+                    Critic::Shared(head) => (
+                        None,
+                        msb.padded(&head_values(&s.acts.hidden, &head.w)?.to_f32_vec()?)
+                            .0,
+                    ),
+                };
                 // Minibatch rows padded to the rollout's width T; the minibatch's own width is ≤ T.
                 let widen = |v: &[f32]| -> Vec<f32> {
                     v.chunks(mt)
@@ -320,37 +430,54 @@ pub fn train(a: &PpoArgs) -> Result<PpoSummary> {
                 let lr = super::learning_rate(t.lr, update, t.warmup_steps, total_updates);
                 update += 1;
                 let mut gp = Params::zeros(&policy.cfg, &device, DType::F32)?;
-                score_backward(
-                    &policy,
-                    &s,
-                    msb.unpad(&narrow(l.grad_new_logps.to_f32_vec()?), mt),
-                    &mut gp,
+                let glp = msb.unpad(&narrow(l.grad_new_logps.to_f32_vec()?), mt);
+                let dv = Tensor::from_f32(
+                    &[msb.batch.len()],
+                    msb.unpad(&narrow(l.grad_new_values.to_f32_vec()?), mt),
+                    &device,
                 )?;
+                match &mut critic {
+                    Critic::Separate(value, opt_v) => {
+                        score_backward(&policy, &s, glp, &mut gp)?;
+                        let vacts = vacts.expect("a separate critic has its own activations");
+                        let mut gv = Params::zeros(&value.cfg, &device, DType::F32)?;
+                        let dh = value.scalar_head_bwd(
+                            &vacts.hidden,
+                            &dv,
+                            gv.score.as_mut().expect("value models have a score head"),
+                        )?;
+                        value.backward(&vacts, &dh, &mut gv)?;
+                        let vnorm = global_grad_norm(&gv.named())?;
+                        opt_v.update(value, &gv, lr, clip_coefficient(vnorm, t.max_grad_norm))?;
+                    }
+                    Critic::Shared(head) => {
+                        // One backward through the trunk for both losses.
+                        let n_rows = msb.batch.len();
+                        let g = Tensor::from_f32(&[n_rows], glp, &device)?;
+                        let zero = Tensor::zeros(&[n_rows], DType::F32, &device)?;
+                        let dh_lp = linear_logprob_bwd(
+                            &s.acts.hidden,
+                            policy.lm_head(),
+                            &s.targets,
+                            &s.out,
+                            &g,
+                            &zero,
+                            1.0,
+                            gp.lm_head_mut(),
+                        )?;
+                        let mut dw = Tensor::zeros(head.w.shape(), DType::F32, &device)?;
+                        let dh_v = head_values_bwd(&s.acts.hidden, &head.w, &dv, &mut dw)?;
+                        policy.backward(&s.acts, &add(&dh_lp, &dh_v)?, &mut gp)?;
+                        let hnorm = global_grad_norm(&[&dw])?;
+                        head.update(&dw, lr, clip_coefficient(hnorm, t.max_grad_norm))?;
+                    }
+                }
                 let norm = global_grad_norm(&gp.named())?;
                 opt_p.update(
                     &mut policy,
                     &gp,
                     lr,
                     clip_coefficient(norm, t.max_grad_norm),
-                )?;
-                let mut gv = Params::zeros(&value.cfg, &device, DType::F32)?;
-                let dv = Tensor::from_f32(
-                    &[msb.batch.len()],
-                    msb.unpad(&narrow(l.grad_new_values.to_f32_vec()?), mt),
-                    &device,
-                )?;
-                let dh = value.scalar_head_bwd(
-                    &vacts.hidden,
-                    &dv,
-                    gv.score.as_mut().expect("value models have a score head"),
-                )?;
-                value.backward(&vacts, &dh, &mut gv)?;
-                let vnorm = global_grad_norm(&gv.named())?;
-                opt_v.update(
-                    &mut value,
-                    &gv,
-                    lr,
-                    clip_coefficient(vnorm, t.max_grad_norm),
                 )?;
                 pg += l.pg_loss;
                 vf += l.vf_loss;
@@ -449,7 +576,12 @@ pub fn train(a: &PpoArgs) -> Result<PpoSummary> {
     let state = serde_json::json!({"trainer": "ppo", "iteration": a.iterations});
     let final_dir = t.out.join("final");
     save_checkpoint(&policy, None, &t.model, &final_dir, &state)?;
-    save_checkpoint(&value, None, &value_dir, &t.out.join("value"), &state)?;
+    match &critic {
+        Critic::Separate(value, _) => {
+            save_checkpoint(value, None, &value_dir, &t.out.join("value"), &state)?
+        }
+        Critic::Shared(head) => head.save(&final_dir.join("value_head.safetensors"))?,
+    }
     Ok(PpoSummary {
         iterations: a.iterations,
         last,
