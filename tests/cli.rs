@@ -70,8 +70,8 @@ fn every_training_command_runs_from_the_command_line() {
         assert!(ok, "rlhf {}\n{out}\n{err}", args.join(" "));
         out
     };
-    let common = |model: &str, data: &str, out: &str| -> Vec<String> {
-        [
+    let online = |model: &str, data: &str, out: &str| -> Vec<String> {
+        let flags = [
             "--model",
             model,
             "--data",
@@ -80,19 +80,22 @@ fn every_training_command_runs_from_the_command_line() {
             out,
             "--device",
             "cpu",
-            "--max-steps",
-            "2",
-            "--batch-size",
-            "4",
             "--lr",
             "1e-3",
             "--max-len",
             "64",
             "--quiet",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+        ];
+        flags.iter().map(|s| s.to_string()).collect()
+    };
+    let common = |model: &str, data: &str, out: &str| -> Vec<String> {
+        let mut v = online(model, data, out);
+        v.extend(
+            ["--max-steps", "2", "--batch-size", "4"]
+                .iter()
+                .map(|s| s.to_string()),
+        );
+        v
     };
     let with = |cmd: &str, rest: Vec<String>, extra: &[&str]| -> Vec<String> {
         let mut v = vec![cmd.to_string()];
@@ -179,7 +182,7 @@ fn every_training_command_runs_from_the_command_line() {
     );
     let out = run(with(
         "ppo",
-        common(&sft, &p("data/prompts.jsonl"), &p("ppo")),
+        online(&sft, &p("data/prompts.jsonl"), &p("ppo")),
         &[
             "--reward-model",
             &rm,
@@ -201,9 +204,34 @@ fn every_training_command_runs_from_the_command_line() {
         out.contains("2 iterations") && out.contains("logprob_mismatch"),
         "{out}"
     );
+    let shared_flags = [
+        "--reward-model",
+        &rm,
+        "--shared-value",
+        "--iterations",
+        "1",
+        "--rollout-batch",
+        "2",
+        "--minibatch",
+        "2",
+        "--max-new-tokens",
+        "8",
+    ];
+    let out = run(with(
+        "ppo",
+        online(&sft, &p("data/prompts.jsonl"), &p("ppo-shared")),
+        &shared_flags,
+    ));
+    assert!(
+        out.contains("1 iterations")
+            && root
+                .join("ppo-shared/final/value_head.safetensors")
+                .is_file(),
+        "{out}"
+    );
     let out = run(with(
         "grpo",
-        common(&sft, &p("data/prompts.jsonl"), &p("grpo")),
+        online(&sft, &p("data/prompts.jsonl"), &p("grpo")),
         &[
             "--reward-rule",
             "exact",
@@ -291,11 +319,25 @@ fn every_training_command_runs_from_the_command_line() {
         "cpu".into(),
     ]);
     assert!(out.contains("after    1 relearning steps"), "{out}");
-    // Conflicting or missing choices are errors, not guesses.
+    // Conflicting, missing or inapplicable choices are errors, not guesses.
+    let (ok, _, err) = rlhf(
+        &with(
+            "ppo",
+            common(&sft, &p("data/prompts.jsonl"), &p("p2")),
+            &["--reward-model", &rm],
+        )
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>(),
+    );
+    assert!(
+        !ok && err.contains("--max-steps does not apply to ppo"),
+        "{err}"
+    );
     let (ok, _, err) = rlhf(
         &with(
             "grpo",
-            common(&sft, &p("data/prompts.jsonl"), &p("g2")),
+            online(&sft, &p("data/prompts.jsonl"), &p("g2")),
             &["--reward-rule", "exact", "--reward-model", &rm],
         )
         .iter()

@@ -194,6 +194,7 @@ enum Scorer<'a> {
 /// `rlhf grpo`.
 pub fn train(a: &GrpoArgs) -> Result<GrpoSummary> {
     let t = &a.train;
+    super::reject_offline_options(t, "grpo")?;
     if a.group_size < 2 {
         return Err(Error::Unsupported {
             op: "grpo",

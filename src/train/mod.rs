@@ -558,6 +558,33 @@ pub fn run(
     })
 }
 
+/// The online trainers (PPO, GRPO) size their work in iterations and rollouts: refuse the offline
+/// loop's options they would otherwise ignore.
+pub fn reject_offline_options(args: &TrainArgs, trainer: &'static str) -> Result<()> {
+    let defaults = TrainArgs::new(&args.model, &args.data, &args.out);
+    let unused = [
+        ("--resume", args.resume),
+        ("--stop-after", args.stop_after.is_some()),
+        ("--max-steps", args.max_steps.is_some()),
+        ("--epochs", args.epochs != defaults.epochs),
+        ("--batch-size", args.batch_size != defaults.batch_size),
+        ("--grad-accum", args.grad_accum != defaults.grad_accum),
+        (
+            "--eval-fraction",
+            args.eval_fraction != defaults.eval_fraction,
+        ),
+    ];
+    match unused.iter().find(|(_, set)| *set) {
+        Some((flag, _)) => Err(Error::Unsupported {
+            op: trainer,
+            detail: format!(
+                "{flag} does not apply to {trainer} (it runs --iterations of rollouts and updates)"
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Loads one kind of data with `loader`, reports what loading found (unless quiet), and splits off
 /// the held-out fraction.
 pub fn load_split<T: Clone>(

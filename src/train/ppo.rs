@@ -240,13 +240,7 @@ pub struct PpoSummary {
 /// `rlhf ppo`.
 pub fn train(a: &PpoArgs) -> Result<PpoSummary> {
     let t = &a.train;
-    if t.resume {
-        return Err(Error::Unsupported {
-            op: "ppo",
-            detail: "--resume is not supported for PPO yet; start from the saved policy instead"
-                .into(),
-        });
-    }
+    super::reject_offline_options(t, "ppo")?;
     if a.minibatch == 0 || a.rollout_batch == 0 || a.max_new_tokens == 0 {
         return Err(Error::Unsupported {
             op: "ppo",
