@@ -23,6 +23,16 @@ fn root(name: &str) -> PathBuf {
     r
 }
 
+/// The online trainers' options: no offline batch sizes or epochs.
+fn online_args(model: &Path, data: &Path, out: &Path, lr: f64) -> TrainArgs {
+    let mut a = TrainArgs::new(model, data, out);
+    a.device = DeviceChoice::Cpu;
+    a.lr = lr;
+    a.warmup_steps = 5;
+    a.max_len = 96;
+    a
+}
+
 fn train_args(model: &Path, data: &Path, out: &Path, lr: f64, epochs: usize) -> TrainArgs {
     let mut a = TrainArgs::new(model, data, out);
     a.device = DeviceChoice::Cpu;
@@ -59,7 +69,7 @@ fn ppo_raises_the_reward_within_a_kl_bound() {
     .0
     .final_dir;
     let mut p = ppo::PpoArgs::new(
-        train_args(&sft, &r.join("data/prompts.jsonl"), &r.join("ppo"), 1e-4, 1),
+        online_args(&sft, &r.join("data/prompts.jsonl"), &r.join("ppo"), 1e-4),
         rm.clone(),
     );
     p.iterations = 15;
@@ -187,12 +197,11 @@ fn grpo_solves_the_copy_task() {
     .final_dir;
     let before = copy_accuracy(&sft);
     let mut g = grpo::GrpoArgs::new(
-        train_args(
+        online_args(
             &sft,
             &r.join("data/copy_prompts.jsonl"),
             &r.join("grpo"),
             1e-3,
-            1,
         ),
         RewardRule::Exact,
     );
