@@ -6,16 +6,12 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use rlhf_kernels::device::{DType, Device, Tensor};
+use rlhf_kernels::device::{Device, Tensor};
 use rlhf_kernels::ops::attention::{attention_bwd, attention_fwd, AttnBatch, Heads};
 use rlhf_kernels::testing::{time_iters, Rng};
 
 fn run(c: &mut Criterion, device: &Device, label: &str, seqs: usize, t: usize, hd: Heads) {
-    let dtype = if device.is_cuda() {
-        DType::BF16
-    } else {
-        DType::F32
-    };
+    let dtype = device.compute_dtype();
     let n = seqs * t;
     let mut rng = Rng::new(1);
     let mk = |rng: &mut Rng, w: usize| {

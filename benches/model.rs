@@ -19,17 +19,7 @@ fn run(
     seqs: usize,
     len: usize,
 ) {
-    let dtype = if device.is_cuda() {
-        DType::BF16
-    } else {
-        DType::F32
-    };
-    let model = Model::new(
-        cfg.clone(),
-        Params::random(cfg, 1, device, dtype).unwrap(),
-        device.clone(),
-    )
-    .unwrap();
+    let model = Model::random(cfg, 1, device).unwrap();
     let mut rng = Rng::new(2);
     let seq: Vec<Vec<i32>> = (0..seqs)
         .map(|_| (0..len).map(|_| rng.below(cfg.vocab_size) as i32).collect())

@@ -165,11 +165,7 @@ pub fn bench_kernels(
 ) -> Result<Vec<BenchRow>> {
     let full = size == BenchSize::Full;
     let mut rng = Rng::new(11);
-    let act = if device.is_cuda() {
-        DType::BF16
-    } else {
-        DType::F32
-    };
+    let act = device.compute_dtype();
     let (warm, reps) = if full { (2, 10) } else { (1, 3) };
     let mut rows = Vec::new();
     let mut push = |r: BenchRow, rows: &mut Vec<BenchRow>| {
@@ -372,16 +368,7 @@ pub fn bench_model(
     reps: usize,
 ) -> Result<ModelBench> {
     use crate::model::{Batch, Model, Params};
-    let dtype = if device.is_cuda() {
-        DType::BF16
-    } else {
-        DType::F32
-    };
-    let model = Model::new(
-        cfg.clone(),
-        Params::random(cfg, 1, device, dtype)?,
-        device.clone(),
-    )?;
+    let model = Model::random(cfg, 1, device)?;
     let mut rng = Rng::new(3);
     let seq_tokens: Vec<Vec<i32>> = (0..seqs)
         .map(|_| (0..len).map(|_| rng.below(cfg.vocab_size) as i32).collect())
@@ -442,21 +429,8 @@ pub fn bench_dpo_step(
     use crate::model::{Model, Params};
     use crate::ops::pref_loss::{pref_loss, DpoLoss, PrefExtras, PrefLoss};
     use crate::train::{score, score_backward, ScoredBatch};
-    let dtype = if device.is_cuda() {
-        DType::BF16
-    } else {
-        DType::F32
-    };
-    let policy = Model::new(
-        cfg.clone(),
-        Params::random(cfg, 1, device, dtype)?,
-        device.clone(),
-    )?;
-    let reference = Model::new(
-        cfg.clone(),
-        Params::random(cfg, 1, device, dtype)?,
-        device.clone(),
-    )?;
+    let policy = Model::random(cfg, 1, device)?;
+    let reference = Model::random(cfg, 1, device)?;
     let mut rng = Rng::new(5);
     let mut tok = |n: usize| {
         (0..n)
@@ -539,11 +513,7 @@ pub fn bench_attention(
     reps: usize,
 ) -> Result<AttentionBench> {
     use crate::ops::attention::{attention_bwd, attention_fwd, AttnBatch, Heads};
-    let dtype = if device.is_cuda() {
-        DType::BF16
-    } else {
-        DType::F32
-    };
+    let dtype = device.compute_dtype();
     let n = seqs * len;
     let hd = Heads {
         heads,
@@ -600,28 +570,11 @@ pub fn bench_online(
     use crate::model::generate::GenerateOptions;
     use crate::model::{Model, Params};
     use crate::train::{score, score_backward, ScoredBatch};
-    let dtype = if device.is_cuda() {
-        DType::BF16
-    } else {
-        DType::F32
-    };
-    let policy = Model::new(
-        cfg.clone(),
-        Params::random(cfg, 1, device, dtype)?,
-        device.clone(),
-    )?;
-    let reference = Model::new(
-        cfg.clone(),
-        Params::random(cfg, 2, device, dtype)?,
-        device.clone(),
-    )?;
+    let policy = Model::random(cfg, 1, device)?;
+    let reference = Model::random(cfg, 2, device)?;
     let mut vcfg = cfg.clone();
     vcfg.scalar_head = true;
-    let value = Model::new(
-        vcfg.clone(),
-        Params::random(&vcfg, 3, device, dtype)?,
-        device.clone(),
-    )?;
+    let value = Model::random(&vcfg, 3, device)?;
     let mut rng = Rng::new(4);
     let batch: Vec<Vec<i32>> = (0..prompts)
         .map(|_| {

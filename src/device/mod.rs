@@ -43,6 +43,15 @@ impl Device {
         }
     }
 
+    /// What activations and weights are stored in: f32 on the CPU (the reference), bf16 on CUDA.
+    pub fn compute_dtype(&self) -> DType {
+        if self.is_cuda() {
+            DType::BF16
+        } else {
+            DType::F32
+        }
+    }
+
     pub fn is_cuda(&self) -> bool {
         matches!(self, Device::Cuda(_))
     }

@@ -123,11 +123,7 @@ fn linear_bwd(
 
 impl Model {
     pub fn new(cfg: LlamaConfig, params: Params, device: Device) -> Result<Model> {
-        let dtype = if device.is_cuda() {
-            DType::BF16
-        } else {
-            DType::F32
-        };
+        let dtype = device.compute_dtype();
         if params.embed.dtype() != dtype {
             return Err(Error::DType {
                 op: "Model::new",
@@ -145,14 +141,19 @@ impl Model {
         })
     }
 
+    /// A model of `cfg`'s shape with random weights (benchmarks, tests) in the device's compute dtype.
+    pub fn random(cfg: &LlamaConfig, seed: u64, device: &Device) -> Result<Model> {
+        Model::new(
+            cfg.clone(),
+            Params::random(cfg, seed, device, device.compute_dtype())?,
+            device.clone(),
+        )
+    }
+
     /// Loads a Hugging Face folder (`config.json` and safetensors weights) onto `device`.
     pub fn load(dir: &std::path::Path, device: &Device) -> Result<Model> {
         let cfg = LlamaConfig::load(&dir.join("config.json"))?;
-        let dtype = if device.is_cuda() {
-            DType::BF16
-        } else {
-            DType::F32
-        };
+        let dtype = device.compute_dtype();
         let params = Params::load(&cfg, dir, device, dtype)?;
         Model::new(cfg, params, device.clone())
     }
