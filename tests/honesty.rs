@@ -1,9 +1,12 @@
 //! Honesty evaluations: ECE on a hand-computed example, calibration trained with DPO on the built-in
 //! abstention preferences, suppression and relearning, and RLAIF labelling.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
-use rlhf_kernels::device::DeviceChoice;
+use common::{sft_and_reward_model, train_args};
+
 use rlhf_kernels::model::generate::GenerateOptions;
 use rlhf_kernels::model::tokenizer::TextTokenizer;
 use rlhf_kernels::model::Model;
@@ -14,7 +17,7 @@ use rlhf_kernels::train::honesty::{
     calibration, expected_calibration_error, is_abstention, is_correct, suppression, Bin,
 };
 use rlhf_kernels::train::label::{label, Judge};
-use rlhf_kernels::train::{builtin, reward, sft, TrainArgs};
+use rlhf_kernels::train::{builtin, sft};
 use rlhf_kernels::Device;
 
 #[test]
@@ -43,22 +46,8 @@ fn ece_matches_a_hand_computed_example() {
     assert!(is_correct("It is Paris.", "paris"));
 }
 
-fn args(model: &Path, data: &Path, out: &Path, lr: f64, epochs: usize) -> TrainArgs {
-    let mut a = TrainArgs::new(model, data, out);
-    a.device = DeviceChoice::Cpu;
-    a.lr = lr;
-    a.batch_size = 16;
-    a.epochs = epochs;
-    a.warmup_steps = 5;
-    a.max_len = 96;
-    a
-}
-
 fn root(name: &str) -> PathBuf {
-    let r = std::env::temp_dir().join(format!("rlhf-honesty-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&r);
-    builtin::write_tiny_model(&r.join("base"), 1).unwrap();
-    r
+    common::root("honesty", name)
 }
 
 fn qa(dir: &Path, model: &Path) -> Vec<(Vec<i32>, String)> {
@@ -79,7 +68,7 @@ fn qa(dir: &Path, model: &Path) -> Vec<(Vec<i32>, String)> {
 fn dpo_on_abstention_preferences_improves_calibration() {
     let r = root("cal");
     builtin::write_calibration_task(&r.join("data"), 400, 3).unwrap();
-    let sft = sft::train(&args(
+    let sft = sft::train(&train_args(
         &r.join("base"),
         &r.join("data/cal_sft.jsonl"),
         &r.join("sft"),
@@ -108,7 +97,7 @@ fn dpo_on_abstention_preferences_improves_calibration() {
         precompute_ref: true,
     };
     let tuned = dpo::train(
-        &args(
+        &train_args(
             &sft,
             &r.join("data/cal_prefs.jsonl"),
             &r.join("dpo"),
@@ -153,7 +142,7 @@ fn dpo_on_abstention_preferences_improves_calibration() {
 fn suppressed_behaviour_returns_after_a_little_fine_tuning() {
     let r = root("suppress");
     builtin::write_synthetic_task(&r.join("data"), 300, 2).unwrap();
-    let sft = sft::train(&args(
+    let sft = sft::train(&train_args(
         &r.join("base"),
         &r.join("data/sft.jsonl"),
         &r.join("sft"),
@@ -170,7 +159,7 @@ fn suppressed_behaviour_returns_after_a_little_fine_tuning() {
         precompute_ref: true,
     };
     let suppressed = dpo::train(
-        &args(&sft, &r.join("data/prefs.jsonl"), &r.join("dpo"), 3e-4, 1),
+        &train_args(&sft, &r.join("data/prefs.jsonl"), &r.join("dpo"), 3e-4, 1),
         which,
     )
     .unwrap()
@@ -194,7 +183,7 @@ fn suppressed_behaviour_returns_after_a_little_fine_tuning() {
         eos: vec![256],
         ..Default::default()
     };
-    let mut train = args(&sft, &relearn, &r.join("unused"), 1e-3, 1);
+    let mut train = train_args(&sft, &relearn, &r.join("unused"), 1e-3, 1);
     train.batch_size = 8;
     let rep = suppression(
         &sft,
@@ -227,27 +216,7 @@ fn suppressed_behaviour_returns_after_a_little_fine_tuning() {
 #[test]
 fn reward_model_labels_agree_with_the_known_preference() {
     let r = root("label");
-    builtin::write_synthetic_task(&r.join("data"), 300, 2).unwrap();
-    let sft = sft::train(&args(
-        &r.join("base"),
-        &r.join("data/sft.jsonl"),
-        &r.join("sft"),
-        3e-3,
-        3,
-    ))
-    .unwrap()
-    .0
-    .final_dir;
-    let rm = reward::train(&args(
-        &sft,
-        &r.join("data/prefs.jsonl"),
-        &r.join("rm"),
-        1e-3,
-        1,
-    ))
-    .unwrap()
-    .0
-    .final_dir;
+    let (sft, rm) = sft_and_reward_model(&r);
     let dev = Device::Cpu;
     let policy = Model::load(&sft, &dev).unwrap();
     let tok = TextTokenizer::load(&sft).unwrap();

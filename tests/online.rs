@@ -2,9 +2,12 @@
 //! the exact-match rate of a verifiable task; and the pieces (adaptive KL, explained variance, group
 //! advantages, the GRPO token gradient, rule rewards) against hand computations.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
-use rlhf_kernels::device::DeviceChoice;
+use common::{online_args, sft_and_reward_model, train_args};
+
 use rlhf_kernels::model::generate::GenerateOptions;
 use rlhf_kernels::model::tokenizer::TextTokenizer;
 use rlhf_kernels::model::Model;
@@ -13,61 +16,17 @@ use rlhf_kernels::train::grpo::{
     self, group_advantages, grpo_token_terms, last_integer, rule_reward, RewardRule,
 };
 use rlhf_kernels::train::ppo::{self, adapt_kl, explained_variance};
-use rlhf_kernels::train::{builtin, reward, sft, TrainArgs};
+use rlhf_kernels::train::{builtin, sft};
 use rlhf_kernels::Device;
 
 fn root(name: &str) -> PathBuf {
-    let r = std::env::temp_dir().join(format!("rlhf-online-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&r);
-    builtin::write_tiny_model(&r.join("base"), 1).unwrap();
-    r
-}
-
-/// The online trainers' options: no offline batch sizes or epochs.
-fn online_args(model: &Path, data: &Path, out: &Path, lr: f64) -> TrainArgs {
-    let mut a = TrainArgs::new(model, data, out);
-    a.device = DeviceChoice::Cpu;
-    a.lr = lr;
-    a.warmup_steps = 5;
-    a.max_len = 96;
-    a
-}
-
-fn train_args(model: &Path, data: &Path, out: &Path, lr: f64, epochs: usize) -> TrainArgs {
-    let mut a = TrainArgs::new(model, data, out);
-    a.device = DeviceChoice::Cpu;
-    a.lr = lr;
-    a.batch_size = 16;
-    a.epochs = epochs;
-    a.warmup_steps = 5;
-    a.max_len = 96;
-    a
+    common::root("online", name)
 }
 
 #[test]
 fn ppo_raises_the_reward_within_a_kl_bound() {
     let r = root("ppo");
-    builtin::write_synthetic_task(&r.join("data"), 300, 2).unwrap();
-    let sft = sft::train(&train_args(
-        &r.join("base"),
-        &r.join("data/sft.jsonl"),
-        &r.join("sft"),
-        3e-3,
-        3,
-    ))
-    .unwrap()
-    .0
-    .final_dir;
-    let rm = reward::train(&train_args(
-        &sft,
-        &r.join("data/prefs.jsonl"),
-        &r.join("rm"),
-        1e-3,
-        1,
-    ))
-    .unwrap()
-    .0
-    .final_dir;
+    let (sft, rm) = sft_and_reward_model(&r);
     let mut p = ppo::PpoArgs::new(
         online_args(&sft, &r.join("data/prompts.jsonl"), &r.join("ppo"), 1e-4),
         rm.clone(),

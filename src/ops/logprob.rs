@@ -122,6 +122,23 @@ pub struct LogprobOut {
     pub entropy: Tensor,
 }
 
+impl LogprobOut {
+    /// The CPU path's three per-row vectors as tensors on `device`.
+    fn from_host(
+        logp: Vec<f32>,
+        lse: Vec<f32>,
+        entropy: Vec<f32>,
+        device: &Device,
+    ) -> Result<LogprobOut> {
+        let n = logp.len();
+        Ok(LogprobOut {
+            logp: Tensor::from_f32(&[n], logp, device)?,
+            lse: Tensor::from_f32(&[n], lse, device)?,
+            entropy: Tensor::from_f32(&[n], entropy, device)?,
+        })
+    }
+}
+
 fn check_temperature(op: &'static str, temperature: f32) -> Result<f32> {
     if !(temperature.is_finite() && temperature > 0.0) {
         return Err(Error::Unsupported {
@@ -179,11 +196,7 @@ pub fn logprob_fwd(logits: &Tensor, targets: &Tensor, temperature: f32) -> Resul
                 vocab,
                 scale,
             );
-            Ok(LogprobOut {
-                logp: Tensor::from_f32(&[n], lp, device)?,
-                lse: Tensor::from_f32(&[n], lse, device)?,
-                entropy: Tensor::from_f32(&[n], ent, device)?,
-            })
+            LogprobOut::from_host(lp, lse, ent, device)
         }
         Device::Cuda(_) => match logits.dtype() {
             DType::F32 => fwd_cuda::<f32>(logits, targets, n, vocab, scale),
@@ -493,11 +506,7 @@ pub fn linear_logprob_fwd(
                 vocab,
                 scale,
             );
-            Ok(LogprobOut {
-                logp: Tensor::from_f32(&[n], lp, device)?,
-                lse: Tensor::from_f32(&[n], lse, device)?,
-                entropy: Tensor::from_f32(&[n], ent, device)?,
-            })
+            LogprobOut::from_host(lp, lse, ent, device)
         }
         Device::Cuda(_) => match hidden.dtype() {
             DType::F32 => linear_fwd_cuda::<f32>(hidden, weight, targets, n, d, vocab, scale),
