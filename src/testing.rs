@@ -132,6 +132,76 @@ pub fn assert_bf16_rule(name: &str, got: &[f32], exact: &[f32], atol: f64) -> f6
     err
 }
 
+/// A kernel output against the exact (f64) reference on the same inputs. bf16 outputs follow the bf16
+/// rule. f32 outputs pass within `atol + rtol·|exact|`, or within twice the max error of the plain f32
+/// CPU loop (`plain`) on the same inputs: an f32 reduction over 10^5 terms (a log-sum-exp over the
+/// vocabulary, a weight gradient over 8,192 rows) carries rounding error that no order of summation
+/// removes, and the kernel is held to the straightforward loop's accuracy, not to a bound that loop
+/// itself misses. Panics on a mismatch; on a match prints the `CHECK|` line.
+#[track_caller]
+#[allow(clippy::too_many_arguments)]
+pub fn check_against_exact(
+    kernel: &str,
+    case: &str,
+    got: &[f32],
+    plain: &[f32],
+    exact: &[f64],
+    dtype: crate::device::DType,
+    atol: f64,
+    rtol: f64,
+) {
+    assert_eq!(got.len(), exact.len(), "{kernel} {case}: length");
+    assert_eq!(plain.len(), exact.len(), "{kernel} {case}: length");
+    let name = format!("{kernel} {case}");
+    let exact32: Vec<f32> = exact.iter().map(|&v| v as f32).collect();
+    if dtype == crate::device::DType::BF16 {
+        let e = assert_bf16_rule(&name, got, &exact32, atol);
+        report(kernel, case, e, &format!("2x bf16 rounding + {atol:e}"));
+        return;
+    }
+    let plain_err = plain
+        .iter()
+        .zip(exact)
+        .map(|(&p, &e)| (p as f64 - e).abs())
+        .fold(0.0f64, f64::max);
+    // The allowance must stay a rounding allowance: a plain loop far off the exact value means the
+    // reference or the test is wrong, and that must not widen what the kernel may get away with.
+    let nominal = atol + rtol * exact.iter().fold(0.0f64, |m, e| m.max(e.abs()));
+    assert!(
+        plain_err <= 10.0 * nominal,
+        "{name}: the plain f32 loop is {plain_err:e} from the exact reference, over 10x the nominal \
+         tolerance {nominal:e}"
+    );
+    let mut max_err = 0.0f64;
+    let mut bad = Vec::new();
+    for (i, (&g, &e)) in got.iter().zip(exact).enumerate() {
+        let err = (g as f64 - e).abs();
+        let allowed = (atol + rtol * e.abs()).max(2.0 * plain_err);
+        if err.is_nan() || err > allowed {
+            bad.push(format!("[{i}] got {g:e}, exact {e:e}"));
+        }
+        max_err = if err.is_nan() {
+            f64::NAN
+        } else {
+            max_err.max(err)
+        };
+    }
+    assert!(
+        bad.is_empty(),
+        "{name}: {} of {} elements outside {atol:e} + {rtol:e}|exact| and twice the plain f32 loop's \
+         error {plain_err:e}; max error {max_err:e}; first: {}",
+        bad.len(),
+        got.len(),
+        bad[..bad.len().min(5)].join(", ")
+    );
+    report(
+        kernel,
+        case,
+        max_err,
+        &format!("{atol:e} + {rtol:e}|ref| or 2x f32 loop ({plain_err:.1e})"),
+    );
+}
+
 /// Central finite differences of `f` at `x` against `analytic`, in f64. Fails with the first bad
 /// coordinates. `h` is the step; `tol` bounds `|fd - analytic| / max(1, |analytic|)`.
 pub fn fd_check(

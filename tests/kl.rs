@@ -7,7 +7,9 @@ use rlhf_kernels::ops::kl::{
     kl_full_bwd, kl_full_bwd_ref, kl_full_fwd, kl_full_fwd_ref, kl_sampled_bwd, kl_sampled_fwd,
     kl_sampled_ref, KlEstimator,
 };
-use rlhf_kernels::testing::{check_output, fd_check, fresh_seed, round_bf16, Rng};
+use rlhf_kernels::testing::{
+    check_against_exact, check_output, fd_check, fresh_seed, round_bf16, Rng,
+};
 
 fn to64(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| x as f64).collect()
@@ -94,19 +96,34 @@ fn check_cuda(dev: &Device, rng: &mut Rng, n: usize, vocab: usize, dtype: DType)
         .unwrap();
         (out.kl.to_f32_vec().unwrap(), dx.to_f32_vec().unwrap())
     };
-    let (want_kl, want_dx) = run(&Device::Cpu, DType::F32);
+    let (plain_kl, plain_dx) = run(&Device::Cpu, DType::F32);
     let (got_kl, got_dx) = run(dev, dtype);
+    let (x64, y64, g64) = (to64(&x), to64(&y), to64(&g));
+    let (mut kl, mut lp, mut lq) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+    kl_full_fwd_ref(&mut kl, &mut lp, &mut lq, &x64, &y64, vocab);
+    let mut dx = vec![0.0; n * vocab];
+    kl_full_bwd_ref(&mut dx, &x64, &y64, &lp, &lq, &kl, &g64, vocab);
     let case = format!("{n}x{vocab} {}", dtype.name());
-    check_output(
+    check_against_exact(
         "kl_full_fwd",
         &case,
         &got_kl,
-        &want_kl,
+        &plain_kl,
+        &kl,
         DType::F32,
         1e-5,
         1e-4,
     );
-    check_output("kl_full_bwd", &case, &got_dx, &want_dx, dtype, 1e-7, 1e-4);
+    check_against_exact(
+        "kl_full_bwd",
+        &case,
+        &got_dx,
+        &plain_dx,
+        &dx,
+        dtype,
+        1e-7,
+        1e-4,
+    );
 }
 
 cuda_test! {

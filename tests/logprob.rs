@@ -8,7 +8,7 @@ use rlhf_kernels::ops::logprob::{
     logprob_fwd_ref, vocab_tile, LogprobOut,
 };
 use rlhf_kernels::testing::{
-    assert_close, check_output, fd_check, fresh_seed, poison_outputs, round_bf16, Rng,
+    assert_close, check_against_exact, fd_check, fresh_seed, poison_outputs, round_bf16, Rng,
 };
 
 fn to64(v: &[f32]) -> Vec<f64> {
@@ -259,43 +259,40 @@ fn check_cuda(dev: &Device, rng: &mut Rng, n: usize, vocab: usize, dtype: DType,
             .unwrap();
         (out, dx)
     };
-    let (want, want_dx) = run(&Device::Cpu, DType::F32);
+    let (plain, plain_dx) = run(&Device::Cpu, DType::F32);
     let (got, got_dx) = run(dev, dtype);
+    let scale64 = (1.0 / temperature) as f64;
+    let x64 = to64(&x);
+    let (mut lp, mut lse, mut ent) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+    logprob_fwd_ref(&mut lp, &mut lse, &mut ent, &x64, &targets, vocab, scale64);
+    let mut dx = vec![0.0; n * vocab];
+    logprob_bwd_ref(
+        &mut dx,
+        &x64,
+        &targets,
+        &lse,
+        &ent,
+        &to64(&g_lp),
+        &to64(&g_ent),
+        vocab,
+        scale64,
+    );
     let case = format!("{n}x{vocab} {} scale {scale}", dtype.name());
     let v = |t: &Tensor| t.to_f32_vec().unwrap();
     let tol = 1e-5 * (1.0 + scale as f64 * 10.0);
-    check_output(
-        "logprob_fwd.logp",
-        &case,
-        &v(&got.logp),
-        &v(&want.logp),
-        DType::F32,
-        tol,
-        1e-5,
-    );
-    check_output(
-        "logprob_fwd.lse",
-        &case,
-        &v(&got.lse),
-        &v(&want.lse),
-        DType::F32,
-        tol,
-        1e-5,
-    );
-    check_output(
-        "logprob_fwd.entropy",
-        &case,
-        &v(&got.entropy),
-        &v(&want.entropy),
-        DType::F32,
-        tol,
-        1e-5,
-    );
-    check_output(
+    for (name, g, p, e) in [
+        ("logprob_fwd.logp", &got.logp, &plain.logp, &lp),
+        ("logprob_fwd.lse", &got.lse, &plain.lse, &lse),
+        ("logprob_fwd.entropy", &got.entropy, &plain.entropy, &ent),
+    ] {
+        check_against_exact(name, &case, &v(g), &v(p), e, DType::F32, tol, 1e-5);
+    }
+    check_against_exact(
         "logprob_bwd.dlogits",
         &case,
         &got_dx,
-        &want_dx,
+        &plain_dx,
+        &dx,
         dtype,
         1e-6,
         1e-4,

@@ -356,17 +356,24 @@ cuda_test! {
             // The same weights rounded to bf16 on both sides.
             let rounded = cpu.params.convert(&cfg, &Device::Cpu, DType::BF16).unwrap().convert(&cfg, &Device::Cpu, DType::F32).unwrap();
             let cpu = Model::new(cfg.clone(), rounded, Device::Cpu).unwrap();
-            let gpu = Model::new(cfg.clone(), cpu.params.convert(&cfg, &dev, DType::BF16).unwrap(), dev.clone()).unwrap();
             let b = batch();
             let w = rng.normal_vec(b.len(), 1.0);
             let mut gc = Params::zeros(&cfg, &Device::Cpu, DType::F32).unwrap();
-            let mut gg = Params::zeros(&cfg, &dev, DType::F32).unwrap();
-            let (lc, lg) = (lm_loss(&cpu, &b, &w, Some(&mut gc)), lm_loss(&gpu, &b, &w, Some(&mut gg)));
-            assert!((lc - lg).abs() <= 2e-2 * lc.abs().max(1.0), "loss {lg} vs {lc}");
-            for ((name, _), (a, c)) in parameter_shapes(&cfg).iter().zip(gg.named().iter().zip(gc.named())) {
-                let e = rel_l2(&a.to_f32_vec().unwrap(), &c.to_f32_vec().unwrap());
-                assert!(e <= 3e-2, "{name}: relative L2 error {e:e}");
-                rlhf_kernels::testing::report("model.grad", name, e, "rel L2 <= 3e-2 (bf16)");
+            let lc = lm_loss(&cpu, &b, &w, Some(&mut gc));
+            // f32 on the GPU computes what the CPU computes, up to summation order: a tight bound
+            // that any indexing or formula error breaks. bf16 stores every activation with 8 bits of
+            // mantissa through two layers and their backward; its bound only catches gross errors.
+            for (dtype, bound) in [(DType::F32, 1e-4), (DType::BF16, 6e-2)] {
+                let gpu = Model::new(cfg.clone(), cpu.params.convert(&cfg, &dev, dtype).unwrap(), dev.clone()).unwrap();
+                let mut gg = Params::zeros(&cfg, &dev, DType::F32).unwrap();
+                let lg = lm_loss(&gpu, &b, &w, Some(&mut gg));
+                let loss_bound = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+                assert!((lc - lg).abs() <= loss_bound * lc.abs().max(1.0), "{} loss {lg} vs {lc}", dtype.name());
+                for ((name, _), (a, c)) in parameter_shapes(&cfg).iter().zip(gg.named().iter().zip(gc.named())) {
+                    let e = rel_l2(&a.to_f32_vec().unwrap(), &c.to_f32_vec().unwrap());
+                    assert!(e <= bound, "{} {name}: relative L2 error {e:e}", dtype.name());
+                    rlhf_kernels::testing::report("model.grad", &format!("{} {name}", dtype.name()), e, &format!("rel L2 <= {bound:e}"));
+                }
             }
         }
     }

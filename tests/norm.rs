@@ -5,7 +5,7 @@ use rlhf_kernels::cuda_test;
 use rlhf_kernels::device::{DType, Device, Tensor};
 use rlhf_kernels::ops::norm::{rms_norm_bwd, rms_norm_bwd_ref, rms_norm_fwd, rms_norm_fwd_ref};
 use rlhf_kernels::testing::{
-    assert_close, check_output, fd_check, fresh_seed, poison_outputs, report, round_bf16, Rng,
+    assert_close, check_against_exact, fd_check, fresh_seed, poison_outputs, round_bf16, Rng,
 };
 
 /// Loss L = sum(y * g) for a fixed random g, so dL/dy = g.
@@ -161,27 +161,55 @@ fn check_cuda(dev: &Device, rng: &mut Rng, rows: usize, cols: usize, dtype: DTyp
     )
     .unwrap();
 
+    let f64s = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
+    let (x64, w64, dy64) = (f64s(&x), f64s(&w), f64s(&dy));
+    let (mut y64, mut rstd64) = (vec![0.0; rows * cols], vec![0.0; rows]);
+    rms_norm_fwd_ref(&mut y64, &mut rstd64, &x64, &w64, cols, 1e-5);
+    let (mut dx64, mut dw64) = (vec![0.0; rows * cols], f64s(&dw0));
+    rms_norm_bwd_ref(&mut dx64, &mut dw64, &dy64, &x64, &w64, &rstd64, cols);
+
     let tag = format!("{rows}x{cols} {}", dtype.name());
-    let (y, y_ref) = (out.y.to_f32_vec().unwrap(), ref_out.y.to_f32_vec().unwrap());
-    let (dxv, dx_ref) = (dx.to_f32_vec().unwrap(), ref_dx.to_f32_vec().unwrap());
-    let e = assert_close(
-        &format!("rstd {tag}"),
-        &out.rstd.to_f32_vec().unwrap(),
-        &ref_out.rstd.to_f32_vec().unwrap(),
+    let v = |t: &Tensor| t.to_f32_vec().unwrap();
+    check_against_exact(
+        "rms_norm_fwd.rstd",
+        &tag,
+        &v(&out.rstd),
+        &v(&ref_out.rstd),
+        &rstd64,
+        DType::F32,
         0.0,
         1e-5,
     );
-    report("rms_norm_fwd.rstd", &tag, e, "rtol 1e-5");
-    let e = assert_close(
-        &format!("dweight {tag}"),
-        &dw.to_f32_vec().unwrap(),
-        &ref_dw.to_f32_vec().unwrap(),
+    check_against_exact(
+        "rms_norm_bwd.dweight",
+        &tag,
+        &v(&dw),
+        &v(&ref_dw),
+        &dw64,
+        DType::F32,
         1e-4,
         1e-4,
     );
-    report("rms_norm_bwd.dweight", &tag, e, "1e-4 + 1e-4|ref|");
-    check_output("rms_norm_fwd.y", &tag, &y, &y_ref, dtype, 1e-5, 1e-5);
-    check_output("rms_norm_bwd.dx", &tag, &dxv, &dx_ref, dtype, 1e-5, 1e-4);
+    check_against_exact(
+        "rms_norm_fwd.y",
+        &tag,
+        &v(&out.y),
+        &v(&ref_out.y),
+        &y64,
+        dtype,
+        1e-5,
+        1e-5,
+    );
+    check_against_exact(
+        "rms_norm_bwd.dx",
+        &tag,
+        &v(&dx),
+        &v(&ref_dx),
+        &dx64,
+        dtype,
+        1e-5,
+        1e-4,
+    );
 }
 
 cuda_test! {

@@ -4,7 +4,7 @@
 use rlhf_kernels::cuda_test;
 use rlhf_kernels::device::{DType, Device, Tensor};
 use rlhf_kernels::ops::pref_loss::{pref_loss, pref_loss_ref, DpoLoss, PrefExtras, PrefLoss};
-use rlhf_kernels::testing::{check_output, fd_check, fresh_seed, Rng};
+use rlhf_kernels::testing::{check_against_exact, fd_check, fresh_seed, Rng};
 
 fn every_loss() -> Vec<PrefLoss> {
     let mut v: Vec<PrefLoss> = DpoLoss::ALL
@@ -270,18 +270,45 @@ fn run(kind: &PrefLoss, b: &Batch, d: &Device) -> (f64, Vec<f32>, Vec<f32>, Vec<
     )
 }
 
+/// The f64 reference on the batch's values: (loss, per-sequence loss, chosen rewards, gradient).
+fn exact(kind: &PrefLoss, b: &Batch) -> (f64, Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (p, r, m, n, l) = (
+        to64(&b.policy),
+        to64(&b.reference),
+        to64(&b.mask),
+        to64(&b.nll_mask),
+        to64(&b.labels),
+    );
+    let out = pref_loss_ref(
+        kind,
+        &p,
+        Some(&r),
+        &m,
+        Some(&n),
+        Some(&l),
+        0.05f32 as f64,
+        b.cols,
+    );
+    (
+        out.loss,
+        out.per_sequence_loss,
+        out.chosen_rewards,
+        out.grad,
+    )
+}
+
 cuda_test! {
     fn cuda_matches_cpu_for_every_loss(dev) {
         let mut rng = Rng::new(fresh_seed("pref_loss cuda_matches_cpu_for_every_loss"));
         for &(pairs, cols) in &[(1, 1), (5, 17), (64, 1024), (3, 4097)] {
             let b = batch(&mut rng, pairs, cols.max(2));
             for kind in every_loss() {
-                let (want, got) = (run(&kind, &b, &Device::Cpu), run(&kind, &b, &dev));
+                let (plain, got, want) = (run(&kind, &b, &Device::Cpu), run(&kind, &b, &dev), exact(&kind, &b));
                 let case = format!("{kind:?} {pairs}x{cols}");
-                check_output("pref_loss.loss", &case, &[got.0 as f32], &[want.0 as f32], DType::F32, 1e-5, 1e-4);
-                check_output("pref_loss.per_sequence", &case, &got.1, &want.1, DType::F32, 1e-5, 1e-4);
-                check_output("pref_loss.rewards", &case, &got.2, &want.2, DType::F32, 1e-5, 1e-4);
-                check_output("pref_loss.grad", &case, &got.3, &want.3, DType::F32, 1e-7, 1e-4);
+                check_against_exact("pref_loss.loss", &case, &[got.0 as f32], &[plain.0 as f32], &[want.0], DType::F32, 1e-5, 1e-4);
+                check_against_exact("pref_loss.per_sequence", &case, &got.1, &plain.1, &want.1, DType::F32, 1e-5, 1e-4);
+                check_against_exact("pref_loss.rewards", &case, &got.2, &plain.2, &want.2, DType::F32, 1e-5, 1e-4);
+                check_against_exact("pref_loss.grad", &case, &got.3, &plain.3, &want.3, DType::F32, 1e-7, 1e-4);
             }
         }
     }
