@@ -222,3 +222,493 @@ __device__ void attention_bwd_dkv(T* __restrict__ dk, T* __restrict__ dv, const 
 
 ATTENTION_INSTANTIATE(f32, float)
 ATTENTION_INSTANTIATE(bf16, bf16)
+
+// ---------------------------------------------------------------------------------------------------
+// Flash kernels: bf16, head_dim 64 or 128, tensor cores through mma.sync m16n8k16 (sm_80 and later).
+//
+// FlashAttention-2's schedule. Forward: a block owns 64 query rows of one head (16 per warp), streams
+// 64-key tiles of K and V through shared memory with cp.async (the next K tile loads while this tile's
+// softmax and P·V run), keeps S, P and O in registers, and converts the S accumulators straight into
+// P's A operand (the m16n8 accumulator layout of two adjacent n-tiles is the m16k16 A layout).
+// Backward, without atomics so that it is bitwise deterministic: a dK/dV kernel where a block owns
+// 64 keys of one kv head and loops over every query head of its group and every query tile that sees
+// them, and a dQ kernel where a block owns 64 query rows and loops over their keys; both recompute P
+// from Q, K and the saved logsumexp. Work is cut into 64-row tiles listed by the host (`tiles`:
+// sequence, first local row) so that packed variable-length batches pay nothing for padding.
+//
+// Smem rows are padded by 16 bytes so that the 8 row addresses of an ldmatrix fall in distinct banks.
+
+#define FLASH_TILE 64
+#define FLASH_THREADS 128
+#define FLASH_PAD 8
+#define FLASH_BWD_QTILE 32
+#define FLASH_LOG2E 1.4426950408889634f
+#define FLASH_LN2 0.6931471805599453f
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const bf16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p)));
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const bf16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p)));
+}
+
+// c += a · b for one m16n8k16 tile, bf16 operands, f32 accumulators.
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// 16 bytes global -> shared, asynchronously; `valid` false writes zeros and reads nothing.
+__device__ __forceinline__ void cp_async16(bf16* smem, const bf16* gmem, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem),
+                 "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Rows row0 .. row0 + ROWS of a [*, row_stride] bf16 matrix (columns 0 .. D of `g`) into smem rows of
+// D + FLASH_PAD; rows at or past `n_valid` (counted from row0) are zero-filled.
+template <int D, int ROWS>
+__device__ __forceinline__ void flash_load_rows(bf16* smem, const bf16* g, size_t row_stride, int row0, int n_valid) {
+    constexpr int CHUNKS = D / 8;
+    for (int i = threadIdx.x; i < ROWS * CHUNKS; i += FLASH_THREADS) {
+        const int r = i / CHUNKS, c = (i % CHUNKS) * 8;
+        const bool ok = r < n_valid;
+        cp_async16(smem + r * (D + FLASH_PAD) + c, ok ? g + (size_t)(row0 + r) * row_stride + c : g, ok);
+    }
+}
+
+// A operand (16 rows from `row0`, k columns kk*16 .. +16) from a padded smem tile.
+template <int D>
+__device__ __forceinline__ void flash_load_a(uint32_t (&a)[4], const bf16* tile, int row0, int kk) {
+    const int lane = threadIdx.x & 31, mat = lane >> 3;
+    ldsm_x4(a, tile + (row0 + (lane & 7) + (mat & 1) * 8) * (D + FLASH_PAD) + kk * 16 + (mat >> 1) * 8);
+}
+
+// B operands of two adjacent n-tiles (rows n0 .. n0 + 16 of a [n][k] smem tile, k columns kk*16 ..):
+// for S = A · tileᵀ. b[0], b[1] belong to n-tile n0, b[2], b[3] to n0 + 8.
+template <int D>
+__device__ __forceinline__ void flash_load_bt(uint32_t (&b)[4], const bf16* tile, int n0, int kk) {
+    const int lane = threadIdx.x & 31, mat = lane >> 3;
+    ldsm_x4(b, tile + (n0 + (lane & 7) + (mat >> 1) * 8) * (D + FLASH_PAD) + kk * 16 + (mat & 1) * 8);
+}
+
+// B operands of two adjacent n-tiles (columns c0 .. c0 + 16) for A · tile, the tile stored [k][n]
+// with k rows k0 .. k0 + 16.
+template <int D>
+__device__ __forceinline__ void flash_load_b(uint32_t (&b)[4], const bf16* tile, int k0, int c0) {
+    const int lane = threadIdx.x & 31, mat = lane >> 3;
+    ldsm_x4_trans(b, tile + (k0 + (lane & 7) + (mat & 1) * 8) * (D + FLASH_PAD) + c0 + (mat >> 1) * 8);
+}
+
+// The A operand of k-step kk from f32 accumulators of n-tiles 2kk and 2kk + 1, rounded to bf16.
+template <int NT>
+__device__ __forceinline__ void flash_acc_to_a(uint32_t (&a)[4], const float (&acc)[NT][4], int kk) {
+    a[0] = pack_bf16x2(acc[2 * kk][0], acc[2 * kk][1]);
+    a[1] = pack_bf16x2(acc[2 * kk][2], acc[2 * kk][3]);
+    a[2] = pack_bf16x2(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
+    a[3] = pack_bf16x2(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
+}
+
+template <int D>
+__device__ void flash_fwd(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ q,
+                          const bf16* __restrict__ k, const bf16* __restrict__ v, const int* __restrict__ cu_q,
+                          const int* __restrict__ k_start, const int* __restrict__ k_len,
+                          const int* __restrict__ tiles, int H, int KV, float scale) {
+    constexpr int STRIDE = D + FLASH_PAD, NT = FLASH_TILE / 8, DT = D / 8;
+    extern __shared__ __align__(16) unsigned char flash_smem[];
+    bf16* ks = reinterpret_cast<bf16*>(flash_smem);
+    bf16* vs = ks + FLASH_TILE * STRIDE;
+    // Heavy tiles (late in a causal sequence) first: the host lists tiles in sequence order.
+    const int tile = gridDim.x - 1 - blockIdx.x;
+    const int b = tiles[2 * tile], iq0 = tiles[2 * tile + 1];
+    const int h = blockIdx.y, g = h / (H / KV);
+    const int q_begin = cu_q[b], len_q = cu_q[b + 1] - q_begin;
+    const int n_k = k_len[b], offset = n_k - len_q;
+    const int rows = min(FLASH_TILE, len_q - iq0);
+    const int n_keys = max(0, min(n_k, offset + iq0 + rows));
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const size_t kv_stride = (size_t)KV * D, q_stride = (size_t)H * D;
+    const bf16* kg = k + (size_t)k_start[b] * kv_stride + g * D;
+    const bf16* vg = v + (size_t)k_start[b] * kv_stride + g * D;
+    const float scale_log2 = scale * FLASH_LOG2E;
+
+    // Q is staged in V's buffer and held in registers from then on.
+    flash_load_rows<D, FLASH_TILE>(vs, q + (size_t)q_begin * q_stride + h * D, q_stride, iq0, rows);
+    cp_async_commit();
+    if (n_keys > 0) flash_load_rows<D, FLASH_TILE>(ks, kg, kv_stride, 0, min(FLASH_TILE, n_keys));
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    uint32_t qf[D / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) flash_load_a<D>(qf[kk], vs, warp * 16, kk);
+    __syncthreads();
+
+    float o[DT][4];
+#pragma unroll
+    for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    const int row_a = iq0 + warp * 16 + (lane >> 2);
+    const int last_key[2] = {offset + row_a, offset + row_a + 8};
+
+    for (int n0 = 0; n0 < n_keys; n0 += FLASH_TILE) {
+        flash_load_rows<D, FLASH_TILE>(vs, vg, kv_stride, n0, min(FLASH_TILE, n_keys - n0));
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        float s[NT][4];
+#pragma unroll
+        for (int i = 0; i < NT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+            for (int nt = 0; nt < NT; nt += 2) {
+                uint32_t bf[4];
+                flash_load_bt<D>(bf, ks, nt * 8, kk);
+                mma_16816(s[nt], qf[kk], bf[0], bf[1]);
+                mma_16816(s[nt + 1], qf[kk], bf[2], bf[3]);
+            }
+        }
+        __syncthreads();
+        if (n0 + FLASH_TILE < n_keys)
+            flash_load_rows<D, FLASH_TILE>(ks, kg, kv_stride, n0 + FLASH_TILE, min(FLASH_TILE, n_keys - n0 - FLASH_TILE));
+        cp_async_commit();
+
+        float mx[2] = {m[0], m[1]};
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = n0 + nt * 8 + 2 * (lane & 3) + (e & 1);
+                const float x = (key > last_key[e >> 1] || key >= n_keys) ? -INFINITY : s[nt][e] * scale_log2;
+                s[nt][e] = x;
+                mx[e >> 1] = fmaxf(mx[e >> 1], x);
+            }
+        }
+        float base[2], row_sum[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+            base[i] = mx[i] == -INFINITY ? 0.0f : mx[i];
+            const float alpha = exp2f(m[i] - base[i]);
+            l[i] *= alpha;
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                o[dt][2 * i] *= alpha;
+                o[dt][2 * i + 1] *= alpha;
+            }
+            m[i] = mx[i];
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float p = exp2f(s[nt][e] - base[e >> 1]);
+                s[nt][e] = p;
+                row_sum[e >> 1] += p;
+            }
+        }
+        l[0] += row_sum[0];
+        l[1] += row_sum[1];
+
+        cp_async_wait<1>();
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < FLASH_TILE / 16; ++kk) {
+            uint32_t pa[4];
+            flash_acc_to_a<NT>(pa, s, kk);
+#pragma unroll
+            for (int dt = 0; dt < DT; dt += 2) {
+                uint32_t bf[4];
+                flash_load_b<D>(bf, vs, kk * 16, dt * 8);
+                mma_16816(o[dt], pa, bf[0], bf[1]);
+                mma_16816(o[dt + 1], pa, bf[2], bf[3]);
+            }
+        }
+        __syncthreads();
+    }
+    cp_async_wait<0>();
+
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+        const int row = row_a + 8 * i;
+        if (row >= len_q) continue;
+        const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+        bf16* orow = out + (size_t)(q_begin + row) * q_stride + h * D + 2 * (lane & 3);
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt)
+            *reinterpret_cast<uint32_t*>(orow + dt * 8) = pack_bf16x2(o[dt][2 * i] * inv, o[dt][2 * i + 1] * inv);
+        if ((lane & 3) == 0)
+            lse[(size_t)(q_begin + row) * H + h] = l[i] > 0.0f ? (m[i] + log2f(l[i])) * FLASH_LN2 : -INFINITY;
+    }
+}
+
+// dQ for 64 query rows of one head: dQ = scale · Σ_keys dS · K, dS = P ⊙ (dO·Vᵀ − Δ).
+template <int D>
+__device__ void flash_bwd_dq(bf16* __restrict__ dq, const bf16* __restrict__ q, const bf16* __restrict__ k,
+                             const bf16* __restrict__ v, const bf16* __restrict__ dout,
+                             const float* __restrict__ lse, const float* __restrict__ delta,
+                             const int* __restrict__ cu_q, const int* __restrict__ tiles, int H, int KV,
+                             float scale) {
+    constexpr int STRIDE = D + FLASH_PAD, KT = FLASH_BWD_QTILE, NT = KT / 8, DT = D / 8;
+    extern __shared__ __align__(16) unsigned char flash_smem[];
+    bf16* ks = reinterpret_cast<bf16*>(flash_smem);  // [KT][STRIDE], then V [KT][STRIDE]
+    bf16* vs = ks + KT * STRIDE;
+    const int tile = gridDim.x - 1 - blockIdx.x;
+    const int b = tiles[2 * tile], iq0 = tiles[2 * tile + 1];
+    const int h = blockIdx.y, g = h / (H / KV);
+    const int q_begin = cu_q[b], len = cu_q[b + 1] - q_begin;
+    const int rows = min(FLASH_TILE, len - iq0), n_keys = iq0 + rows;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const size_t kv_stride = (size_t)KV * D, q_stride = (size_t)H * D;
+    const bf16* kg = k + (size_t)q_begin * kv_stride + g * D;
+    const bf16* vg = v + (size_t)q_begin * kv_stride + g * D;
+    const float scale_log2 = scale * FLASH_LOG2E;
+
+    // Q, then dO, staged through the (64-row) K/V buffer into registers.
+    uint32_t qf[D / 16][4], dof[D / 16][4];
+    flash_load_rows<D, FLASH_TILE>(ks, q + (size_t)q_begin * q_stride + h * D, q_stride, iq0, rows);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) flash_load_a<D>(qf[kk], ks, warp * 16, kk);
+    __syncthreads();
+    flash_load_rows<D, FLASH_TILE>(ks, dout + (size_t)q_begin * q_stride + h * D, q_stride, iq0, rows);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) flash_load_a<D>(dof[kk], ks, warp * 16, kk);
+    __syncthreads();
+
+    const int row_a = iq0 + warp * 16 + (lane >> 2);
+    float lse2[2], dlt[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int row = row_a + 8 * i;
+        const bool ok = row < len;
+        lse2[i] = ok ? lse[(size_t)(q_begin + row) * H + h] * FLASH_LOG2E : INFINITY;
+        dlt[i] = ok ? delta[(size_t)(q_begin + row) * H + h] : 0.0f;
+    }
+    float acc[DT][4];
+#pragma unroll
+    for (int i = 0; i < DT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+
+    for (int n0 = 0; n0 < n_keys; n0 += KT) {
+        const int nv = min(KT, n_keys - n0);
+        flash_load_rows<D, KT>(ks, kg, kv_stride, n0, nv);
+        flash_load_rows<D, KT>(vs, vg, kv_stride, n0, nv);
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+        float s[NT][4], dp[NT][4];
+#pragma unroll
+        for (int i = 0; i < NT; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+            for (int nt = 0; nt < NT; nt += 2) {
+                uint32_t bf[4];
+                flash_load_bt<D>(bf, ks, nt * 8, kk);
+                mma_16816(s[nt], qf[kk], bf[0], bf[1]);
+                mma_16816(s[nt + 1], qf[kk], bf[2], bf[3]);
+                flash_load_bt<D>(bf, vs, nt * 8, kk);
+                mma_16816(dp[nt], dof[kk], bf[0], bf[1]);
+                mma_16816(dp[nt + 1], dof[kk], bf[2], bf[3]);
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = n0 + nt * 8 + 2 * (lane & 3) + (e & 1);
+                const int row = row_a + 8 * (e >> 1);
+                const float p = (key > row || key >= n_keys) ? 0.0f : exp2f(s[nt][e] * scale_log2 - lse2[e >> 1]);
+                s[nt][e] = p * (dp[nt][e] - dlt[e >> 1]);
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < KT / 16; ++kk) {
+            uint32_t da[4];
+            flash_acc_to_a<NT>(da, s, kk);
+#pragma unroll
+            for (int dt = 0; dt < DT; dt += 2) {
+                uint32_t bf[4];
+                flash_load_b<D>(bf, ks, kk * 16, dt * 8);
+                mma_16816(acc[dt], da, bf[0], bf[1]);
+                mma_16816(acc[dt + 1], da, bf[2], bf[3]);
+            }
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int row = row_a + 8 * i;
+        if (row >= len) continue;
+        bf16* drow = dq + (size_t)(q_begin + row) * q_stride + h * D + 2 * (lane & 3);
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt)
+            *reinterpret_cast<uint32_t*>(drow + dt * 8) = pack_bf16x2(acc[dt][2 * i] * scale, acc[dt][2 * i + 1] * scale);
+    }
+}
+
+// dK and dV for 64 keys of one kv head, summed over the query heads of its group:
+// dV = Σ Pᵀ·dO, dK = scale · Σ dSᵀ·Q, computed transposed (keys are the rows of every product).
+template <int D>
+__device__ void flash_bwd_dkv(bf16* __restrict__ dk, bf16* __restrict__ dv, const bf16* __restrict__ q,
+                              const bf16* __restrict__ k, const bf16* __restrict__ v, const bf16* __restrict__ dout,
+                              const float* __restrict__ lse, const float* __restrict__ delta,
+                              const int* __restrict__ cu_q, const int* __restrict__ tiles, int H, int KV,
+                              float scale) {
+    constexpr int STRIDE = D + FLASH_PAD, QT = FLASH_BWD_QTILE, NT = QT / 8, DT = D / 8;
+    extern __shared__ __align__(16) unsigned char flash_smem[];
+    bf16* ks = reinterpret_cast<bf16*>(flash_smem);  // [64][STRIDE]
+    bf16* vs = ks + FLASH_TILE * STRIDE;             // [64][STRIDE]
+    bf16* qs = vs + FLASH_TILE * STRIDE;             // [QT][STRIDE]
+    bf16* dos = qs + QT * STRIDE;                    // [QT][STRIDE]
+    float* lse2s = reinterpret_cast<float*>(dos + QT * STRIDE);  // [QT]
+    float* dlts = lse2s + QT;                                    // [QT]
+    const int b = tiles[2 * blockIdx.x], j0 = tiles[2 * blockIdx.x + 1];
+    const int g = blockIdx.y, group = H / KV;
+    const int q_begin = cu_q[b], len = cu_q[b + 1] - q_begin;
+    const int nk = min(FLASH_TILE, len - j0);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const size_t kv_stride = (size_t)KV * D, q_stride = (size_t)H * D;
+    const float scale_log2 = scale * FLASH_LOG2E;
+
+    flash_load_rows<D, FLASH_TILE>(ks, k + (size_t)q_begin * kv_stride + g * D, kv_stride, j0, nk);
+    flash_load_rows<D, FLASH_TILE>(vs, v + (size_t)q_begin * kv_stride + g * D, kv_stride, j0, nk);
+    cp_async_commit();
+
+    float dka[DT][4], dva[DT][4];
+#pragma unroll
+    for (int i = 0; i < DT; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dka[i][e] = dva[i][e] = 0.0f;
+    const int key_a = j0 + warp * 16 + (lane >> 2);
+
+    for (int hh = 0; hh < group; ++hh) {
+        const int h = g * group + hh;
+        const bf16* qg = q + (size_t)q_begin * q_stride + h * D;
+        const bf16* dog = dout + (size_t)q_begin * q_stride + h * D;
+        for (int i0 = (j0 / QT) * QT; i0 < len; i0 += QT) {
+            const int nq = min(QT, len - i0);
+            flash_load_rows<D, QT>(qs, qg, q_stride, i0, nq);
+            flash_load_rows<D, QT>(dos, dog, q_stride, i0, nq);
+            cp_async_commit();
+            if (threadIdx.x < QT) {
+                const int row = i0 + threadIdx.x;
+                const bool ok = row < len;
+                lse2s[threadIdx.x] = ok ? lse[(size_t)(q_begin + row) * H + h] * FLASH_LOG2E : INFINITY;
+                dlts[threadIdx.x] = ok ? delta[(size_t)(q_begin + row) * H + h] : 0.0f;
+            }
+            cp_async_wait<0>();
+            __syncthreads();
+            float s[NT][4], dp[NT][4];
+#pragma unroll
+            for (int i = 0; i < NT; ++i)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                uint32_t ka[4], va[4];
+                flash_load_a<D>(ka, ks, warp * 16, kk);
+                flash_load_a<D>(va, vs, warp * 16, kk);
+#pragma unroll
+                for (int nt = 0; nt < NT; nt += 2) {
+                    uint32_t bf[4];
+                    flash_load_bt<D>(bf, qs, nt * 8, kk);
+                    mma_16816(s[nt], ka, bf[0], bf[1]);
+                    mma_16816(s[nt + 1], ka, bf[2], bf[3]);
+                    flash_load_bt<D>(bf, dos, nt * 8, kk);
+                    mma_16816(dp[nt], va, bf[0], bf[1]);
+                    mma_16816(dp[nt + 1], va, bf[2], bf[3]);
+                }
+            }
+            // s holds Pᵀ and dp becomes dSᵀ (rows: keys, columns: queries).
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int col = nt * 8 + 2 * (lane & 3) + (e & 1);
+                    const int key = key_a + 8 * (e >> 1);
+                    const float p = key > i0 + col ? 0.0f : exp2f(s[nt][e] * scale_log2 - lse2s[col]);
+                    s[nt][e] = p;
+                    dp[nt][e] = p * (dp[nt][e] - dlts[col]);
+                }
+            }
+#pragma unroll
+            for (int kk = 0; kk < QT / 16; ++kk) {
+                uint32_t pa[4], da[4];
+                flash_acc_to_a<NT>(pa, s, kk);
+                flash_acc_to_a<NT>(da, dp, kk);
+#pragma unroll
+                for (int dt = 0; dt < DT; dt += 2) {
+                    uint32_t bf[4];
+                    flash_load_b<D>(bf, dos, kk * 16, dt * 8);
+                    mma_16816(dva[dt], pa, bf[0], bf[1]);
+                    mma_16816(dva[dt + 1], pa, bf[2], bf[3]);
+                    flash_load_b<D>(bf, qs, kk * 16, dt * 8);
+                    mma_16816(dka[dt], da, bf[0], bf[1]);
+                    mma_16816(dka[dt + 1], da, bf[2], bf[3]);
+                }
+            }
+            __syncthreads();
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int key = key_a + 8 * i;
+        if (key >= len) continue;
+        const size_t at = (size_t)(q_begin + key) * kv_stride + g * D + 2 * (lane & 3);
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+            *reinterpret_cast<uint32_t*>(dk + at + dt * 8) = pack_bf16x2(dka[dt][2 * i] * scale, dka[dt][2 * i + 1] * scale);
+            *reinterpret_cast<uint32_t*>(dv + at + dt * 8) = pack_bf16x2(dva[dt][2 * i], dva[dt][2 * i + 1]);
+        }
+    }
+}
+
+#define FLASH_INSTANTIATE(D)                                                                                      \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 1)                                                 \
+        flash_fwd_d##D(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, const int* cu_q,       \
+                       const int* k_start, const int* k_len, const int* tiles, int H, int KV, float scale) {      \
+        flash_fwd<D>(out, lse, q, k, v, cu_q, k_start, k_len, tiles, H, KV, scale);                               \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 1)                                                 \
+        flash_bwd_dq_d##D(bf16* dq, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,                \
+                          const float* lse, const float* delta, const int* cu_q, const int* tiles, int H, int KV, \
+                          float scale) {                                                                          \
+        flash_bwd_dq<D>(dq, q, k, v, dout, lse, delta, cu_q, tiles, H, KV, scale);                                \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 1)                                                 \
+        flash_bwd_dkv_d##D(bf16* dk, bf16* dv, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,     \
+                           const float* lse, const float* delta, const int* cu_q, const int* tiles, int H,        \
+                           int KV, float scale) {                                                                 \
+        flash_bwd_dkv<D>(dk, dv, q, k, v, dout, lse, delta, cu_q, tiles, H, KV, scale);                           \
+    }
+
+FLASH_INSTANTIATE(64)
+FLASH_INSTANTIATE(128)

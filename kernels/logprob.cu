@@ -77,6 +77,10 @@ __device__ __forceinline__ EntropyState block_entropy(EntropyState v, float* scr
 }
 
 // Folds row `row` of z = scale * x into a per-thread state, with 16-byte loads when `vec`.
+// z is always formed as a rounded product (__fmul_rn), never contracted into an FMA with what
+// follows: the backward's log p = z - lse must see the very z the forward's lse was built from, or
+// at logits in the thousands the top token's log p becomes the product's rounding error (~1e-4)
+// instead of 0.
 template <typename T>
 __device__ __forceinline__ EntropyState row_state(const T* __restrict__ x, int V, float scale, bool vec) {
     EntropyState st = entropy_init();
@@ -86,10 +90,10 @@ __device__ __forceinline__ EntropyState row_state(const T* __restrict__ x, int V
             float v[N];
             load16(x + i, v);
 #pragma unroll
-            for (int j = 0; j < N; ++j) st = entropy_push(st, v[j] * scale);
+            for (int j = 0; j < N; ++j) st = entropy_push(st, __fmul_rn(v[j], scale));
         }
     } else {
-        for (int i = threadIdx.x; i < V; i += blockDim.x) st = entropy_push(st, to_f32(x[i]) * scale);
+        for (int i = threadIdx.x; i < V; i += blockDim.x) st = entropy_push(st, __fmul_rn(to_f32(x[i]), scale));
     }
     return st;
 }
@@ -112,7 +116,7 @@ __device__ void logprob_fwd(float* __restrict__ logp,        // [N]
         const int tgt = target[row];
         lse[row] = l;
         entropy[row] = log_s - st.t / st.s;
-        logp[row] = tgt < 0 ? 0.0f : (tgt >= V ? NAN : to_f32(x[tgt]) * scale - l);
+        logp[row] = tgt < 0 ? 0.0f : (tgt >= V ? NAN : __fmul_rn(to_f32(x[tgt]), scale) - l);
     }
 }
 
@@ -139,7 +143,7 @@ __device__ void logprob_bwd(T* __restrict__ dlogits,              // [N, V]
     const float l = lse[row], h = entropy[row];
     const float g_lp = tgt < 0 ? 0.0f : grad_logp[row];
     const float g_ent = grad_ent[row];
-    auto grad = [&](float xv, int v) { return scale * logit_grad(xv * scale, v == tgt, l, h, g_lp, g_ent); };
+    auto grad = [&](float xv, int v) { return scale * logit_grad(__fmul_rn(xv, scale), v == tgt, l, h, g_lp, g_ent); };
     if (V % Vec16<T>::N == 0) {
         constexpr int N = Vec16<T>::N;
         for (int i = threadIdx.x * N; i < V; i += blockDim.x * N) {

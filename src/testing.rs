@@ -132,6 +132,46 @@ pub fn assert_bf16_rule(name: &str, got: &[f32], exact: &[f32], atol: f64) -> f6
     err
 }
 
+/// STYLE.md's rule for low precision with the low-precision reference given: the kernel's max error
+/// against the f32 reference `exact` is at most twice that of `lowp`, the same computation with the
+/// low-precision roundings of an eager bf16 implementation (plus `atol`). Prints the `CHECK|` line.
+#[track_caller]
+pub fn check_lowp_rule(
+    kernel: &str,
+    case: &str,
+    got: &[f32],
+    lowp: &[f32],
+    exact: &[f32],
+    atol: f64,
+) {
+    assert_eq!(got.len(), exact.len(), "{kernel} {case}: length");
+    assert_eq!(lowp.len(), exact.len(), "{kernel} {case}: length");
+    let max_err = |a: &[f32]| {
+        a.iter()
+            .zip(exact)
+            .map(|(&x, &e)| (x as f64 - e as f64).abs())
+            .fold(0.0f64, |m, e| {
+                if e.is_nan() || m.is_nan() {
+                    f64::NAN
+                } else {
+                    m.max(e)
+                }
+            })
+    };
+    let (err, err_low) = (max_err(got), max_err(lowp));
+    assert!(
+        err <= 2.0 * err_low + atol,
+        "{kernel} {case}: max error {err:e} exceeds twice the bf16 reference's {err_low:e} (+{atol:e}); {}",
+        compare(kernel, got, exact, atol, 2.0 * 2f64.powi(-8)).err().unwrap_or_default()
+    );
+    report(
+        kernel,
+        case,
+        err,
+        &format!("2x bf16 ref ({err_low:.1e}) + {atol:e}"),
+    );
+}
+
 /// A kernel output against the exact (f64) reference on the same inputs. bf16 outputs follow the bf16
 /// rule. f32 outputs pass within `atol + rtol·|exact|`, or within twice the max error of the plain f32
 /// CPU loop (`plain`) on the same inputs: an f32 reduction over 10^5 terms (a log-sum-exp over the

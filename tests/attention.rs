@@ -4,9 +4,12 @@
 use rlhf_kernels::cuda_test;
 use rlhf_kernels::device::{DType, Device, Tensor};
 use rlhf_kernels::ops::attention::{
-    attention_bwd, attention_bwd_ref, attention_fwd, attention_fwd_ref, AttnBatch, Heads,
+    attention_bwd, attention_bwd_ref, attention_fwd, attention_fwd_ref, AttnBatch, AttnKernel,
+    Heads,
 };
-use rlhf_kernels::testing::{assert_close, check_output, fd_check, fresh_seed, round_bf16, Rng};
+use rlhf_kernels::testing::{
+    assert_close, check_lowp_rule, check_output, fd_check, fresh_seed, round_bf16, Rng,
+};
 
 fn to64(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| x as f64).collect()
@@ -136,6 +139,93 @@ fn bad_geometry_is_an_error() {
     assert!(err.contains("rows"), "{err}");
 }
 
+fn bf(x: f32) -> f32 {
+    half::bf16::from_f32(x).to_f32()
+}
+
+/// Attention forward and backward as eager bf16 code computes it (PyTorch's math path): every
+/// matrix product's output and the softmax's output and gradient rounded to bf16, accumulation in
+/// f32. Returns [out, dq, dk, dv] for a packed batch; the bar for the kernels' bf16 error.
+#[allow(clippy::too_many_arguments)]
+fn attention_bf16_eager(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dout: &[f32],
+    lens: &[usize],
+    hd: Heads,
+    scale: f32,
+) -> [Vec<f32>; 4] {
+    let (h_n, kv_n, d) = (hd.heads, hd.kv_heads, hd.head_dim);
+    let group = h_n / kv_n;
+    let (mut o, mut dq) = (vec![0.0f32; q.len()], vec![0.0f32; q.len()]);
+    let (mut dk, mut dv) = (vec![0.0f32; k.len()], vec![0.0f32; v.len()]);
+    let qa = |i: usize, h: usize| &q[(i * h_n + h) * d..][..d];
+    let kva = |x: &'static str, i: usize, g: usize| -> &[f32] {
+        let src = if x == "k" { k } else { v };
+        &src[(i * kv_n + g) * d..][..d]
+    };
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    let mut start = 0;
+    for &len in lens {
+        for h in 0..h_n {
+            let g = h / group;
+            let (mut dk_h, mut dv_h) = (vec![0.0f32; len * d], vec![0.0f32; len * d]);
+            for i in 0..len {
+                let s: Vec<f32> = (0..=i)
+                    .map(|j| bf(scale * dot(qa(start + i, h), kva("k", start + j, g))))
+                    .collect();
+                let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let z: f32 = s.iter().map(|&x| (x - m).exp()).sum();
+                let p: Vec<f32> = s.iter().map(|&x| bf((x - m).exp() / z)).collect();
+                let orow = &mut o[((start + i) * h_n + h) * d..][..d];
+                for (c, out) in orow.iter_mut().enumerate() {
+                    *out = bf((0..=i).map(|j| p[j] * kva("v", start + j, g)[c]).sum());
+                }
+                let dorow = &dout[((start + i) * h_n + h) * d..][..d];
+                let dp: Vec<f32> = (0..=i)
+                    .map(|j| bf(dot(dorow, kva("v", start + j, g))))
+                    .collect();
+                let pdp: f32 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
+                let ds: Vec<f32> = p
+                    .iter()
+                    .zip(&dp)
+                    .map(|(&a, &b)| bf(a * (b - pdp)))
+                    .collect();
+                let dqrow = &mut dq[((start + i) * h_n + h) * d..][..d];
+                for (c, out) in dqrow.iter_mut().enumerate() {
+                    *out = bf(scale
+                        * (0..=i)
+                            .map(|j| ds[j] * kva("k", start + j, g)[c])
+                            .sum::<f32>());
+                }
+                for j in 0..=i {
+                    for c in 0..d {
+                        dk_h[j * d + c] += ds[j] * qa(start + i, h)[c];
+                        dv_h[j * d + c] += p[j] * dorow[c];
+                    }
+                }
+            }
+            for j in 0..len {
+                for c in 0..d {
+                    dk[((start + j) * kv_n + g) * d + c] += bf(scale * dk_h[j * d + c]);
+                    dv[((start + j) * kv_n + g) * d + c] += bf(dv_h[j * d + c]);
+                }
+            }
+        }
+        start += len;
+    }
+    [
+        o,
+        dq,
+        dk.iter().map(|&x| bf(x)).collect(),
+        dv.iter().map(|&x| bf(x)).collect(),
+    ]
+}
+
+/// CUDA against the CPU reference on one packed batch, with every kernel choice; the decode path
+/// (the last rows of each sequence as queries against a KV cache) against the same rows; and the
+/// backward run twice, bitwise equal.
 fn check_cuda(
     dev: &Device,
     rng: &mut Rng,
@@ -165,8 +255,8 @@ fn check_cuda(
     );
     let g = round(rng.normal_vec(n * heads * head_dim, 1.0));
     let scale = 1.0 / (head_dim as f32).sqrt();
-    let run = |d: &Device, dt: DType| {
-        let batch = AttnBatch::packed(lens, d).unwrap();
+    let run = |d: &Device, dt: DType, kernel: AttnKernel| {
+        let batch = AttnBatch::packed(lens, d).unwrap().with_kernel(kernel);
         let t = |x: &[f32], w: usize| Tensor::from_f32_as(&[n, w], x, dt, d).unwrap();
         let (qt, kt, vt) = (
             t(&q, heads * head_dim),
@@ -174,62 +264,147 @@ fn check_cuda(
             t(&v, kv_heads * head_dim),
         );
         let (o, l) = attention_fwd(&qt, &kt, &vt, &batch, hd, scale).unwrap();
-        let (dq, dk, dv) = attention_bwd(
-            &t(&g, heads * head_dim),
-            &qt,
+        let gt = t(&g, heads * head_dim);
+        let (dq, dk, dv) = attention_bwd(&gt, &qt, &kt, &vt, &o, &l, &batch, hd, scale).unwrap();
+        let grads = [&dq, &dk, &dv].map(|x| x.to_f32_vec().unwrap());
+        if !matches!(d, Device::Cpu) {
+            let again = attention_bwd(&gt, &qt, &kt, &vt, &o, &l, &batch, hd, scale).unwrap();
+            let grads_again = [&again.0, &again.1, &again.2].map(|x| x.to_f32_vec().unwrap());
+            for (a, b) in grads.iter().zip(&grads_again) {
+                assert!(
+                    a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{kernel:?}: two backward runs differ"
+                );
+            }
+        }
+        // Decode: the last (up to) 3 rows of each sequence against the whole sequence as a cache.
+        let q_lens: Vec<usize> = lens.iter().map(|&l| l.min(3)).collect();
+        let starts: Vec<usize> = lens
+            .iter()
+            .scan(0, |s, &l| {
+                *s += l;
+                Some(*s - l)
+            })
+            .collect();
+        let rows: Vec<usize> = lens
+            .iter()
+            .zip(&starts)
+            .zip(&q_lens)
+            .flat_map(|((&l, &s), &ql)| (s + l - ql)..(s + l))
+            .collect();
+        let width = heads * head_dim;
+        let q_dec: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| q[r * width..][..width].to_vec())
+            .collect();
+        let cached = AttnBatch::cached(&q_lens, &starts, lens, d)
+            .unwrap()
+            .with_kernel(kernel);
+        let (o_dec, _) = attention_fwd(
+            &Tensor::from_f32_as(&[rows.len(), width], &q_dec, dt, d).unwrap(),
             &kt,
             &vt,
-            &o,
-            &l,
-            &batch,
+            &cached,
             hd,
             scale,
         )
         .unwrap();
-        [o, l, dq, dk, dv].map(|x| x.to_f32_vec().unwrap())
+        let [o, l] = [o, l].map(|x| x.to_f32_vec().unwrap());
+        let [dq, dk, dv] = grads;
+        ([o, l, dq, dk, dv], o_dec.to_f32_vec().unwrap(), rows)
     };
-    let (want, got) = (run(&Device::Cpu, DType::F32), run(dev, dtype));
-    let case = format!(
-        "lens {lens:?} H{heads} KV{kv_heads} D{head_dim} {}",
-        dtype.name()
-    );
-    check_output(
-        "attention_fwd.out",
-        &case,
-        &got[0],
-        &want[0],
-        dtype,
-        1e-5,
-        1e-4,
-    );
-    check_output(
-        "attention_fwd.lse",
-        &case,
-        &got[1],
-        &want[1],
-        DType::F32,
-        1e-4,
-        1e-5,
-    );
-    for (i, name) in [(2, "dq"), (3, "dk"), (4, "dv")] {
-        check_output(
-            &format!("attention_bwd.{name}"),
-            &case,
-            &got[i],
-            &want[i],
-            dtype,
-            1e-4,
-            1e-3,
+    let (want, _, rows) = run(&Device::Cpu, DType::F32, AttnKernel::Auto);
+    let lowp =
+        (dtype == DType::BF16).then(|| attention_bf16_eager(&q, &k, &v, &g, lens, hd, scale));
+    let width = heads * head_dim;
+    let pick = |x: &[f32]| -> Vec<f32> {
+        rows.iter()
+            .flat_map(|&r| x[r * width..][..width].to_vec())
+            .collect()
+    };
+    for kernel in [AttnKernel::Auto, AttnKernel::Simple] {
+        let (got, got_dec, _) = run(dev, dtype, kernel);
+        let case = format!(
+            "lens {lens:?} H{heads} KV{kv_heads} D{head_dim} {} {kernel:?}",
+            dtype.name()
         );
+        check_output(
+            "attention_fwd.lse",
+            &case,
+            &got[1],
+            &want[1],
+            DType::F32,
+            1e-4,
+            1e-5,
+        );
+        match &lowp {
+            None => {
+                check_output(
+                    "attention_fwd.out",
+                    &case,
+                    &got[0],
+                    &want[0],
+                    dtype,
+                    1e-5,
+                    1e-4,
+                );
+                check_output(
+                    "attention_decode.out",
+                    &case,
+                    &got_dec,
+                    &pick(&want[0]),
+                    dtype,
+                    1e-5,
+                    1e-4,
+                );
+                for (i, name) in [(2, "dq"), (3, "dk"), (4, "dv")] {
+                    check_output(
+                        &format!("attention_bwd.{name}"),
+                        &case,
+                        &got[i],
+                        &want[i],
+                        dtype,
+                        1e-4,
+                        1e-3,
+                    );
+                }
+            }
+            Some(lp) => {
+                check_lowp_rule("attention_fwd.out", &case, &got[0], &lp[0], &want[0], 1e-5);
+                check_lowp_rule(
+                    "attention_decode.out",
+                    &case,
+                    &got_dec,
+                    &pick(&lp[0]),
+                    &pick(&want[0]),
+                    1e-5,
+                );
+                for (i, name) in [(2, "dq"), (3, "dk"), (4, "dv")] {
+                    check_lowp_rule(
+                        &format!("attention_bwd.{name}"),
+                        &case,
+                        &got[i],
+                        &lp[i - 1],
+                        &want[i],
+                        1e-4,
+                    );
+                }
+            }
+        }
     }
 }
 
 cuda_test! {
     fn cuda_matches_cpu_on_ragged_gqa_batches(dev) {
         let mut rng = Rng::new(fresh_seed("attention cuda_matches_cpu_on_ragged_gqa_batches"));
-        for (lens, heads, kv) in [(vec![1usize], 4, 4), (vec![17, 1, 127], 9, 3), (vec![1000], 9, 1), (vec![300, 1100], 6, 2)] {
+        for (lens, heads, kv) in [(vec![1usize], 4, 4), (vec![17, 1, 127], 9, 3), (vec![1000], 9, 1), (vec![300, 1100], 6, 2), (vec![4097], 2, 2)] {
             for head_dim in [64, 128] {
+                // The longest sequence is checked in bf16 only (the flash kernels' dtype): its f32
+                // CPU reference dominates the test's time.
                 for dtype in [DType::F32, DType::BF16] {
+                    if lens[0] > 4096 && dtype == DType::F32 {
+                        continue;
+                    }
                     check_cuda(&dev, &mut rng, &lens, heads, kv, head_dim, dtype);
                 }
             }

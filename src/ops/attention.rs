@@ -29,7 +29,43 @@ pub struct AttnBatch {
     pub k_len: Vec<i32>,
     /// Whether the keys are the query rows themselves (a packed training batch).
     pub packed: bool,
+    /// Which CUDA kernels run this batch.
+    pub kernel: AttnKernel,
+    /// `[tiles, 2]` (sequence, first local query row) of every 64-row query tile, for the flash
+    /// kernels: packed batches of any lengths cost no padding beyond each sequence's last tile.
+    tiles: Vec<i32>,
     dev: Option<(Tensor, Tensor, Tensor)>,
+    dev_tiles: Option<Tensor>,
+}
+
+/// Query rows (and, in the backward, key rows) per flash-kernel block.
+const FLASH_TILE: usize = 64;
+const FLASH_THREADS: u32 = 128;
+/// Query rows per inner tile of the flash dK/dV kernel and keys per inner tile of its dQ kernel.
+const FLASH_BWD_QTILE: usize = 32;
+/// Shared-memory row padding of the flash kernels, in elements.
+const FLASH_PAD: usize = 8;
+
+/// The CUDA attention kernels. `Auto` runs the tensor-core flash kernels for bf16 with head_dim 64
+/// or 128 and the simple kernels otherwise (f32, other head sizes); `Simple` always runs the simple
+/// ones (for comparison, and as a fallback: `RLHF_ATTENTION=simple` makes it the default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttnKernel {
+    Auto,
+    Simple,
+}
+
+impl AttnKernel {
+    fn default_choice() -> AttnKernel {
+        match std::env::var("RLHF_ATTENTION").as_deref() {
+            Ok("simple") => AttnKernel::Simple,
+            _ => AttnKernel::Auto,
+        }
+    }
+
+    fn flash(self, dtype: DType, head_dim: usize) -> bool {
+        self == AttnKernel::Auto && dtype == DType::BF16 && matches!(head_dim, 64 | 128)
+    }
 }
 
 impl AttnBatch {
@@ -80,21 +116,45 @@ impl AttnBatch {
         packed: bool,
         device: &Device,
     ) -> Result<AttnBatch> {
-        let dev = match device {
-            Device::Cpu => None,
-            Device::Cuda(_) => Some((
-                Tensor::from_i32(&[cu_q.len()], cu_q.clone(), device)?,
-                Tensor::from_i32(&[k_start.len()], k_start.clone(), device)?,
-                Tensor::from_i32(&[k_len.len()], k_len.clone(), device)?,
-            )),
+        let mut tiles = Vec::new();
+        for (b, w) in cu_q.windows(2).enumerate() {
+            for start in (0..w[1] - w[0]).step_by(FLASH_TILE) {
+                tiles.extend([b as i32, start]);
+            }
+        }
+        let (dev, dev_tiles) = match device {
+            Device::Cpu => (None, None),
+            Device::Cuda(_) => (
+                Some((
+                    Tensor::from_i32(&[cu_q.len()], cu_q.clone(), device)?,
+                    Tensor::from_i32(&[k_start.len()], k_start.clone(), device)?,
+                    Tensor::from_i32(&[k_len.len()], k_len.clone(), device)?,
+                )),
+                (!tiles.is_empty())
+                    .then(|| Tensor::from_i32(&[tiles.len()], tiles.clone(), device))
+                    .transpose()?,
+            ),
         };
         Ok(AttnBatch {
             cu_q,
             k_start,
             k_len,
             packed,
+            kernel: AttnKernel::default_choice(),
+            tiles,
             dev,
+            dev_tiles,
         })
+    }
+
+    /// The same batch run by `kernel` on CUDA.
+    pub fn with_kernel(mut self, kernel: AttnKernel) -> AttnBatch {
+        self.kernel = kernel;
+        self
+    }
+
+    fn tile_count(&self) -> usize {
+        self.tiles.len() / 2
     }
 
     pub fn sequences(&self) -> usize {
@@ -412,6 +472,10 @@ fn fwd_cuda<T: CudaElem>(
         hd.kv_heads as i32,
         hd.head_dim as i32,
     );
+    if batch.kernel.flash(T::DTYPE, hd.head_dim) {
+        flash_fwd_cuda(&mut out, &mut lse, q, k, v, batch, hd, scale)?;
+        return Ok((out, lse));
+    }
     let f = dev.function(
         "attention",
         T::pick("attention_fwd_f32", "attention_fwd_bf16"),
@@ -480,6 +544,12 @@ fn bwd_cuda<T: CudaElem>(
         .arg(&d);
     // SAFETY: dout and out hold nq*H*D elements, delta nq*H; one block per (row, head).
     unsafe { l.launch(grid(OP_BWD, nq, hd.heads, hd.head_dim, 0)?) }?;
+    if batch.kernel.flash(T::DTYPE, hd.head_dim) {
+        flash_bwd_cuda(
+            &mut dq, &mut dk, &mut dv, dout, q, k, v, lse, &delta, batch, hd, scale,
+        )?;
+        return Ok((dq, dk, dv));
+    }
 
     let f = dev.function(
         "attention",
@@ -526,4 +596,150 @@ fn bwd_cuda<T: CudaElem>(
     // SAFETY: packed batch, so key rows are the nq query rows; one block per (key row, kv head).
     unsafe { l.launch(grid(OP_BWD, nq, hd.kv_heads, hd.head_dim, 2 * hd.head_dim)?) }?;
     Ok((dq, dk, dv))
+}
+
+fn flash_name(kind: &'static str, head_dim: usize) -> &'static str {
+    match (kind, head_dim) {
+        ("fwd", 64) => "flash_fwd_d64",
+        ("fwd", _) => "flash_fwd_d128",
+        ("dq", 64) => "flash_bwd_dq_d64",
+        ("dq", _) => "flash_bwd_dq_d128",
+        ("dkv", 64) => "flash_bwd_dkv_d64",
+        _ => "flash_bwd_dkv_d128",
+    }
+}
+
+/// A flash kernel with its dynamic shared memory allowed past the default 48 KiB where it needs to.
+fn flash_function(
+    dev: &crate::device::CudaDevice,
+    name: &'static str,
+    smem_bytes: usize,
+) -> Result<cudarc::driver::CudaFunction> {
+    let f = dev.function("attention", name)?;
+    if smem_bytes > 48 * 1024 {
+        f.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem_bytes as i32,
+        )?;
+    }
+    Ok(f)
+}
+
+fn flash_config(
+    op: &'static str,
+    tiles: usize,
+    heads: usize,
+    smem_bytes: usize,
+) -> Result<LaunchConfig> {
+    Ok(LaunchConfig {
+        grid_dim: (to_i32(op, "query tiles", tiles)? as u32, heads as u32, 1),
+        block_dim: (FLASH_THREADS, 1, 1),
+        shared_mem_bytes: smem_bytes as u32,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn flash_fwd_cuda(
+    out: &mut Tensor,
+    lse: &mut Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    batch: &AttnBatch,
+    hd: Heads,
+    scale: f32,
+) -> Result<()> {
+    let dev = q.device().as_cuda(OP_FWD)?;
+    let missing = || Error::DeviceMismatch {
+        op: OP_FWD,
+        detail: "the batch was built for the CPU".into(),
+    };
+    let (cu, ks, kl) = batch.dev.as_ref().ok_or_else(missing)?;
+    let tiles = batch.dev_tiles.as_ref().ok_or_else(missing)?;
+    let (h, kv) = (hd.heads as i32, hd.kv_heads as i32);
+    let smem = 2 * FLASH_TILE * (hd.head_dim + FLASH_PAD) * 2;
+    let f = flash_function(dev, flash_name("fwd", hd.head_dim), smem)?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(bf16::slice_mut(out, OP_FWD)?)
+        .arg(lse.cuda_f32_mut(OP_FWD)?)
+        .arg(bf16::slice(q, OP_FWD)?)
+        .arg(bf16::slice(k, OP_FWD)?)
+        .arg(bf16::slice(v, OP_FWD)?)
+        .arg(cu.cuda_i32(OP_FWD)?)
+        .arg(ks.cuda_i32(OP_FWD)?)
+        .arg(kl.cuda_i32(OP_FWD)?)
+        .arg(tiles.cuda_i32(OP_FWD)?)
+        .arg(&h)
+        .arg(&kv)
+        .arg(&scale);
+    // SAFETY: `check` matched q, k, v to the batch's rows and the head geometry (head_dim 64 or
+    // 128, bf16); whole-tensor allocations are 16-byte aligned for cp.async; one block per (query
+    // tile, head) with K and V tiles in dynamic shared memory.
+    unsafe { l.launch(flash_config(OP_FWD, batch.tile_count(), hd.heads, smem)?) }?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn flash_bwd_cuda(
+    dq: &mut Tensor,
+    dk: &mut Tensor,
+    dv: &mut Tensor,
+    dout: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    lse: &Tensor,
+    delta: &Tensor,
+    batch: &AttnBatch,
+    hd: Heads,
+    scale: f32,
+) -> Result<()> {
+    let dev = q.device().as_cuda(OP_BWD)?;
+    let missing = || Error::DeviceMismatch {
+        op: OP_BWD,
+        detail: "the batch was built for the CPU".into(),
+    };
+    let (cu, _, _) = batch.dev.as_ref().ok_or_else(missing)?;
+    let tiles = batch.dev_tiles.as_ref().ok_or_else(missing)?;
+    let (h, kv) = (hd.heads as i32, hd.kv_heads as i32);
+    let row_bytes = (hd.head_dim + FLASH_PAD) * 2;
+
+    let smem = (2 * FLASH_TILE + 2 * FLASH_BWD_QTILE) * row_bytes + 2 * FLASH_BWD_QTILE * 4;
+    let f = flash_function(dev, flash_name("dkv", hd.head_dim), smem)?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(bf16::slice_mut(dk, OP_BWD)?)
+        .arg(bf16::slice_mut(dv, OP_BWD)?)
+        .arg(bf16::slice(q, OP_BWD)?)
+        .arg(bf16::slice(k, OP_BWD)?)
+        .arg(bf16::slice(v, OP_BWD)?)
+        .arg(bf16::slice(dout, OP_BWD)?)
+        .arg(lse.cuda_f32(OP_BWD)?)
+        .arg(delta.cuda_f32(OP_BWD)?)
+        .arg(cu.cuda_i32(OP_BWD)?)
+        .arg(tiles.cuda_i32(OP_BWD)?)
+        .arg(&h)
+        .arg(&kv)
+        .arg(&scale);
+    // SAFETY: a packed batch, so key tiles are the query tiles; one block per (key tile, kv head),
+    // each writing only its own 64 key rows of dk and dv.
+    unsafe { l.launch(flash_config(OP_BWD, batch.tile_count(), hd.kv_heads, smem)?) }?;
+
+    let smem = FLASH_TILE * row_bytes;
+    let f = flash_function(dev, flash_name("dq", hd.head_dim), smem)?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(bf16::slice_mut(dq, OP_BWD)?)
+        .arg(bf16::slice(q, OP_BWD)?)
+        .arg(bf16::slice(k, OP_BWD)?)
+        .arg(bf16::slice(v, OP_BWD)?)
+        .arg(bf16::slice(dout, OP_BWD)?)
+        .arg(lse.cuda_f32(OP_BWD)?)
+        .arg(delta.cuda_f32(OP_BWD)?)
+        .arg(cu.cuda_i32(OP_BWD)?)
+        .arg(tiles.cuda_i32(OP_BWD)?)
+        .arg(&h)
+        .arg(&kv)
+        .arg(&scale);
+    // SAFETY: as above; one block per (query tile, head), each writing only its own rows of dq.
+    unsafe { l.launch(flash_config(OP_BWD, batch.tile_count(), hd.heads, smem)?) }?;
+    Ok(())
 }
