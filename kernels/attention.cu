@@ -1,8 +1,9 @@
 // Causal self-attention with grouped-query heads over packed variable-length sequences.
 //
-// This is the simple, correct version the transformer runs on until the flash-style kernels land: it
-// never stores the score matrix (keys are processed in chunks of ATTN_CHUNK with an online softmax),
-// but it computes dot products with one thread per key and no tensor cores.
+// Two sets of kernels. The simple ones (f32, any head_dim, and RLHF_ATTENTION=simple) never store the
+// score matrix (keys are processed in chunks of ATTN_CHUNK with an online softmax) but compute dot
+// products with one thread per key and no tensor cores. The flash ones (bf16, head_dim 64 and 128),
+// at the end of this file, use the tensor cores.
 //
 // Layout: q [Nq, H*D], k and v [*, KV*D] (packed rows, or a KV cache with room per sequence), out
 // [Nq, H*D], lse [Nq, H] f32 (natural-log logsumexp of the scaled scores). Sequence b owns query rows
