@@ -71,6 +71,12 @@ impl CudaDevice {
             )));
         }
         let ctx = CudaContext::new(ordinal)?;
+        if let Err(e) = keep_freed_memory(&ctx) {
+            eprintln!(
+                "warning: cuda:{ordinal}: freed device memory will go back to the driver at every \
+                 synchronisation (could not raise the memory pool's release threshold: {e})"
+            );
+        }
         let stream = ctx.default_stream();
         let dev = Arc::new(CudaDevice {
             ctx,
@@ -107,7 +113,8 @@ impl CudaDevice {
         })
     }
 
-    /// Device memory in use (total − free, as the driver reports it: all processes' allocations).
+    /// Device memory in use (total − free, as the driver reports it: all processes' allocations, and
+    /// this process's freed memory that its pool keeps for reuse, like PyTorch's reserved memory).
     pub fn memory_in_use(&self) -> Result<usize> {
         let (free, total) = self.ctx.mem_get_info()?;
         Ok(total - free)
@@ -204,4 +211,32 @@ impl CudaDevice {
         self.stream.memcpy_dtoh(&data.slice(0..len), &mut v)?;
         Ok(v)
     }
+}
+
+/// Keeps freed device memory in the stream-ordered pool instead of returning it to the driver at
+/// every synchronisation, which is what the pool's default release threshold of 0 does: a training
+/// step or benchmark that frees and reallocates gigabytes of logits each iteration would otherwise
+/// pay to map them again every time. The memory stays reusable by this process's allocations, as with
+/// PyTorch's caching allocator; `memory_in_use` then counts it, like PyTorch's reserved memory.
+fn keep_freed_memory(ctx: &Arc<CudaContext>) -> Result<()> {
+    use cudarc::driver::sys;
+    let supported =
+        ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED)?;
+    if supported == 0 {
+        return Ok(());
+    }
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: writes one pool handle for a valid device.
+    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }.result()?;
+    let mut threshold = u64::MAX;
+    // SAFETY: the release threshold attribute takes a pointer to one u64.
+    unsafe {
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+    }
+    .result()?;
+    Ok(())
 }
