@@ -105,24 +105,27 @@ pub fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
     (num / den.max(f64::MIN_POSITIVE)).sqrt()
 }
 
+/// max |a − exact|, NaN when any difference is NaN.
+fn max_abs_err(a: &[f32], exact: &[f32]) -> f64 {
+    a.iter()
+        .zip(exact)
+        .map(|(&x, &e)| (x as f64 - e as f64).abs())
+        .fold(0.0f64, |m, e| {
+            if e.is_nan() || m.is_nan() {
+                f64::NAN
+            } else {
+                m.max(e)
+            }
+        })
+}
+
 /// flash-attention's rule for low precision: the kernel's max error against the exact reference is at
 /// most twice that of the exact reference rounded to bf16 (plus `atol` for values that round to 0).
 /// Returns the kernel's max error.
 #[track_caller]
 pub fn assert_bf16_rule(name: &str, got: &[f32], exact: &[f32], atol: f64) -> f64 {
     let lowp = round_bf16(exact);
-    let max_err = |a: &[f32]| {
-        a.iter()
-            .zip(exact)
-            .map(|(&x, &e)| (x as f64 - e as f64).abs())
-            .fold(0.0f64, |m, e| {
-                if e.is_nan() || m.is_nan() {
-                    f64::NAN
-                } else {
-                    m.max(e)
-                }
-            })
-    };
+    let max_err = |a: &[f32]| max_abs_err(a, exact);
     let (err, err_low) = (max_err(got), max_err(&lowp));
     assert!(
         err <= 2.0 * err_low + atol,
@@ -146,18 +149,7 @@ pub fn check_lowp_rule(
 ) {
     assert_eq!(got.len(), exact.len(), "{kernel} {case}: length");
     assert_eq!(lowp.len(), exact.len(), "{kernel} {case}: length");
-    let max_err = |a: &[f32]| {
-        a.iter()
-            .zip(exact)
-            .map(|(&x, &e)| (x as f64 - e as f64).abs())
-            .fold(0.0f64, |m, e| {
-                if e.is_nan() || m.is_nan() {
-                    f64::NAN
-                } else {
-                    m.max(e)
-                }
-            })
-    };
+    let max_err = |a: &[f32]| max_abs_err(a, exact);
     let (err, err_low) = (max_err(got), max_err(lowp));
     assert!(
         err <= 2.0 * err_low + atol,

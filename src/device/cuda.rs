@@ -126,6 +126,25 @@ impl CudaDevice {
     }
 
     /// A kernel by name from family `family` (the `.cu` file stem); modules load once.
+    /// A kernel launched with `dynamic_bytes` of dynamic shared memory beside its `static_bytes`:
+    /// past 48 KiB together a function must opt in to more.
+    pub fn function_with_shared(
+        &self,
+        family: &'static str,
+        name: &'static str,
+        dynamic_bytes: usize,
+        static_bytes: usize,
+    ) -> Result<CudaFunction> {
+        let f = self.function(family, name)?;
+        if dynamic_bytes + static_bytes > 48 * 1024 {
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                dynamic_bytes as i32,
+            )?;
+        }
+        Ok(f)
+    }
+
     pub fn function(&self, family: &'static str, name: &'static str) -> Result<CudaFunction> {
         let mut functions = self.functions.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = functions.get(name) {

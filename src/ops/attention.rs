@@ -609,22 +609,6 @@ fn flash_name(kind: &'static str, head_dim: usize) -> &'static str {
     }
 }
 
-/// A flash kernel with its dynamic shared memory allowed past the default 48 KiB where it needs to.
-fn flash_function(
-    dev: &crate::device::CudaDevice,
-    name: &'static str,
-    smem_bytes: usize,
-) -> Result<cudarc::driver::CudaFunction> {
-    let f = dev.function("attention", name)?;
-    if smem_bytes > 48 * 1024 {
-        f.set_attribute(
-            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem_bytes as i32,
-        )?;
-    }
-    Ok(f)
-}
-
 fn flash_config(
     op: &'static str,
     tiles: usize,
@@ -658,7 +642,7 @@ fn flash_fwd_cuda(
     let tiles = batch.dev_tiles.as_ref().ok_or_else(missing)?;
     let (h, kv) = (hd.heads as i32, hd.kv_heads as i32);
     let smem = 2 * FLASH_TILE * (hd.head_dim + FLASH_PAD) * 2;
-    let f = flash_function(dev, flash_name("fwd", hd.head_dim), smem)?;
+    let f = dev.function_with_shared("attention", flash_name("fwd", hd.head_dim), smem, 0)?;
     let mut l = dev.stream().launch_builder(&f);
     l.arg(bf16::slice_mut(out, OP_FWD)?)
         .arg(lse.cuda_f32_mut(OP_FWD)?)
@@ -705,7 +689,7 @@ fn flash_bwd_cuda(
     let row_bytes = (hd.head_dim + FLASH_PAD) * 2;
 
     let smem = (2 * FLASH_TILE + 2 * FLASH_BWD_QTILE) * row_bytes + 2 * FLASH_BWD_QTILE * 4;
-    let f = flash_function(dev, flash_name("dkv", hd.head_dim), smem)?;
+    let f = dev.function_with_shared("attention", flash_name("dkv", hd.head_dim), smem, 0)?;
     let mut l = dev.stream().launch_builder(&f);
     l.arg(bf16::slice_mut(dk, OP_BWD)?)
         .arg(bf16::slice_mut(dv, OP_BWD)?)
@@ -725,7 +709,7 @@ fn flash_bwd_cuda(
     unsafe { l.launch(flash_config(OP_BWD, batch.tile_count(), hd.kv_heads, smem)?) }?;
 
     let smem = FLASH_TILE * row_bytes;
-    let f = flash_function(dev, flash_name("dq", hd.head_dim), smem)?;
+    let f = dev.function_with_shared("attention", flash_name("dq", hd.head_dim), smem, 0)?;
     let mut l = dev.stream().launch_builder(&f);
     l.arg(bf16::slice_mut(dq, OP_BWD)?)
         .arg(bf16::slice(q, OP_BWD)?)

@@ -231,13 +231,12 @@ fn bwd_cuda<T: CudaElem>(
         to_i32(OP_BWD, "cols", cols)?,
         parts as i32,
     );
-    let f = dev.function("norm", T::pick("rms_norm_bwd_f32", "rms_norm_bwd_bf16"))?;
-    if shared + BWD_STATIC_SHARED > 48 * 1024 {
-        f.set_attribute(
-            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            shared as i32,
-        )?;
-    }
+    let f = dev.function_with_shared(
+        "norm",
+        T::pick("rms_norm_bwd_f32", "rms_norm_bwd_bf16"),
+        shared,
+        BWD_STATIC_SHARED,
+    )?;
     let cfg = per_row(OP_BWD, parts, block_threads(cols), shared as u32)?;
     let mut b = dev.stream().launch_builder(&f);
     b.arg(T::slice_mut(&mut dx, OP_BWD)?)
