@@ -402,7 +402,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Sft { train } => {
             let (run, eval) = crate::train::sft::train(&train)?;
-            finish(&run, &train);
+            finish(&run, &train, "step");
             if let Some(l) = eval {
                 println!("held-out loss per completion token: {l:.4}");
             }
@@ -410,7 +410,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Rm { train } => {
             let (run, held) = crate::train::reward::train(&train)?;
-            finish(&run, &train);
+            finish(&run, &train, "step");
             if let Some((acc, margin)) = held {
                 println!(
                     "held-out accuracy {:.1}%, mean margin {margin:.4}",
@@ -486,7 +486,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let (run, held) =
                 crate::train::kto::train(&train, beta, desirable_weight, undesirable_weight)?;
-            finish(&run, &train);
+            finish(&run, &train, "step");
             if let Some((d, u)) = held {
                 println!("held-out implicit reward: desirable {d:.4}, undesirable {u:.4}");
             }
@@ -599,12 +599,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Ppo { args } => {
             let run = crate::train::ppo::train(&args)?;
-            show_online(run.iterations, &run.last, &run.final_dir, &args.train);
+            finish(&run, &args.train, "iteration");
             Ok(ExitCode::SUCCESS)
         }
         Command::Grpo { args } => {
             let run = crate::train::grpo::train(&args)?;
-            show_online(run.iterations, &run.last, &run.final_dir, &args.train);
+            finish(&run, &args.train, "iteration");
             Ok(ExitCode::SUCCESS)
         }
         Command::Calibration {
@@ -1093,20 +1093,22 @@ fn logprobs_cmd(
     Ok(ExitCode::SUCCESS)
 }
 
-fn finish(run: &RunSummary, args: &TrainArgs) {
+/// Prints a run's outcome; `unit` is what its steps are called ("step", or "iteration" for the
+/// online trainers).
+fn finish(run: &RunSummary, args: &TrainArgs, unit: &str) {
     let shown: Vec<String> = run
         .last
         .iter()
-        .filter(|(k, _)| !matches!(k.as_str(), "step" | "epoch"))
+        .filter(|(k, _)| !matches!(k.as_str(), "step" | "epoch" | "iteration"))
         .map(|(k, v)| format!("{k} {v:.4}"))
         .collect();
     if run.interrupted {
         println!(
-            "interrupted at step {}; checkpoint saved (continue with --resume)",
+            "interrupted at {unit} {}; checkpoint saved (continue with --resume)",
             run.steps
         );
     }
-    println!("{} steps; last: {}", run.steps, shown.join(", "));
+    println!("{} {unit}s; last: {}", run.steps, shown.join(", "));
     println!(
         "model: {}   metrics: {}",
         run.final_dir.display(),
@@ -1116,7 +1118,7 @@ fn finish(run: &RunSummary, args: &TrainArgs) {
 
 fn pref_cmd(args: &TrainArgs, which: crate::train::dpo::PrefTrainer) -> Result<ExitCode> {
     let (run, held) = crate::train::dpo::train(args, which)?;
-    finish(&run, args);
+    finish(&run, args, "step");
     if let Some((acc, margin)) = held {
         println!(
             "held-out implicit reward accuracy {:.1}%, mean margin {margin:.4}",
@@ -1212,23 +1214,4 @@ fn eval_cmd(
         println!("nothing to measure: give --reference and/or --reward-model");
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn show_online(
-    iterations: usize,
-    last: &crate::train::Metrics,
-    dir: &std::path::Path,
-    args: &TrainArgs,
-) {
-    let shown: Vec<String> = last
-        .iter()
-        .filter(|(k, _)| k.as_str() != "iteration")
-        .map(|(k, v)| format!("{k} {v:.4}"))
-        .collect();
-    println!("{iterations} iterations; last: {}", shown.join(", "));
-    println!(
-        "model: {}   metrics: {}",
-        dir.display(),
-        args.out.join("metrics.jsonl").display()
-    );
 }

@@ -16,7 +16,7 @@ use rlhf_kernels::train::grpo::{
     self, group_advantages, grpo_token_terms, last_integer, rule_reward, RewardRule,
 };
 use rlhf_kernels::train::ppo::{self, adapt_kl, explained_variance};
-use rlhf_kernels::train::{builtin, sft};
+use rlhf_kernels::train::{builtin, reward, sft, RunSummary};
 use rlhf_kernels::Device;
 
 fn root(name: &str) -> PathBuf {
@@ -104,6 +104,151 @@ fn ppo_raises_the_reward_within_a_kl_bound() {
     assert!(
         s2 > s0 + 0.2 && kl2 < 3.0,
         "shared value head: score {s0} -> {s2}, KL {kl2}"
+    );
+    std::fs::remove_dir_all(&r).ok();
+}
+
+/// Every parameter of the models in `a` and `b`, compared bit for bit.
+fn assert_same_weights(a: &Path, b: &Path) {
+    let (ma, mb) = (
+        Model::load(a, &Device::Cpu).unwrap(),
+        Model::load(b, &Device::Cpu).unwrap(),
+    );
+    for (i, (x, y)) in ma.params.named().iter().zip(mb.params.named()).enumerate() {
+        let (x, y) = (x.to_f32_vec().unwrap(), y.to_f32_vec().unwrap());
+        let same = x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits());
+        assert!(same, "tensor {i} differs between {a:?} and {b:?}");
+    }
+}
+
+/// Runs `train` once for all its iterations into `full`, and again into `split` stopping after
+/// `first` iterations and resuming; the two must end bit for bit equal.
+fn check_resume<A: Clone>(
+    args: &A,
+    out: impl Fn(&mut A) -> &mut rlhf_kernels::train::TrainArgs,
+    train: impl Fn(&A) -> RunSummary,
+    (full, split, first, total): (&Path, &Path, usize, usize),
+) -> (RunSummary, RunSummary) {
+    let mut a = args.clone();
+    out(&mut a).out = full.to_path_buf();
+    let whole = train(&a);
+    assert_eq!(whole.steps, total);
+    out(&mut a).out = split.to_path_buf();
+    out(&mut a).stop_after = Some(first);
+    let part = train(&a);
+    assert_eq!(part.steps, first, "--stop-after {first}");
+    assert!(!part.interrupted);
+    assert!(split
+        .join(format!("checkpoint-{first}/optimizer.safetensors"))
+        .is_file());
+    out(&mut a).stop_after = None;
+    out(&mut a).resume = true;
+    let rest = train(&a);
+    assert_eq!(rest.steps, total);
+    assert_same_weights(&whole.final_dir, &rest.final_dir);
+    // The metrics of the resumed iterations repeat the uninterrupted run's.
+    let log = |dir: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let (lw, ls) = (log(full), log(split));
+    assert_eq!(lw.len(), total);
+    assert_eq!(ls.len(), total);
+    for (w, s) in lw.iter().zip(&ls) {
+        for (k, v) in w.as_object().unwrap() {
+            if !k.ends_with("tokens_per_s") {
+                assert_eq!(v, &s[k], "metric {k} at iteration {}", w["iteration"]);
+            }
+        }
+    }
+    (whole, rest)
+}
+
+#[test]
+fn online_runs_resume_bit_for_bit() {
+    let r = root("resume");
+    builtin::write_synthetic_task(&r.join("data"), 40, 2).unwrap();
+    let mut rm_args = train_args(
+        &r.join("base"),
+        &r.join("data/prefs.jsonl"),
+        &r.join("rm"),
+        1e-3,
+        1,
+    );
+    rm_args.max_steps = Some(2);
+    let rm = reward::train(&rm_args).unwrap().0.final_dir;
+    let prompts = r.join("data/prompts.jsonl");
+    for shared in [false, true] {
+        let mut p = ppo::PpoArgs::new(
+            online_args(&r.join("base"), &prompts, &r.join("unused"), 1e-3),
+            rm.clone(),
+        );
+        p.iterations = 4;
+        p.rollout_batch = 4;
+        p.minibatch = 2;
+        p.ppo_epochs = 2;
+        p.max_new_tokens = 8;
+        p.target_kl = Some(0.5);
+        p.kl_horizon = 8.0;
+        p.shared_value = shared;
+        let tag = if shared { "shared" } else { "separate" };
+        let (whole, rest) = check_resume(
+            &p,
+            |p| &mut p.train,
+            |p| ppo::train(p).unwrap(),
+            (
+                &r.join(format!("ppo-{tag}")),
+                &r.join(format!("ppo-{tag}-split")),
+                2,
+                4,
+            ),
+        );
+        assert_ne!(
+            whole.last["kl_coef"], 0.05,
+            "the adaptive KL coefficient moved, so its restore is tested"
+        );
+        if shared {
+            let head = |d: &Path| std::fs::read(d.join("value_head.safetensors")).unwrap();
+            assert_eq!(head(&whole.final_dir), head(&rest.final_dir));
+        } else {
+            assert_same_weights(
+                &r.join("ppo-separate/value"),
+                &r.join("ppo-separate-split/value"),
+            );
+        }
+    }
+    let mut g = grpo::GrpoArgs::new(
+        online_args(&r.join("base"), &prompts, &r.join("unused"), 1e-3),
+        RewardRule::Exact,
+    );
+    g.reward_rule = None;
+    g.reward_model = Some(rm);
+    g.iterations = 3;
+    g.prompts_per_step = 2;
+    g.group_size = 3;
+    g.updates_per_rollout = 2;
+    g.beta = 0.04;
+    g.max_new_tokens = 8;
+    check_resume(
+        &g,
+        |g| &mut g.train,
+        |g| grpo::train(g).unwrap(),
+        (&r.join("grpo"), &r.join("grpo-split"), 1, 3),
+    );
+    // A checkpoint of one trainer does not resume another.
+    let mut wrong = g.clone();
+    wrong.train.out = r.join("ppo-shared");
+    wrong.train.resume = true;
+    let err = grpo::train(&wrong)
+        .err()
+        .expect("a PPO checkpoint is refused")
+        .to_string();
+    assert!(
+        err.contains("trainer_state.json") && err.contains("not grpo"),
+        "{err}"
     );
     std::fs::remove_dir_all(&r).ok();
 }

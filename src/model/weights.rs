@@ -291,6 +291,91 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
+/// Writes f32 training state (optimizer moments, master weights) under `tensors`' names into one
+/// safetensors file with string metadata such as the step count, atomically.
+pub fn save_state(
+    path: &Path,
+    tensors: &[(String, &Tensor)],
+    meta: &[(&str, String)],
+) -> Result<()> {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, t)| {
+            Ok(t.to_f32_vec()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect())
+        })
+        .collect::<Result<_>>()?;
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, t), b)| {
+            safetensors::tensor::TensorView::new(Dtype::F32, t.shape().to_vec(), b)
+                .map(|v| (name.as_str(), v))
+                .map_err(|e| Error::file(path, e.to_string()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let meta: HashMap<String, String> = meta
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .collect();
+    write_atomic(path, |tmp| {
+        safetensors::serialize_to_file(views, Some(meta), tmp)
+            .map_err(|e| Error::file(tmp, e.to_string()))
+    })
+}
+
+/// A file written by `save_state`, read back with every problem named against its path.
+pub struct StateFile {
+    path: PathBuf,
+    bytes: Vec<u8>,
+}
+
+impl StateFile {
+    pub fn open(path: &Path) -> Result<StateFile> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        SafeTensors::deserialize(&bytes).map_err(|e| Error::file(path, e.to_string()))?;
+        Ok(StateFile {
+            path: path.to_path_buf(),
+            bytes,
+        })
+    }
+
+    /// The metadata entry `key`, parsed.
+    pub fn meta<T: std::str::FromStr>(&self, key: &str) -> Result<T> {
+        let (_, header) = SafeTensors::read_metadata(&self.bytes)
+            .map_err(|e| Error::file(&self.path, e.to_string()))?;
+        header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(key))
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| Error::file(&self.path, format!("no `{key}` in the metadata")))
+    }
+
+    /// The f32 tensor `name`, which must have `shape`.
+    pub fn tensor(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let st = SafeTensors::deserialize(&self.bytes)
+            .map_err(|e| Error::file(&self.path, e.to_string()))?;
+        let view = st
+            .tensor(name)
+            .map_err(|_| Error::file(&self.path, format!("missing `{name}`")))?;
+        if view.dtype() != Dtype::F32 || view.shape() != shape {
+            return Err(Error::file(
+                &self.path,
+                format!(
+                    "`{name}` is {:?} {:?}, expected F32 {shape:?}",
+                    view.dtype(),
+                    view.shape()
+                ),
+            ));
+        }
+        let data = to_f32(Dtype::F32, view.data()).expect("F32 converts");
+        Tensor::from_f32(shape, data, device)
+    }
+}
+
 /// `write_atomic` for bytes.
 pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic(path, |tmp| {

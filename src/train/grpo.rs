@@ -9,8 +9,8 @@ use std::time::Instant;
 use super::data::{self, Encoder};
 use super::reward::sequence_rewards;
 use super::{
-    eos_id, load_model, save_checkpoint, score, score_backward, Metrics, Optimizer, ScoredBatch,
-    TrainArgs,
+    eos_id, load_model, restore, save_checkpoint, score, score_backward, Metrics, OnlineProgress,
+    Optimizer, RunSummary, ScoredBatch, TrainArgs,
 };
 use crate::device::DType;
 use crate::error::{Error, Result};
@@ -18,7 +18,6 @@ use crate::model::generate::GenerateOptions;
 use crate::model::tokenizer::TextTokenizer;
 use crate::model::{Model, Params};
 use crate::ops::adamw::{clip_coefficient, global_grad_norm, AdamWConfig};
-use crate::rng::Rng;
 
 /// A rule that scores a decoded completion against the prompt's `answer`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -180,19 +179,13 @@ pub fn grpo_token_terms(
     (loss, grad, clipped)
 }
 
-pub struct GrpoSummary {
-    pub iterations: usize,
-    pub last: Metrics,
-    pub final_dir: PathBuf,
-}
-
 enum Scorer<'a> {
     Model(Box<Model>),
     Rule(RewardRule, &'a TextTokenizer),
 }
 
-/// `rlhf grpo`.
-pub fn train(a: &GrpoArgs) -> Result<GrpoSummary> {
+/// `rlhf grpo`; the summary counts iterations as steps.
+pub fn train(a: &GrpoArgs) -> Result<RunSummary> {
     let t = &a.train;
     super::reject_offline_options(t, "grpo")?;
     if a.group_size < 2 {
@@ -252,12 +245,18 @@ pub fn train(a: &GrpoArgs) -> Result<GrpoSummary> {
         indicatif::ProgressBar::new(a.iterations as u64)
     };
     let (eps_low, eps_high) = (a.epsilon, a.epsilon_high.unwrap_or(a.epsilon));
-    let mut rng = Rng::new(t.seed);
-    let mut cycle = super::PromptCycler::new(prompts.len(), t.seed);
+    let mut progress =
+        OnlineProgress::begin(t, "grpo", a.iterations, prompts.len(), a.prompts_per_step)?;
+    if let Some((dir, _)) = &progress.resumed {
+        restore(&mut policy, &mut opt, dir)?;
+    }
+    bar.set_position(progress.start as u64);
     let mut last = Metrics::new();
     let total_updates = a.iterations * a.updates_per_rollout;
-    for it in 0..a.iterations {
-        let picked = cycle.take(a.prompts_per_step);
+    let mut done = progress.start;
+    while done < progress.stop {
+        let it = done;
+        let picked = progress.cycle.take(a.prompts_per_step);
         // Each prompt repeated group_size times, consecutively.
         let batch: Vec<Vec<i32>> = picked
             .iter()
@@ -267,7 +266,7 @@ pub fn train(a: &GrpoArgs) -> Result<GrpoSummary> {
         let opts = GenerateOptions {
             max_new_tokens: a.max_new_tokens,
             temperature: a.temperature,
-            seed: rng.next_u64(),
+            seed: progress.rng.next_u64(),
             eos: vec![eos],
             ..Default::default()
         };
@@ -379,27 +378,34 @@ pub fn train(a: &GrpoArgs) -> Result<GrpoSummary> {
         bar.set_position((it + 1) as u64);
         bar.set_message(format!("reward {mean_reward:.3}"));
         last = m;
-        if t.save_every > 0 && (it + 1) % t.save_every == 0 {
+        done += 1;
+        if progress.interrupted() {
+            break;
+        }
+        if t.save_every > 0 && done.is_multiple_of(t.save_every) && done < progress.stop {
             save_checkpoint(
                 &policy,
-                None,
+                Some(&opt),
                 &t.model,
-                &t.out.join(format!("checkpoint-{}", it + 1)),
-                &serde_json::json!({"trainer": "grpo", "iteration": it + 1}),
+                &t.out.join(format!("checkpoint-{done}")),
+                &progress.state(done),
             )?;
         }
     }
     bar.finish_and_clear();
-    let final_dir = t.out.join("final");
+    let state = progress.state(done);
     save_checkpoint(
         &policy,
-        None,
+        Some(&opt),
         &t.model,
-        &final_dir,
-        &serde_json::json!({"trainer": "grpo", "iteration": a.iterations}),
+        &t.out.join(format!("checkpoint-{done}")),
+        &state,
     )?;
-    Ok(GrpoSummary {
-        iterations: a.iterations,
+    let final_dir = t.out.join("final");
+    save_checkpoint(&policy, None, &t.model, &final_dir, &state)?;
+    Ok(RunSummary {
+        steps: done,
+        interrupted: progress.interrupted(),
         last,
         final_dir,
     })

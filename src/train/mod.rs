@@ -25,10 +25,11 @@ use std::time::Instant;
 use crate::device::{DType, Device, DeviceChoice, Tensor};
 use crate::error::{Error, Result};
 use crate::model::tokenizer::TextTokenizer;
-use crate::model::weights::{parameter_shapes, write_file_atomic};
+use crate::model::weights::{parameter_shapes, save_state, write_file_atomic, StateFile};
 use crate::model::{Batch, Model, Params};
 use crate::ops::adamw::{adamw_step, clip_coefficient, global_grad_norm, AdamWConfig};
 use crate::ops::logprob::{linear_logprob_bwd, linear_logprob_fwd, LogprobOut};
+use crate::rng::Rng;
 
 /// Options every trainer takes.
 #[derive(Debug, Clone, clap::Args)]
@@ -74,8 +75,9 @@ pub struct TrainArgs {
     /// Continue from the newest checkpoint in --out.
     #[arg(long)]
     pub resume: bool,
-    /// Stop after this many steps of this invocation (checkpoint saved; the schedule still spans the
-    /// whole run), e.g. to fit a time slot; continue later with --resume.
+    /// Stop after this many steps (iterations, for ppo and grpo) of this invocation (checkpoint
+    /// saved; the schedule still spans the whole run), e.g. to fit a time slot; continue later with
+    /// --resume.
     #[arg(long)]
     pub stop_after: Option<usize>,
     /// Longest prompt + completion, in tokens.
@@ -240,63 +242,24 @@ impl Optimizer {
 
     fn save(&self, model: &Model, path: &Path) -> Result<()> {
         let names = parameter_shapes(&model.cfg);
-        let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-        let mut put = |prefix: &str, p: &Params| -> Result<()> {
-            for ((name, shape), t) in names.iter().zip(p.named()) {
-                let bytes = t
-                    .to_f32_vec()?
-                    .iter()
-                    .flat_map(|x| x.to_le_bytes())
-                    .collect();
-                tensors.push((format!("{prefix}.{name}"), shape.clone(), bytes));
+        let mut tensors: Vec<(String, &Tensor)> = Vec::new();
+        let groups = [("exp_avg", &self.m), ("exp_avg_sq", &self.v)];
+        let master = self.master.as_ref().map(|m| ("master", m));
+        for (prefix, p) in groups.into_iter().chain(master) {
+            for ((name, _), t) in names.iter().zip(p.named()) {
+                tensors.push((format!("{prefix}.{name}"), t));
             }
-            Ok(())
-        };
-        put("exp_avg", &self.m)?;
-        put("exp_avg_sq", &self.v)?;
-        if let Some(master) = &self.master {
-            put("master", master)?;
         }
-        let views: Vec<_> = tensors
-            .iter()
-            .map(|(n, s, b)| {
-                (
-                    n.clone(),
-                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                        .expect("sizes match"),
-                )
-            })
-            .collect();
-        let meta = std::collections::HashMap::from([("step".to_owned(), self.step.to_string())]);
-        safetensors::serialize_to_file(views, Some(meta), path)
-            .map_err(|e| Error::file(path, e.to_string()))
+        save_state(path, &tensors, &[("step", self.step.to_string())])
     }
 
     fn load(&mut self, model: &Model, path: &Path) -> Result<()> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|e| Error::file(path, e.to_string()))?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| Error::file(path, e.to_string()))?;
-        self.step = header
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get("step"))
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| Error::file(path, "no `step` in the metadata"))?;
+        let file = StateFile::open(path)?;
+        self.step = file.meta("step")?;
         let names = parameter_shapes(&model.cfg);
         let get = |prefix: &str, p: &mut Params| -> Result<()> {
             for ((name, shape), t) in names.iter().zip(p.named_mut()) {
-                let key = format!("{prefix}.{name}");
-                let view = st
-                    .tensor(&key)
-                    .map_err(|_| Error::file(path, format!("missing `{key}`")))?;
-                let data: Vec<f32> = view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect();
-                *t = Tensor::from_f32(shape, data, &model.device)?;
+                *t = file.tensor(&format!("{prefix}.{name}"), shape, &model.device)?;
             }
             Ok(())
         };
@@ -353,6 +316,16 @@ pub fn latest_checkpoint(out: &Path) -> Option<(usize, PathBuf)> {
         .max_by_key(|(s, _)| *s)
 }
 
+/// `latest_checkpoint` for `--resume`, where having none is an error.
+fn resume_checkpoint(out: &Path) -> Result<(usize, PathBuf)> {
+    latest_checkpoint(out).ok_or_else(|| {
+        Error::file(
+            out,
+            "--resume: no checkpoint-N folder with trainer_state.json",
+        )
+    })
+}
+
 /// Copies the tokenizer files of `from` into `to` (a checkpoint opens on its own).
 fn copy_tokenizer(from: &Path, to: &Path) -> Result<()> {
     for f in [
@@ -377,6 +350,19 @@ pub fn save_checkpoint(
     dir: &Path,
     state: &serde_json::Value,
 ) -> Result<()> {
+    save_checkpoint_with(model, opt, source, dir, state, |_| Ok(()))
+}
+
+/// `save_checkpoint` with `extra` writing more files (a value model, a value head) into the
+/// temporary folder before the rename, so they land together with the policy or not at all.
+pub fn save_checkpoint_with(
+    model: &Model,
+    opt: Option<&Optimizer>,
+    source: &Path,
+    dir: &Path,
+    state: &serde_json::Value,
+    extra: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
     let tmp = dir.with_extension("tmp");
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
@@ -393,6 +379,7 @@ pub fn save_checkpoint(
     if let Some(opt) = opt {
         opt.save(model, &tmp.join("optimizer.safetensors"))?;
     }
+    extra(&tmp)?;
     write_file_atomic(
         &tmp.join("trainer_state.json"),
         serde_json::to_string_pretty(state).unwrap().as_bytes(),
@@ -402,6 +389,12 @@ pub fn save_checkpoint(
         std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
     std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
+}
+
+/// Loads a checkpoint's parameters into `model` and its optimizer state into `opt`.
+pub fn restore(model: &mut Model, opt: &mut Optimizer, dir: &Path) -> Result<()> {
+    model.params = Params::load(&model.cfg, dir, &model.device, model.dtype)?;
+    opt.load(model, &dir.join("optimizer.safetensors"))
 }
 
 /// The outcome of a run.
@@ -438,14 +431,8 @@ pub fn run(
     )?;
     let mut start = 0usize;
     if args.resume {
-        let (step, dir) = latest_checkpoint(&args.out).ok_or_else(|| {
-            Error::file(
-                &args.out,
-                "--resume: no checkpoint-N folder with trainer_state.json",
-            )
-        })?;
-        model.params = Params::load(&model.cfg, &dir, &model.device, model.dtype)?;
-        opt.load(model, &dir.join("optimizer.safetensors"))?;
+        let (step, dir) = resume_checkpoint(&args.out)?;
+        restore(model, &mut opt, &dir)?;
         start = step;
         if !args.quiet {
             eprintln!("resuming from {} (step {step})", dir.display());
@@ -563,8 +550,6 @@ pub fn run(
 pub fn reject_offline_options(args: &TrainArgs, trainer: &'static str) -> Result<()> {
     let defaults = TrainArgs::new(&args.model, &args.data, &args.out);
     let unused = [
-        ("--resume", args.resume),
-        ("--stop-after", args.stop_after.is_some()),
         ("--max-steps", args.max_steps.is_some()),
         ("--epochs", args.epochs != defaults.epochs),
         ("--batch-size", args.batch_size != defaults.batch_size),
@@ -619,6 +604,103 @@ impl MetricsLog {
     pub fn write(&mut self, m: &Metrics) -> Result<()> {
         writeln!(self.file, "{}", serde_json::to_string(m).unwrap())
             .map_err(|e| Error::io(&self.path, e))
+    }
+}
+
+/// Where an online trainer (PPO, GRPO) stands: the iterations this invocation runs, the sampling
+/// generator and the prompt order, restored from the newest checkpoint under `--resume`, and Ctrl-C
+/// armed so an interrupted run saves a checkpoint before it stops.
+pub struct OnlineProgress {
+    pub start: usize,
+    /// One past the last iteration this invocation runs (`--stop-after` may end it early).
+    pub stop: usize,
+    pub iterations: usize,
+    pub rng: Rng,
+    pub cycle: PromptCycler,
+    /// The resumed checkpoint's folder and its trainer_state.json.
+    pub resumed: Option<(PathBuf, serde_json::Value)>,
+    trainer: &'static str,
+    seed: u64,
+}
+
+impl OnlineProgress {
+    /// `prompts` prompts in the data, `per_iteration` of them taken by each iteration.
+    pub fn begin(
+        args: &TrainArgs,
+        trainer: &'static str,
+        iterations: usize,
+        prompts: usize,
+        per_iteration: usize,
+    ) -> Result<OnlineProgress> {
+        install_ctrl_c();
+        INTERRUPTED.store(false, Ordering::SeqCst);
+        let mut p = OnlineProgress {
+            start: 0,
+            stop: 0,
+            iterations,
+            rng: Rng::new(args.seed),
+            cycle: PromptCycler::new(prompts, args.seed),
+            resumed: None,
+            trainer,
+            seed: args.seed,
+        };
+        if args.resume {
+            let (_, dir) = resume_checkpoint(&args.out)?;
+            let path = dir.join("trainer_state.json");
+            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+            let state: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| Error::file(&path, e.to_string()))?;
+            if state["trainer"] != trainer {
+                return Err(Error::file(
+                    &path,
+                    format!("`trainer` is {}, not {trainer}", state["trainer"]),
+                ));
+            }
+            let field = |key: &str| {
+                state[key]
+                    .as_u64()
+                    .or_else(|| state[key].as_str()?.parse().ok())
+                    .ok_or_else(|| Error::file(&path, format!("no integer `{key}`")))
+            };
+            p.start = field("iteration")? as usize;
+            if field("seed")? != args.seed {
+                return Err(Error::file(
+                    &path,
+                    format!(
+                        "the run used --seed {}, this invocation {}: resume with the same seed",
+                        field("seed")?,
+                        args.seed
+                    ),
+                ));
+            }
+            p.rng = Rng::from_state(field("rng_state")?);
+            // The prompt order is a function of how many prompts were taken, so replaying the
+            // takes restores it exactly.
+            for _ in 0..p.start {
+                p.cycle.take(per_iteration);
+            }
+            if !args.quiet {
+                eprintln!("resuming from {} (iteration {})", dir.display(), p.start);
+            }
+            p.resumed = Some((dir, state));
+        }
+        p.stop = args
+            .stop_after
+            .map_or(iterations, |n| (p.start + n).min(iterations))
+            .max(p.start);
+        Ok(p)
+    }
+
+    /// Whether Ctrl-C was pressed; the trainer saves a checkpoint and stops after the iteration.
+    pub fn interrupted(&self) -> bool {
+        INTERRUPTED.load(Ordering::SeqCst)
+    }
+
+    /// trainer_state.json after `done` iterations: what `begin` needs to continue.
+    pub fn state(&self, done: usize) -> serde_json::Value {
+        // The generator state as a string: many JSON readers lose integers past 2^53.
+        serde_json::json!({"trainer": self.trainer, "iteration": done, "iterations": self.iterations,
+            "seed": self.seed, "rng_state": self.rng.state().to_string()})
     }
 }
 

@@ -8,20 +8,21 @@
 //! The value model starts from the reward model (a separate network with its own optimizer), or with
 //! `shared_value` is a scalar head on the policy's hidden states, trained with it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::data::{self, Encoder};
 use super::eval::response_logps;
 use super::reward::sequence_rewards;
 use super::{
-    eos_id, load_model, save_checkpoint, score, score_backward, Metrics, Optimizer, ScoredBatch,
-    TrainArgs,
+    eos_id, load_model, restore, save_checkpoint, save_checkpoint_with, score, score_backward,
+    Metrics, OnlineProgress, Optimizer, RunSummary, ScoredBatch, TrainArgs,
 };
 use crate::device::{DType, Tensor};
 use crate::error::{Error, Result};
 use crate::model::generate::GenerateOptions;
 use crate::model::llama::{head_values, head_values_bwd};
+use crate::model::weights::{save_state, StateFile};
 use crate::model::{Model, Params};
 use crate::ops::adamw::{adamw_step, clip_coefficient, global_grad_norm, AdamWConfig};
 use crate::ops::elementwise::add;
@@ -203,23 +204,29 @@ impl ValueHead {
         Ok(())
     }
 
-    fn save(&self, path: &std::path::Path) -> Result<()> {
-        let bytes: Vec<u8> = self
-            .master
-            .to_f32_vec()?
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect();
-        let view = safetensors::tensor::TensorView::new(
-            safetensors::Dtype::F32,
-            self.master.shape().to_vec(),
-            &bytes,
+    /// The f32 weights as `score.weight`, with the AdamW moments and step beside them so a resumed
+    /// run continues the head's optimizer too.
+    fn save(&self, path: &Path) -> Result<()> {
+        save_state(
+            path,
+            &[
+                ("score.weight".into(), &self.master),
+                ("exp_avg".into(), &self.m),
+                ("exp_avg_sq".into(), &self.v),
+            ],
+            &[("step", self.step.to_string())],
         )
-        .map_err(|e| Error::file(path, e.to_string()))?;
-        crate::model::weights::write_atomic(path, |tmp| {
-            safetensors::serialize_to_file(vec![("score.weight", view)], None, tmp)
-                .map_err(|e| Error::file(tmp, e.to_string()))
-        })
+    }
+
+    fn load(&mut self, path: &Path) -> Result<()> {
+        let file = StateFile::open(path)?;
+        self.step = file.meta("step")?;
+        let (shape, dev) = (self.master.shape().to_vec(), self.master.device().clone());
+        self.master = file.tensor("score.weight", &shape, &dev)?;
+        self.m = file.tensor("exp_avg", &shape, &dev)?;
+        self.v = file.tensor("exp_avg_sq", &shape, &dev)?;
+        self.w = Tensor::from_f32_as(&shape, &self.master.to_f32_vec()?, self.w.dtype(), &dev)?;
+        Ok(())
     }
 }
 
@@ -231,14 +238,8 @@ fn values(model: &Model, sb: &ScoredBatch) -> Result<(crate::model::Activations,
     Ok((acts, padded))
 }
 
-pub struct PpoSummary {
-    pub iterations: usize,
-    pub last: Metrics,
-    pub final_dir: PathBuf,
-}
-
-/// `rlhf ppo`.
-pub fn train(a: &PpoArgs) -> Result<PpoSummary> {
+/// `rlhf ppo`; the summary counts iterations as steps.
+pub fn train(a: &PpoArgs) -> Result<RunSummary> {
     let t = &a.train;
     super::reject_offline_options(t, "ppo")?;
     if a.minibatch == 0 || a.rollout_batch == 0 || a.max_new_tokens == 0 {
@@ -306,15 +307,53 @@ pub fn train(a: &PpoArgs) -> Result<PpoSummary> {
     } else {
         indicatif::ProgressBar::new(a.iterations as u64)
     };
-    let mut cycle = super::PromptCycler::new(prompts.len(), t.seed);
-    let mut rng = Rng::new(t.seed);
+    let mut progress =
+        OnlineProgress::begin(t, "ppo", a.iterations, prompts.len(), a.rollout_batch)?;
+    if let Some((dir, state)) = &progress.resumed {
+        restore(&mut policy, &mut opt_p, dir)?;
+        match &mut critic {
+            Critic::Separate(value, opt_v) => restore(value, opt_v, &dir.join("value"))?,
+            Critic::Shared(head) => head.load(&dir.join("value_head.safetensors"))?,
+        }
+        cfg.kl_coef = state["kl_coef"]
+            .as_f64()
+            .ok_or_else(|| Error::file(dir.join("trainer_state.json"), "no number `kl_coef`"))?;
+    }
+    bar.set_position(progress.start as u64);
     let mut last = Metrics::new();
     let updates_per_iter = a.ppo_epochs * a.rollout_batch.div_ceil(a.minibatch);
     let total_updates = a.iterations * updates_per_iter;
-    let mut update = 0usize;
-    for it in 0..a.iterations {
+    let mut update = progress.start * updates_per_iter;
+    let mut done = progress.start;
+    // A resumable checkpoint-N: the policy and critic with their optimizers, and where the run is.
+    let save = |policy: &Model,
+                opt_p: &Optimizer,
+                critic: &Critic,
+                mut state: serde_json::Value,
+                kl_coef: f64| {
+        state["kl_coef"] = kl_coef.into();
+        let dir = t.out.join(format!("checkpoint-{}", state["iteration"]));
+        save_checkpoint_with(
+            policy,
+            Some(opt_p),
+            &t.model,
+            &dir,
+            &state,
+            |tmp| match critic {
+                Critic::Separate(value, opt_v) => {
+                    save_checkpoint(value, Some(opt_v), &value_dir, &tmp.join("value"), &state)
+                }
+                Critic::Shared(head) => head.save(&tmp.join("value_head.safetensors")),
+            },
+        )?;
+        Ok::<_, Error>(state)
+    };
+    while done < progress.stop {
+        let it = done;
+        let rng = &mut progress.rng;
         // 1. Prompts, cycling through the data in seeded shuffles.
-        let batch: Vec<Vec<i32>> = cycle
+        let batch: Vec<Vec<i32>> = progress
+            .cycle
             .take(a.rollout_batch)
             .into_iter()
             .map(|i| prompts[i].tokens.clone())
@@ -555,19 +594,16 @@ pub fn train(a: &PpoArgs) -> Result<PpoSummary> {
             cfg.kl_coef = adapt_kl(cfg.kl_coef, kl, target, b, a.kl_horizon);
         }
         last = m;
-        if t.save_every > 0 && (it + 1) % t.save_every == 0 {
-            let state = serde_json::json!({"trainer": "ppo", "iteration": it + 1});
-            save_checkpoint(
-                &policy,
-                None,
-                &t.model,
-                &t.out.join(format!("checkpoint-{}", it + 1)),
-                &state,
-            )?;
+        done += 1;
+        if progress.interrupted() {
+            break;
+        }
+        if t.save_every > 0 && done.is_multiple_of(t.save_every) && done < progress.stop {
+            save(&policy, &opt_p, &critic, progress.state(done), cfg.kl_coef)?;
         }
     }
     bar.finish_and_clear();
-    let state = serde_json::json!({"trainer": "ppo", "iteration": a.iterations});
+    let state = save(&policy, &opt_p, &critic, progress.state(done), cfg.kl_coef)?;
     let final_dir = t.out.join("final");
     save_checkpoint(&policy, None, &t.model, &final_dir, &state)?;
     match &critic {
@@ -576,8 +612,9 @@ pub fn train(a: &PpoArgs) -> Result<PpoSummary> {
         }
         Critic::Shared(head) => head.save(&final_dir.join("value_head.safetensors"))?,
     }
-    Ok(PpoSummary {
-        iterations: a.iterations,
+    Ok(RunSummary {
+        steps: done,
+        interrupted: progress.interrupted(),
         last,
         final_dir,
     })
