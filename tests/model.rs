@@ -4,7 +4,7 @@
 
 use rlhf_kernels::cuda_test;
 use rlhf_kernels::device::{DType, Device, Tensor};
-use rlhf_kernels::model::generate::GenerateOptions;
+use rlhf_kernels::model::generate::{sample, GenerateOptions};
 use rlhf_kernels::model::weights::parameter_shapes;
 use rlhf_kernels::model::{Batch, LlamaConfig, Model, Params};
 use rlhf_kernels::ops::logprob::{linear_logprob_bwd, linear_logprob_fwd};
@@ -313,6 +313,69 @@ fn sampling_follows_the_seed_and_stops_at_eos() {
         model.generate(&[vec![1, 99]], &stop, |_, _| {}).is_err(),
         "an id outside the vocabulary is an error"
     );
+}
+
+#[test]
+fn sampler_inverts_the_filtered_distribution() {
+    // Random logits with a few ties; u swept over a fine grid must hit each kept token in proportion
+    // to its renormalised probability, and never a token outside top-k / the nucleus.
+    let mut rng = Rng::new(41);
+    let mut logits = rng.normal_vec(300, 2.0);
+    logits[7] = logits[3];
+    let t = 0.7;
+    let z: Vec<f64> = logits.iter().map(|&l| l as f64 / t).collect();
+    let lse = {
+        let m = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        m + z.iter().map(|v| (v - m).exp()).sum::<f64>().ln()
+    };
+    let p: Vec<f64> = z.iter().map(|v| (v - lse).exp()).collect();
+    let mut by_p: Vec<usize> = (0..p.len()).collect();
+    by_p.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+    let nucleus = |top_p: f64| {
+        let mut cum = 0.0;
+        let n = by_p.iter().take_while(|&&i| {
+            let before = cum;
+            cum += p[i];
+            before < top_p
+        });
+        n.count()
+    };
+    for (top_k, top_p) in [
+        (0, 1.0),
+        (10, 1.0),
+        (0, 0.9),
+        (0, 0.3),
+        (5, 0.99),
+        (250, 1.0),
+    ] {
+        let opts = GenerateOptions {
+            temperature: t as f32,
+            top_k,
+            top_p: top_p as f32,
+            ..Default::default()
+        };
+        let kept_n = if top_k > 0 { top_k } else { p.len() }.min(nucleus(top_p));
+        let kept = &by_p[..kept_n];
+        let mass: f64 = kept.iter().map(|&i| p[i]).sum();
+        let grid = 200_000;
+        let mut hits = vec![0usize; p.len()];
+        for g in 0..grid {
+            let (tok, lp) = sample(&logits, &opts, (g as f64 + 0.5) / grid as f64);
+            assert!(
+                (lp as f64 - p[tok as usize].ln()).abs() < 1e-5,
+                "log-prob of token {tok}"
+            );
+            hits[tok as usize] += 1;
+        }
+        for (i, &h) in hits.iter().enumerate() {
+            let want = if kept.contains(&i) { p[i] / mass } else { 0.0 };
+            let got = h as f64 / grid as f64;
+            assert!(
+                (got - want).abs() <= 2.0 / grid as f64,
+                "top_k {top_k} top_p {top_p}: token {i} drawn {got}, expected {want}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -42,54 +42,123 @@ pub struct Generated {
     pub finished: bool,
 }
 
-/// Picks one token from a row of logits; returns (token, its log-prob).
-pub fn sample(logits: &[f32], opts: &GenerateOptions, rng: &mut Rng) -> (i32, f32) {
-    let t = if opts.temperature > 0.0 {
-        opts.temperature
+/// Picks one token from a row of logits with `u`, a uniform draw in [0, 1); returns (token, its
+/// log-prob under softmax(logits / temperature)). Plain sampling inverts the CDF in vocabulary order,
+/// one pass over the row; top-k and top-p sort only the head of the distribution they keep.
+pub fn sample(logits: &[f32], opts: &GenerateOptions, u: f64) -> (i32, f32) {
+    let inv_t = if opts.temperature > 0.0 {
+        1.0 / opts.temperature
     } else {
         1.0
     };
-    let z: Vec<f64> = logits.iter().map(|&l| l as f64 / t as f64).collect();
-    let m = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let lse = m + z.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    // f32 weights (the row's one pass of exp), summed in f64.
+    let weights: Vec<f32> = logits.iter().map(|&l| ((l - m) * inv_t).exp()).collect();
+    let total: f64 = weights.iter().map(|&w| w as f64).sum();
+    let logp = |i: usize| (((logits[i] - m) * inv_t) as f64 - total.ln()) as f32;
     if opts.temperature <= 0.0 {
-        let best = z
+        let best = logits
             .iter()
             .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
+            .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
             .map(|(i, _)| i)
             .unwrap_or(0);
-        return (best as i32, (z[best] - lse) as f32);
+        return (best as i32, logp(best));
     }
-    let mut order: Vec<usize> = (0..z.len()).collect();
-    order.sort_by(|&a, &b| z[b].total_cmp(&z[a]));
-    if opts.top_k > 0 {
-        order.truncate(opts.top_k);
-    }
-    if opts.top_p < 1.0 {
-        let mut cum = 0.0;
-        let mut keep = 0;
-        for &i in &order {
-            cum += (z[i] - lse).exp();
-            keep += 1;
-            if cum >= opts.top_p as f64 {
-                break;
+    let pick = if opts.top_k == 0 && opts.top_p >= 1.0 {
+        invert_cdf(0..logits.len(), &weights, u * total)
+    } else {
+        let limit = if opts.top_k > 0 {
+            opts.top_k.min(logits.len())
+        } else {
+            logits.len()
+        };
+        // Without top-p the head is the top k; with it, the head grows until it reaches top_p (a
+        // peaked row needs a few dozen tokens).
+        let mut k = if opts.top_p >= 1.0 {
+            limit
+        } else {
+            limit.min(64)
+        };
+        loop {
+            let head = descending_head(logits, k);
+            let mut keep = head.len();
+            let mut reached = false;
+            if opts.top_p < 1.0 {
+                let mut cum = 0.0;
+                for (n, &i) in head.iter().enumerate() {
+                    cum += weights[i] as f64 / total;
+                    if cum >= opts.top_p as f64 {
+                        keep = n + 1;
+                        reached = true;
+                        break;
+                    }
+                }
             }
+            if reached || k == limit {
+                let kept = &head[..keep];
+                let mass: f64 = kept.iter().map(|&i| weights[i] as f64).sum();
+                break invert_cdf(kept.iter().copied(), &weights, u * mass);
+            }
+            k = (k * 4).min(limit);
         }
-        order.truncate(keep.max(1));
-    }
-    let weights: Vec<f64> = order.iter().map(|&i| (z[i] - m).exp()).collect();
-    let total: f64 = weights.iter().sum();
-    let mut u = rng.unit() * total;
-    let mut pick = order[order.len() - 1];
-    for (&i, &w) in order.iter().zip(&weights) {
-        if u < w {
-            pick = i;
-            break;
+    };
+    (pick as i32, logp(pick))
+}
+
+/// The index at which the running sum of `weights` over `order` first exceeds `target` (the last
+/// index with positive weight when rounding leaves `target` past the sum).
+fn invert_cdf(order: impl Iterator<Item = usize>, weights: &[f32], mut target: f64) -> usize {
+    let mut last = 0;
+    for i in order {
+        let w = weights[i] as f64;
+        if target < w {
+            return i;
         }
-        u -= w;
+        target -= w;
+        if w > 0.0 {
+            last = i;
+        }
     }
-    (pick as i32, (z[pick] - lse) as f32)
+    last
+}
+
+/// The `k` largest entries of `z`, largest first, ties by index.
+fn descending_head(z: &[f32], k: usize) -> Vec<usize> {
+    let order = |a: &usize, b: &usize| z[*b].total_cmp(&z[*a]).then(a.cmp(b));
+    let mut idx: Vec<usize> = (0..z.len()).collect();
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k, order);
+        idx.truncate(k);
+    }
+    idx.sort_unstable_by(order);
+    idx
+}
+
+/// `sample` for every row of `logits` (`rows` of `vocab`), with one draw per row; rows are spread
+/// over the host's cores when there is enough work to pay for the threads.
+fn sample_rows(
+    logits: &[f32],
+    vocab: usize,
+    opts: &GenerateOptions,
+    draws: &[f64],
+) -> Vec<(i32, f32)> {
+    let one = |(row, &u): (&[f32], &f64)| sample(row, opts, u);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if threads == 1 || draws.len() < 2 || logits.len() < 1 << 18 {
+        return logits.chunks(vocab).zip(draws).map(one).collect();
+    }
+    let per = draws.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let jobs: Vec<_> = logits
+            .chunks(vocab * per)
+            .zip(draws.chunks(per))
+            .map(|(l, d)| s.spawn(move || l.chunks(vocab).zip(d).map(one).collect::<Vec<_>>()))
+            .collect();
+        jobs.into_iter()
+            .flat_map(|j| j.join().expect("a sampling thread panicked"))
+            .collect()
+    })
 }
 
 impl Model {
@@ -135,8 +204,10 @@ impl Model {
             for row in next.iter_mut() {
                 row.clear();
             }
-            for (r, &b) in seqs.iter().enumerate() {
-                let (tok, lp) = sample(&logits[r * vocab..(r + 1) * vocab], opts, &mut rng);
+            // One draw per row in row order, so the tokens do not depend on the thread count.
+            let draws: Vec<f64> = seqs.iter().map(|_| rng.unit()).collect();
+            let picked = sample_rows(&logits[..seqs.len() * vocab], vocab, opts, &draws);
+            for (&b, &(tok, lp)) in seqs.iter().zip(&picked) {
                 on_token(b, tok);
                 out[b].tokens.push(tok);
                 out[b].logprobs.push(lp);
