@@ -432,7 +432,7 @@ pub fn bench_dpo_step(
 ) -> Result<TrainBench> {
     use crate::model::{Model, Params};
     use crate::ops::pref_loss::{pref_loss, DpoLoss, PrefExtras, PrefLoss};
-    use crate::train::{score, score_backward, ScoredBatch};
+    use crate::train::{frozen_logps, score, score_backward, ScoredBatch};
     let policy = Model::random(cfg, 1, device)?;
     let reference = Model::random(cfg, 1, device)?;
     let mut rng = Rng::new(5);
@@ -456,13 +456,13 @@ pub fn bench_dpo_step(
     };
     let mut memory = None;
     let step_ms = median_ms(device, 1, reps, || {
-        let r = score(&reference, &sb)?;
+        let reference_logps = frozen_logps(&reference, &sb)?;
         let s = score(&policy, &sb)?;
         if let Device::Cuda(d) = device {
             memory = d.memory_in_use().ok();
         }
         let (lp, mask, t) = sb.padded(&s.per_token);
-        let (rp, _, _) = sb.padded(&r.per_token);
+        let (rp, _, _) = sb.padded(&reference_logps);
         let shape = [2 * pairs, t];
         let (lp, mask, rp) = (
             Tensor::from_f32(&shape, lp, device)?,
@@ -573,7 +573,7 @@ pub fn bench_online(
 ) -> Result<OnlineBench> {
     use crate::model::generate::GenerateOptions;
     use crate::model::{Model, Params};
-    use crate::train::{score, score_backward, ScoredBatch};
+    use crate::train::{frozen_logps, score, score_backward, ScoredBatch};
     let policy = Model::random(cfg, 1, device)?;
     let reference = Model::random(cfg, 2, device)?;
     let mut vcfg = cfg.clone();
@@ -608,7 +608,7 @@ pub fn bench_online(
     let mut grads = Params::zeros(cfg, device, DType::F32)?;
     let mut vgrads = Params::zeros(&vcfg, device, DType::F32)?;
     let train_ms = median_ms(device, 1, 3, || {
-        score(&reference, &sb)?;
+        frozen_logps(&reference, &sb)?;
         let s = score(&policy, &sb)?;
         let up = vec![1.0 / sb.batch.len() as f32; sb.batch.len()];
         score_backward(&policy, &s, up.clone(), &mut grads)?;
@@ -623,7 +623,7 @@ pub fn bench_online(
             )?;
             value.backward(&acts, &dh, &mut vgrads)?;
             // The reward model's forward (the same shape as the value model's).
-            value.forward(&sb.batch)?;
+            value.forward_frozen(&sb.batch)?;
         }
         Ok(())
     })?;

@@ -1050,11 +1050,11 @@ pub fn sequence_logprobs(model: &Model, ids: &[i32]) -> Result<Vec<f32>> {
     if ids.len() < 2 {
         return Ok(Vec::new());
     }
-    let acts = model.forward(&Batch::new(&[ids.to_vec()]))?;
+    let hidden = model.forward_frozen(&Batch::new(&[ids.to_vec()]))?;
     let mut targets: Vec<i32> = ids[1..].to_vec();
     targets.push(-100);
     let t = crate::Tensor::from_i32(&[ids.len()], targets, &model.device)?;
-    let out = linear_logprob_fwd(&acts.hidden, model.lm_head(), &t, 1.0)?;
+    let out = linear_logprob_fwd(&hidden, model.lm_head(), &t, 1.0)?;
     let mut lp = out.logp.to_f32_vec()?;
     lp.pop();
     Ok(lp)

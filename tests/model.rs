@@ -200,6 +200,11 @@ fn recomputation_gives_the_same_gradients() {
     for (a, c) in g1.named().iter().zip(g2.named()) {
         assert_eq!(a.to_f32_vec().unwrap(), c.to_f32_vec().unwrap());
     }
+    // The frozen forward (references, reward models) keeps nothing yet computes the same state.
+    assert_eq!(
+        model.forward(&b).unwrap().hidden.to_f32_vec().unwrap(),
+        model.forward_frozen(&b).unwrap().to_f32_vec().unwrap()
+    );
 }
 
 #[test]

@@ -254,13 +254,32 @@ impl Model {
         ))
     }
 
-    /// The forward over a packed batch, keeping what `backward` needs.
-    pub fn forward(&self, batch: &Batch) -> Result<Activations> {
+    /// Token ids, positions and the attention layout of a packed batch on the device.
+    fn batch_inputs(&self, batch: &Batch) -> Result<(Tensor, Tensor, AttnBatch)> {
         self.check_tokens(&batch.tokens)?;
         let n = batch.len();
-        let ids = Tensor::from_i32(&[n], batch.tokens.clone(), &self.device)?;
-        let positions = Tensor::from_i32(&[n], batch.positions(), &self.device)?;
-        let attn = AttnBatch::packed(&batch.seq_lens, &self.device)?;
+        Ok((
+            Tensor::from_i32(&[n], batch.tokens.clone(), &self.device)?,
+            Tensor::from_i32(&[n], batch.positions(), &self.device)?,
+            AttnBatch::packed(&batch.seq_lens, &self.device)?,
+        ))
+    }
+
+    /// The final normalised hidden state `[N, d]` of a packed batch, keeping nothing for a backward:
+    /// for models that are not trained (references, reward models, old log-probs), whose saved
+    /// activations would otherwise sit beside the trained model's and double a step's memory.
+    pub fn forward_frozen(&self, batch: &Batch) -> Result<Tensor> {
+        let (ids, positions, attn) = self.batch_inputs(batch)?;
+        let mut x = embed_fwd(&self.params.embed, &ids)?;
+        for l in &self.params.layers {
+            x = self.layer_fwd(l, &x, &positions, &attn, None)?.0;
+        }
+        Ok(rms_norm_fwd(&x, &self.params.norm, self.eps())?.y)
+    }
+
+    /// The forward over a packed batch, keeping what `backward` needs.
+    pub fn forward(&self, batch: &Batch) -> Result<Activations> {
+        let (ids, positions, attn) = self.batch_inputs(batch)?;
         let mut x = embed_fwd(&self.params.embed, &ids)?;
         let mut inputs = Vec::with_capacity(self.cfg.num_layers + 1);
         let mut layers = Vec::with_capacity(self.cfg.num_layers);

@@ -9,8 +9,8 @@
 
 use super::data::{self, Encoder, PairExample};
 use super::{
-    eos_id, load_model, run, score, score_backward, Metrics, Objective, RunSummary, ScoredBatch,
-    TrainArgs,
+    eos_id, frozen_logps, load_model, run, score, score_backward, Metrics, Objective, RunSummary,
+    ScoredBatch, TrainArgs,
 };
 use crate::device::Tensor;
 use crate::error::Result;
@@ -51,8 +51,7 @@ pub fn pair_logps(model: &Model, pairs: &[PairExample], micro: usize) -> Result<
     let mut out = Vec::with_capacity(pairs.len());
     for chunk in idx.chunks(micro.max(1)) {
         let sb = scored_batch(pairs, chunk);
-        let s = score(model, &sb)?;
-        let sums = super::sequence_sums(&sb, &s.per_token);
+        let sums = super::sequence_sums(&sb, &frozen_logps(model, &sb)?);
         let b = chunk.len();
         out.extend((0..b).map(|k| (sums[k] as f32, sums[b + k] as f32)));
     }
@@ -65,7 +64,7 @@ impl PrefObjective {
     fn reference(&self, sb: &ScoredBatch, chunk: &[usize], t: usize) -> Result<Option<Vec<f32>>> {
         Ok(match &self.reference {
             Reference::None => None,
-            Reference::Model(m) => Some(sb.padded(&score(m, sb)?.per_token).0),
+            Reference::Model(m) => Some(sb.padded(&frozen_logps(m, sb)?).0),
             Reference::Precomputed(sums) => {
                 let b = chunk.len();
                 let mut r = vec![0.0; 2 * b * t];

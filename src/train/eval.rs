@@ -5,7 +5,7 @@
 use super::data::PairExample;
 use super::dpo::{implicit_reward_accuracy, pair_logps};
 use super::reward::{evaluate as rm_accuracy, sequence_rewards};
-use super::{score, sequence_sums, ScoredBatch};
+use super::{frozen_logps, sequence_sums, ScoredBatch};
 use crate::error::Result;
 use crate::model::generate::GenerateOptions;
 use crate::model::Model;
@@ -59,7 +59,7 @@ pub fn response_logps(
         let sb = ScoredBatch::new(&seqs);
         for (&i, v) in chunk
             .iter()
-            .zip(sequence_sums(&sb, &score(model, &sb)?.per_token))
+            .zip(sequence_sums(&sb, &frozen_logps(model, &sb)?))
         {
             all[i] = v;
         }

@@ -9,8 +9,8 @@ use std::time::Instant;
 use super::data::{self, Encoder};
 use super::reward::sequence_rewards;
 use super::{
-    eos_id, load_model, restore, save_checkpoint, score, score_backward, Metrics, OnlineProgress,
-    Optimizer, RunSummary, ScoredBatch, TrainArgs,
+    eos_id, frozen_logps, load_model, restore, save_checkpoint, score, score_backward, Metrics,
+    OnlineProgress, Optimizer, RunSummary, ScoredBatch, TrainArgs,
 };
 use crate::device::DType;
 use crate::error::{Error, Result};
@@ -301,10 +301,10 @@ pub fn train(a: &GrpoArgs) -> Result<RunSummary> {
             .map(|(p, r)| (p.as_slice(), r.as_slice()))
             .collect();
         let sb = ScoredBatch::new(&seqs);
-        let old = score(&policy, &sb)?.per_token;
+        let old = frozen_logps(&policy, &sb)?;
         let ref_lp = reference
             .as_ref()
-            .map(|r| score(r, &sb).map(|s| s.per_token))
+            .map(|r| frozen_logps(r, &sb))
             .transpose()?;
         let total_tokens: usize = sb.spans.iter().map(|s| s.len()).sum();
         let n = sb.spans.len();

@@ -5,8 +5,8 @@
 
 use super::data::{self, Encoder, KtoExample};
 use super::{
-    eos_id, load_model, run, score, score_backward, sequence_sums, Metrics, Objective, RunSummary,
-    ScoredBatch, TrainArgs,
+    eos_id, frozen_logps, load_model, run, score, score_backward, sequence_sums, Metrics,
+    Objective, RunSummary, ScoredBatch, TrainArgs,
 };
 use crate::device::Tensor;
 use crate::error::Result;
@@ -58,15 +58,15 @@ impl Objective for KtoObjective {
                     })
                     .collect();
                 let msb = ScoredBatch::new(&mis);
-                let p = sequence_sums(&msb, &score(model, &msb)?.per_token);
-                let r = sequence_sums(&msb, &score(&self.reference, &msb)?.per_token);
+                let p = sequence_sums(&msb, &frozen_logps(model, &msb)?);
+                let r = sequence_sums(&msb, &frozen_logps(&self.reference, &msb)?);
                 (p.iter().zip(&r).map(|(a, b)| a - b).sum::<f64>() / p.len() as f64).max(0.0)
             } else {
                 0.0
             };
             let s = score(model, &sb)?;
             let (lp, mask, t) = sb.padded(&s.per_token);
-            let (rp, _, _) = sb.padded(&score(&self.reference, &sb)?.per_token);
+            let (rp, _, _) = sb.padded(&frozen_logps(&self.reference, &sb)?);
             let dev = &model.device;
             let shape = [chunk.len(), t];
             let labels: Vec<f32> = chunk

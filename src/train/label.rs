@@ -90,8 +90,8 @@ fn llm_prefers_first(
         })
     };
     let (a, b) = (letter("A")?, letter("B")?);
-    let acts = model.forward(&Batch::new(std::slice::from_ref(&ids)))?;
-    let logits = model.logits_rows(&acts.hidden, &[ids.len() - 1])?;
+    let hidden = model.forward_frozen(&Batch::new(std::slice::from_ref(&ids)))?;
+    let logits = model.logits_rows(&hidden, &[ids.len() - 1])?;
     Ok(sigmoid((logits[a as usize] - logits[b as usize]) as f64))
 }
 

@@ -851,6 +851,16 @@ pub fn score(model: &Model, sb: &ScoredBatch) -> Result<Scored> {
     })
 }
 
+/// `score`'s per-token log-probs for a model that is not being trained (a reference, or the policy
+/// where no gradient flows): nothing is kept for a backward.
+pub fn frozen_logps(model: &Model, sb: &ScoredBatch) -> Result<Vec<f32>> {
+    let hidden = model.forward_frozen(&sb.batch)?;
+    let targets = Tensor::from_i32(&[sb.batch.len()], sb.targets.clone(), &model.device)?;
+    linear_logprob_fwd(&hidden, model.lm_head(), &targets, 1.0)?
+        .logp
+        .to_f32_vec()
+}
+
 /// Backward of `Σ upstream[row]·logp[row]`, accumulating into `grads`.
 pub fn score_backward(
     model: &Model,

@@ -15,8 +15,8 @@ use super::data::{self, Encoder};
 use super::eval::response_logps;
 use super::reward::sequence_rewards;
 use super::{
-    eos_id, load_model, restore, save_checkpoint, save_checkpoint_with, score, score_backward,
-    Metrics, OnlineProgress, Optimizer, RunSummary, ScoredBatch, TrainArgs,
+    eos_id, frozen_logps, load_model, restore, save_checkpoint, save_checkpoint_with, score,
+    score_backward, Metrics, OnlineProgress, Optimizer, RunSummary, ScoredBatch, TrainArgs,
 };
 use crate::device::{DType, Tensor};
 use crate::error::{Error, Result};
@@ -383,7 +383,7 @@ pub fn train(a: &PpoArgs) -> Result<RunSummary> {
         let old = score(&policy, &sb)?;
         let (old_lp, mask, tt) = sb.padded(&old.per_token);
         let entropy = old.out.entropy.to_f32_vec()?;
-        let (ref_lp, _, _) = sb.padded(&score(&reference, &sb)?.per_token);
+        let (ref_lp, _, _) = sb.padded(&frozen_logps(&reference, &sb)?);
         let old_v = match &critic {
             Critic::Separate(value, _) => values(value, &sb)?.1,
             Critic::Shared(head) => {

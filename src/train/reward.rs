@@ -31,8 +31,8 @@ pub fn into_reward_model(mut model: Model, seed: u64) -> Result<Model> {
 /// The reward of each full sequence (the head's value at its last token).
 pub fn sequence_rewards(model: &Model, seqs: &[Vec<i32>]) -> Result<Vec<f32>> {
     let batch = Batch::new(seqs);
-    let acts = model.forward(&batch)?;
-    let values = model.scalar_head(&acts.hidden)?.to_f32_vec()?;
+    let hidden = model.forward_frozen(&batch)?;
+    let values = model.scalar_head(&hidden)?.to_f32_vec()?;
     Ok(batch.offsets()[1..]
         .iter()
         .map(|&end| values[end - 1])
