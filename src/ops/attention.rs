@@ -34,8 +34,16 @@ pub struct AttnBatch {
     /// `[tiles, 2]` (sequence, first local query row) of every 64-row query tile, for the flash
     /// kernels: packed batches of any lengths cost no padding beyond each sequence's last tile.
     tiles: Vec<i32>,
-    dev: Option<(Tensor, Tensor, Tensor)>,
-    dev_tiles: Option<Tensor>,
+    dev: Option<DeviceTables>,
+}
+
+/// A CUDA batch's tables on the device.
+struct DeviceTables {
+    cu_q: Tensor,
+    k_start: Tensor,
+    k_len: Tensor,
+    /// Absent when the batch has no query rows (the launchers return before needing it).
+    tiles: Option<Tensor>,
 }
 
 /// Query rows (and, in the backward, key rows) per flash-kernel block.
@@ -122,18 +130,16 @@ impl AttnBatch {
                 tiles.extend([b as i32, start]);
             }
         }
-        let (dev, dev_tiles) = match device {
-            Device::Cpu => (None, None),
-            Device::Cuda(_) => (
-                Some((
-                    Tensor::from_i32(&[cu_q.len()], cu_q.clone(), device)?,
-                    Tensor::from_i32(&[k_start.len()], k_start.clone(), device)?,
-                    Tensor::from_i32(&[k_len.len()], k_len.clone(), device)?,
-                )),
-                (!tiles.is_empty())
+        let dev = match device {
+            Device::Cpu => None,
+            Device::Cuda(_) => Some(DeviceTables {
+                cu_q: Tensor::from_i32(&[cu_q.len()], cu_q.clone(), device)?,
+                k_start: Tensor::from_i32(&[k_start.len()], k_start.clone(), device)?,
+                k_len: Tensor::from_i32(&[k_len.len()], k_len.clone(), device)?,
+                tiles: (!tiles.is_empty())
                     .then(|| Tensor::from_i32(&[tiles.len()], tiles.clone(), device))
                     .transpose()?,
-            ),
+            }),
         };
         Ok(AttnBatch {
             cu_q,
@@ -143,8 +149,26 @@ impl AttnBatch {
             kernel: AttnKernel::default_choice(),
             tiles,
             dev,
-            dev_tiles,
         })
+    }
+
+    /// The device copies of the tables, for `op`'s launch; an error if the batch is a CPU one.
+    fn device_tables(&self, op: &'static str) -> Result<&DeviceTables> {
+        self.dev.as_ref().ok_or_else(|| Error::DeviceMismatch {
+            op,
+            detail: "the batch was built for the CPU".into(),
+        })
+    }
+
+    /// The device copy of the query-tile list, for `op`'s flash launch.
+    fn device_tiles(&self, op: &'static str) -> Result<&Tensor> {
+        self.device_tables(op)?
+            .tiles
+            .as_ref()
+            .ok_or_else(|| Error::Unsupported {
+                op,
+                detail: "a batch with no query rows has no tiles to launch".into(),
+            })
     }
 
     /// The same batch run by `kernel` on CUDA.
@@ -462,10 +486,8 @@ fn fwd_cuda<T: CudaElem>(
     if nq == 0 {
         return Ok((out, lse));
     }
-    let (cu, ks, kl) = batch.dev.as_ref().ok_or_else(|| Error::DeviceMismatch {
-        op: OP_FWD,
-        detail: "the batch was built for the CPU".into(),
-    })?;
+    let tables = batch.device_tables(OP_FWD)?;
+    let (cu, ks, kl) = (&tables.cu_q, &tables.k_start, &tables.k_len);
     let (b_n, h, kv, d) = (
         batch.sequences() as i32,
         hd.heads as i32,
@@ -521,10 +543,8 @@ fn bwd_cuda<T: CudaElem>(
     if nq == 0 {
         return Ok((dq, dk, dv));
     }
-    let (cu, ks, kl) = batch.dev.as_ref().ok_or_else(|| Error::DeviceMismatch {
-        op: OP_BWD,
-        detail: "the batch was built for the CPU".into(),
-    })?;
+    let tables = batch.device_tables(OP_BWD)?;
+    let (cu, ks, kl) = (&tables.cu_q, &tables.k_start, &tables.k_len);
     let (b_n, h, kv, d) = (
         batch.sequences() as i32,
         hd.heads as i32,
@@ -634,12 +654,9 @@ fn flash_fwd_cuda(
     scale: f32,
 ) -> Result<()> {
     let dev = q.device().as_cuda(OP_FWD)?;
-    let missing = || Error::DeviceMismatch {
-        op: OP_FWD,
-        detail: "the batch was built for the CPU".into(),
-    };
-    let (cu, ks, kl) = batch.dev.as_ref().ok_or_else(missing)?;
-    let tiles = batch.dev_tiles.as_ref().ok_or_else(missing)?;
+    let tables = batch.device_tables(OP_FWD)?;
+    let (cu, ks, kl) = (&tables.cu_q, &tables.k_start, &tables.k_len);
+    let tiles = batch.device_tiles(OP_FWD)?;
     let (h, kv) = (hd.heads as i32, hd.kv_heads as i32);
     let smem = 2 * FLASH_TILE * (hd.head_dim + FLASH_PAD) * 2;
     let f = dev.function_with_shared("attention", flash_name("fwd", hd.head_dim), smem, 0)?;
@@ -679,12 +696,8 @@ fn flash_bwd_cuda(
     scale: f32,
 ) -> Result<()> {
     let dev = q.device().as_cuda(OP_BWD)?;
-    let missing = || Error::DeviceMismatch {
-        op: OP_BWD,
-        detail: "the batch was built for the CPU".into(),
-    };
-    let (cu, _, _) = batch.dev.as_ref().ok_or_else(missing)?;
-    let tiles = batch.dev_tiles.as_ref().ok_or_else(missing)?;
+    let cu = &batch.device_tables(OP_BWD)?.cu_q;
+    let tiles = batch.device_tiles(OP_BWD)?;
     let (h, kv) = (hd.heads as i32, hd.kv_heads as i32);
     let row_bytes = (hd.head_dim + FLASH_PAD) * 2;
 
