@@ -16,7 +16,7 @@ use rlhf_kernels::train::grpo::{
     self, group_advantages, grpo_token_terms, last_integer, rule_reward, RewardRule,
 };
 use rlhf_kernels::train::ppo::{self, adapt_kl, explained_variance};
-use rlhf_kernels::train::{builtin, reward, sft, RunSummary};
+use rlhf_kernels::train::{builtin, plot, reward, sft, RunSummary};
 use rlhf_kernels::Device;
 
 fn root(name: &str) -> PathBuf {
@@ -210,6 +210,11 @@ fn online_runs_resume_bit_for_bit() {
             whole.last["kl_coef"], 0.05,
             "the adaptive KL coefficient moved, so its restore is tested"
         );
+        // The resumed run's curves continue on the iteration axis.
+        let series = plot::read_metrics(&r.join(format!("ppo-{tag}-split/metrics.jsonl"))).unwrap();
+        assert!(!series.contains_key("iteration"));
+        let xs: Vec<f64> = series["score"].iter().map(|p| p.0).collect();
+        assert_eq!(xs, [1.0, 2.0, 3.0, 4.0]);
         if shared {
             let head = |d: &Path| std::fs::read(d.join("value_head.safetensors")).unwrap();
             assert_eq!(head(&whole.final_dir), head(&rest.final_dir));

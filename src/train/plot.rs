@@ -1,6 +1,6 @@
-//! `rlhf plot RUN_DIR`: one PNG with a panel per metric of `metrics.jsonl` against the step. A small
-//! raster renderer (lines, axes, a 3×5 pixel font for titles and tick values), so plotting needs no
-//! system fonts or graphics libraries.
+//! `rlhf plot RUN_DIR`: one PNG with a panel per metric of `metrics.jsonl` against the step (the
+//! iteration, for PPO and GRPO). A small raster renderer (lines, axes, a 3×5 pixel font for titles
+//! and tick values), so plotting needs no system fonts or graphics libraries.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -146,12 +146,14 @@ pub fn read_metrics(path: &Path) -> Result<BTreeMap<String, Vec<(f64, f64)>>> {
         let obj = v
             .as_object()
             .ok_or_else(|| Error::file(path, format!("line {}: expected an object", i + 1)))?;
-        let step = obj
-            .get("step")
-            .and_then(|s| s.as_f64())
+        // Offline trainers count steps, PPO and GRPO iterations.
+        let step = ["step", "iteration"]
+            .iter()
+            .find_map(|k| obj.get(*k)?.as_f64())
             .unwrap_or((i + 1) as f64);
         for (k, val) in obj {
-            if let (Some(x), false) = (val.as_f64(), k == "step" || k == "epoch") {
+            let axis = matches!(k.as_str(), "step" | "iteration" | "epoch");
+            if let (Some(x), false) = (val.as_f64(), axis) {
                 if x.is_finite() {
                     series.entry(k.clone()).or_default().push((step, x));
                 }
