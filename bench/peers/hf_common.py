@@ -83,6 +83,11 @@ class StepTimer:
         return sorted(timed)[len(timed) // 2] * 1e3
 
     def peak_gib(self):
+        """Peak memory reserved by PyTorch's caching allocator after warm-up, in GiB: the figure
+        comparable with ours, which is the driver's in-use memory (our pool keeps freed blocks too)."""
+        return torch.cuda.max_memory_reserved() / 2**30 if self.cuda else float("nan")
+
+    def peak_allocated_gib(self):
         return torch.cuda.max_memory_allocated() / 2**30 if self.cuda else float("nan")
 
 

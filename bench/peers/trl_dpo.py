@@ -47,7 +47,7 @@ def trl_dpo(a, cuda):
     trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=word_tokenizer(), callbacks=[timer.callback()])
     trainer.train()
-    return timer.median_ms(), timer.peak_gib(), "TRL DPOTrainer"
+    return timer.median_ms(), timer.peak_gib(), timer.peak_allocated_gib(), "TRL DPOTrainer"
 
 
 def eager_dpo(a, cuda):
@@ -83,7 +83,8 @@ def eager_dpo(a, cuda):
         timer.times.append(time.perf_counter() - t0)
         if len(timer.times) == 1 and cuda:
             torch.cuda.reset_peak_memory_stats()
-    return timer.median_ms(), timer.peak_gib(), "transformers eager (TRL's DPO computation; trl not importable)"
+    return (timer.median_ms(), timer.peak_gib(), timer.peak_allocated_gib(),
+            "transformers eager (TRL's DPO computation; trl not importable)")
 
 
 def main():
@@ -96,11 +97,11 @@ def main():
     a = ap.parse_args()
     cuda = torch.cuda.is_available() and not a.tiny
     version = trl_version()
-    ms, peak, what = (trl_dpo if version else eager_dpo)(a, cuda)
+    ms, peak, allocated, what = (trl_dpo if version else eager_dpo)(a, cuda)
     tokens = 2 * a.pairs * a.seq_len
     label = f"{what} {version}" if version else what
-    print(f"peer: {label}: {ms:.1f} ms/step, {tokens / ms * 1e3:.0f} tokens/s, peak {peak:.2f} GiB "
-          f"({a.pairs} pairs x {a.seq_len} tokens, {'cuda' if cuda else 'cpu'})")
+    print(f"peer: {label}: {ms:.1f} ms/step, {tokens / ms * 1e3:.0f} tokens/s, peak reserved {peak:.2f} GiB "
+          f"(allocated {allocated:.2f}) ({a.pairs} pairs x {a.seq_len} tokens, {'cuda' if cuda else 'cpu'})")
     if a.tiny and a.rlhf:
         print("(--tiny: the peer ran a two-layer model and ours SmolLM2's shape; the ratios check the script only)")
     ours = run_ours(a.rlhf, ["bench", "train", "--trainer", "dpo", "--device", "cuda" if cuda else "cpu",
@@ -111,7 +112,8 @@ def main():
         if "GiB" in line and cuda:
             gib = [float(w) for w in line.replace(",", " ").split() if w.replace(".", "", 1).isdigit()]
             if gib:
-                print(f"ours vs peer: {gib[-1] / peak:.2f}x peak memory (ours as read from: {line.strip()})")
+                print(f"ours vs peer: {gib[-1] / peak:.2f}x memory (ours in use after the policy forward, "
+                      f"the peer's peak reserved)")
 
 
 if __name__ == "__main__":

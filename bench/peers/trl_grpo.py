@@ -92,7 +92,7 @@ def main():
     print(f"peer: TRL {version} GRPOTrainer ({'cuda' if cuda else 'cpu'}): {a.responses} responses of {p} + "
           f"{tokens_generated // a.responses} tokens; step {step_s * 1e3:.0f} ms, generation {gen_s * 1e3:.0f} ms "
           f"({gen_tps:.0f} tokens/s), rest of the step {(step_s - gen_s) * 1e3:.0f} ms ({train_tps:.0f} training "
-          f"tokens/s), peak {timer.peak_gib():.2f} GiB")
+          f"tokens/s), peak reserved {timer.peak_gib():.2f} GiB (allocated {timer.peak_allocated_gib():.2f})")
     if a.tiny and a.rlhf:
         print("(--tiny: the peer ran a two-layer model and ours SmolLM2's shape; the ratios check the script only)")
     ours = run_ours(a.rlhf, ["bench", "train", "--trainer", "grpo", "--device", "cuda" if cuda else "cpu",
