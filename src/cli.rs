@@ -541,8 +541,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     seq_len / 2,
                     seq_len / 2,
                 )?;
+                let sampler = if device.is_cuda() && crate::ops::sample::device_sampling() {
+                    "the sample kernel"
+                } else {
+                    "the host"
+                };
                 println!(
-                    "{trainer} iteration, {} responses of {} + {} tokens on {device:?}",
+                    "{trainer} iteration, {} responses of {} + {} tokens on {device:?}, sampled by {sampler}",
                     pairs * 4,
                     seq_len / 2,
                     seq_len / 2

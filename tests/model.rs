@@ -234,10 +234,9 @@ fn save_and_reload_gives_identical_logits() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-#[test]
-fn kv_cache_generation_matches_the_full_forward() {
-    let cfg = tiny_config(true, false, false);
-    let model = tiny_model(&cfg, 13, &Device::Cpu);
+/// Generates from `model` (on any device) with the KV cache and checks every token against
+/// `reference`'s full forward on the CPU: its sampling log-prob to `tol`, and greedy picks the argmax.
+fn check_generation(model: &Model, reference: &Model, tol: f64) {
     let prompts = vec![vec![1, 4, 9, 16], vec![7], vec![3, 5]];
     for temperature in [0.0, 1.0] {
         let opts = GenerateOptions {
@@ -256,16 +255,19 @@ fn kv_cache_generation_matches_the_full_forward() {
             assert_eq!(streamed[b], g.tokens);
             let mut seq = prompts[b].clone();
             seq.extend(&g.tokens[..6]);
-            let h = model.forward(&Batch::new(&[seq.clone()])).unwrap().hidden;
+            let h = reference
+                .forward(&Batch::new(&[seq.clone()]))
+                .unwrap()
+                .hidden;
             for (i, (&tok, &lp)) in g.tokens.iter().zip(&g.logprobs).enumerate() {
                 let row = prompts[b].len() - 1 + i;
-                let logits = model.logits_rows(&h, &[row]).unwrap();
+                let logits = reference.logits_rows(&h, &[row]).unwrap();
                 let t = if temperature > 0.0 { temperature } else { 1.0 };
                 let z: Vec<f64> = logits.iter().map(|&l| l as f64 / t as f64).collect();
                 let m = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let lse = m + z.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
                 assert!(
-                    (z[tok as usize] - lse - lp as f64).abs() < 1e-4,
+                    (z[tok as usize] - lse - lp as f64).abs() < tol,
                     "seq {b} step {i}: cached log-prob {lp} vs full {}",
                     z[tok as usize] - lse
                 );
@@ -281,6 +283,13 @@ fn kv_cache_generation_matches_the_full_forward() {
             }
         }
     }
+}
+
+#[test]
+fn kv_cache_generation_matches_the_full_forward() {
+    let cfg = tiny_config(true, false, false);
+    let model = tiny_model(&cfg, 13, &Device::Cpu);
+    check_generation(&model, &model, 1e-4);
 }
 
 #[test]
@@ -412,6 +421,17 @@ fn config_errors_name_the_field() {
         e.contains("m/config.json") && e.contains("vocab_size"),
         "{e}"
     );
+}
+
+cuda_test! {
+    fn cuda_generation_samples_on_the_device(dev) {
+        // f32 on the GPU, so its logits are the CPU's up to summation order; plain and greedy
+        // sampling run in the sample kernel (the default), the KV cache in the decode attention path.
+        let cfg = tiny_config(true, false, false);
+        let cpu = tiny_model(&cfg, 13, &Device::Cpu);
+        let gpu = Model::new(cfg.clone(), cpu.params.convert(&cfg, &dev, DType::F32).unwrap(), dev.clone()).unwrap();
+        check_generation(&gpu, &cpu, 1e-3);
+    }
 }
 
 cuda_test! {

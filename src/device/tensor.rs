@@ -256,6 +256,17 @@ impl Tensor {
         })
     }
 
+    /// The values of an i32 tensor on the host (a copy).
+    pub fn to_i32_vec(&self) -> Result<Vec<i32>> {
+        match self.to_host()? {
+            HostData::I32(v) => Ok(v),
+            _ => Err(Error::DType {
+                op: "to_i32_vec",
+                dtype: self.dtype.name(),
+            }),
+        }
+    }
+
     /// A copy on the same device (device-to-device on a GPU).
     pub fn duplicate(&self) -> Result<Tensor> {
         let storage = match &self.storage {
@@ -424,6 +435,20 @@ impl Tensor {
     pub fn cuda_f32(&self, op: &'static str) -> Result<&CudaSlice<f32>> {
         match &self.storage {
             Storage::Cuda(CudaData::F32(s)) => Ok(s),
+            Storage::Cuda(_) => Err(Error::DType {
+                op,
+                dtype: self.dtype.name(),
+            }),
+            Storage::Cpu(_) => Err(Error::DeviceMismatch {
+                op,
+                detail: "expected a CUDA tensor".into(),
+            }),
+        }
+    }
+
+    pub fn cuda_i32_mut(&mut self, op: &'static str) -> Result<&mut CudaSlice<i32>> {
+        match &mut self.storage {
+            Storage::Cuda(CudaData::I32(s)) => Ok(s),
             Storage::Cuda(_) => Err(Error::DType {
                 op,
                 dtype: self.dtype.name(),

@@ -2,7 +2,9 @@
 //! `max_new_tokens`. Returns each sampled token's log-probability, as PPO needs.
 
 use super::llama::{KvCache, Model};
+use crate::device::Device;
 use crate::error::{Error, Result};
+use crate::ops::sample::{device_sampling, invert_cdf, sample_plain, sample_plain_ref, RowWeights};
 use crate::rng::Rng;
 
 #[derive(Debug, Clone)]
@@ -17,6 +19,13 @@ pub struct GenerateOptions {
     pub seed: u64,
     /// Token ids that end a sequence (included in its output).
     pub eos: Vec<i32>,
+}
+
+impl GenerateOptions {
+    /// Whether top-k or top-p narrows the distribution (greedy decoding ignores both).
+    pub fn filtered(&self) -> bool {
+        self.temperature > 0.0 && (self.top_k > 0 || self.top_p < 1.0)
+    }
 }
 
 impl Default for GenerateOptions {
@@ -43,84 +52,48 @@ pub struct Generated {
 }
 
 /// Picks one token from a row of logits with `u`, a uniform draw in [0, 1); returns (token, its
-/// log-prob under softmax(logits / temperature)). Plain sampling inverts the CDF in vocabulary order,
-/// one pass over the row; top-k and top-p sort only the head of the distribution they keep.
+/// log-prob under softmax(logits / temperature)). Plain and greedy sampling are the `sample` op's
+/// reference; top-k and top-p sort only the head of the distribution they keep.
 pub fn sample(logits: &[f32], opts: &GenerateOptions, u: f64) -> (i32, f32) {
-    let inv_t = if opts.temperature > 0.0 {
-        1.0 / opts.temperature
-    } else {
-        1.0
-    };
-    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    // f32 weights (the row's one pass of exp), summed in f64.
-    let weights: Vec<f32> = logits.iter().map(|&l| ((l - m) * inv_t).exp()).collect();
-    let total: f64 = weights.iter().map(|&w| w as f64).sum();
-    let logp = |i: usize| (((logits[i] - m) * inv_t) as f64 - total.ln()) as f32;
-    if opts.temperature <= 0.0 {
-        let best = logits
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
-            .map(|(i, _)| i)
-            .unwrap_or(0);
-        return (best as i32, logp(best));
+    if !opts.filtered() {
+        return sample_plain_ref(logits, opts.temperature, u);
     }
-    let pick = if opts.top_k == 0 && opts.top_p >= 1.0 {
-        invert_cdf(0..logits.len(), &weights, u * total)
+    let w = RowWeights::new(logits, opts.temperature);
+    let limit = if opts.top_k > 0 {
+        opts.top_k.min(logits.len())
     } else {
-        let limit = if opts.top_k > 0 {
-            opts.top_k.min(logits.len())
-        } else {
-            logits.len()
-        };
-        // Without top-p the head is the top k; with it, the head grows until it reaches top_p (a
-        // peaked row needs a few dozen tokens).
-        let mut k = if opts.top_p >= 1.0 {
-            limit
-        } else {
-            limit.min(64)
-        };
-        loop {
-            let head = descending_head(logits, k);
-            let mut keep = head.len();
-            let mut reached = false;
-            if opts.top_p < 1.0 {
-                let mut cum = 0.0;
-                for (n, &i) in head.iter().enumerate() {
-                    cum += weights[i] as f64 / total;
-                    if cum >= opts.top_p as f64 {
-                        keep = n + 1;
-                        reached = true;
-                        break;
-                    }
+        logits.len()
+    };
+    // Without top-p the head is the top k; with it, the head grows until it reaches top_p (a peaked
+    // row needs a few dozen tokens).
+    let mut k = if opts.top_p >= 1.0 {
+        limit
+    } else {
+        limit.min(64)
+    };
+    let pick = loop {
+        let head = descending_head(logits, k);
+        let mut keep = head.len();
+        let mut reached = false;
+        if opts.top_p < 1.0 {
+            let mut cum = 0.0;
+            for (n, &i) in head.iter().enumerate() {
+                cum += w.weights[i] as f64 / w.total;
+                if cum >= opts.top_p as f64 {
+                    keep = n + 1;
+                    reached = true;
+                    break;
                 }
             }
-            if reached || k == limit {
-                let kept = &head[..keep];
-                let mass: f64 = kept.iter().map(|&i| weights[i] as f64).sum();
-                break invert_cdf(kept.iter().copied(), &weights, u * mass);
-            }
-            k = (k * 4).min(limit);
         }
+        if reached || k == limit {
+            let kept = &head[..keep];
+            let mass: f64 = kept.iter().map(|&i| w.weights[i] as f64).sum();
+            break invert_cdf(kept.iter().copied(), &w.weights, u * mass);
+        }
+        k = (k * 4).min(limit);
     };
-    (pick as i32, logp(pick))
-}
-
-/// The index at which the running sum of `weights` over `order` first exceeds `target` (the last
-/// index with positive weight when rounding leaves `target` past the sum).
-fn invert_cdf(order: impl Iterator<Item = usize>, weights: &[f32], mut target: f64) -> usize {
-    let mut last = 0;
-    for i in order {
-        let w = weights[i] as f64;
-        if target < w {
-            return i;
-        }
-        target -= w;
-        if w > 0.0 {
-            last = i;
-        }
-    }
-    last
+    (pick as i32, w.logp(logits, pick))
 }
 
 /// The `k` largest entries of `z`, largest first, ties by index.
@@ -193,20 +166,27 @@ impl Model {
             })
             .collect();
         let mut next: Vec<Vec<i32>> = prompts.to_vec();
+        // On a GPU the plain and greedy rules run on the device; top-k and top-p on the host.
+        let on_device =
+            matches!(self.device, Device::Cuda(_)) && !opts.filtered() && device_sampling();
         for _ in 0..opts.max_new_tokens {
             if next.iter().all(Vec::is_empty) {
                 break;
             }
             let (hidden, seqs) = self.forward_cached(&next, &mut cache)?;
             let rows: Vec<usize> = (0..seqs.len()).collect();
-            let logits = self.logits_rows(&hidden, &rows)?;
-            let vocab = self.cfg.vocab_size;
+            let logits = self.logits_rows_tensor(&hidden, &rows)?;
             for row in next.iter_mut() {
                 row.clear();
             }
-            // One draw per row in row order, so the tokens do not depend on the thread count.
+            // One draw per row in row order, so the tokens do not depend on where they are sampled.
             let draws: Vec<f64> = seqs.iter().map(|_| rng.unit()).collect();
-            let picked = sample_rows(&logits[..seqs.len() * vocab], vocab, opts, &draws);
+            let picked: Vec<(i32, f32)> = if on_device {
+                let (tokens, logps) = sample_plain(&logits, opts.temperature, &draws)?;
+                tokens.into_iter().zip(logps).collect()
+            } else {
+                sample_rows(&logits.to_f32_vec()?, self.cfg.vocab_size, opts, &draws)
+            };
             for (&b, &(tok, lp)) in seqs.iter().zip(&picked) {
                 on_token(b, tok);
                 out[b].tokens.push(tok);

@@ -394,13 +394,18 @@ impl Model {
 
     /// Rows `rows` of `hidden` times the LM head: logits `[rows.len(), V]` as f32 on the host.
     pub fn logits_rows(&self, hidden: &Tensor, rows: &[usize]) -> Result<Vec<f32>> {
+        self.logits_rows_tensor(hidden, rows)?.to_f32_vec()
+    }
+
+    /// `logits_rows` left on the model's device, in its dtype.
+    pub fn logits_rows_tensor(&self, hidden: &Tensor, rows: &[usize]) -> Result<Tensor> {
         let ids = Tensor::from_i32(
             &[rows.len()],
             rows.iter().map(|&r| r as i32).collect(),
             &self.device,
         )?;
         let h = embed_fwd(hidden, &ids)?;
-        matmul(&h, Trans::N, self.lm_head(), Trans::T)?.to_f32_vec()
+        matmul(&h, Trans::N, self.lm_head(), Trans::T)
     }
 
     fn score_weight(&self) -> Result<&Tensor> {

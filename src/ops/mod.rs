@@ -13,6 +13,7 @@ pub mod norm;
 pub mod ppo;
 pub mod pref_loss;
 pub mod rope;
+pub mod sample;
 
 use cudarc::driver::LaunchConfig;
 
