@@ -8,8 +8,8 @@
 // Sampling has no backward: nothing differentiates through the choice of a token.
 //
 // One block per row. Each thread owns a contiguous chunk of the row and sums its weights in double;
-// a block-wide exclusive scan of the chunk sums places each chunk in the CDF, and the thread whose
-// chunk holds u * total walks it. Double sums keep the pick within rounding of the reference's (which
+// a block-wide exclusive scan of the chunk sums places each chunk in the CDF, and the first thread
+// whose chunk ends past u * total walks it. Double sums keep the pick within rounding of the reference's (which
 // sums in double in another order): a token can differ only where u * total falls within that
 // rounding of a CDF step.
 #include "common.cuh"
@@ -83,7 +83,7 @@ __device__ void sample_plain(int* __restrict__ token,       // [B]
     __shared__ float fscratch[SAMPLE_WARPS];
     __shared__ int iscratch[SAMPLE_WARPS];
     __shared__ double warp_sums[SAMPLE_WARPS + 1];
-    __shared__ int picked;
+    __shared__ int picked, walker;
     const size_t row = blockIdx.x;
     const T* x = logits + row * V;
     const int chunk = (V + SAMPLE_THREADS - 1) / SAMPLE_THREADS;
@@ -108,21 +108,30 @@ __device__ void sample_plain(int* __restrict__ token,       // [B]
     }
     double total;
     const double start = block_exclusive_scan(mine, warp_sums, total);
-    if (threadIdx.x == 0) picked = INT_MAX;
+    const double target = u[row] * total;
+    if (threadIdx.x == 0) {
+        picked = greedy ? arg : INT_MAX;
+        walker = INT_MAX;
+    }
     __syncthreads();
-    if (greedy) {
-        if (threadIdx.x == 0) picked = arg;
-    } else {
-        const double target = u[row] * total;
-        if (mine > 0.0 && target >= start && target < start + mine) {
+    if (!greedy) {
+        // The walker is the first chunk that ends past the target. Rounding may put the target a
+        // hair before that chunk's start or past its walked end; it then takes the chunk's first or
+        // last token with weight, a step that touches the target within rounding.
+        if (mine > 0.0 && target < start + mine) atomicMin(&walker, static_cast<int>(threadIdx.x));
+        __syncthreads();
+        if (walker == static_cast<int>(threadIdx.x)) {
             double run = start;
+            int pick = last_positive;
             for (int i = c0; i < c1; ++i) {
-                run += expf((to_f32(x[i]) - m) * inv_t);
-                if (target < run) {
-                    atomicMin(&picked, i);
+                const float w = expf((to_f32(x[i]) - m) * inv_t);
+                run += w;
+                if (w > 0.0f && target < run) {
+                    pick = i;
                     break;
                 }
             }
+            picked = pick;
         }
     }
     __syncthreads();
