@@ -550,6 +550,61 @@ pub fn bench_attention(
     })
 }
 
+/// One KV-cache decode measurement: a new query row per sequence against `cache_len` cached keys.
+#[derive(Debug, Clone)]
+pub struct DecodeBench {
+    pub ms: f64,
+    /// Bytes of K and V cache read, once each, per second.
+    pub cache_gbs: f64,
+}
+
+/// Times the attention of one new token per sequence against a KV cache of `cache_len` keys (the
+/// generation step's attention), counting the cache's K and V bytes as what must be read.
+pub fn bench_decode(
+    device: &Device,
+    seqs: usize,
+    cache_len: usize,
+    hd: crate::ops::attention::Heads,
+    reps: usize,
+) -> Result<DecodeBench> {
+    use crate::ops::attention::{attention_fwd, AttnBatch};
+    let dtype = device.compute_dtype();
+    let mut rng = Rng::new(3);
+    let rows = seqs * cache_len;
+    let q = random(
+        device,
+        &mut rng,
+        &[seqs, hd.heads * hd.head_dim],
+        1.0,
+        dtype,
+    )?;
+    let k = random(
+        device,
+        &mut rng,
+        &[rows, hd.kv_heads * hd.head_dim],
+        1.0,
+        dtype,
+    )?;
+    let v = random(
+        device,
+        &mut rng,
+        &[rows, hd.kv_heads * hd.head_dim],
+        1.0,
+        dtype,
+    )?;
+    let starts: Vec<usize> = (0..seqs).map(|b| b * cache_len).collect();
+    let batch = AttnBatch::cached(&vec![1; seqs], &starts, &vec![cache_len; seqs], device)?;
+    let scale = 1.0 / (hd.head_dim as f32).sqrt();
+    let ms = median_ms(device, 1, reps, || {
+        attention_fwd(&q, &k, &v, &batch, hd, scale).map(drop)
+    })?;
+    let bytes = 2 * rows * hd.kv_heads * hd.head_dim * dtype.size();
+    Ok(DecodeBench {
+        ms,
+        cache_gbs: bytes as f64 / (ms * 1e-3) / 1e9,
+    })
+}
+
 /// Generation and training throughput of an online trainer's iteration.
 #[derive(Debug, Clone)]
 pub struct OnlineBench {

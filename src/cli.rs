@@ -297,6 +297,12 @@ pub enum BenchCommand {
         tokens: usize,
         #[arg(long, value_delimiter = ',', default_value = "64,128")]
         head_dims: Vec<usize>,
+        /// KV-cache lengths for the decode measurement (one new token per sequence, --decode-batch
+        /// sequences, a quarter as many KV heads as query heads); empty to skip it.
+        #[arg(long, value_delimiter = ',', default_value = "1024,4096,16384")]
+        decode_lens: Vec<usize>,
+        #[arg(long, default_value_t = 64)]
+        decode_batch: usize,
         #[arg(long, default_value_t = 3)]
         reps: usize,
         #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
@@ -727,13 +733,18 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             lens,
             tokens,
             head_dims,
+            decode_lens,
+            decode_batch,
             reps,
             device,
         }) => {
             let device = Device::from_choice(device)?;
-            eprintln!("measuring the GEMM ceiling ...");
+            eprintln!("measuring the copy and GEMM ceilings ...");
             let ceil = bench::measure_ceilings(&device, BenchSize::Full)?;
-            println!("GEMM ceiling {:.1} TFLOP/s on {device:?}", ceil.gemm_tflops);
+            println!(
+                "GEMM ceiling {:.1} TFLOP/s, copy {:.0} GB/s on {device:?}",
+                ceil.gemm_tflops, ceil.copy_gbs
+            );
             println!(
                 "{:>6} {:>6} {:>5} {:>11} {:>11} {:>12} {:>12}",
                 "T", "batch", "D", "fwd ms", "bwd ms", "fwd TFLOP/s", "bwd TFLOP/s"
@@ -752,6 +763,34 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                         r.forward_tflops,
                         r.backward_tflops
                     );
+                }
+            }
+            if !decode_lens.is_empty() {
+                println!(
+                    "\ndecode: one new token per sequence, {decode_batch} sequences, H x D = 2,048, KV heads = H / 4"
+                );
+                println!(
+                    "{:>6} {:>5} {:>11} {:>15} {:>10}",
+                    "cache", "D", "ms", "cache GB/s", "% of copy"
+                );
+                for &d in &head_dims {
+                    let heads = 2048 / d;
+                    let hd = crate::ops::attention::Heads {
+                        heads,
+                        kv_heads: (heads / 4).max(1),
+                        head_dim: d,
+                    };
+                    for &t in &decode_lens {
+                        let r = bench::bench_decode(&device, decode_batch, t, hd, reps)?;
+                        println!(
+                            "{:>6} {:>5} {:>11.4} {:>15.0} {:>9.1}%",
+                            t,
+                            d,
+                            r.ms,
+                            r.cache_gbs,
+                            100.0 * r.cache_gbs / ceil.copy_gbs
+                        );
+                    }
                 }
             }
             Ok(ExitCode::SUCCESS)
