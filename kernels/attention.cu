@@ -713,3 +713,161 @@ __device__ void flash_bwd_dkv(bf16* __restrict__ dk, bf16* __restrict__ dv, cons
 
 FLASH_INSTANTIATE(64)
 FLASH_INSTANTIATE(128)
+
+// ---------------------------------------------------------------------------------------------------
+// KV-cache decode (flash-decoding): a few new query rows per sequence against a long cache. The
+// flash kernels would spend a 64-row tile on each sequence's one row and read each KV head once per
+// query head; here one block serves a sequence's whole GQA group (every query head sharing a KV head,
+// for each new row) over one split of the cache, so K and V are read once, and splits of the cache
+// run in parallel when there are few sequences. A second kernel merges the splits' partial softmax
+// states (m, l, unnormalised o) into the output and the row's logsumexp. CUDA cores, f32 arithmetic:
+// the work is reading the cache.
+
+constexpr int DECODE_THREADS = 128;  // 4 warps; must equal the launcher's
+constexpr int DECODE_WARPS = DECODE_THREADS / 32;
+constexpr int DECODE_KTILE = 32;     // keys per shared-memory tile, one per lane
+constexpr int DECODE_MAX_ROWS = 16;  // query rows (new rows x group heads) per block
+
+// po [Nq, H, S, D], pm / pl [Nq, H, S]: split s of query row i, head h. A split that holds none of
+// a row's keys leaves m = -inf, l = 0, o = 0.
+template <typename T, int D>
+__device__ void decode_partial(float* __restrict__ po, float* __restrict__ pm, float* __restrict__ pl,
+                               const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                               const int* __restrict__ cu_q, const int* __restrict__ k_start,
+                               const int* __restrict__ k_len, int H, int KV, float scale, int S, int split_len) {
+    constexpr int C = D / 32;  // output columns per lane
+    __shared__ float qs[DECODE_MAX_ROWS][D];
+    __shared__ float ks[DECODE_KTILE][D + 1];  // +1: lane j reads row j without bank conflicts
+    __shared__ float vs[DECODE_KTILE][D];
+    const int b = blockIdx.x, g = blockIdx.y, s = blockIdx.z;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int q0 = cu_q[b], qlen = cu_q[b + 1] - q0;
+    const int r = H / KV, rows = qlen * r;
+    const int k0 = k_start[b], kl = k_len[b];
+    const int j0 = s * split_len, j1 = min(j0 + split_len, kl);
+    const size_t kv_stride = (size_t)KV * D;
+
+    // Row rr is new query row rr / r of the sequence, head g * r + rr % r.
+    for (int e = threadIdx.x; e < rows * D; e += DECODE_THREADS) {
+        const int rr = e / D, d = e % D;
+        const int row = q0 + rr / r, h = g * r + rr % r;
+        qs[rr][d] = to_f32(q[((size_t)row * H + h) * D + d]) * scale;
+    }
+    float m[DECODE_MAX_ROWS / DECODE_WARPS], l[DECODE_MAX_ROWS / DECODE_WARPS];
+    float o[DECODE_MAX_ROWS / DECODE_WARPS][C];
+#pragma unroll
+    for (int i = 0; i < DECODE_MAX_ROWS / DECODE_WARPS; ++i) {
+        m[i] = -INFINITY;
+        l[i] = 0.0f;
+#pragma unroll
+        for (int c = 0; c < C; ++c) o[i][c] = 0.0f;
+    }
+
+    for (int t = j0; t < j1; t += DECODE_KTILE) {
+        __syncthreads();  // the previous tile is consumed (and, the first time, qs is written)
+        // 16-byte loads: a row of D elements starts on a multiple of D * sizeof(T) bytes.
+        constexpr int N = Vec16<T>::N;
+        for (int e = threadIdx.x; e < DECODE_KTILE * D / N; e += DECODE_THREADS) {
+            const int j = e * N / D, d = e * N % D;
+            float kx[N], vx[N];
+            if (t + j < j1) {
+                const size_t at = (size_t)(k0 + t + j) * kv_stride + (size_t)g * D + d;
+                load16(k + at, kx);
+                load16(v + at, vx);
+            } else {
+#pragma unroll
+                for (int c = 0; c < N; ++c) kx[c] = vx[c] = 0.0f;
+            }
+#pragma unroll
+            for (int c = 0; c < N; ++c) {
+                ks[j][d + c] = kx[c];
+                vs[j][d + c] = vx[c];
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < DECODE_MAX_ROWS / DECODE_WARPS; ++i) {
+            const int rr = warp + i * DECODE_WARPS;
+            if (rr >= rows) break;
+            // Causal: new row iq sees the cache up to its own position.
+            const int n_keys = kl - qlen + rr / r + 1;
+            const int key = t + lane;
+            float score = -INFINITY;
+            if (key < j1 && key < n_keys) {
+                float acc = 0.0f;
+#pragma unroll 16
+                for (int d = 0; d < D; ++d) acc = fmaf(qs[rr][d], ks[lane][d], acc);
+                score = acc;
+            }
+            const float m_new = fmaxf(m[i], warp_max(score));
+            if (m_new == -INFINITY) continue;  // nothing visible yet
+            const float alpha = expf(m[i] - m_new);  // 0 when m was -inf
+            const float p = score == -INFINITY ? 0.0f : expf(score - m_new);
+            l[i] = l[i] * alpha + warp_sum(p);
+            m[i] = m_new;
+#pragma unroll
+            for (int c = 0; c < C; ++c) o[i][c] *= alpha;
+#pragma unroll 8
+            for (int j = 0; j < DECODE_KTILE; ++j) {
+                const float pj = __shfl_sync(0xffffffffu, p, j);
+#pragma unroll
+                for (int c = 0; c < C; ++c) o[i][c] = fmaf(pj, vs[j][lane + 32 * c], o[i][c]);
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < DECODE_MAX_ROWS / DECODE_WARPS; ++i) {
+        const int rr = warp + i * DECODE_WARPS;
+        if (rr >= rows) break;
+        const int row = q0 + rr / r, h = g * r + rr % r;
+        const size_t at = ((size_t)row * H + h) * S + s;
+#pragma unroll
+        for (int c = 0; c < C; ++c) po[at * D + lane + 32 * c] = o[i][c];
+        if (lane == 0) {
+            pm[at] = m[i];
+            pl[at] = l[i];
+        }
+    }
+}
+
+// One block of D threads per (query row, head): merges the S partial states.
+template <typename T>
+__device__ void decode_combine(T* __restrict__ out, float* __restrict__ lse, const float* __restrict__ po,
+                               const float* __restrict__ pm, const float* __restrict__ pl, int H, int D, int S) {
+    const size_t rh = (size_t)blockIdx.x * H + blockIdx.y;
+    const int d = threadIdx.x;
+    float big = -INFINITY;
+    for (int s = 0; s < S; ++s) big = fmaxf(big, pm[rh * S + s]);
+    float total = 0.0f, acc = 0.0f;
+    for (int s = 0; s < S; ++s) {
+        const float mm = pm[rh * S + s];
+        if (mm == -INFINITY) continue;
+        const float w = expf(mm - big);
+        total += w * pl[rh * S + s];
+        acc += w * po[(rh * S + s) * D + d];
+    }
+    out[rh * D + d] = from_f32<T>(acc / total);
+    if (d == 0) lse[rh] = big + logf(total);
+}
+
+#define DECODE_INSTANTIATE(T, SUFFIX, D)                                                                         \
+    extern "C" __global__ void __launch_bounds__(DECODE_THREADS)                                                 \
+        decode_partial_##SUFFIX##_d##D(float* po, float* pm, float* pl, const T* q, const T* k, const T* v,      \
+                                       const int* cu_q, const int* k_start, const int* k_len, int H, int KV,     \
+                                       float scale, int S, int split_len) {                                      \
+        decode_partial<T, D>(po, pm, pl, q, k, v, cu_q, k_start, k_len, H, KV, scale, S, split_len);            \
+    }
+
+DECODE_INSTANTIATE(float, f32, 64)
+DECODE_INSTANTIATE(float, f32, 128)
+DECODE_INSTANTIATE(bf16, bf16, 64)
+DECODE_INSTANTIATE(bf16, bf16, 128)
+
+#define DECODE_COMBINE(T, SUFFIX)                                                                                \
+    extern "C" __global__ void decode_combine_##SUFFIX(T* out, float* lse, const float* po, const float* pm,    \
+                                                        const float* pl, int H, int D, int S) {                 \
+        decode_combine<T>(out, lse, po, pm, pl, H, D, S);                                                        \
+    }
+
+DECODE_COMBINE(float, f32)
+DECODE_COMBINE(bf16, bf16)

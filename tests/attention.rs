@@ -224,8 +224,9 @@ fn attention_bf16_eager(
 }
 
 /// CUDA against the CPU reference on one packed batch, with every kernel choice; the decode path
-/// (the last rows of each sequence as queries against a KV cache) against the same rows; and the
-/// backward run twice, bitwise equal.
+/// (the last `decode_rows` rows of each sequence as queries against a KV cache) against the same
+/// rows; and the backward run twice, bitwise equal.
+#[allow(clippy::too_many_arguments)]
 fn check_cuda(
     dev: &Device,
     rng: &mut Rng,
@@ -234,6 +235,7 @@ fn check_cuda(
     kv_heads: usize,
     head_dim: usize,
     dtype: DType,
+    decode_rows: usize,
 ) {
     let n: usize = lens.iter().sum();
     let hd = Heads {
@@ -277,8 +279,10 @@ fn check_cuda(
                 );
             }
         }
-        // Decode: the last (up to) 3 rows of each sequence against the whole sequence as a cache.
-        let q_lens: Vec<usize> = lens.iter().map(|&l| l.min(3)).collect();
+        // Decode: the last (up to) `decode_rows` rows of each sequence against the whole sequence
+        // as a cache. New rows times the GQA group up to 16 take the decode kernels (the cache
+        // split into parts that one more kernel merges), more take the flash kernels.
+        let q_lens: Vec<usize> = lens.iter().map(|&l| l.min(decode_rows)).collect();
         let starts: Vec<usize> = lens
             .iter()
             .scan(0, |s, &l| {
@@ -397,7 +401,17 @@ fn check_cuda(
 cuda_test! {
     fn cuda_matches_cpu_on_ragged_gqa_batches(dev) {
         let mut rng = Rng::new(fresh_seed("attention cuda_matches_cpu_on_ragged_gqa_batches"));
-        for (lens, heads, kv) in [(vec![1usize], 4, 4), (vec![17, 1, 127], 9, 3), (vec![1000], 9, 1), (vec![300, 1100], 6, 2), (vec![4097], 2, 2)] {
+        let cases = [
+            (vec![1usize], 4, 4, 3),
+            (vec![17, 1, 127], 9, 3, 3),
+            (vec![1000], 9, 1, 3),
+            (vec![300, 1100], 6, 2, 3),
+            (vec![4097], 2, 2, 3),
+            // One new row for each of 16 and 9 query heads on one KV head: the decode kernels' widest groups.
+            (vec![600, 3, 1], 16, 1, 1),
+            (vec![700, 40], 9, 1, 1),
+        ];
+        for (lens, heads, kv, decode_rows) in cases {
             for head_dim in [64, 128] {
                 // The longest sequence is checked in bf16 only (the flash kernels' dtype): its f32
                 // CPU reference dominates the test's time.
@@ -405,7 +419,7 @@ cuda_test! {
                     if lens[0] > 4096 && dtype == DType::F32 {
                         continue;
                     }
-                    check_cuda(&dev, &mut rng, &lens, heads, kv, head_dim, dtype);
+                    check_cuda(&dev, &mut rng, &lens, heads, kv, head_dim, dtype, decode_rows);
                 }
             }
         }

@@ -76,6 +76,48 @@ impl AttnKernel {
     }
 }
 
+/// Blocks the decode kernel aims to launch: a few per SM of any current GPU.
+const DECODE_TARGET_BLOCKS: usize = 512;
+/// Must equal DECODE_THREADS, DECODE_KTILE and DECODE_MAX_ROWS in kernels/attention.cu.
+const DECODE_THREADS: u32 = 128;
+const DECODE_KTILE: usize = 32;
+const DECODE_MAX_ROWS: usize = 16;
+
+/// How the decode kernels split a cached batch: `splits` parts of `split_len` keys each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DecodeSplit {
+    splits: usize,
+    split_len: usize,
+}
+
+impl AttnBatch {
+    /// The decode kernels' plan for this batch, when they serve it: a KV-cache batch (not packed)
+    /// whose new rows times the GQA group fit one block (at most 16), head_dim 64 or 128, the
+    /// `Auto` kernel choice. The cache is split so that about DECODE_TARGET_BLOCKS blocks run.
+    fn decode_split(&self, hd: Heads) -> Option<DecodeSplit> {
+        let group = hd.heads / hd.kv_heads;
+        let max_q = self.cu_q.windows(2).map(|w| (w[1] - w[0]) as usize).max()?;
+        let max_keys = self.k_len.iter().copied().max()? as usize;
+        if self.packed
+            || self.kernel != AttnKernel::Auto
+            || !matches!(hd.head_dim, 64 | 128)
+            || max_q == 0
+            || max_q * group > DECODE_MAX_ROWS
+            || max_keys == 0
+        {
+            return None;
+        }
+        let blocks = self.sequences() * hd.kv_heads;
+        let tiles = max_keys.div_ceil(DECODE_KTILE);
+        let wanted = DECODE_TARGET_BLOCKS.div_ceil(blocks).clamp(1, tiles);
+        let split_len = tiles.div_ceil(wanted) * DECODE_KTILE;
+        Some(DecodeSplit {
+            splits: max_keys.div_ceil(split_len),
+            split_len,
+        })
+    }
+}
+
 impl AttnBatch {
     /// A packed batch of sequences of these lengths: rows `0..len0` are the first, and so on.
     pub fn packed(seq_lens: &[usize], device: &Device) -> Result<AttnBatch> {
@@ -494,6 +536,10 @@ fn fwd_cuda<T: CudaElem>(
         hd.kv_heads as i32,
         hd.head_dim as i32,
     );
+    if let Some(split) = batch.decode_split(hd) {
+        decode_fwd_cuda::<T>(&mut out, &mut lse, q, k, v, batch, hd, scale, split)?;
+        return Ok((out, lse));
+    }
     if batch.kernel.flash(T::DTYPE, hd.head_dim) {
         flash_fwd_cuda(&mut out, &mut lse, q, k, v, batch, hd, scale)?;
         return Ok((out, lse));
@@ -616,6 +662,95 @@ fn bwd_cuda<T: CudaElem>(
     // SAFETY: packed batch, so key rows are the nq query rows; one block per (key row, kv head).
     unsafe { l.launch(grid(OP_BWD, nq, hd.kv_heads, hd.head_dim, 2 * hd.head_dim)?) }?;
     Ok((dq, dk, dv))
+}
+
+/// The decode kernels: per (sequence, KV head, split) partial softmax states over the split's keys,
+/// then one merge per (query row, head) into `out` and `lse`.
+#[allow(clippy::too_many_arguments)]
+fn decode_fwd_cuda<T: CudaElem>(
+    out: &mut Tensor,
+    lse: &mut Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    batch: &AttnBatch,
+    hd: Heads,
+    scale: f32,
+    split: DecodeSplit,
+) -> Result<()> {
+    let dev = q.device().as_cuda(OP_FWD)?;
+    let tables = batch.device_tables(OP_FWD)?;
+    let nq = batch.query_rows();
+    let states = nq * hd.heads * split.splits;
+    let mut po = Tensor::empty(&[states, hd.head_dim], DType::F32, q.device())?;
+    let mut pm = Tensor::empty(&[states], DType::F32, q.device())?;
+    let mut pl = Tensor::empty(&[states], DType::F32, q.device())?;
+    let (h, kv, d) = (hd.heads as i32, hd.kv_heads as i32, hd.head_dim as i32);
+    let (s_n, s_len) = (
+        to_i32(OP_FWD, "splits", split.splits)?,
+        to_i32(OP_FWD, "split length", split.split_len)?,
+    );
+    let name = match (T::DTYPE, hd.head_dim) {
+        (DType::F32, 64) => "decode_partial_f32_d64",
+        (DType::F32, _) => "decode_partial_f32_d128",
+        (_, 64) => "decode_partial_bf16_d64",
+        _ => "decode_partial_bf16_d128",
+    };
+    let f = dev.function("attention", name)?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(po.cuda_f32_mut(OP_FWD)?)
+        .arg(pm.cuda_f32_mut(OP_FWD)?)
+        .arg(pl.cuda_f32_mut(OP_FWD)?)
+        .arg(T::slice(q, OP_FWD)?)
+        .arg(T::slice(k, OP_FWD)?)
+        .arg(T::slice(v, OP_FWD)?)
+        .arg(tables.cu_q.cuda_i32(OP_FWD)?)
+        .arg(tables.k_start.cuda_i32(OP_FWD)?)
+        .arg(tables.k_len.cuda_i32(OP_FWD)?)
+        .arg(&h)
+        .arg(&kv)
+        .arg(&scale)
+        .arg(&s_n)
+        .arg(&s_len);
+    let grid = (
+        to_i32(OP_FWD, "sequences", batch.sequences())? as u32,
+        kv as u32,
+        s_n as u32,
+    );
+    // SAFETY: `check` matched q, k, v to the batch (rows, head geometry); `decode_split` admitted
+    // head_dim 64 or 128 and at most DECODE_MAX_ROWS rows per (sequence, KV head); whole-tensor
+    // allocations are 16-byte aligned and every K/V row starts on a multiple of head_dim elements;
+    // po, pm, pl hold nq * H * splits states, each written by exactly one block.
+    unsafe {
+        l.launch(LaunchConfig {
+            grid_dim: grid,
+            block_dim: (DECODE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }?;
+    let f = dev.function(
+        "attention",
+        T::pick("decode_combine_f32", "decode_combine_bf16"),
+    )?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(T::slice_mut(out, OP_FWD)?)
+        .arg(lse.cuda_f32_mut(OP_FWD)?)
+        .arg(po.cuda_f32(OP_FWD)?)
+        .arg(pm.cuda_f32(OP_FWD)?)
+        .arg(pl.cuda_f32(OP_FWD)?)
+        .arg(&h)
+        .arg(&d)
+        .arg(&s_n);
+    // SAFETY: one block of head_dim threads per (query row, head) reads that row's `splits` states
+    // and writes its head_dim outputs and one lse.
+    unsafe {
+        l.launch(LaunchConfig {
+            grid_dim: (to_i32(OP_FWD, "rows", nq)? as u32, hd.heads as u32, 1),
+            block_dim: (hd.head_dim as u32, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }?;
+    Ok(())
 }
 
 fn flash_name(kind: &'static str, head_dim: usize) -> &'static str {
