@@ -248,6 +248,25 @@ pub fn bench_kernels(
         );
     }
 
+    // Sampling one token per row for generation: the logits read once (64 sequences decoding).
+    let (n, vocab) = if full { (64, 128_256) } else { (8, 4096) };
+    let logits = random(device, &mut rng, &[n, vocab], 3.0, act)?;
+    let draws: Vec<f64> = (0..n).map(|_| rng.unit()).collect();
+    let ms = median_ms(device, warm, reps, || {
+        crate::ops::sample::sample_plain(&logits, 1.0, &draws).map(drop)
+    })?;
+    push(
+        row(
+            "sample plain",
+            format!("{n}x{vocab} {}", act.name()),
+            ms,
+            Bound::Memory,
+            (n * vocab * act.size()) as f64,
+            ceil,
+        ),
+        &mut rows,
+    );
+
     // The LM-head-fused logprob: 2·N·V·d FLOPs forward, 6·N·V·d backward (recompute + two GEMMs).
     let shapes: Vec<(usize, usize, usize)> = if full {
         vec![(8192, 576, 49_152), (8192, 4096, 128_256)]

@@ -46,6 +46,7 @@ fn bench_kernels_on_cpu_reports_every_family() {
         "rms_norm",
         "logprob fwd+bwd",
         "kl_full",
+        "sample plain",
         "linear_logprob",
         "pref_loss",
         "ppo",
