@@ -223,6 +223,60 @@ fn attention_bf16_eager(
     ]
 }
 
+#[test]
+fn decode_kernels_take_cache_batches_and_split_them_whole() {
+    let hd = |heads, kv_heads, head_dim| Heads {
+        heads,
+        kv_heads,
+        head_dim,
+    };
+    let cached = |q: &[usize], k: &[usize]| {
+        let starts: Vec<usize> = k
+            .iter()
+            .scan(0, |s, &l| {
+                *s += l;
+                Some(*s - l)
+            })
+            .collect();
+        AttnBatch::cached(q, &starts, k, &Device::Cpu).unwrap()
+    };
+    for (q, k, h) in [
+        (vec![1], vec![16_384], hd(32, 8, 128)),
+        (vec![1; 64], vec![1024; 64], hd(9, 3, 64)),
+        (vec![2, 1, 3], vec![5, 64, 33], hd(4, 4, 128)),
+        (vec![1, 1], vec![1, 31], hd(16, 1, 64)),
+    ] {
+        let plan = cached(&q, &k).decode_split(h).expect("a decode batch");
+        let max_keys = *k.iter().max().unwrap();
+        assert_eq!(plan.split_len % 32, 0, "{plan:?}");
+        assert!(
+            plan.splits * plan.split_len >= max_keys,
+            "{plan:?} leaves keys out"
+        );
+        assert!(
+            (plan.splits - 1) * plan.split_len < max_keys,
+            "{plan:?} has an empty split"
+        );
+        let blocks = q.len() * h.kv_heads * plan.splits;
+        assert!(
+            blocks <= 512 + q.len() * h.kv_heads || plan.split_len == 32,
+            "{plan:?}: {blocks} blocks"
+        );
+    }
+    // Not for them: packed training batches, too many rows per group, other head sizes, Simple.
+    assert!(AttnBatch::packed(&[5, 7], &Device::Cpu)
+        .unwrap()
+        .decode_split(hd(4, 4, 64))
+        .is_none());
+    assert!(
+        cached(&[2], &[100]).decode_split(hd(9, 1, 64)).is_none(),
+        "18 rows"
+    );
+    assert!(cached(&[1], &[100]).decode_split(hd(4, 4, 96)).is_none());
+    let simple = cached(&[1], &[100]).with_kernel(AttnKernel::Simple);
+    assert!(simple.decode_split(hd(4, 4, 64)).is_none());
+}
+
 /// CUDA against the CPU reference on one packed batch, with every kernel choice; the decode path
 /// (the last `decode_rows` rows of each sequence as queries against a KV cache) against the same
 /// rows; and the backward run twice, bitwise equal.

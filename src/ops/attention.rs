@@ -85,16 +85,16 @@ const DECODE_MAX_ROWS: usize = 16;
 
 /// How the decode kernels split a cached batch: `splits` parts of `split_len` keys each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct DecodeSplit {
-    splits: usize,
-    split_len: usize,
+pub struct DecodeSplit {
+    pub splits: usize,
+    pub split_len: usize,
 }
 
 impl AttnBatch {
     /// The decode kernels' plan for this batch, when they serve it: a KV-cache batch (not packed)
     /// whose new rows times the GQA group fit one block (at most 16), head_dim 64 or 128, the
     /// `Auto` kernel choice. The cache is split so that about DECODE_TARGET_BLOCKS blocks run.
-    fn decode_split(&self, hd: Heads) -> Option<DecodeSplit> {
+    pub fn decode_split(&self, hd: Heads) -> Option<DecodeSplit> {
         let group = hd.heads / hd.kv_heads;
         let max_q = self.cu_q.windows(2).map(|w| (w[1] - w[0]) as usize).max()?;
         let max_keys = self.k_len.iter().copied().max()? as usize;
