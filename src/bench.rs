@@ -435,9 +435,10 @@ pub struct TrainBench {
     pub tokens: usize,
     pub step_ms: f64,
     pub tflops: f64,
-    /// Device memory in use right after the policy's forward (activations held), CUDA only: the
-    /// driver's used memory, which includes every other allocation of this process.
-    pub device_memory_after_forward: Option<usize>,
+    /// The most device memory in use seen in the timed steps, read after the policy's forward
+    /// (activations held) and after the backward, CUDA only: the driver's used memory, which counts
+    /// every allocation of this process and the blocks its pool keeps (as PyTorch's reserved does).
+    pub device_memory_peak: Option<usize>,
 }
 
 /// Times a DPO step (policy forward + backward on chosen and rejected, reference forward) with
@@ -477,9 +478,12 @@ pub fn bench_dpo_step(
     let step_ms = median_ms(device, 1, reps, || {
         let reference_logps = frozen_logps(&reference, &sb)?;
         let s = score(&policy, &sb)?;
-        if let Device::Cuda(d) = device {
-            memory = d.memory_in_use().ok();
-        }
+        let seen = |m: &mut Option<usize>| {
+            if let Device::Cuda(d) = device {
+                *m = (*m).max(d.memory_in_use().ok());
+            }
+        };
+        seen(&mut memory);
         let (lp, mask, t) = sb.padded(&s.per_token);
         let (rp, _, _) = sb.padded(&reference_logps);
         let shape = [2 * pairs, t];
@@ -502,14 +506,17 @@ pub fn bench_dpo_step(
             &s,
             sb.unpad(&out.grad_policy_logps.to_f32_vec()?, t),
             &mut grads,
-        )
+        )?;
+        device.synchronize()?;
+        seen(&mut memory);
+        Ok(())
     })?;
     let flops = 4.0 * cfg.forward_flops(2 * pairs, len);
     Ok(TrainBench {
         tokens: sb.batch.len(),
         step_ms,
         tflops: flops / (step_ms * 1e-3) / 1e12,
-        device_memory_after_forward: memory,
+        device_memory_peak: memory,
     })
 }
 

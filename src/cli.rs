@@ -594,9 +594,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 100.0 * r.tflops / ceil.gemm_tflops,
                 ceil.gemm_tflops
             );
-            match r.device_memory_after_forward {
+            match r.device_memory_peak {
                 Some(b) => println!(
-                    "device memory in use after the policy forward: {:.2} GiB",
+                    "device memory in use, most seen (after the policy forward or the backward): {:.2} GiB",
                     b as f64 / (1u64 << 30) as f64
                 ),
                 None => println!("device memory: not measured on the CPU"),

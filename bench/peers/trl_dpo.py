@@ -112,7 +112,7 @@ def main():
         if "GiB" in line and cuda:
             gib = [float(w) for w in line.replace(",", " ").split() if w.replace(".", "", 1).isdigit()]
             if gib:
-                print(f"ours vs peer: {gib[-1] / peak:.2f}x memory (ours in use after the policy forward, "
+                print(f"ours vs peer: {gib[-1] / peak:.2f}x memory (ours the most in use seen in a step, "
                       f"the peer's peak reserved)")
 
 
