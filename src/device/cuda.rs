@@ -71,6 +71,13 @@ impl CudaDevice {
             )));
         }
         let ctx = CudaContext::new(ordinal)?;
+        // cudarc tracks every buffer with two CUDA events (created at each allocation, recorded at
+        // each kernel launch that takes it) so that several streams can share buffers. Everything
+        // here runs on the one default stream (kernels, copies and cuBLAS), whose order already
+        // serialises every use, so the tracking would only add driver calls to every launch.
+        // SAFETY: no other stream is ever created on this context (see `stream` below), so no
+        // buffer is used on a second stream.
+        unsafe { ctx.disable_event_tracking() };
         if let Err(e) = keep_freed_memory(&ctx) {
             eprintln!(
                 "warning: cuda:{ordinal}: freed device memory will go back to the driver at every \
