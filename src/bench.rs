@@ -597,6 +597,7 @@ pub fn bench_decode(
     let dtype = device.compute_dtype();
     let mut rng = Rng::new(3);
     let rows = seqs * cache_len;
+    let kv_shape = [rows, hd.kv_heads * hd.head_dim];
     let q = random(
         device,
         &mut rng,
@@ -604,20 +605,8 @@ pub fn bench_decode(
         1.0,
         dtype,
     )?;
-    let k = random(
-        device,
-        &mut rng,
-        &[rows, hd.kv_heads * hd.head_dim],
-        1.0,
-        dtype,
-    )?;
-    let v = random(
-        device,
-        &mut rng,
-        &[rows, hd.kv_heads * hd.head_dim],
-        1.0,
-        dtype,
-    )?;
+    let k = random(device, &mut rng, &kv_shape, 1.0, dtype)?;
+    let v = random(device, &mut rng, &kv_shape, 1.0, dtype)?;
     let starts: Vec<usize> = (0..seqs).map(|b| b * cache_len).collect();
     let batch = AttnBatch::cached(&vec![1; seqs], &starts, &vec![cache_len; seqs], device)?;
     let scale = 1.0 / (hd.head_dim as f32).sqrt();

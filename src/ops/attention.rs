@@ -54,9 +54,10 @@ const FLASH_BWD_QTILE: usize = 32;
 /// Shared-memory row padding of the flash kernels, in elements.
 const FLASH_PAD: usize = 8;
 
-/// The CUDA attention kernels. `Auto` runs the tensor-core flash kernels for bf16 with head_dim 64
-/// or 128 and the simple kernels otherwise (f32, other head sizes); `Simple` always runs the simple
-/// ones (for comparison, and as a fallback: `RLHF_ATTENTION=simple` makes it the default).
+/// The CUDA attention kernels. `Auto` runs the decode kernels for KV-cache batches they fit
+/// (`AttnBatch::decode_split`), the tensor-core flash kernels for bf16 with head_dim 64 or 128, and
+/// the simple kernels otherwise (f32, other head sizes); `Simple` always runs the simple ones (for
+/// comparison, and as a fallback: `RLHF_ATTENTION=simple` makes it the default).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttnKernel {
     Auto,
