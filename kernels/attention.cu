@@ -392,12 +392,16 @@ __device__ void flash_fwd(bf16* __restrict__ out, float* __restrict__ lse, const
         cp_async_commit();
 
         float mx[2] = {m[0], m[1]};
+        // Tiles wholly before the block's first row's diagonal (most of a long sequence) need no
+        // mask: the same values either way, without the per-element compares.
+        const bool whole = n0 + FLASH_TILE <= min(n_keys, offset + iq0 + 1);
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int key = n0 + nt * 8 + 2 * (lane & 3) + (e & 1);
-                const float x = (key > last_key[e >> 1] || key >= n_keys) ? -INFINITY : s[nt][e] * scale_log2;
+                const bool masked = !whole && (key > last_key[e >> 1] || key >= n_keys);
+                const float x = masked ? -INFINITY : s[nt][e] * scale_log2;
                 s[nt][e] = x;
                 mx[e >> 1] = fmaxf(mx[e >> 1], x);
             }
