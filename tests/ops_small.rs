@@ -7,7 +7,7 @@ use rlhf_kernels::ops::adamw::{
     adamw_ref, adamw_step, clip_coefficient, global_grad_norm, AdamWConfig,
 };
 use rlhf_kernels::ops::elementwise::{add, bias_add, bias_grad, cast};
-use rlhf_kernels::ops::embed::{embed_bwd, embed_fwd};
+use rlhf_kernels::ops::embed::{embed_bwd, embed_fwd, rows_store};
 use rlhf_kernels::ops::mlp::{swiglu_bwd, swiglu_bwd_ref, swiglu_fwd, swiglu_fwd_ref};
 use rlhf_kernels::ops::rope::{rope_bwd, rope_fwd, rope_ref};
 use rlhf_kernels::testing::{assert_close, check_output, fd_check, fresh_seed, round_bf16, Rng};
@@ -108,6 +108,24 @@ fn embed_looks_up_and_scatters() {
     let bad = Tensor::from_i32(&[1], vec![4], &Device::Cpu).unwrap();
     let err = embed_fwd(&table, &bad).err().unwrap().to_string();
     assert!(err.contains("token id 4 at position 0"), "{err}");
+    // The row store writes each source row to its slot and leaves the others.
+    let mut dst = cpu(&[4, 2], vec![0.0; 8]);
+    let src = cpu(&[2, 2], vec![1., 2., 3., 4.]);
+    let slots = Tensor::from_i32(&[2], vec![3, 1], &Device::Cpu).unwrap();
+    rows_store(&mut dst, &src, &slots).unwrap();
+    assert_eq!(
+        dst.to_f32_vec().unwrap(),
+        vec![0., 0., 3., 4., 0., 0., 1., 2.]
+    );
+    let err = rows_store(
+        &mut dst,
+        &src,
+        &Tensor::from_i32(&[2], vec![0, 4], &Device::Cpu).unwrap(),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("row 4 at position 1"), "{err}");
 }
 
 #[test]
@@ -232,6 +250,20 @@ cuda_test! {
             let (want, got) = (run(&cpu_dev), run(&dev));
             check_output("embed_fwd", tag, &got.0, &want.0, DType::F32, 0.0, 0.0);
             check_output("embed_bwd", tag, &got.1, &want.1, DType::F32, 1e-6, 1e-5);
+            // rows_store: 333 rows scattered into distinct slots of a 1000-row cache, the rest kept.
+            let mut slots: Vec<i32> = (0..vocab as i32).collect();
+            for i in (1..slots.len()).rev() {
+                slots.swap(i, rng.below(i + 1));
+            }
+            slots.truncate(toks);
+            let run = |dv: &Device| {
+                let mut cache = on(dv, &[vocab, width], &table);
+                let rt = Tensor::from_i32(&[toks], slots.clone(), dv).unwrap();
+                rows_store(&mut cache, &on(dv, &[toks, width], &dout), &rt).unwrap();
+                cache.to_f32_vec().unwrap()
+            };
+            let (want, got) = (run(&cpu_dev), run(&dev));
+            check_output("rows_store", tag, &got, &want, DType::F32, 0.0, 0.0);
             // elementwise
             let (r, c) = (129, 333);
             let (a, b, bias) = (round(rng.normal_vec(r * c, 1.0)), round(rng.normal_vec(r * c, 1.0)), round(rng.normal_vec(c, 1.0)));

@@ -13,7 +13,7 @@ use crate::device::{DType, Device, Tensor};
 use crate::error::{Error, Result};
 use crate::ops::attention::{attention_bwd, attention_fwd, AttnBatch, Heads};
 use crate::ops::elementwise::{add, bias_add, bias_grad, cast};
-use crate::ops::embed::{embed_bwd, embed_fwd};
+use crate::ops::embed::{embed_bwd, embed_fwd, rows_store};
 use crate::ops::matmul::{gemm, matmul, Trans};
 use crate::ops::mlp::{swiglu_bwd, swiglu_fwd};
 use crate::ops::norm::{rms_norm_bwd, rms_norm_fwd};
@@ -221,10 +221,8 @@ impl Model {
         let (a, lse) = match kv.as_mut() {
             None => attention_fwd(&q, &k, &v, attn, heads, self.scale())?,
             Some(c) => {
-                for &(dst, src, rows) in &c.rows {
-                    c.k.copy_rows(dst, &k, src, rows)?;
-                    c.v.copy_rows(dst, &v, src, rows)?;
-                }
+                rows_store(c.k, &k, c.rows)?;
+                rows_store(c.v, &v, c.rows)?;
                 attention_fwd(&q, c.k, c.v, attn, heads, self.scale())?
             }
         };
@@ -460,7 +458,8 @@ pub fn head_values_bwd(
 pub(crate) struct CacheWrite<'a> {
     pub k: &'a mut Tensor,
     pub v: &'a mut Tensor,
-    pub rows: Vec<(usize, usize, usize)>,
+    /// `[N]` i32: the cache row each new row's key and value go to.
+    pub rows: &'a Tensor,
 }
 
 /// Keys and values of every layer for a batch of sequences, `capacity` positions each.
@@ -526,16 +525,20 @@ impl Model {
         let k_len: Vec<usize> = q_lens.iter().zip(&cache.lens).map(|(q, l)| q + l).collect();
         let attn = AttnBatch::cached(&q_lens, &k_start, &k_len, &self.device)?;
         let offsets = batch.offsets();
-        let rows: Vec<(usize, usize, usize)> = (0..q_lens.len())
-            .filter(|&b| q_lens[b] > 0)
-            .map(|b| (b * cache.capacity + cache.lens[b], offsets[b], q_lens[b]))
+        // Every new row's cache slot, so each layer appends its keys and values in one launch each.
+        let slots: Vec<i32> = (0..q_lens.len())
+            .flat_map(|b| {
+                let first = b * cache.capacity + cache.lens[b];
+                (first..first + q_lens[b]).map(|r| r as i32)
+            })
             .collect();
+        let rows = Tensor::from_i32(&[n], slots, &self.device)?;
         let mut x = embed_fwd(&self.params.embed, &ids)?;
         for (i, l) in self.params.layers.iter().enumerate() {
             let write = CacheWrite {
                 k: &mut cache.k[i],
                 v: &mut cache.v[i],
-                rows: rows.clone(),
+                rows: &rows,
             };
             x = self.layer_fwd(l, &x, &pos, &attn, Some(write))?.0;
         }

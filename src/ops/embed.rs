@@ -1,5 +1,5 @@
 //! Token embedding, the twin of `kernels/embed.cu`: lookup forward, scatter-add backward into an f32
-//! gradient table.
+//! gradient table; and `rows_store`, the row scatter the KV cache appends a decode step with.
 
 use cudarc::driver::PushKernelArg;
 use half::bf16;
@@ -11,8 +11,11 @@ use crate::ops::{per_row, to_i32};
 
 const OP_FWD: &str = "embed_fwd";
 const OP_BWD: &str = "embed_bwd";
+const OP_STORE: &str = "rows_store";
 
-fn check_ids(op: &'static str, ids: &Tensor, vocab: usize) -> Result<usize> {
+/// `ids` must be 1-D i32 within `0..bound` (checked where they live on the host); `what` names the
+/// entries and the bound in the error, e.g. ("token id", "the vocabulary").
+fn check_ids(op: &'static str, ids: &Tensor, bound: usize, what: (&str, &str)) -> Result<usize> {
     if ids.shape().len() != 1 {
         return Err(Error::shape(
             op,
@@ -25,12 +28,13 @@ fn check_ids(op: &'static str, ids: &Tensor, vocab: usize) -> Result<usize> {
             .cpu_i32(op)?
             .iter()
             .enumerate()
-            .find(|(_, &id)| id < 0 || id as usize >= vocab)
+            .find(|(_, &id)| id < 0 || id as usize >= bound)
         {
             return Err(Error::Unsupported {
                 op,
                 detail: format!(
-                    "token id {id} at position {i} is outside the vocabulary of {vocab}"
+                    "{} {id} at position {i} is outside {} of {bound}",
+                    what.0, what.1
                 ),
             });
         }
@@ -42,7 +46,7 @@ fn check_ids(op: &'static str, ids: &Tensor, vocab: usize) -> Result<usize> {
 pub fn embed_fwd(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let device = same_device(OP_FWD, &[table, ids])?;
     let (vocab, d) = table.dims2(OP_FWD)?;
-    let n = check_ids(OP_FWD, ids, vocab)?;
+    let n = check_ids(OP_FWD, ids, vocab, ("token id", "the vocabulary"))?;
     match device {
         Device::Cpu => {
             let t = host_f32(table, OP_FWD)?;
@@ -68,7 +72,7 @@ pub fn embed_bwd(dtable: &mut Tensor, dout: &Tensor, ids: &Tensor) -> Result<()>
     let device = same_device(OP_BWD, &[dtable, dout, ids])?.clone();
     let (vocab, d) = dtable.dims2(OP_BWD)?;
     dtable.expect_dtype(OP_BWD, DType::F32)?;
-    let n = check_ids(OP_BWD, ids, vocab)?;
+    let n = check_ids(OP_BWD, ids, vocab, ("token id", "the vocabulary"))?;
     dout.expect_shape(OP_BWD, "dout", &[n, d])?;
     match &device {
         Device::Cpu => {
@@ -91,6 +95,58 @@ pub fn embed_bwd(dtable: &mut Tensor, dout: &Tensor, ids: &Tensor) -> Result<()>
             }),
         },
     }
+}
+
+/// `dst[rows[n], :] = src[n, :]`: dst [R, d], src [N, d] of the same dtype, rows [N] i32, distinct
+/// (a row written twice keeps either value).
+pub fn rows_store(dst: &mut Tensor, src: &Tensor, rows: &Tensor) -> Result<()> {
+    let device = same_device(OP_STORE, &[dst, src, rows])?.clone();
+    let (r, d) = dst.dims2(OP_STORE)?;
+    let n = check_ids(OP_STORE, rows, r, ("row", "the destination's rows"))?;
+    src.expect_shape(OP_STORE, "src", &[n, d])?;
+    src.expect_dtype(OP_STORE, dst.dtype())?;
+    match &device {
+        Device::Cpu => {
+            let to = rows.cpu_i32(OP_STORE)?.to_vec();
+            for (i, &row) in to.iter().enumerate() {
+                dst.copy_rows(row as usize, src, i, 1)?;
+            }
+            Ok(())
+        }
+        Device::Cuda(_) => match dst.dtype() {
+            DType::F32 => store_cuda::<f32>(dst, src, rows, n, r, d),
+            DType::BF16 => store_cuda::<bf16>(dst, src, rows, n, r, d),
+            DType::I32 => Err(Error::DType {
+                op: OP_STORE,
+                dtype: "i32",
+            }),
+        },
+    }
+}
+
+fn store_cuda<T: CudaElem>(
+    dst: &mut Tensor,
+    src: &Tensor,
+    rows: &Tensor,
+    n: usize,
+    r: usize,
+    d: usize,
+) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let dev = src.device().as_cuda(OP_STORE)?.clone();
+    let (rr, dd) = (to_i32(OP_STORE, "rows", r)?, to_i32(OP_STORE, "d", d)?);
+    let f = dev.function("embed", T::pick("rows_store_f32", "rows_store_bf16"))?;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(T::slice_mut(dst, OP_STORE)?)
+        .arg(T::slice(src, OP_STORE)?)
+        .arg(rows.cuda_i32(OP_STORE)?)
+        .arg(&rr)
+        .arg(&dd);
+    // SAFETY: dst holds r*d elements, src n*d, rows n; rows are range-checked in the kernel.
+    unsafe { b.launch(per_row(OP_STORE, n, 128, 0)?) }?;
+    Ok(())
 }
 
 fn fwd_cuda<T: CudaElem>(
