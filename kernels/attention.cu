@@ -747,6 +747,7 @@ __device__ void decode_partial(float* __restrict__ po, float* __restrict__ pm, f
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int q0 = cu_q[b], qlen = cu_q[b + 1] - q0;
     const int r = H / KV, rows = qlen * r;
+    if (rows == 0) return;  // a finished sequence in a generation batch: nothing to read or write
     const int k0 = k_start[b], kl = k_len[b];
     const int j0 = s * split_len, j1 = min(j0 + split_len, kl);
     const size_t kv_stride = (size_t)KV * D;
