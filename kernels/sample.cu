@@ -89,9 +89,10 @@ __device__ void sample_plain(int* __restrict__ token,       // [B]
     const int chunk = (V + SAMPLE_THREADS - 1) / SAMPLE_THREADS;
     const int c0 = min(static_cast<int>(threadIdx.x) * chunk, V), c1 = min(c0 + chunk, V);
 
-    // The row's max, and each chunk's first largest entry (for greedy).
+    // The row's max, and each chunk's first largest entry (for greedy). A chunk starts from its first
+    // entry, so a row of -inf still names a token; NaN never wins.
     float best = -INFINITY;
-    int best_i = INT_MAX;
+    int best_i = c0 < c1 ? c0 : INT_MAX;
     for (int i = c0; i < c1; ++i) {
         const float v = to_f32(x[i]);
         if (v > best) best = v, best_i = i;
@@ -139,7 +140,8 @@ __device__ void sample_plain(int* __restrict__ token,       // [B]
         // u * total at or past the rounded total: the last token with weight, as the reference does.
         // Indices below 2^24 are exact in float.
         const int last = static_cast<int>(block_max(static_cast<float>(last_positive), fscratch));
-        if (threadIdx.x == 0) picked = last;
+        // No token with weight at all (a row of -inf or NaN): the argmax, as a defined answer.
+        if (threadIdx.x == 0) picked = last >= 0 ? last : arg;
         __syncthreads();
     }
     if (threadIdx.x == 0) {
