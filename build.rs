@@ -57,7 +57,14 @@ fn main() {
             panic!("RLHF_REQUIRE_KERNELS=1 but {why}");
         }
         println!("cargo:warning=building a CPU-only rlhf: {why}");
-        write_generated(&out_dir, &mut generated, &format!("none: {why}"), &[], &[]);
+        write_generated(
+            &out_dir,
+            &mut generated,
+            None,
+            &format!("none: {why}"),
+            &[],
+            &[],
+        );
         return;
     };
     let version = Command::new(&nvcc)
@@ -119,7 +126,14 @@ fn main() {
             }
         }
     }
-    write_generated(&out_dir, &mut generated, &toolchain, &images, &reports);
+    write_generated(
+        &out_dir,
+        &mut generated,
+        Some(&nvcc),
+        &toolchain,
+        &images,
+        &reports,
+    );
 }
 
 fn find_nvcc(manifest: &Path) -> Option<PathBuf> {
@@ -235,11 +249,14 @@ fn parse_ptxas(text: &str) -> Vec<KernelReport> {
 fn write_generated(
     out_dir: &Path,
     s: &mut String,
+    nvcc: Option<&Path>,
     toolchain: &str,
     images: &[(String, PathBuf)],
     reports: &[(String, KernelReport)],
 ) {
     writeln!(s, "pub const TOOLCHAIN: &str = {toolchain:?};").unwrap();
+    let nvcc = nvcc.map(|p| p.display().to_string());
+    writeln!(s, "pub const NVCC: Option<&str> = {nvcc:?};").unwrap();
     writeln!(s, "pub const KERNEL_IMAGES: &[(&str, &[u8])] = &[").unwrap();
     for (family, path) in images {
         writeln!(

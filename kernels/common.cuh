@@ -5,15 +5,44 @@
 #pragma once
 #include <cuda_bf16.h>
 #include <stdint.h>
+#include <string.h>
 
 typedef __nv_bfloat16 bf16;
 
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
+// Helpers marked __host__ as well also compile for the CPU: scripts/kernel-host-check runs the
+// kernels' per-thread arithmetic there against double-precision loops.
+__host__ __device__ __forceinline__ float to_f32(float x) { return x; }
+__host__ __device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
 
-template <typename T> __device__ __forceinline__ T from_f32(float x);
-template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <> __device__ __forceinline__ bf16 from_f32<bf16>(float x) { return __float2bfloat16_rn(x); }
+template <typename T> __host__ __device__ __forceinline__ T from_f32(float x);
+template <> __host__ __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __host__ __device__ __forceinline__ bf16 from_f32<bf16>(float x) { return __float2bfloat16_rn(x); }
+
+// x * y rounded, never contracted into an FMA with what follows (see logprob.cu).
+__host__ __device__ __forceinline__ float mul_rn(float x, float y) {
+#ifdef __CUDA_ARCH__
+    return __fmul_rn(x, y);
+#else
+    return x * y;
+#endif
+}
+
+// e^x on the special-function unit with results under 2^-126 flushed to zero: two instructions.
+// __expf keeps subnormal results, at the cost of a compare and two predicated multiplies around
+// every call; a probability under 1e-38 is zero to every consumer here.
+__host__ __device__ __forceinline__ float exp_ftz(float x) {
+#ifdef __CUDA_ARCH__
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+    return y;
+#else
+    return expf(x);
+#endif
+}
+
+// e^d is exactly 0 in f32 below this, so clamping d here changes no finite result; it keeps a masked
+// (-inf) entry's e * d at 0 * finite = 0 instead of 0 * -inf = NaN.
+constexpr float kExpUnderflow = -1.0e4f;
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -105,20 +134,49 @@ template <typename T> struct Vec16 {
 };
 
 template <typename T>
-__device__ __forceinline__ void load16(const T* p, float* out) {
+__host__ __device__ __forceinline__ void load16(const T* p, float* out) {
+#ifdef __CUDA_ARCH__
     const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
     const T* v = reinterpret_cast<const T*>(&raw);
+#else
+    T v[Vec16<T>::N];  // the host compiler may assume a float is never read through a uint4
+    memcpy(v, p, 16);
+#endif
 #pragma unroll
     for (int i = 0; i < Vec16<T>::N; ++i) out[i] = to_f32(v[i]);
 }
 
 template <typename T>
-__device__ __forceinline__ void store16(T* p, const float* in) {
+__host__ __device__ __forceinline__ void store16(T* p, const float* in) {
+#ifdef __CUDA_ARCH__
     uint4 raw;
     T* v = reinterpret_cast<T*>(&raw);
 #pragma unroll
     for (int i = 0; i < Vec16<T>::N; ++i) v[i] = from_f32<T>(in[i]);
     *reinterpret_cast<uint4*>(p) = raw;
+#else
+    T v[Vec16<T>::N];
+    for (int i = 0; i < Vec16<T>::N; ++i) v[i] = from_f32<T>(in[i]);
+    memcpy(p, v, 16);
+#endif
+}
+
+// N values converted to T and written with one store of N * sizeof(T) bytes, which must be aligned to
+// that size (8 bytes for four bf16).
+template <typename T, int N> struct alignas(N * sizeof(T)) PackN {
+    T v[N];
+};
+
+template <typename T, int N>
+__host__ __device__ __forceinline__ void store_n(T* p, const float* in) {
+    PackN<T, N> pack;
+#pragma unroll
+    for (int i = 0; i < N; ++i) pack.v[i] = from_f32<T>(in[i]);
+#ifdef __CUDA_ARCH__
+    *reinterpret_cast<PackN<T, N>*>(p) = pack;
+#else
+    memcpy(p, &pack, sizeof(pack));
+#endif
 }
 
 // Numerically stable log-sigmoid and friends, safe for |x| in the thousands.

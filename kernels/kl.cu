@@ -9,6 +9,8 @@
 // Sampled estimators per token (Schulman, "Approximating KL divergence"), logr = ref_lp - policy_lp:
 //   k1 = -logr,  k2 = logr^2 / 2,  k3 = exp(logr) - 1 - logr
 // with gradients with respect to policy_lp: 1, -logr, 1 - exp(logr).
+#include <float.h>
+
 #include "common.cuh"
 
 struct KlState {
@@ -17,26 +19,48 @@ struct KlState {
     float u;       // sum e^(x - mp) (x - y)
 };
 
-__device__ __forceinline__ KlState kl_init() { return {-INFINITY, 0.0f, -INFINITY, 0.0f, 0.0f}; }
+__host__ __device__ __forceinline__ KlState kl_init() { return {-INFINITY, 0.0f, -INFINITY, 0.0f, 0.0f}; }
 
-__device__ __forceinline__ KlState kl_push(KlState a, float x, float y) {
-    if (x > a.mp) {
-        const float r = a.mp == -INFINITY ? 0.0f : __expf(a.mp - x);
-        a.sp = a.sp * r + 1.0f;
-        a.u = a.u * r + (x - y);
-        a.mp = x;
-    } else {
-        const float e = __expf(x - a.mp);
-        a.sp += e;
-        a.u += e * (x - y);
+// Folds N entries of both rows into the state; each max moves at most once per call (see
+// entropy_push in logprob.cu). A masked policy entry (x = -inf) has p = 0 and adds nothing; clamping
+// x - y keeps its e * (x - y) at 0 * finite even where the reference is masked too. A reference
+// masked where the policy is not gives KL = +inf, its true value. NaN in either row reaches the output.
+template <int N>
+__host__ __device__ __forceinline__ KlState kl_push(KlState a, const float* x, const float* y) {
+    float top_x = x[0], top_y = y[0];
+#pragma unroll
+    for (int j = 1; j < N; ++j) {
+        top_x = fmaxf(top_x, x[j]);
+        top_y = fmaxf(top_y, y[j]);
     }
-    OnlineSoftmax q = online_softmax_push({a.mq, a.sq}, y);
-    a.mq = q.m;
-    a.sq = q.s;
+    if (!(top_x <= a.mp)) {  // a new maximum, or NaN
+        if (a.mp != -INFINITY) {
+            const float r = exp_ftz(a.mp - top_x);
+            a.sp *= r;
+            a.u *= r;
+        }
+        a.mp = top_x;
+    }
+    if (!(top_y <= a.mq)) {
+        if (a.mq != -INFINITY) a.sq *= exp_ftz(a.mq - top_y);
+        a.mq = top_y;
+    }
+    if (a.mp != -INFINITY) {
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+            const float e = exp_ftz(x[j] - a.mp);
+            a.sp += e;
+            a.u = fmaf(e, fmaxf(x[j] - y[j], -FLT_MAX), a.u);
+        }
+    }
+    if (a.mq != -INFINITY) {
+#pragma unroll
+        for (int j = 0; j < N; ++j) a.sq += exp_ftz(y[j] - a.mq);
+    }
     return a;
 }
 
-__device__ __forceinline__ KlState kl_merge(KlState a, KlState b) {
+__host__ __device__ __forceinline__ KlState kl_merge(KlState a, KlState b) {
     KlState r;
     if (b.mp == -INFINITY) {
         r = a;
@@ -44,15 +68,29 @@ __device__ __forceinline__ KlState kl_merge(KlState a, KlState b) {
         r = b;
     } else {
         const float m = fmaxf(a.mp, b.mp);
-        const float ra = __expf(a.mp - m), rb = __expf(b.mp - m);
+        const float ra = exp_ftz(a.mp - m), rb = exp_ftz(b.mp - m);
         r.mp = m;
         r.sp = a.sp * ra + b.sp * rb;
         r.u = a.u * ra + b.u * rb;
     }
-    OnlineSoftmax q = online_softmax_merge({a.mq, a.sq}, {b.mq, b.sq});
-    r.mq = q.m;
-    r.sq = q.s;
+    if (b.mq == -INFINITY) {
+        r.mq = a.mq;
+        r.sq = a.sq;
+    } else if (a.mq == -INFINITY) {
+        r.mq = b.mq;
+        r.sq = b.sq;
+    } else {
+        r.mq = fmaxf(a.mq, b.mq);
+        r.sq = a.sq * exp_ftz(a.mq - r.mq) + b.sq * exp_ftz(b.mq - r.mq);
+    }
     return r;
+}
+
+// Writes lse_p, lse_q and KL = u / s_p - (lse_p - lse_q).
+__host__ __device__ __forceinline__ void kl_finish(KlState st, float* lse_p, float* lse_q, float* kl) {
+    *lse_p = st.mp + logf(st.sp);
+    *lse_q = st.mq + logf(st.sq);
+    *kl = st.u / st.sp - (*lse_p - *lse_q);
 }
 
 __device__ __forceinline__ KlState warp_kl(KlState v) {
@@ -66,6 +104,42 @@ __device__ __forceinline__ KlState warp_kl(KlState v) {
     return v;
 }
 
+// Rows that are not 16-byte aligned are read with this many strided scalar loads per step.
+constexpr int kKlScalarUnroll = 4;
+
+// Thread `tid`'s share (of `nthreads`) of one pair of rows.
+template <typename T>
+__host__ __device__ __forceinline__ KlState kl_row_state(const T* __restrict__ x, const T* __restrict__ y, int V,
+                                                         int tid, int nthreads) {
+    KlState st = kl_init();
+    if (V % Vec16<T>::N == 0) {
+        constexpr int N = Vec16<T>::N;
+        for (int i = tid * N; i < V; i += nthreads * N) {
+            float xv[N], yv[N];
+            load16(x + i, xv);
+            load16(y + i, yv);
+            st = kl_push<N>(st, xv, yv);
+        }
+    } else {
+        constexpr int U = kKlScalarUnroll;
+        int i = tid;
+        for (; i + (U - 1) * nthreads < V; i += U * nthreads) {
+            float xv[U], yv[U];
+#pragma unroll
+            for (int j = 0; j < U; ++j) {
+                xv[j] = to_f32(x[i + j * nthreads]);
+                yv[j] = to_f32(y[i + j * nthreads]);
+            }
+            st = kl_push<U>(st, xv, yv);
+        }
+        for (; i < V; i += nthreads) {
+            const float xv[1] = {to_f32(x[i])}, yv[1] = {to_f32(y[i])};
+            st = kl_push<1>(st, xv, yv);
+        }
+    }
+    return st;
+}
+
 template <typename T>
 __device__ void kl_full_fwd(float* __restrict__ kl,           // [N]
                             float* __restrict__ lse_p,        // [N]
@@ -75,22 +149,7 @@ __device__ void kl_full_fwd(float* __restrict__ kl,           // [N]
                             int V) {
     __shared__ float scratch[5 * 32];
     const size_t row = blockIdx.x;
-    const T* x = policy + row * V;
-    const T* y = reference + row * V;
-    KlState st = kl_init();
-    if (V % Vec16<T>::N == 0) {
-        constexpr int N = Vec16<T>::N;
-        for (int i = threadIdx.x * N; i < V; i += blockDim.x * N) {
-            float xv[N], yv[N];
-            load16(x + i, xv);
-            load16(y + i, yv);
-#pragma unroll
-            for (int j = 0; j < N; ++j) st = kl_push(st, xv[j], yv[j]);
-        }
-    } else {
-        for (int i = threadIdx.x; i < V; i += blockDim.x) st = kl_push(st, to_f32(x[i]), to_f32(y[i]));
-    }
-    st = warp_kl(st);
+    KlState st = warp_kl(kl_row_state(policy + row * V, reference + row * V, V, threadIdx.x, blockDim.x));
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
     if (lane == 0) {
         scratch[5 * warp] = st.mp;
@@ -105,11 +164,34 @@ __device__ void kl_full_fwd(float* __restrict__ kl,           // [N]
                                 scratch[5 * lane + 4]}
                       : kl_init();
     st = warp_kl(st);
-    if (lane == 0) {
-        const float lp = st.mp + logf(st.sp), lq = st.mq + logf(st.sq);
-        lse_p[row] = lp;
-        lse_q[row] = lq;
-        kl[row] = st.u / st.sp - (lp - lq);
+    if (lane == 0) kl_finish(st, &lse_p[row], &lse_q[row], &kl[row]);
+}
+
+// dx_v = g * p_v * (log p_v - log q_v - KL) = (g * p_v) * (log p_v - y_v + c), c = lse_q - KL.
+// p = 0 (a masked entry) gives exactly 0, whatever the reference holds there.
+__host__ __device__ __forceinline__ float kl_grad(float x, float y, float lp, float c, float g) {
+    const float logp = x - lp;
+    const float p = exp_ftz(logp);
+    return p == 0.0f ? 0.0f : g * p * (logp - y + c);
+}
+
+template <typename T>
+__host__ __device__ __forceinline__ void kl_row_grad(T* __restrict__ dx, const T* __restrict__ x,
+                                                     const T* __restrict__ y, int V, float lp, float c, float g,
+                                                     int tid, int nthreads) {
+    if (V % Vec16<T>::N == 0) {
+        constexpr int N = Vec16<T>::N;
+        for (int i = tid * N; i < V; i += nthreads * N) {
+            float xv[N], yv[N];
+            load16(x + i, xv);
+            load16(y + i, yv);
+#pragma unroll
+            for (int j = 0; j < N; ++j) xv[j] = kl_grad(xv[j], yv[j], lp, c, g);
+            store16(dx + i, xv);
+        }
+    } else {
+#pragma unroll kKlScalarUnroll
+        for (int i = tid; i < V; i += nthreads) dx[i] = from_f32<T>(kl_grad(to_f32(x[i]), to_f32(y[i]), lp, c, g));
     }
 }
 
@@ -123,27 +205,8 @@ __device__ void kl_full_bwd(T* __restrict__ dpolicy,            // [N, V]
                             const float* __restrict__ upstream, // [N]
                             int V) {
     const size_t row = blockIdx.x;
-    const T* x = policy + row * V;
-    const T* y = reference + row * V;
-    T* dx = dpolicy + row * V;
-    const float lp = lse_p[row], lq = lse_q[row], k = kl[row], g = upstream[row];
-    auto grad = [&](float xv, float yv) {
-        const float logp = xv - lp;
-        return g * __expf(logp) * (logp - (yv - lq) - k);
-    };
-    if (V % Vec16<T>::N == 0) {
-        constexpr int N = Vec16<T>::N;
-        for (int i = threadIdx.x * N; i < V; i += blockDim.x * N) {
-            float xv[N], yv[N];
-            load16(x + i, xv);
-            load16(y + i, yv);
-#pragma unroll
-            for (int j = 0; j < N; ++j) xv[j] = grad(xv[j], yv[j]);
-            store16(dx + i, xv);
-        }
-    } else {
-        for (int i = threadIdx.x; i < V; i += blockDim.x) dx[i] = from_f32<T>(grad(to_f32(x[i]), to_f32(y[i])));
-    }
+    kl_row_grad(dpolicy + row * V, policy + row * V, reference + row * V, V, lse_p[row], lse_q[row] - kl[row],
+                upstream[row], threadIdx.x, blockDim.x);
 }
 
 // kind: 1, 2 or 3 for k1, k2, k3.

@@ -24,30 +24,51 @@ struct EntropyState {
     float t;  // sum e^(z - m) * (z - m)
 };
 
-__device__ __forceinline__ EntropyState entropy_init() { return {-INFINITY, 0.0f, 0.0f}; }
+__host__ __device__ __forceinline__ EntropyState entropy_init() { return {-INFINITY, 0.0f, 0.0f}; }
 
-__device__ __forceinline__ EntropyState entropy_push(EntropyState a, float z) {
-    if (z == -INFINITY) return a;  // a masked-out vocabulary entry has p = 0
-    if (z > a.m) {
-        const float r = a.m == -INFINITY ? 0.0f : __expf(a.m - z);
-        const float shift = a.m == -INFINITY ? 0.0f : (a.m - z);
-        a.t = r * (a.t + shift * a.s);
-        a.s = a.s * r + 1.0f;
-        a.m = z;
-    } else {
-        const float e = __expf(z - a.m);
+// Folds N values of z into the state. The max moves at most once per call, so a row pays one rescale
+// per vector that raises it (a handful per row) instead of a compare and branch per entry; the rest
+// is five instructions an entry. A NaN makes s NaN for good, so bad logits show as NaN outputs.
+template <int N>
+__host__ __device__ __forceinline__ EntropyState entropy_push(EntropyState a, const float* z) {
+    float top = z[0];
+#pragma unroll
+    for (int j = 1; j < N; ++j) top = fmaxf(top, z[j]);
+    if (!(top <= a.m)) {  // a new maximum, or NaN
+        if (a.m == -INFINITY) {
+            a.m = top;  // s = t = 0 so far
+        } else {
+            const float shift = a.m - top;
+            const float r = exp_ftz(shift);
+            a.t = r * (a.t + shift * a.s);
+            a.s *= r;
+            a.m = top;
+        }
+    }
+    if (a.m == -INFINITY) return a;  // every entry so far is masked out (p = 0)
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+        const float d = z[j] - a.m;
+        const float e = exp_ftz(d);
         a.s += e;
-        a.t += e * (z - a.m);
+        a.t = fmaf(e, fmaxf(d, kExpUnderflow), a.t);
     }
     return a;
 }
 
-__device__ __forceinline__ EntropyState entropy_merge(EntropyState a, EntropyState b) {
+__host__ __device__ __forceinline__ EntropyState entropy_merge(EntropyState a, EntropyState b) {
     if (b.m == -INFINITY) return a;
     if (a.m == -INFINITY) return b;
     const float m = fmaxf(a.m, b.m);
-    const float ra = __expf(a.m - m), rb = __expf(b.m - m);
+    const float ra = exp_ftz(a.m - m), rb = exp_ftz(b.m - m);
     return {m, a.s * ra + b.s * rb, ra * (a.t + (a.m - m) * a.s) + rb * (b.t + (b.m - m) * b.s)};
+}
+
+// lse = m + log s and H = log s - t / s.
+__host__ __device__ __forceinline__ void entropy_finish(EntropyState st, float* lse, float* entropy) {
+    const float log_s = logf(st.s);
+    *lse = st.m + log_s;
+    *entropy = log_s - st.t / st.s;
 }
 
 __device__ __forceinline__ EntropyState warp_entropy(EntropyState v) {
@@ -76,24 +97,50 @@ __device__ __forceinline__ EntropyState block_entropy(EntropyState v, float* scr
     return warp_entropy(r);
 }
 
-// Folds row `row` of z = scale * x into a per-thread state, with 16-byte loads when `vec`.
-// z is always formed as a rounded product (__fmul_rn), never contracted into an FMA with what
-// follows: the backward's log p = z - lse must see the very z the forward's lse was built from, or
-// at logits in the thousands the top token's log p becomes the product's rounding error (~1e-4)
-// instead of 0.
-template <typename T>
-__device__ __forceinline__ EntropyState row_state(const T* __restrict__ x, int V, float scale, bool vec) {
-    EntropyState st = entropy_init();
-    if (vec) {
-        constexpr int N = Vec16<T>::N;
-        for (int i = threadIdx.x * N; i < V; i += blockDim.x * N) {
-            float v[N];
-            load16(x + i, v);
+// Rows that are not 16-byte aligned are read with this many strided scalar loads per step, so each
+// thread still has several loads in flight.
+constexpr int kScalarUnroll = 4;
+
+template <typename T, bool SCALED>
+__host__ __device__ __forceinline__ void load16_scaled(const T* p, float scale, float* z) {
+    load16(p, z);
 #pragma unroll
-            for (int j = 0; j < N; ++j) st = entropy_push(st, __fmul_rn(v[j], scale));
+    for (int j = 0; j < Vec16<T>::N; ++j) z[j] = SCALED ? mul_rn(z[j], scale) : z[j];
+}
+
+// Folds thread `tid`'s share of row x (of `nthreads`) into a state: 16-byte vectors when every row is
+// aligned, strided scalars otherwise. z = scale * x is formed as a rounded product (mul_rn), never
+// contracted into an FMA with what follows: the backward's log p = z - lse must see the very z the
+// forward's lse was built from, or at logits in the thousands the top token's log p becomes the
+// product's rounding error (~1e-4) instead of 0. SCALED = false skips the multiply when scale is 1.
+template <typename T, bool SCALED>
+__host__ __device__ __forceinline__ EntropyState row_state(const T* __restrict__ x, int V, float scale, int tid,
+                                                           int nthreads) {
+    EntropyState st = entropy_init();
+    if (V % Vec16<T>::N == 0) {
+        constexpr int N = Vec16<T>::N;
+        for (int i = tid * N; i < V; i += nthreads * N) {
+            float z[N];
+            load16_scaled<T, SCALED>(x + i, scale, z);
+            st = entropy_push<N>(st, z);
         }
     } else {
-        for (int i = threadIdx.x; i < V; i += blockDim.x) st = entropy_push(st, __fmul_rn(to_f32(x[i]), scale));
+        constexpr int U = kScalarUnroll;
+        int i = tid;
+        for (; i + (U - 1) * nthreads < V; i += U * nthreads) {
+            float z[U];
+#pragma unroll
+            for (int j = 0; j < U; ++j) {
+                const float v = to_f32(x[i + j * nthreads]);
+                z[j] = SCALED ? mul_rn(v, scale) : v;
+            }
+            st = entropy_push<U>(st, z);
+        }
+        for (; i < V; i += nthreads) {
+            const float v = to_f32(x[i]);
+            const float z[1] = {SCALED ? mul_rn(v, scale) : v};
+            st = entropy_push<1>(st, z);
+        }
     }
     return st;
 }
@@ -108,23 +155,74 @@ __device__ void logprob_fwd(float* __restrict__ logp,        // [N]
     __shared__ float scratch[3 * 32];
     const size_t row = blockIdx.x;
     const T* x = logits + row * V;
-    const bool vec = (V % Vec16<T>::N) == 0;
-    EntropyState st = block_entropy(row_state(x, V, scale, vec), scratch);
+    const EntropyState mine = scale == 1.0f ? row_state<T, false>(x, V, scale, threadIdx.x, blockDim.x)
+                                            : row_state<T, true>(x, V, scale, threadIdx.x, blockDim.x);
+    const EntropyState st = block_entropy(mine, scratch);
     if (threadIdx.x == 0) {
-        const float log_s = logf(st.s);
-        const float l = st.m + log_s;
+        float l, h;
+        entropy_finish(st, &l, &h);
         const int tgt = target[row];
         lse[row] = l;
-        entropy[row] = log_s - st.t / st.s;
-        logp[row] = tgt < 0 ? 0.0f : (tgt >= V ? NAN : __fmul_rn(to_f32(x[tgt]), scale) - l);
+        entropy[row] = h;
+        logp[row] = tgt < 0 ? 0.0f : (tgt >= V ? NAN : mul_rn(to_f32(x[tgt]), scale) - l);
     }
 }
 
-// d loss / d z for one logit: g_lp * (onehot - p) - g_ent * p * (log p + H).
-__device__ __forceinline__ float logit_grad(float z, bool onehot, float lse, float entropy, float g_lp, float g_ent) {
-    const float logp = z - lse;
-    const float p = __expf(logp);
-    return g_lp * ((onehot ? 1.0f : 0.0f) - p) - g_ent * p * (logp + entropy);
+// d loss / d z of L = g_lp * logp + g_ent * H, folded into per-row constants:
+//   dz_v = scale * (g_lp * (onehot_v - p_v) - g_ent * p_v * (log p_v + H))
+//        = onehot_v * hit + p_v * (neg_a + neg_b * log p_v)
+// with hit = scale * g_lp, neg_a = -scale * (g_lp + g_ent * H), neg_b = -scale * g_ent.
+struct LogitGrad {
+    float lse, neg_a, neg_b, hit;
+};
+
+__host__ __device__ __forceinline__ LogitGrad logit_grad_init(float lse, float entropy, float g_lp, float g_ent,
+                                                              float scale) {
+    return {lse, -scale * (g_lp + g_ent * entropy), -scale * g_ent, scale * g_lp};
+}
+
+// Without the one-hot term. Clamping log p keeps a masked entry's gradient at 0 * finite = 0.
+__host__ __device__ __forceinline__ float logit_grad(const LogitGrad& g, float z) {
+    const float logp = z - g.lse;
+    return exp_ftz(logp) * fmaf(g.neg_b, fmaxf(logp, kExpUnderflow), g.neg_a);
+}
+
+// Entries [i, i + N) of one row, in place over their z values, without the one-hot term.
+template <int N>
+__host__ __device__ __forceinline__ void logit_grad_vec(const LogitGrad& g, float* z) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) z[j] = logit_grad(g, z[j]);
+}
+
+// The thread that writes entry `idx` of a row in row_grad / tile_grad: it alone adds the target's
+// one-hot term afterwards, so program order keeps its two writes of that entry apart.
+__host__ __device__ __forceinline__ bool writes_entry(int idx, bool vec, int width, int tid, int nthreads) {
+    return (vec ? idx / width : idx) % nthreads == tid;
+}
+
+// Thread `tid`'s share of one row's gradient: dx = d loss / d x for x = logits (z = scale * x).
+template <typename T, bool SCALED>
+__host__ __device__ __forceinline__ void row_grad(T* __restrict__ dx, const T* __restrict__ x, int V, float scale,
+                                                  const LogitGrad& g, int tgt, int tid, int nthreads) {
+    if (V % Vec16<T>::N == 0) {
+        constexpr int N = Vec16<T>::N;
+        for (int i = tid * N; i < V; i += nthreads * N) {
+            float z[N];
+            load16_scaled<T, SCALED>(x + i, scale, z);
+            logit_grad_vec<N>(g, z);
+            store16(dx + i, z);
+        }
+    } else {
+#pragma unroll kScalarUnroll
+        for (int i = tid; i < V; i += nthreads) {
+            const float v = to_f32(x[i]);
+            dx[i] = from_f32<T>(logit_grad(g, SCALED ? mul_rn(v, scale) : v));
+        }
+    }
+    if (tgt >= 0 && tgt < V && writes_entry(tgt, V % Vec16<T>::N == 0, Vec16<T>::N, tid, nthreads)) {
+        const float v = to_f32(x[tgt]);
+        dx[tgt] = from_f32<T>(logit_grad(g, SCALED ? mul_rn(v, scale) : v) + g.hit);
+    }
 }
 
 template <typename T>
@@ -137,24 +235,12 @@ __device__ void logprob_bwd(T* __restrict__ dlogits,              // [N, V]
                             const float* __restrict__ grad_ent,   // [N]
                             int V, float scale) {
     const size_t row = blockIdx.x;
-    const T* x = logits + row * V;
-    T* dx = dlogits + row * V;
     const int tgt = target[row];
-    const float l = lse[row], h = entropy[row];
-    const float g_lp = tgt < 0 ? 0.0f : grad_logp[row];
-    const float g_ent = grad_ent[row];
-    auto grad = [&](float xv, int v) { return scale * logit_grad(__fmul_rn(xv, scale), v == tgt, l, h, g_lp, g_ent); };
-    if (V % Vec16<T>::N == 0) {
-        constexpr int N = Vec16<T>::N;
-        for (int i = threadIdx.x * N; i < V; i += blockDim.x * N) {
-            float v[N];
-            load16(x + i, v);
-#pragma unroll
-            for (int j = 0; j < N; ++j) v[j] = grad(v[j], i + j);
-            store16(dx + i, v);
-        }
+    const LogitGrad g = logit_grad_init(lse[row], entropy[row], tgt < 0 ? 0.0f : grad_logp[row], grad_ent[row], scale);
+    if (scale == 1.0f) {
+        row_grad<T, false>(dlogits + row * V, logits + row * V, V, scale, g, tgt, threadIdx.x, blockDim.x);
     } else {
-        for (int i = threadIdx.x; i < V; i += blockDim.x) dx[i] = from_f32<T>(grad(to_f32(x[i]), i));
+        row_grad<T, true>(dlogits + row * V, logits + row * V, V, scale, g, tgt, threadIdx.x, blockDim.x);
     }
 }
 
@@ -171,17 +257,17 @@ extern "C" __global__ void logprob_chunk_fwd(float* __restrict__ state,        /
     __shared__ float scratch[3 * 32];
     const size_t row = blockIdx.x;
     const float* zr = z + row * Vc;
-    EntropyState st = block_entropy(row_state(zr, Vc, 1.0f, Vc % 4 == 0), scratch);
+    EntropyState st = block_entropy(row_state<float, false>(zr, Vc, 1.0f, threadIdx.x, blockDim.x), scratch);
     if (threadIdx.x != 0) return;
     const int tgt = target[row];
     if (!first) st = entropy_merge(EntropyState{state[3 * row], state[3 * row + 1], state[3 * row + 2]}, st);
     float tz = first ? 0.0f : target_z[row];
     if (tgt >= v0 && tgt < v0 + Vc) tz = zr[tgt - v0];
     if (last) {
-        const float log_s = logf(st.s);
-        const float l = st.m + log_s;
+        float l, h;
+        entropy_finish(st, &l, &h);
         lse[row] = l;
-        entropy[row] = log_s - st.t / st.s;
+        entropy[row] = h;
         logp[row] = tgt < 0 ? 0.0f : (tgt >= V ? NAN : tz - l);
     } else {
         state[3 * row] = st.m;
@@ -191,8 +277,25 @@ extern "C" __global__ void logprob_chunk_fwd(float* __restrict__ state,        /
     }
 }
 
-// Turns one tile of z (f32) into the tile's dlogits (T, unscaled by 1/temperature: the GEMMs that
-// consume it apply the scale).
+// Thread `tid`'s share of one tile row: dz from z (f32), unscaled by 1/temperature (the GEMMs that
+// consume it apply the scale). `tgt` is relative to the tile, -1 when outside it.
+template <typename T>
+__host__ __device__ __forceinline__ void tile_grad(T* __restrict__ d, const float* __restrict__ zr, int Vc,
+                                                   const LogitGrad& g, int tgt, int tid, int nthreads) {
+    if (Vc % 4 == 0) {
+        for (int i = tid * 4; i < Vc; i += nthreads * 4) {
+            float z[4];
+            load16(zr + i, z);
+            logit_grad_vec<4>(g, z);
+            store_n<T, 4>(d + i, z);
+        }
+    } else {
+#pragma unroll kScalarUnroll
+        for (int i = tid; i < Vc; i += nthreads) d[i] = from_f32<T>(logit_grad(g, zr[i]));
+    }
+    if (tgt >= 0 && writes_entry(tgt, Vc % 4 == 0, 4, tid, nthreads)) d[tgt] = from_f32<T>(logit_grad(g, zr[tgt]) + g.hit);
+}
+
 template <typename T>
 __device__ void logprob_chunk_bwd(T* __restrict__ dz,                  // [N, Vc]
                                   const float* __restrict__ z,         // [N, Vc]
@@ -203,13 +306,11 @@ __device__ void logprob_chunk_bwd(T* __restrict__ dz,                  // [N, Vc
                                   const float* __restrict__ grad_ent,  // [N]
                                   int Vc, int v0) {
     const size_t row = blockIdx.x;
-    const float* zr = z + row * Vc;
-    T* d = dz + row * Vc;
     const int tgt = target[row];
-    const float l = lse[row], h = entropy[row];
-    const float g_lp = tgt < 0 ? 0.0f : grad_logp[row];
-    const float g_ent = grad_ent[row];
-    for (int i = threadIdx.x; i < Vc; i += blockDim.x) d[i] = from_f32<T>(logit_grad(zr[i], v0 + i == tgt, l, h, g_lp, g_ent));
+    const LogitGrad g = logit_grad_init(lse[row], entropy[row], tgt < 0 ? 0.0f : grad_logp[row], grad_ent[row], 1.0f);
+    // A target outside this tile (or ignored) becomes -1, which no entry matches.
+    const int local = tgt >= v0 && tgt < v0 + Vc ? tgt - v0 : -1;
+    tile_grad<T>(dz + row * Vc, z + row * Vc, Vc, g, local, threadIdx.x, blockDim.x);
 }
 
 #define LOGPROB_INSTANTIATE(SUFFIX, T)                                                                      \

@@ -70,7 +70,15 @@ fn sampled_estimators_match_their_definitions_and_derivatives() {
     assert!(kl_sampled_fwd(&t(vec![-1.0]), &t(vec![-1.5, -2.0]), KlEstimator::K1).is_err());
 }
 
-fn check_cuda(dev: &Device, rng: &mut Rng, n: usize, vocab: usize, dtype: DType) {
+/// With `mask_every` > 0 every such entry (from the second) is -inf in both rows.
+fn check_cuda(
+    dev: &Device,
+    rng: &mut Rng,
+    n: usize,
+    vocab: usize,
+    dtype: DType,
+    mask_every: usize,
+) {
     let round = |v: Vec<f32>| {
         if dtype == DType::BF16 {
             round_bf16(&v)
@@ -78,7 +86,12 @@ fn check_cuda(dev: &Device, rng: &mut Rng, n: usize, vocab: usize, dtype: DType)
             v
         }
     };
-    let x = round(rng.normal_vec(n * vocab, 2.0));
+    let masked = |i: usize| mask_every > 0 && i % vocab % mask_every == 1;
+    let x: Vec<f32> = round(rng.normal_vec(n * vocab, 2.0))
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| if masked(i) { f32::NEG_INFINITY } else { v })
+        .collect();
     let y: Vec<f32> = round(x.iter().map(|&v| v + rng.normal() * 0.5).collect());
     let g = rng.normal_vec(n, 1.0);
     let run = |d: &Device, dt: DType| {
@@ -103,7 +116,7 @@ fn check_cuda(dev: &Device, rng: &mut Rng, n: usize, vocab: usize, dtype: DType)
     kl_full_fwd_ref(&mut kl, &mut lp, &mut lq, &x64, &y64, vocab);
     let mut dx = vec![0.0; n * vocab];
     kl_full_bwd_ref(&mut dx, &x64, &y64, &lp, &lq, &kl, &g64, vocab);
-    let case = format!("{n}x{vocab} {}", dtype.name());
+    let case = format!("{n}x{vocab} {} mask {mask_every}", dtype.name());
     check_against_exact(
         "kl_full_fwd",
         &case,
@@ -129,9 +142,9 @@ fn check_cuda(dev: &Device, rng: &mut Rng, n: usize, vocab: usize, dtype: DType)
 cuda_test! {
     fn cuda_matches_cpu_on_random_shapes(dev) {
         let mut rng = Rng::new(fresh_seed("kl cuda_matches_cpu_on_random_shapes"));
-        for &(n, vocab) in &[(1, 1), (37, 50_257), (16, 128_256), (200, 1000)] {
+        for &(n, vocab, mask_every) in &[(1, 1, 0), (37, 50_257, 0), (16, 128_256, 0), (200, 1000, 0), (37, 50_257, 7), (8, 49_152, 5)] {
             for dtype in [DType::F32, DType::BF16] {
-                check_cuda(&dev, &mut rng, n, vocab, dtype);
+                check_cuda(&dev, &mut rng, n, vocab, dtype, mask_every);
             }
         }
         for n in [1usize, 1000, 65_537] {
@@ -152,4 +165,52 @@ cuda_test! {
             }
         }
     }
+}
+
+/// Entries masked (-inf) in the policy add nothing to the KL and get a zero gradient, whether or not
+/// the reference masks them too; a reference that masks a token the policy allows gives KL = +inf.
+#[test]
+fn masked_policy_entries_drop_out_of_the_kl() {
+    let mut rng = Rng::new(fresh_seed("masked_policy_entries_drop_out_of_the_kl"));
+    let vocab = 30;
+    let masked = |v: usize| v % 4 == 2;
+    let x = to64(&rng.normal_vec(vocab, 1.5));
+    let y = to64(&rng.normal_vec(vocab, 1.5));
+    let kept =
+        |r: &[f64]| -> Vec<f64> { (0..vocab).filter(|&v| !masked(v)).map(|v| r[v]).collect() };
+    let mask = |r: &[f64]| -> Vec<f64> {
+        (0..vocab)
+            .map(|v| if masked(v) { f64::NEG_INFINITY } else { r[v] })
+            .collect()
+    };
+    let run = |xr: &[f64], yr: &[f64]| {
+        let n = xr.len();
+        let (mut k, mut lp, mut lq) = (vec![0.0], vec![0.0], vec![0.0]);
+        kl_full_fwd_ref(&mut k, &mut lp, &mut lq, xr, yr, n);
+        let mut dx = vec![f64::NAN; n];
+        kl_full_bwd_ref(&mut dx, xr, yr, &lp, &lq, &k, &[0.9], n);
+        (k[0], dx)
+    };
+    let (xk, yk) = (kept(&x), kept(&y));
+    let (want, dwant) = run(&xk, &yk);
+    // Masked in both rows, or in the policy only (the reference's value there must not matter
+    // beyond its normaliser, so compare against the reduced pair with the same normaliser).
+    let (both, dboth) = run(&mask(&x), &mask(&y));
+    assert!((both - want).abs() < 1e-12, "{both} vs {want}");
+    let mut kept_grads = Vec::new();
+    for (v, &d) in dboth.iter().enumerate() {
+        if masked(v) {
+            assert_eq!(d, 0.0, "masked entry {v} gets gradient {d}");
+        } else {
+            kept_grads.push(d);
+        }
+    }
+    for (a, b) in kept_grads.iter().zip(&dwant) {
+        assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+    }
+    let (policy_only, dpol) = run(&mask(&x), &y);
+    assert!(policy_only.is_finite(), "{policy_only}");
+    assert!(dpol.iter().all(|d| d.is_finite()));
+    let (ref_only, _) = run(&x, &mask(&y));
+    assert_eq!(ref_only, f64::INFINITY);
 }

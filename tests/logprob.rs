@@ -231,8 +231,17 @@ fn fused_matches_unfused_on_cpu() {
     );
 }
 
-/// CUDA against the CPU reference on the same (dtype-rounded) inputs.
-fn check_cuda(dev: &Device, rng: &mut Rng, n: usize, vocab: usize, dtype: DType, scale: f32) {
+/// CUDA against the CPU reference on the same (dtype-rounded) inputs; with `mask_every` > 0 every
+/// such entry (from the second) is masked to -inf, targets excepted.
+fn check_cuda(
+    dev: &Device,
+    rng: &mut Rng,
+    n: usize,
+    vocab: usize,
+    dtype: DType,
+    scale: f32,
+    mask_every: usize,
+) {
     let round = |v: Vec<f32>| {
         if dtype == DType::BF16 {
             round_bf16(&v)
@@ -240,10 +249,18 @@ fn check_cuda(dev: &Device, rng: &mut Rng, n: usize, vocab: usize, dtype: DType,
             v
         }
     };
-    let x = round(rng.normal_vec(n * vocab, scale));
+    let mut x = round(rng.normal_vec(n * vocab, scale));
     let mut targets: Vec<i32> = (0..n).map(|_| rng.below(vocab) as i32).collect();
     if n > 2 {
         targets[1] = -100;
+    }
+    if mask_every > 0 {
+        for (i, v) in x.iter_mut().enumerate() {
+            let (row, col) = (i / vocab, i % vocab);
+            if col % mask_every == 1 && targets[row] != col as i32 {
+                *v = f32::NEG_INFINITY;
+            }
+        }
     }
     let (g_lp, g_ent) = (rng.normal_vec(n, 1.0), rng.normal_vec(n, 1.0));
     let temperature = 0.9;
@@ -277,7 +294,10 @@ fn check_cuda(dev: &Device, rng: &mut Rng, n: usize, vocab: usize, dtype: DType,
         vocab,
         scale64,
     );
-    let case = format!("{n}x{vocab} {} scale {scale}", dtype.name());
+    let case = format!(
+        "{n}x{vocab} {} scale {scale} mask {mask_every}",
+        dtype.name()
+    );
     let v = |t: &Tensor| t.to_f32_vec().unwrap();
     let tol = 1e-5 * (1.0 + scale as f64 * 10.0);
     for (name, g, p, e) in [
@@ -302,9 +322,19 @@ fn check_cuda(dev: &Device, rng: &mut Rng, n: usize, vocab: usize, dtype: DType,
 cuda_test! {
     fn cuda_matches_cpu_on_random_shapes(dev) {
         let mut rng = Rng::new(fresh_seed("logprob cuda_matches_cpu_on_random_shapes"));
-        for &(n, vocab, scale) in &[(1, 1, 1.0), (37, 50_257, 2.0), (64, 49_152, 1.0), (5, 128_256, 3.0), (300, 1000, 1.0), (3, 77, 1e3)] {
+        let cases = [
+            (1, 1, 1.0, 0),
+            (37, 50_257, 2.0, 0),
+            (64, 49_152, 1.0, 0),
+            (5, 128_256, 3.0, 0),
+            (300, 1000, 1.0, 0),
+            (3, 77, 1e3, 0),
+            (37, 50_257, 2.0, 7),
+            (8, 49_152, 1.0, 5),
+        ];
+        for &(n, vocab, scale, mask_every) in &cases {
             for dtype in [DType::F32, DType::BF16] {
-                check_cuda(&dev, &mut rng, n, vocab, dtype, scale);
+                check_cuda(&dev, &mut rng, n, vocab, dtype, scale, mask_every);
             }
         }
     }
@@ -370,4 +400,77 @@ cuda_test! {
             }
         }
     }
+}
+
+/// A masked (-inf) logit leaves the row as if it were not there, and gets a zero gradient rather
+/// than 0 * -inf = NaN.
+#[test]
+fn masked_logits_drop_out_of_the_row() {
+    let mut rng = Rng::new(fresh_seed("masked_logits_drop_out_of_the_row"));
+    let vocab = 40;
+    let masked = |v: usize| v % 3 == 1;
+    let x = to64(&rng.normal_vec(vocab, 2.0));
+    let kept: Vec<f64> = (0..vocab).filter(|&v| !masked(v)).map(|v| x[v]).collect();
+    let mut xm = x.clone();
+    for (v, val) in xm.iter_mut().enumerate() {
+        if masked(v) {
+            *val = f64::NEG_INFINITY;
+        }
+    }
+    // Target 3 is kept entry 2 of the reduced row.
+    let (g_lp, g_ent) = (vec![0.8], vec![-1.3]);
+    let scale = 1.0 / 0.7;
+    let run = |row: &[f64], target: i32| {
+        let (mut lp, mut lse, mut ent) = (vec![0.0], vec![0.0], vec![0.0]);
+        logprob_fwd_ref(
+            &mut lp,
+            &mut lse,
+            &mut ent,
+            row,
+            &[target],
+            row.len(),
+            scale,
+        );
+        let mut dx = vec![f64::NAN; row.len()];
+        logprob_bwd_ref(
+            &mut dx,
+            row,
+            &[target],
+            &lse,
+            &ent,
+            &g_lp,
+            &g_ent,
+            row.len(),
+            scale,
+        );
+        ((lp[0], lse[0], ent[0]), dx)
+    };
+    let (full, dfull) = run(&xm, 3);
+    let (reduced, dreduced) = run(&kept, 2);
+    assert_eq!(
+        full, reduced,
+        "masked entries must not change logp, lse or entropy"
+    );
+    let mut kept_grads = Vec::new();
+    for (v, &d) in dfull.iter().enumerate() {
+        if masked(v) {
+            assert_eq!(d, 0.0, "masked entry {v} gets gradient {d}");
+        } else {
+            kept_grads.push(d);
+        }
+    }
+    assert_eq!(kept_grads, dreduced);
+    // The op (f32) agrees on the masked row too.
+    let xf: Vec<f32> = xm.iter().map(|&v| v as f32).collect();
+    let logits = cpu_tensor(&[1, vocab], xf);
+    let tgt = Tensor::from_i32(&[1], vec![3], &Device::Cpu).unwrap();
+    let out = logprob_fwd(&logits, &tgt, 0.7).unwrap();
+    let gl = cpu_tensor(&[1], vec![0.8]);
+    let ge = cpu_tensor(&[1], vec![-1.3]);
+    let dx = logprob_bwd(&logits, &tgt, &out, &gl, &ge, 0.7)
+        .unwrap()
+        .to_f32_vec()
+        .unwrap();
+    assert!((out.lse.to_f32_vec().unwrap()[0] as f64 - reduced.1).abs() < 1e-5);
+    assert!(dx.iter().all(|d| d.is_finite()), "{dx:?}");
 }

@@ -18,7 +18,8 @@ mod generated {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 }
 
-pub use generated::{KERNEL_IMAGES, KERNEL_RESOURCES, TOOLCHAIN};
+/// `NVCC`: the compiler build.rs used, for tests that compile host-side checks of the kernel sources.
+pub use generated::{KERNEL_IMAGES, KERNEL_RESOURCES, NVCC, TOOLCHAIN};
 
 /// The fatbin of one kernel family (`kernels/<family>.cu`), if this build has it.
 pub fn image(family: &str) -> Option<&'static [u8]> {

@@ -40,6 +40,9 @@ pub fn kl_full_fwd_ref<F: Float>(
         let (lp, lq) = (lse(x), lse(y));
         let mut k = F::zero();
         for (&xv, &yv) in x.iter().zip(y) {
+            if xv == F::neg_infinity() {
+                continue; // p = 0: no term, whatever the reference holds there
+            }
             let logp = xv - lp;
             k = k + logp.exp() * (logp - (yv - lq));
         }
@@ -69,7 +72,12 @@ pub fn kl_full_bwd_ref<F: Float>(
     {
         for v in 0..vocab {
             let logp = x[v] - lse_p[row];
-            dx[v] = upstream[row] * logp.exp() * (logp - (y[v] - lse_q[row]) - kl[row]);
+            let p = logp.exp();
+            dx[v] = if p == F::zero() {
+                F::zero()
+            } else {
+                upstream[row] * p * (logp - (y[v] - lse_q[row]) - kl[row])
+            };
         }
     }
 }

@@ -78,7 +78,13 @@ fn logit_grad<F: Float>(z: F, onehot: bool, lse: F, entropy: F, g_lp: F, g_ent: 
     let logp = z - lse;
     let p = logp.exp();
     let oh = if onehot { F::one() } else { F::zero() };
-    scale * (g_lp * (oh - p) - g_ent * p * (logp + entropy))
+    // p log p -> 0 as p -> 0: a masked (-inf) logit gets no entropy gradient, not 0 * -inf = NaN.
+    let ent = if p == F::zero() {
+        F::zero()
+    } else {
+        p * (logp + entropy)
+    };
+    scale * (g_lp * (oh - p) - g_ent * ent)
 }
 
 /// CPU reference backward: dlogits [N, V] (overwritten).
