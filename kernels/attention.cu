@@ -283,14 +283,21 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // Rows row0 .. row0 + ROWS of a [*, row_stride] bf16 matrix (columns 0 .. D of `g`) into smem rows of
-// D + FLASH_PAD; rows at or past `n_valid` (counted from row0) are zero-filled.
+// D + FLASH_PAD; rows at or past `n_valid` (counted from row0) are zero-filled. Each thread owns one
+// 16-byte column of every ROW_STEP-th row, so its addresses advance by constant strides: about four
+// instructions a copy instead of a division and a 64-bit multiply each.
 template <int D, int ROWS>
 __device__ __forceinline__ void flash_load_rows(bf16* smem, const bf16* g, size_t row_stride, int row0, int n_valid) {
-    constexpr int CHUNKS = D / 8;
-    for (int i = threadIdx.x; i < ROWS * CHUNKS; i += FLASH_THREADS) {
-        const int r = i / CHUNKS, c = (i % CHUNKS) * 8;
-        const bool ok = r < n_valid;
-        cp_async16(smem + r * (D + FLASH_PAD) + c, ok ? g + (size_t)(row0 + r) * row_stride + c : g, ok);
+    constexpr int CHUNKS = D / 8, ROW_STEP = FLASH_THREADS / CHUNKS;
+    static_assert(FLASH_THREADS % CHUNKS == 0 && ROWS % ROW_STEP == 0, "rows must split evenly over the block");
+    const int r0 = threadIdx.x / CHUNKS, c = (threadIdx.x % CHUNKS) * 8;
+    const bf16* src = g + (size_t)(row0 + r0) * row_stride + c;
+    bf16* dst = smem + r0 * (D + FLASH_PAD) + c;
+    const size_t src_step = (size_t)ROW_STEP * row_stride;
+#pragma unroll
+    for (int j = 0; j < ROWS / ROW_STEP; ++j) {
+        const bool ok = r0 + j * ROW_STEP < n_valid;
+        cp_async16(dst + j * ROW_STEP * (D + FLASH_PAD), ok ? src + j * src_step : g, ok);
     }
 }
 
@@ -324,6 +331,63 @@ __device__ __forceinline__ void flash_acc_to_a(uint32_t (&a)[4], const float (&a
     a[1] = pack_bf16x2(acc[2 * kk][2], acc[2 * kk][3]);
     a[2] = pack_bf16x2(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
     a[3] = pack_bf16x2(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
+}
+
+// One key tile of the forward's online softmax for a warp's two rows per thread: the raw scores s
+// become P in place, and the running max m (scaled, log2 units), the sum l and the output o are
+// rescaled when a row's max grows. The max is taken over raw scores (scale > 0, checked by the host)
+// so that each P entry costs one FFMA and one ex2. MASK applies the causal and end-of-sequence masks,
+// needed only on tiles that reach the diagonal or the end.
+template <bool MASK, int NT, int DT>
+__device__ __forceinline__ void flash_softmax_step(float (&s)[NT][4], float (&m)[2], float (&l)[2], float (&o)[DT][4],
+                                                   float scale_log2, int n0, int lane, const int (&last_key)[2],
+                                                   int n_keys) {
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            if (MASK) {
+                const int key = n0 + nt * 8 + 2 * (lane & 3) + (e & 1);
+                if (key > last_key[e >> 1] || key >= n_keys) s[nt][e] = -INFINITY;
+            }
+            mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
+        }
+    }
+    float base[2], alpha[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+        const float m_new = fmaxf(m[i], mx[i] * scale_log2);
+        base[i] = m_new == -INFINITY ? 0.0f : m_new;
+        alpha[i] = exp2_ftz(m[i] - base[i]);  // 0 while m is -inf, 1 when the max held
+        l[i] *= alpha[i];
+        m[i] = m_new;
+    }
+    // Once the max settles (most tiles of a long row) alpha is 1 for the whole warp and the output
+    // needs no rescale.
+    if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+            o[dt][0] *= alpha[0];
+            o[dt][1] *= alpha[0];
+            o[dt][2] *= alpha[1];
+            o[dt][3] *= alpha[1];
+        }
+    }
+    float row_sum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float p = exp2_ftz(fmaf(s[nt][e], scale_log2, -base[e >> 1]));
+            s[nt][e] = p;
+            row_sum[e >> 1] += p;
+        }
+    }
+    l[0] += row_sum[0];
+    l[1] += row_sum[1];
 }
 
 template <int D>
@@ -391,47 +455,13 @@ __device__ void flash_fwd(bf16* __restrict__ out, float* __restrict__ lse, const
             flash_load_rows<D, FLASH_TILE>(ks, kg, kv_stride, n0 + FLASH_TILE, min(FLASH_TILE, n_keys - n0 - FLASH_TILE));
         cp_async_commit();
 
-        float mx[2] = {m[0], m[1]};
         // Tiles wholly before the block's first row's diagonal (most of a long sequence) need no
         // mask: the same values either way, without the per-element compares.
-        const bool whole = n0 + FLASH_TILE <= min(n_keys, offset + iq0 + 1);
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int key = n0 + nt * 8 + 2 * (lane & 3) + (e & 1);
-                const bool masked = !whole && (key > last_key[e >> 1] || key >= n_keys);
-                const float x = masked ? -INFINITY : s[nt][e] * scale_log2;
-                s[nt][e] = x;
-                mx[e >> 1] = fmaxf(mx[e >> 1], x);
-            }
+        if (n0 + FLASH_TILE <= min(n_keys, offset + iq0 + 1)) {
+            flash_softmax_step<false>(s, m, l, o, scale_log2, n0, lane, last_key, n_keys);
+        } else {
+            flash_softmax_step<true>(s, m, l, o, scale_log2, n0, lane, last_key, n_keys);
         }
-        float base[2], row_sum[2] = {0.0f, 0.0f};
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-            base[i] = mx[i] == -INFINITY ? 0.0f : mx[i];
-            const float alpha = exp2f(m[i] - base[i]);
-            l[i] *= alpha;
-#pragma unroll
-            for (int dt = 0; dt < DT; ++dt) {
-                o[dt][2 * i] *= alpha;
-                o[dt][2 * i + 1] *= alpha;
-            }
-            m[i] = mx[i];
-        }
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const float p = exp2f(s[nt][e] - base[e >> 1]);
-                s[nt][e] = p;
-                row_sum[e >> 1] += p;
-            }
-        }
-        l[0] += row_sum[0];
-        l[1] += row_sum[1];
 
         cp_async_wait<1>();
         __syncthreads();
@@ -550,7 +580,7 @@ __device__ void flash_bwd_dq(bf16* __restrict__ dq, const bf16* __restrict__ q, 
             for (int e = 0; e < 4; ++e) {
                 const int key = n0 + nt * 8 + 2 * (lane & 3) + (e & 1);
                 const int row = row_a + 8 * (e >> 1);
-                const float p = (key > row || key >= n_keys) ? 0.0f : exp2f(s[nt][e] * scale_log2 - lse2[e >> 1]);
+                const float p = (key > row || key >= n_keys) ? 0.0f : exp2_ftz(fmaf(s[nt][e], scale_log2, -lse2[e >> 1]));
                 s[nt][e] = p * (dp[nt][e] - dlt[e >> 1]);
             }
         }
@@ -659,7 +689,7 @@ __device__ void flash_bwd_dkv(bf16* __restrict__ dk, bf16* __restrict__ dv, cons
                 for (int e = 0; e < 4; ++e) {
                     const int col = nt * 8 + 2 * (lane & 3) + (e & 1);
                     const int key = key_a + 8 * (e >> 1);
-                    const float p = key > i0 + col ? 0.0f : exp2f(s[nt][e] * scale_log2 - lse2s[col]);
+                    const float p = key > i0 + col ? 0.0f : exp2_ftz(fmaf(s[nt][e], scale_log2, -lse2s[col]));
                     s[nt][e] = p;
                     dp[nt][e] = p * (dp[nt][e] - dlts[col]);
                 }

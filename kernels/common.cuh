@@ -40,6 +40,17 @@ __host__ __device__ __forceinline__ float exp_ftz(float x) {
 #endif
 }
 
+// 2^x the same way (scores kept in log2 units need no multiply).
+__host__ __device__ __forceinline__ float exp2_ftz(float x) {
+#ifdef __CUDA_ARCH__
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+#else
+    return exp2f(x);
+#endif
+}
+
 // e^d is exactly 0 in f32 below this, so clamping d here changes no finite result; it keeps a masked
 // (-inf) entry's e * d at 0 * finite = 0 instead of 0 * -inf = NaN.
 constexpr float kExpUnderflow = -1.0e4f;

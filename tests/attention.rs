@@ -137,6 +137,14 @@ fn bad_geometry_is_an_error() {
         .unwrap()
         .to_string();
     assert!(err.contains("rows"), "{err}");
+    let (q4, k4) = (cpu(4, 8), cpu(4, 4));
+    for scale in [0.0, -0.5, f32::NAN] {
+        let err = attention_fwd(&q4, &k4, &k4, &batch, hd, scale)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("scale"), "{err}");
+    }
 }
 
 fn bf(x: f32) -> f32 {

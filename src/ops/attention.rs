@@ -349,7 +349,15 @@ fn check(
     v: &Tensor,
     batch: &AttnBatch,
     hd: Heads,
+    scale: f32,
 ) -> Result<usize> {
+    // The kernels take the row max of the raw scores and scale afterwards, which needs scale > 0.
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(Error::Unsupported {
+            op,
+            detail: format!("the softmax scale must be positive and finite, got {scale}"),
+        });
+    }
     let (nq, wq) = q.dims2(op)?;
     let (nk, wk) = k.dims2(op)?;
     if hd.kv_heads == 0 || !hd.heads.is_multiple_of(hd.kv_heads) {
@@ -404,7 +412,7 @@ pub fn attention_fwd(
     scale: f32,
 ) -> Result<(Tensor, Tensor)> {
     let device = same_device(OP_FWD, &[q, k, v])?;
-    let nq = check(OP_FWD, q, k, v, batch, hd)?;
+    let nq = check(OP_FWD, q, k, v, batch, hd, scale)?;
     match device {
         Device::Cpu => {
             let (mut out, mut lse) = (vec![0.0f32; q.numel()], vec![0.0f32; nq * hd.heads]);
@@ -448,7 +456,7 @@ pub fn attention_bwd(
     scale: f32,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let device = same_device(OP_BWD, &[dout, q, k, v, out, lse])?;
-    let nq = check(OP_BWD, q, k, v, batch, hd)?;
+    let nq = check(OP_BWD, q, k, v, batch, hd, scale)?;
     if !batch.packed {
         return Err(Error::Unsupported {
             op: OP_BWD,
