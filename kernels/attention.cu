@@ -506,8 +506,9 @@ __device__ void flash_bwd_dq(bf16* __restrict__ dq, const bf16* __restrict__ q, 
                              float scale) {
     constexpr int STRIDE = D + FLASH_PAD, KT = FLASH_BWD_QTILE, NT = KT / 8, DT = D / 8;
     extern __shared__ __align__(16) unsigned char flash_smem[];
-    bf16* ks = reinterpret_cast<bf16*>(flash_smem);  // [KT][STRIDE], then V [KT][STRIDE]
-    bf16* vs = ks + KT * STRIDE;
+    // Two stages of [K tile; V tile], each [KT][STRIDE]: the next stage loads while this one is used.
+    constexpr int STAGE = 2 * KT * STRIDE;
+    bf16* ks = reinterpret_cast<bf16*>(flash_smem);
     const int tile = gridDim.x - 1 - blockIdx.x;
     const int b = tiles[2 * tile], iq0 = tiles[2 * tile + 1];
     const int h = blockIdx.y, g = h / (H / KV);
@@ -549,13 +550,24 @@ __device__ void flash_bwd_dq(bf16* __restrict__ dq, const bf16* __restrict__ q, 
 #pragma unroll
     for (int i = 0; i < DT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
 
-    for (int n0 = 0; n0 < n_keys; n0 += KT) {
-        const int nv = min(KT, n_keys - n0);
-        flash_load_rows<D, KT>(ks, kg, kv_stride, n0, nv);
-        flash_load_rows<D, KT>(vs, vg, kv_stride, n0, nv);
+    const int key_tiles = (n_keys + KT - 1) / KT;
+    auto load_kv = [&](int t) {
+        const int n0 = t * KT, nv = min(KT, n_keys - n0);
+        bf16* stage = ks + (t & 1) * STAGE;
+        flash_load_rows<D, KT>(stage, kg, kv_stride, n0, nv);
+        flash_load_rows<D, KT>(stage + KT * STRIDE, vg, kv_stride, n0, nv);
+    };
+    load_kv(0);
+    cp_async_commit();
+    for (int t = 0; t < key_tiles; ++t) {
+        // Stage t + 1 was last read in iteration t - 1, which ended with a barrier.
+        if (t + 1 < key_tiles) load_kv(t + 1);
         cp_async_commit();
-        cp_async_wait<0>();
+        cp_async_wait<1>();
         __syncthreads();
+        const int n0 = t * KT;
+        const bf16* kt = ks + (t & 1) * STAGE;
+        const bf16* vt = kt + KT * STRIDE;
         float s[NT][4], dp[NT][4];
 #pragma unroll
         for (int i = 0; i < NT; ++i)
@@ -566,10 +578,10 @@ __device__ void flash_bwd_dq(bf16* __restrict__ dq, const bf16* __restrict__ q, 
 #pragma unroll
             for (int nt = 0; nt < NT; nt += 2) {
                 uint32_t bf[4];
-                flash_load_bt<D>(bf, ks, nt * 8, kk);
+                flash_load_bt<D>(bf, kt, nt * 8, kk);
                 mma_16816(s[nt], qf[kk], bf[0], bf[1]);
                 mma_16816(s[nt + 1], qf[kk], bf[2], bf[3]);
-                flash_load_bt<D>(bf, vs, nt * 8, kk);
+                flash_load_bt<D>(bf, vt, nt * 8, kk);
                 mma_16816(dp[nt], dof[kk], bf[0], bf[1]);
                 mma_16816(dp[nt + 1], dof[kk], bf[2], bf[3]);
             }
@@ -591,7 +603,7 @@ __device__ void flash_bwd_dq(bf16* __restrict__ dq, const bf16* __restrict__ q, 
 #pragma unroll
             for (int dt = 0; dt < DT; dt += 2) {
                 uint32_t bf[4];
-                flash_load_b<D>(bf, ks, kk * 16, dt * 8);
+                flash_load_b<D>(bf, kt, kk * 16, dt * 8);
                 mma_16816(acc[dt], da, bf[0], bf[1]);
                 mma_16816(acc[dt + 1], da, bf[2], bf[3]);
             }
@@ -621,10 +633,12 @@ __device__ void flash_bwd_dkv(bf16* __restrict__ dk, bf16* __restrict__ dv, cons
     extern __shared__ __align__(16) unsigned char flash_smem[];
     bf16* ks = reinterpret_cast<bf16*>(flash_smem);  // [64][STRIDE]
     bf16* vs = ks + FLASH_TILE * STRIDE;             // [64][STRIDE]
-    bf16* qs = vs + FLASH_TILE * STRIDE;             // [QT][STRIDE]
-    bf16* dos = qs + QT * STRIDE;                    // [QT][STRIDE]
-    float* lse2s = reinterpret_cast<float*>(dos + QT * STRIDE);  // [QT]
-    float* dlts = lse2s + QT;                                    // [QT]
+    // Two stages of [Q tile; dO tile] ([QT][STRIDE] each) and of the tile's scaled lse and delta: the
+    // next (query head, query tile) loads while this one is used.
+    constexpr int STAGE = 2 * QT * STRIDE;
+    bf16* qs0 = vs + FLASH_TILE * STRIDE;
+    float* lse2s0 = reinterpret_cast<float*>(qs0 + 2 * STAGE);  // [2][QT]
+    float* dlts0 = lse2s0 + 2 * QT;                             // [2][QT]
     const int b = tiles[2 * blockIdx.x], j0 = tiles[2 * blockIdx.x + 1];
     const int g = blockIdx.y, group = H / KV;
     const int q_begin = cu_q[b], len = cu_q[b + 1] - q_begin;
@@ -644,23 +658,37 @@ __device__ void flash_bwd_dkv(bf16* __restrict__ dk, bf16* __restrict__ dv, cons
         for (int e = 0; e < 4; ++e) dka[i][e] = dva[i][e] = 0.0f;
     const int key_a = j0 + warp * 16 + (lane >> 2);
 
-    for (int hh = 0; hh < group; ++hh) {
-        const int h = g * group + hh;
-        const bf16* qg = q + (size_t)q_begin * q_stride + h * D;
-        const bf16* dog = dout + (size_t)q_begin * q_stride + h * D;
-        for (int i0 = (j0 / QT) * QT; i0 < len; i0 += QT) {
-            const int nq = min(QT, len - i0);
-            flash_load_rows<D, QT>(qs, qg, q_stride, i0, nq);
-            flash_load_rows<D, QT>(dos, dog, q_stride, i0, nq);
-            cp_async_commit();
-            if (threadIdx.x < QT) {
-                const int row = i0 + threadIdx.x;
-                const bool ok = row < len;
-                lse2s[threadIdx.x] = ok ? lse[(size_t)(q_begin + row) * H + h] * FLASH_LOG2E : INFINITY;
-                dlts[threadIdx.x] = ok ? delta[(size_t)(q_begin + row) * H + h] : 0.0f;
-            }
-            cp_async_wait<0>();
-            __syncthreads();
+    // Query tiles from the one holding j0 to the sequence's end, for each query head of the group.
+    const int i_first = (j0 / QT) * QT;
+    const int per_head = (len - i_first + QT - 1) / QT;
+    const int steps = group * per_head;
+    auto load_q = [&](int it) {
+        const int h = g * group + it / per_head, i0 = i_first + (it % per_head) * QT;
+        const int nq = min(QT, len - i0), buf = it & 1;
+        bf16* qs = qs0 + buf * STAGE;
+        flash_load_rows<D, QT>(qs, q + (size_t)q_begin * q_stride + h * D, q_stride, i0, nq);
+        flash_load_rows<D, QT>(qs + QT * STRIDE, dout + (size_t)q_begin * q_stride + h * D, q_stride, i0, nq);
+        if (threadIdx.x < QT) {
+            const int row = i0 + threadIdx.x;
+            const bool ok = row < len;
+            lse2s0[buf * QT + threadIdx.x] = ok ? lse[(size_t)(q_begin + row) * H + h] * FLASH_LOG2E : INFINITY;
+            dlts0[buf * QT + threadIdx.x] = ok ? delta[(size_t)(q_begin + row) * H + h] : 0.0f;
+        }
+    };
+    load_q(0);
+    cp_async_commit();
+    for (int it = 0; it < steps; ++it) {
+        // Stage it + 1 was last read in iteration it - 1, which ended with a barrier.
+        if (it + 1 < steps) load_q(it + 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        {
+            const int i0 = i_first + (it % per_head) * QT, buf = it & 1;
+            const bf16* qs = qs0 + buf * STAGE;
+            const bf16* dos = qs + QT * STRIDE;
+            const float* lse2s = lse2s0 + buf * QT;
+            const float* dlts = dlts0 + buf * QT;
             float s[NT][4], dp[NT][4];
 #pragma unroll
             for (int i = 0; i < NT; ++i)

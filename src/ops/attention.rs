@@ -845,7 +845,8 @@ fn flash_bwd_cuda(
     let (h, kv) = (hd.heads as i32, hd.kv_heads as i32);
     let row_bytes = (hd.head_dim + FLASH_PAD) * 2;
 
-    let smem = (2 * FLASH_TILE + 2 * FLASH_BWD_QTILE) * row_bytes + 2 * FLASH_BWD_QTILE * 4;
+    // K and V tiles, then two stages of (Q tile, dO tile, scaled lse, delta).
+    let smem = (2 * FLASH_TILE + 4 * FLASH_BWD_QTILE) * row_bytes + 4 * FLASH_BWD_QTILE * 4;
     let f = dev.function_with_shared("attention", flash_name("dkv", hd.head_dim), smem, 0)?;
     let mut l = dev.stream().launch_builder(&f);
     l.arg(bf16::slice_mut(dk, OP_BWD)?)
@@ -865,7 +866,8 @@ fn flash_bwd_cuda(
     // each writing only its own 64 key rows of dk and dv.
     unsafe { l.launch(flash_config(OP_BWD, batch.tile_count(), hd.kv_heads, smem)?) }?;
 
-    let smem = FLASH_TILE * row_bytes;
+    // Two stages of (K tile, V tile), FLASH_BWD_QTILE rows each; Q and dO are staged through the first.
+    let smem = 4 * FLASH_BWD_QTILE * row_bytes;
     let f = dev.function_with_shared("attention", flash_name("dq", hd.head_dim), smem, 0)?;
     let mut l = dev.stream().launch_builder(&f);
     l.arg(bf16::slice_mut(dq, OP_BWD)?)
