@@ -8,10 +8,23 @@
 //
 // Shapes: x, y, dy, dx [rows, cols] in T (f32 or bf16); w [cols] in T; rstd [rows] f32; dw [cols] f32.
 // The forward saves rstd (4 bytes a row) so the backward never recomputes the row's statistics.
-// dw is reduced deterministically: each backward block sums its rows into shared memory and writes one
-// partial row; `rms_norm_dweight_reduce` then adds the partials in a fixed order. No atomics, so two
+// dw is reduced deterministically: each backward block sums its rows (in registers on the vector path,
+// in shared memory otherwise) and writes one partial row; `rms_norm_dweight_reduce` then adds the partials in a fixed order. No atomics, so two
 // runs give bitwise-equal gradients.
 #include "common.cuh"
+
+// Rows that are 16-byte aligned and at most kNormMaxVecs vectors per thread take the vector path:
+// thread t owns vectors t, t + blockDim.x, ... of every row, so one 16-byte load per vector brings the
+// whole row into registers (no second read), and in the backward the weight and this block's dweight
+// share stay in registers across rows. Other shapes take the scalar loops. The host sizes the block
+// to the row (src/ops/norm.rs, block_threads).
+constexpr int kNormMaxVecs = 2;
+
+template <typename T>
+__device__ __forceinline__ bool norm_vector_path(int cols) {
+    constexpr int N = Vec16<T>::N;
+    return cols % N == 0 && cols / N <= kNormMaxVecs * (int)blockDim.x;
+}
 
 template <typename T>
 __device__ void rms_norm_fwd(T* __restrict__ y,             // [rows, cols]
@@ -23,6 +36,35 @@ __device__ void rms_norm_fwd(T* __restrict__ y,             // [rows, cols]
     const size_t row = blockIdx.x;
     const T* xr = x + row * cols;
     T* yr = y + row * cols;
+    if (norm_vector_path<T>(cols)) {
+        constexpr int N = Vec16<T>::N;
+        float v[kNormMaxVecs][N];
+        float sumsq = 0.0f;
+#pragma unroll
+        for (int k = 0; k < kNormMaxVecs; ++k) {
+            const int c = (threadIdx.x + k * blockDim.x) * N;
+            if (c < cols) {
+                load16(xr + c, v[k]);
+#pragma unroll
+                for (int j = 0; j < N; ++j) sumsq += v[k][j] * v[k][j];
+            }
+        }
+        sumsq = block_sum(sumsq, scratch);
+        const float r = rsqrtf(sumsq / (float)cols + eps);
+        if (threadIdx.x == 0) rstd[row] = r;
+#pragma unroll
+        for (int k = 0; k < kNormMaxVecs; ++k) {
+            const int c = (threadIdx.x + k * blockDim.x) * N;
+            if (c < cols) {
+                float w[N];
+                load16(weight + c, w);
+#pragma unroll
+                for (int j = 0; j < N; ++j) v[k][j] = v[k][j] * r * w[j];
+                store16(yr + c, v[k]);
+            }
+        }
+        return;
+    }
     // 1. Sum of squares over the row.
     float sumsq = 0.0f;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
@@ -39,6 +81,62 @@ __device__ void rms_norm_fwd(T* __restrict__ y,             // [rows, cols]
 }
 
 template <typename T>
+__device__ void rms_norm_bwd_vec(T* __restrict__ dx, float* __restrict__ dw_partial, const T* __restrict__ dy,
+                                 const T* __restrict__ x, const T* __restrict__ weight,
+                                 const float* __restrict__ rstd, int rows, int cols, float* scratch) {
+    constexpr int N = Vec16<T>::N;
+    const float inv_cols = 1.0f / (float)cols;
+    float w[kNormMaxVecs][N], dw[kNormMaxVecs][N];
+#pragma unroll
+    for (int k = 0; k < kNormMaxVecs; ++k) {
+        const int c = (threadIdx.x + k * blockDim.x) * N;
+#pragma unroll
+        for (int j = 0; j < N; ++j) w[k][j] = dw[k][j] = 0.0f;
+        if (c < cols) load16(weight + c, w[k]);
+    }
+    for (int row = blockIdx.x; row < rows; row += gridDim.x) {
+        const T* xr = x + (size_t)row * cols;
+        const T* dyr = dy + (size_t)row * cols;
+        T* dxr = dx + (size_t)row * cols;
+        const float r = rstd[row];
+        float xv[kNormMaxVecs][N], gv[kNormMaxVecs][N];
+        float dot = 0.0f;
+#pragma unroll
+        for (int k = 0; k < kNormMaxVecs; ++k) {
+            const int c = (threadIdx.x + k * blockDim.x) * N;
+            if (c < cols) {
+                load16(xr + c, xv[k]);
+                load16(dyr + c, gv[k]);
+#pragma unroll
+                for (int j = 0; j < N; ++j) dot += gv[k][j] * w[k][j] * xv[k][j];
+            }
+        }
+        dot = block_sum(dot, scratch);
+        const float coef = r * r * r * dot * inv_cols;
+#pragma unroll
+        for (int k = 0; k < kNormMaxVecs; ++k) {
+            const int c = (threadIdx.x + k * blockDim.x) * N;
+            if (c < cols) {
+                float out[N];
+#pragma unroll
+                for (int j = 0; j < N; ++j) {
+                    out[j] = r * gv[k][j] * w[k][j] - xv[k][j] * coef;
+                    dw[k][j] += gv[k][j] * xv[k][j] * r;
+                }
+                store16(dxr + c, out);
+            }
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < kNormMaxVecs; ++k) {
+        const int c = (threadIdx.x + k * blockDim.x) * N;
+        if (c >= cols) continue;
+#pragma unroll
+        for (int j = 0; j < N; j += 4) store16(dw_partial + (size_t)blockIdx.x * cols + c + j, &dw[k][j]);
+    }
+}
+
+template <typename T>
 __device__ void rms_norm_bwd(T* __restrict__ dx,                // [rows, cols]
                              float* __restrict__ dw_partial,    // [gridDim.x, cols]
                              const T* __restrict__ dy,          // [rows, cols]
@@ -46,8 +144,12 @@ __device__ void rms_norm_bwd(T* __restrict__ dx,                // [rows, cols]
                              const T* __restrict__ weight,      // [cols]
                              const float* __restrict__ rstd,    // [rows]
                              int rows, int cols) {
-    extern __shared__ float dw_acc[];  // [cols]
+    extern __shared__ float dw_acc[];  // [cols], scalar path only
     __shared__ float scratch[32];
+    if (norm_vector_path<T>(cols)) {
+        rms_norm_bwd_vec<T>(dx, dw_partial, dy, x, weight, rstd, rows, cols, scratch);
+        return;
+    }
     for (int c = threadIdx.x; c < cols; c += blockDim.x) dw_acc[c] = 0.0f;
     const float inv_cols = 1.0f / (float)cols;
     for (int row = blockIdx.x; row < rows; row += gridDim.x) {
@@ -75,14 +177,31 @@ __device__ void rms_norm_bwd(T* __restrict__ dx,                // [rows, cols]
     }
 }
 
-extern "C" __global__ void rms_norm_dweight_reduce(float* __restrict__ dw,               // [cols], +=
-                                                   const float* __restrict__ partial,   // [parts, cols]
-                                                   int parts, int cols) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= cols) return;
+// dw[c] += sum_p partial[p, c] in a fixed order: a block of 8 warps takes 32 columns; warp w sums
+// parts w, w + 8, ... and warp 0 adds the 8 sums in warp order. Enough blocks and loads in flight
+// for a 4,096-column, 1,024-part reduce, where one thread per column summing every part left
+// most of the card idle.
+constexpr int kReduceWarps = 8;
+
+extern "C" __global__ void __launch_bounds__(kReduceWarps * 32)
+    rms_norm_dweight_reduce(float* __restrict__ dw,              // [cols], +=
+                            const float* __restrict__ partial,   // [parts, cols]
+                            int parts, int cols) {
+    __shared__ float sums[kReduceWarps][32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int c = blockIdx.x * 32 + lane;
     float sum = 0.0f;
-    for (int p = 0; p < parts; ++p) sum += partial[(size_t)p * cols + c];
-    dw[c] += sum;
+    if (c < cols) {
+#pragma unroll 8
+        for (int p = warp; p < parts; p += kReduceWarps) sum += partial[(size_t)p * cols + c];
+    }
+    sums[warp][lane] = sum;
+    __syncthreads();
+    if (warp != 0 || c >= cols) return;
+    float total = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kReduceWarps; ++w) total += sums[w][lane];
+    dw[c] += total;
 }
 
 #define RMS_NORM_INSTANTIATE(SUFFIX, T)                                                                   \

@@ -4,20 +4,26 @@
 //! backward. The backward overwrites `dx` and accumulates into `dweight` (f32, `+=`), as every
 //! parameter gradient in this crate does.
 
-use cudarc::driver::PushKernelArg;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::bf16;
 use num_traits::Float;
 
 use crate::device::tensor::{host_f32, CudaElem};
 use crate::device::{same_device, DType, Device, Tensor};
 use crate::error::{Error, Result};
-use crate::ops::{per_element, per_row, to_i32};
+use crate::ops::{per_row, to_i32};
 
 const OP_FWD: &str = "rms_norm_fwd";
 const OP_BWD: &str = "rms_norm_bwd";
-/// Blocks in the backward; each writes one partial dweight row. Fixed, so results are the same on
-/// every card.
-const BWD_PARTS: usize = 256;
+/// Threads of the backward over all its blocks, a quarter of what an H100 keeps resident (more
+/// blocks means more partial rows to reduce); each block writes
+/// one partial dweight row, so the count depends only on the shape and results are the same on every
+/// card.
+const BWD_THREADS_TOTAL: usize = 1 << 16;
+/// Vectors (16 bytes) per thread on the kernels' vector path (`kNormMaxVecs` in kernels/norm.cu).
+const MAX_VECS: usize = 2;
+/// Threads of one reduce block (`kReduceWarps` warps), each block taking 32 columns.
+const REDUCE_THREADS: u32 = 256;
 /// The backward kernel's static shared memory (its block-reduction scratch), on top of the dynamic
 /// dweight accumulator.
 const BWD_STATIC_SHARED: usize = 32 * 4;
@@ -163,7 +169,21 @@ pub fn rms_norm_bwd(
     }
 }
 
-fn block_threads(cols: usize) -> u32 {
+/// True when a row takes the kernels' vector path: 16-byte aligned rows of at most MAX_VECS vectors a
+/// thread at 512 threads.
+fn vector_path(cols: usize, elem_bytes: usize) -> bool {
+    let n = 16 / elem_bytes;
+    cols.is_multiple_of(n) && cols / n <= MAX_VECS * 512
+}
+
+/// One row per block. On the vector path, enough whole warps for MAX_VECS vectors a thread (a
+/// 4,096-wide bf16 row: 512 vectors, 256 threads; the backward's 85 registers then still fit three
+/// blocks an SM, where 512 threads would fit one); otherwise by width.
+fn block_threads(cols: usize, elem_bytes: usize) -> u32 {
+    if vector_path(cols, elem_bytes) {
+        let vecs = cols / (16 / elem_bytes);
+        return vecs.div_ceil(MAX_VECS).next_multiple_of(32).clamp(32, 512) as u32;
+    }
     if cols >= 2048 {
         512
     } else if cols >= 512 {
@@ -188,7 +208,7 @@ fn fwd_cuda<T: CudaElem>(
     }
     let cols_i = to_i32(OP_FWD, "cols", cols)?;
     let f = dev.function("norm", T::pick("rms_norm_fwd_f32", "rms_norm_fwd_bf16"))?;
-    let cfg = per_row(OP_FWD, rows, block_threads(cols), 0)?;
+    let cfg = per_row(OP_FWD, rows, block_threads(cols, T::DTYPE.size()), 0)?;
     let mut b = dev.stream().launch_builder(&f);
     b.arg(T::slice_mut(&mut y, OP_FWD)?)
         .arg(rstd.cuda_f32_mut(OP_FWD)?)
@@ -215,7 +235,10 @@ fn bwd_cuda<T: CudaElem>(
     if rows == 0 {
         return Ok(dx);
     }
-    let shared = cols * 4;
+    let vector = vector_path(cols, T::DTYPE.size());
+    let threads = block_threads(cols, T::DTYPE.size());
+    // The scalar path accumulates dweight in shared memory; the vector path in registers.
+    let shared = if vector { 0 } else { cols * 4 };
     // Past 48 KiB (static scratch included) a block must opt in to more shared memory; 160 KiB is
     // under every sm_80+ card's opt-in limit (A100: 163 KiB), so cols up to 40,960.
     if shared > 160 * 1024 {
@@ -224,7 +247,12 @@ fn bwd_cuda<T: CudaElem>(
             detail: format!("cols = {cols}: the dweight accumulator needs {shared} B of shared memory, over 160 KiB"),
         });
     }
-    let parts = rows.min(BWD_PARTS);
+    // The scalar path's partial rows can be wide (cols past MAX_VECS * 512 vectors): keep them to 256.
+    let parts = rows.min(if vector {
+        BWD_THREADS_TOTAL / threads as usize
+    } else {
+        256
+    });
     let mut partial = Tensor::empty(&[parts, cols], DType::F32, x.device())?;
     let (rows_i, cols_i, parts_i) = (
         to_i32(OP_BWD, "rows", rows)?,
@@ -237,7 +265,7 @@ fn bwd_cuda<T: CudaElem>(
         shared,
         BWD_STATIC_SHARED,
     )?;
-    let cfg = per_row(OP_BWD, parts, block_threads(cols), shared as u32)?;
+    let cfg = per_row(OP_BWD, parts, threads, shared as u32)?;
     let mut b = dev.stream().launch_builder(&f);
     b.arg(T::slice_mut(&mut dx, OP_BWD)?)
         .arg(partial.cuda_f32_mut(OP_BWD)?)
@@ -252,13 +280,18 @@ fn bwd_cuda<T: CudaElem>(
     unsafe { b.launch(cfg) }?;
 
     let reduce = dev.function("norm", "rms_norm_dweight_reduce")?;
-    let cfg = per_element(OP_BWD, cols)?;
+    let cfg = LaunchConfig {
+        grid_dim: (cols.div_ceil(32) as u32, 1, 1),
+        block_dim: (REDUCE_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
     let mut b = dev.stream().launch_builder(&reduce);
     b.arg(dweight.cuda_f32_mut(OP_BWD)?)
         .arg(partial.cuda_f32(OP_BWD)?)
         .arg(&parts_i)
         .arg(&cols_i);
-    // SAFETY: dweight holds cols floats, partial parts*cols; one thread per column.
+    // SAFETY: dweight holds cols floats, partial parts*cols; a block per 32 columns, each column
+    // written by one thread.
     unsafe { b.launch(cfg) }?;
     Ok(dx)
 }
