@@ -278,11 +278,12 @@ extern "C" __global__ void logprob_chunk_fwd(float* __restrict__ state,        /
 }
 
 // Thread `tid`'s share of one tile row: dz from z (f32), unscaled by 1/temperature (the GEMMs that
-// consume it apply the scale). `tgt` is relative to the tile, -1 when outside it.
+// consume it apply the scale). `tgt` is relative to the tile, -1 when outside it. `vec`: both rows
+// allow 4-wide accesses (z 16-byte, dz 4-element aligned).
 template <typename T>
 __host__ __device__ __forceinline__ void tile_grad(T* __restrict__ d, const float* __restrict__ zr, int Vc,
-                                                   const LogitGrad& g, int tgt, int tid, int nthreads) {
-    if (Vc % 4 == 0) {
+                                                   const LogitGrad& g, int tgt, bool vec, int tid, int nthreads) {
+    if (vec) {
         for (int i = tid * 4; i < Vc; i += nthreads * 4) {
             float z[4];
             load16(zr + i, z);
@@ -293,24 +294,29 @@ __host__ __device__ __forceinline__ void tile_grad(T* __restrict__ d, const floa
 #pragma unroll kScalarUnroll
         for (int i = tid; i < Vc; i += nthreads) d[i] = from_f32<T>(logit_grad(g, zr[i]));
     }
-    if (tgt >= 0 && writes_entry(tgt, Vc % 4 == 0, 4, tid, nthreads)) d[tgt] = from_f32<T>(logit_grad(g, zr[tgt]) + g.hit);
+    if (tgt >= 0 && writes_entry(tgt, vec, 4, tid, nthreads)) d[tgt] = from_f32<T>(logit_grad(g, zr[tgt]) + g.hit);
 }
 
+// dz is column v0 - g0 of a group's [N, ld] gradient buffer (src/ops/logprob.rs), so the GEMMs that
+// follow read a whole group densely.
 template <typename T>
-__device__ void logprob_chunk_bwd(T* __restrict__ dz,                  // [N, Vc]
+__device__ void logprob_chunk_bwd(T* __restrict__ dz,                  // [N, ld], Vc columns written
                                   const float* __restrict__ z,         // [N, Vc]
                                   const int* __restrict__ target,      // [N]
                                   const float* __restrict__ lse,       // [N]
                                   const float* __restrict__ entropy,   // [N]
                                   const float* __restrict__ grad_logp, // [N]
                                   const float* __restrict__ grad_ent,  // [N]
-                                  int Vc, int v0) {
+                                  int Vc, int v0, int ld) {
     const size_t row = blockIdx.x;
     const int tgt = target[row];
     const LogitGrad g = logit_grad_init(lse[row], entropy[row], tgt < 0 ? 0.0f : grad_logp[row], grad_ent[row], 1.0f);
     // A target outside this tile (or ignored) becomes -1, which no entry matches.
     const int local = tgt >= v0 && tgt < v0 + Vc ? tgt - v0 : -1;
-    tile_grad<T>(dz + row * Vc, z + row * Vc, Vc, g, local, threadIdx.x, blockDim.x);
+    // dz's 4-wide stores need ld and the column offset to be multiples of 4 (tiles are multiples of
+    // 256, so the offset is); the loads need Vc.
+    const bool vec = Vc % 4 == 0 && ld % 4 == 0;
+    tile_grad<T>(dz + row * ld, z + row * Vc, Vc, g, local, vec, threadIdx.x, blockDim.x);
 }
 
 #define LOGPROB_INSTANTIATE(SUFFIX, T)                                                                      \
@@ -327,8 +333,8 @@ __device__ void logprob_chunk_bwd(T* __restrict__ dz,                  // [N, Vc
     extern "C" __global__ void logprob_chunk_bwd_##SUFFIX(T* dz, const float* z, const int* target,          \
                                                           const float* lse, const float* entropy,           \
                                                           const float* grad_logp, const float* grad_ent,    \
-                                                          int Vc, int v0) {                                 \
-        logprob_chunk_bwd<T>(dz, z, target, lse, entropy, grad_logp, grad_ent, Vc, v0);                     \
+                                                          int Vc, int v0, int ld) {                         \
+        logprob_chunk_bwd<T>(dz, z, target, lse, entropy, grad_logp, grad_ent, Vc, v0, ld);                 \
     }
 
 LOGPROB_INSTANTIATE(f32, float)

@@ -8,7 +8,9 @@ use std::time::Instant;
 use crate::device::{DType, Device, Tensor};
 use crate::error::Result;
 use crate::ops::kl::{kl_full_bwd, kl_full_fwd};
-use crate::ops::logprob::{linear_logprob_bwd, linear_logprob_fwd, logprob_bwd, logprob_fwd};
+use crate::ops::logprob::{
+    linear_logprob_bwd, linear_logprob_fwd, linear_logprob_scratch_bytes, logprob_bwd, logprob_fwd,
+};
 use crate::ops::matmul::{gemm, Trans};
 use crate::ops::norm::{rms_norm_bwd, rms_norm_fwd};
 use crate::ops::ppo::{ppo_advantages, ppo_loss, PpoConfig};
@@ -290,7 +292,17 @@ pub fn bench_kernels(
         push(
             row(
                 "linear_logprob fwd+bwd",
-                format!("n{n} d{d} V{vocab} {}", act.name()),
+                if device.is_cuda() {
+                    // The CPU path computes in row blocks and allocates neither buffer.
+                    format!(
+                        "n{n} d{d} V{vocab} {}, scratch {:.1}% of f32 logits",
+                        act.name(),
+                        100.0 * linear_logprob_scratch_bytes(n, vocab, act) as f64
+                            / (n * vocab * 4) as f64
+                    )
+                } else {
+                    format!("n{n} d{d} V{vocab} {}", act.name())
+                },
                 ms,
                 Bound::Compute,
                 8.0 * (n * vocab * d) as f64,

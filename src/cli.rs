@@ -869,7 +869,7 @@ fn bench_kernels_cmd(
             ceil.copy_gbs, ceil.gemm_tflops
         );
         println!(
-            "{:<26} {:<28} {:>10} {:>14} {:>9}",
+            "{:<26} {:<52} {:>10} {:>14} {:>9}",
             "kernel", "shape", "median ms", "rate", "% ceiling"
         );
     }
@@ -886,7 +886,7 @@ fn bench_kernels_cmd(
             );
         } else {
             println!(
-                "{:<26} {:<28} {:>10.3} {:>9.2} {:<7} {:>6.1}%",
+                "{:<26} {:<52} {:>10.3} {:>9.2} {:<7} {:>6.1}%",
                 r.kernel, r.shape, r.median_ms, r.rate, unit, r.percent_of_ceiling
             );
         }

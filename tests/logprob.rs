@@ -4,8 +4,8 @@
 use rlhf_kernels::cuda_test;
 use rlhf_kernels::device::{DType, Device, Tensor};
 use rlhf_kernels::ops::logprob::{
-    linear_logprob_bwd, linear_logprob_fwd, logprob_bwd, logprob_bwd_ref, logprob_fwd,
-    logprob_fwd_ref, vocab_tile, LogprobOut,
+    linear_logprob_bwd, linear_logprob_fwd, linear_logprob_scratch_bytes, logprob_bwd,
+    logprob_bwd_ref, logprob_fwd, logprob_fwd_ref, vocab_tile, LogprobOut,
 };
 use rlhf_kernels::testing::{
     assert_close, check_against_exact, fd_check, fresh_seed, poison_outputs, round_bf16, Rng,
@@ -125,6 +125,17 @@ fn fused_tile_memory_does_not_grow_with_vocab() {
             "tile size must not depend on V"
         );
     }
+    // The backward's whole scratch (f32 tile and bf16 gradient group) at the shape.
+    let scratch = linear_logprob_scratch_bytes(n, 128_256, DType::BF16);
+    assert!(
+        scratch * 20 < 128_256 * n * 4,
+        "scratch {scratch} B is over 5% of f32 logits"
+    );
+    assert_eq!(
+        scratch,
+        linear_logprob_scratch_bytes(n, 1 << 20, DType::BF16),
+        "scratch must not depend on V"
+    );
 }
 
 /// The fused op against logits materialised in f64 and the plain reference.
@@ -393,8 +404,10 @@ fn check_fused_cuda(dev: &Device, rng: &mut Rng, n: usize, d: usize, vocab: usiz
 cuda_test! {
     fn cuda_fused_matches_cpu(dev) {
         let mut rng = Rng::new(fresh_seed("cuda_fused_matches_cpu"));
-        // n = 4096 makes the tile 4096 wide, so V = 10,000 spans three tiles, the last one ragged.
-        for &(n, d, vocab) in &[(37, 64, 1000), (4096, 64, 10_000), (5, 576, 49_152)] {
+        // n = 4096 makes the tile 4096 wide, so V = 10,000 spans three tiles, the last one ragged,
+        // in one backward gradient group. V = 20,003 spans five: two groups in bf16 (four tiles a
+        // group), three in f32 (two), the last group 3,619 wide, an odd row stride.
+        for &(n, d, vocab) in &[(37, 64, 1000), (4096, 64, 10_000), (4096, 64, 20_003), (5, 576, 49_152)] {
             for dtype in [DType::F32, DType::BF16] {
                 check_fused_cuda(&dev, &mut rng, n, d, vocab, dtype);
             }

@@ -153,7 +153,10 @@ void logprob_case(std::mt19937& rng, int V, float sigma, float scale, int mask_e
         for (int v0 = 0; v0 < V; v0 += tile) {
             const int vc = std::min(tile, V - v0);
             const int local = tgt >= v0 && tgt < v0 + vc ? tgt - v0 : -1;
-            for (int t = 0; t < kThreads; ++t) tile_grad<T>(dz.data() + v0, zf.data() + v0, vc, tg, local, t, kThreads);
+            // On the device the 4-wide stores need an aligned start; here v0 stands for the offset.
+            const bool vec = vc % 4 == 0 && v0 % 4 == 0;
+            for (int t = 0; t < kThreads; ++t)
+                tile_grad<T>(dz.data() + v0, zf.data() + v0, vc, tg, local, vec, t, kThreads);
         }
         for (int v = 0; v < V; ++v) {
             const double got = to_f32(dz[v]);
