@@ -22,17 +22,47 @@ extern "C" __global__ void grad_sumsq(float* __restrict__ partial, const float* 
     if (threadIdx.x == 0) partial[blockIdx.x] = s;
 }
 
+__device__ __forceinline__ void adamw_at(float& w, float& m, float& v, float grad, float lr, float beta1,
+                                         float beta2, float eps, float weight_decay, float bias_c1, float bias_c2,
+                                         float clip) {
+    const float g = grad * clip;
+    m = beta1 * m + (1.0f - beta1) * g;
+    v = beta2 * v + (1.0f - beta2) * g * g;
+    w = w * (1.0f - lr * weight_decay) - lr * (m / bias_c1) / (sqrtf(v / bias_c2) + eps);
+}
+
+// Four elements a thread per step (16-byte accesses to w, m, v and grad, 8 bytes to the copy) when
+// every buffer is aligned, then the last n % 4 one by one.
 extern "C" __global__ void adamw_step(float* __restrict__ w, float* __restrict__ m, float* __restrict__ v,
                                       bf16* __restrict__ copy, const float* __restrict__ grad, size_t n, float lr,
                                       float beta1, float beta2, float eps, float weight_decay, float bias_c1,
                                       float bias_c2, float clip) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const float g = grad[i] * clip;
-        const float mi = beta1 * m[i] + (1.0f - beta1) * g;
-        const float vi = beta2 * v[i] + (1.0f - beta2) * g * g;
+    const size_t stride = (size_t)gridDim.x * blockDim.x, first = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    size_t done = 0;
+    if (aligned16(w, m, v, grad) && (reinterpret_cast<uintptr_t>(copy) & 7) == 0) {
+        for (size_t i = first * 4; i + 4 <= n; i += stride * 4) {
+            float4 wv = *reinterpret_cast<const float4*>(w + i), mv = *reinterpret_cast<const float4*>(m + i);
+            float4 vv = *reinterpret_cast<const float4*>(v + i);
+            const float4 gv = __ldg(reinterpret_cast<const float4*>(grad + i));
+            adamw_at(wv.x, mv.x, vv.x, gv.x, lr, beta1, beta2, eps, weight_decay, bias_c1, bias_c2, clip);
+            adamw_at(wv.y, mv.y, vv.y, gv.y, lr, beta1, beta2, eps, weight_decay, bias_c1, bias_c2, clip);
+            adamw_at(wv.z, mv.z, vv.z, gv.z, lr, beta1, beta2, eps, weight_decay, bias_c1, bias_c2, clip);
+            adamw_at(wv.w, mv.w, vv.w, gv.w, lr, beta1, beta2, eps, weight_decay, bias_c1, bias_c2, clip);
+            *reinterpret_cast<float4*>(w + i) = wv;
+            *reinterpret_cast<float4*>(m + i) = mv;
+            *reinterpret_cast<float4*>(v + i) = vv;
+            if (copy) {
+                const float out[4] = {wv.x, wv.y, wv.z, wv.w};
+                store_n<bf16, 4>(copy + i, out);
+            }
+        }
+        done = n / 4 * 4;
+    }
+    for (size_t i = done + first; i < n; i += stride) {
+        float wi = w[i], mi = m[i], vi = v[i];
+        adamw_at(wi, mi, vi, grad[i], lr, beta1, beta2, eps, weight_decay, bias_c1, bias_c2, clip);
         m[i] = mi;
         v[i] = vi;
-        const float wi = w[i] * (1.0f - lr * weight_decay) - lr * (mi / bias_c1) / (sqrtf(vi / bias_c2) + eps);
         w[i] = wi;
         if (copy) copy[i] = __float2bfloat16_rn(wi);
     }

@@ -157,6 +157,16 @@ __host__ __device__ __forceinline__ void load16(const T* p, float* out) {
     for (int i = 0; i < Vec16<T>::N; ++i) out[i] = to_f32(v[i]);
 }
 
+// As load16, through the coherent path: for buffers the same kernel also writes (an in-place add),
+// which the read-only cache must not serve.
+template <typename T>
+__device__ __forceinline__ void load16_coherent(const T* p, float* out) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const T* v = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < Vec16<T>::N; ++i) out[i] = to_f32(v[i]);
+}
+
 template <typename T>
 __host__ __device__ __forceinline__ void store16(T* p, const float* in) {
 #ifdef __CUDA_ARCH__
@@ -170,6 +180,16 @@ __host__ __device__ __forceinline__ void store16(T* p, const float* in) {
     for (int i = 0; i < Vec16<T>::N; ++i) v[i] = from_f32<T>(in[i]);
     memcpy(p, v, 16);
 #endif
+}
+
+// True when every pointer is 16-byte aligned, so a kernel may take its vector path. Buffers from the
+// allocator always are; the check keeps a kernel correct for any other caller.
+__device__ __forceinline__ bool aligned16(const void* a, const void* b = nullptr, const void* c = nullptr,
+                                          const void* d = nullptr, const void* e = nullptr) {
+    const uintptr_t bits = reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b) |
+                           reinterpret_cast<uintptr_t>(c) | reinterpret_cast<uintptr_t>(d) |
+                           reinterpret_cast<uintptr_t>(e);
+    return (bits & 15) == 0;
 }
 
 // N values converted to T and written with one store of N * sizeof(T) bytes, which must be aligned to

@@ -10,9 +10,23 @@
 #define GRID_STRIDE(i, n) \
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (n); i += (size_t)gridDim.x * blockDim.x)
 
+// add and the casts walk 16-byte vectors (every buffer aligned), then the last elements one by one.
 template <typename T>
 __device__ void add(T* out, const T* a, const T* b, size_t n) {
-    GRID_STRIDE(i, n) out[i] = from_f32<T>(to_f32(a[i]) + to_f32(b[i]));
+    constexpr int N = Vec16<T>::N;
+    size_t done = 0;
+    if (aligned16(out, a, b)) {
+        GRID_STRIDE(v, n / N) {
+            float x[N], y[N];
+            load16_coherent(a + v * N, x);  // out may be a
+            load16_coherent(b + v * N, y);
+#pragma unroll
+            for (int j = 0; j < N; ++j) x[j] += y[j];
+            store16(out + v * N, x);
+        }
+        done = n / N * N;
+    }
+    GRID_STRIDE(i, n - done) out[done + i] = from_f32<T>(to_f32(a[done + i]) + to_f32(b[done + i]));
 }
 
 template <typename T>
@@ -30,11 +44,30 @@ __device__ void bias_grad(float* __restrict__ dbias, const T* __restrict__ dy, i
 }
 
 extern "C" __global__ void cast_f32_to_bf16(bf16* __restrict__ out, const float* __restrict__ x, size_t n) {
-    GRID_STRIDE(i, n) out[i] = __float2bfloat16_rn(x[i]);
+    size_t done = 0;
+    if (aligned16(out, x)) {
+        GRID_STRIDE(v, n / 4) {
+            float f[4];
+            load16(x + v * 4, f);
+            store_n<bf16, 4>(out + v * 4, f);
+        }
+        done = n / 4 * 4;
+    }
+    GRID_STRIDE(i, n - done) out[done + i] = __float2bfloat16_rn(x[done + i]);
 }
 
 extern "C" __global__ void cast_bf16_to_f32(float* __restrict__ out, const bf16* __restrict__ x, size_t n) {
-    GRID_STRIDE(i, n) out[i] = __bfloat162float(x[i]);
+    size_t done = 0;
+    if (aligned16(out, x)) {
+        GRID_STRIDE(v, n / 8) {
+            float f[8];
+            load16(x + v * 8, f);
+            store16(out + v * 8, f);
+            store16(out + v * 8 + 4, f + 4);
+        }
+        done = n / 8 * 8;
+    }
+    GRID_STRIDE(i, n - done) out[done + i] = __bfloat162float(x[done + i]);
 }
 
 #define ELEMENTWISE_INSTANTIATE(SUFFIX, T)                                                                    \

@@ -17,11 +17,17 @@ __device__ void rope(T* __restrict__ y, const T* __restrict__ x, const int* __re
     const float p = (float)positions[row];
     const T* xr = x + row * heads * head_dim;
     T* yr = y + row * heads * head_dim;
+    // A thread's frequency index repeats across heads when the block is a multiple of half wide
+    // (128 threads, half = 32 or 64): one sincosf, the costly part, per thread instead of per head.
+    int have = -1;
+    float s = 0.0f, c = 1.0f;
     for (int k = threadIdx.x; k < heads * half; k += blockDim.x) {
         const int h = k / half, i = k % half;
-        float s, c;
-        sincosf(p * inv_freq[i], &s, &c);
-        s *= direction;
+        if (i != have) {
+            sincosf(p * inv_freq[i], &s, &c);
+            s *= direction;
+            have = i;
+        }
         const float a = to_f32(xr[h * head_dim + i]), b = to_f32(xr[h * head_dim + i + half]);
         yr[h * head_dim + i] = from_f32<T>(a * c - b * s);
         yr[h * head_dim + i + half] = from_f32<T>(b * c + a * s);

@@ -207,23 +207,24 @@ cuda_test! {
             let round = |v: Vec<f32>| if dtype == DType::BF16 { round_bf16(&v) } else { v };
             let on = |d: &Device, shape: &[usize], v: &[f32]| Tensor::from_f32_as(shape, v, dtype, d).unwrap();
             let tag = dtype.name();
-            // rope
-            let (n, heads, d) = (37, 9, 64);
-            let x = round(rng.normal_vec(n * heads * d, 1.0));
-            let pos: Vec<i32> = (0..n).map(|_| rng.below(8192) as i32).collect();
-            let f = inv_freq(d, 100_000.0);
-            let run = |dv: &Device| {
-                let p = Tensor::from_i32(&[n], pos.clone(), dv).unwrap();
-                let fr = Tensor::from_f32(&[d / 2], f.clone(), dv).unwrap();
-                let y = rope_fwd(&on(dv, &[n, heads * d], &x), &p, &fr, heads).unwrap();
-                let dx = rope_bwd(&on(dv, &[n, heads * d], &x), &p, &fr, heads).unwrap();
-                (y.to_f32_vec().unwrap(), dx.to_f32_vec().unwrap())
-            };
-            let (want, got) = (run(&cpu_dev), run(&dev));
-            check_output("rope_fwd", tag, &got.0, &want.0, dtype, 1e-5, 1e-4);
-            check_output("rope_bwd", tag, &got.1, &want.1, dtype, 1e-5, 1e-4);
-            // swiglu
-            let m = 1000 * 37;
+            // rope: head_dim 64 keeps each thread on one frequency across heads, 96 does not.
+            for (n, heads, d) in [(37, 9, 64), (5, 3, 96)] {
+                let x = round(rng.normal_vec(n * heads * d, 1.0));
+                let pos: Vec<i32> = (0..n).map(|_| rng.below(8192) as i32).collect();
+                let f = inv_freq(d, 100_000.0);
+                let run = |dv: &Device| {
+                    let p = Tensor::from_i32(&[n], pos.clone(), dv).unwrap();
+                    let fr = Tensor::from_f32(&[d / 2], f.clone(), dv).unwrap();
+                    let y = rope_fwd(&on(dv, &[n, heads * d], &x), &p, &fr, heads).unwrap();
+                    let dx = rope_bwd(&on(dv, &[n, heads * d], &x), &p, &fr, heads).unwrap();
+                    (y.to_f32_vec().unwrap(), dx.to_f32_vec().unwrap())
+                };
+                let (want, got) = (run(&cpu_dev), run(&dev));
+                check_output("rope_fwd", tag, &got.0, &want.0, dtype, 1e-5, 1e-4);
+                check_output("rope_bwd", tag, &got.1, &want.1, dtype, 1e-5, 1e-4);
+            }
+            // swiglu: 16-byte vectors, then a 5-element tail
+            let m = 1000 * 37 + 5;
             let (g, u, dh) = (round(rng.normal_vec(m, 2.0)), round(rng.normal_vec(m, 1.0)), round(rng.normal_vec(m, 1.0)));
             let run = |dv: &Device| {
                 let (gt, ut) = (on(dv, &[m], &g), on(dv, &[m], &u));
