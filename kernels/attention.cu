@@ -497,6 +497,44 @@ __device__ void flash_fwd(bf16* __restrict__ out, float* __restrict__ lse, const
     }
 }
 
+// dS = P ⊙ (dO·Vᵀ − Δ) in place of the scores s, for a warp's 16 query rows and a tile of keys from
+// n0; MASK zeroes P for keys after a row or past the sequence (tiles crossing the diagonal).
+template <bool MASK, int NT>
+__device__ __forceinline__ void flash_dq_ds(float (&s)[NT][4], const float (&dp)[NT][4], float scale_log2,
+                                            const float (&lse2)[2], const float (&dlt)[2], int n0, int lane,
+                                            int row_a, int n_keys) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int key = n0 + nt * 8 + 2 * (lane & 3) + (e & 1);
+            const int row = row_a + 8 * (e >> 1);
+            const bool masked = MASK && (key > row || key >= n_keys);
+            const float p = masked ? 0.0f : exp2_ftz(fmaf(s[nt][e], scale_log2, -lse2[e >> 1]));
+            s[nt][e] = p * (dp[nt][e] - dlt[e >> 1]);
+        }
+    }
+}
+
+// Pᵀ into s and dSᵀ into dp, for a warp's 16 keys (rows) and a tile of queries (columns) from i0;
+// MASK zeroes P where the key comes after the query (tiles crossing the diagonal).
+template <bool MASK, int NT>
+__device__ __forceinline__ void flash_dkv_p(float (&s)[NT][4], float (&dp)[NT][4], float scale_log2,
+                                            const float* lse2s, const float* dlts, int i0, int lane, int key_a) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int col = nt * 8 + 2 * (lane & 3) + (e & 1);
+            const int key = key_a + 8 * (e >> 1);
+            const bool masked = MASK && key > i0 + col;
+            const float p = masked ? 0.0f : exp2_ftz(fmaf(s[nt][e], scale_log2, -lse2s[col]));
+            s[nt][e] = p;
+            dp[nt][e] = p * (dp[nt][e] - dlts[col]);
+        }
+    }
+}
+
 // dQ for 64 query rows of one head: dQ = scale · Σ_keys dS · K, dS = P ⊙ (dO·Vᵀ − Δ).
 template <int D>
 __device__ void flash_bwd_dq(bf16* __restrict__ dq, const bf16* __restrict__ q, const bf16* __restrict__ k,
@@ -586,15 +624,11 @@ __device__ void flash_bwd_dq(bf16* __restrict__ dq, const bf16* __restrict__ q, 
                 mma_16816(dp[nt + 1], dof[kk], bf[2], bf[3]);
             }
         }
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int key = n0 + nt * 8 + 2 * (lane & 3) + (e & 1);
-                const int row = row_a + 8 * (e >> 1);
-                const float p = (key > row || key >= n_keys) ? 0.0f : exp2_ftz(fmaf(s[nt][e], scale_log2, -lse2[e >> 1]));
-                s[nt][e] = p * (dp[nt][e] - dlt[e >> 1]);
-            }
+        // Key tiles wholly at or before the block's first row need no mask.
+        if (n0 + KT <= iq0 + 1) {
+            flash_dq_ds<false>(s, dp, scale_log2, lse2, dlt, n0, lane, row_a, n_keys);
+        } else {
+            flash_dq_ds<true>(s, dp, scale_log2, lse2, dlt, n0, lane, row_a, n_keys);
         }
 #pragma unroll
         for (int kk = 0; kk < KT / 16; ++kk) {
@@ -711,16 +745,11 @@ __device__ void flash_bwd_dkv(bf16* __restrict__ dk, bf16* __restrict__ dv, cons
                 }
             }
             // s holds Pᵀ and dp becomes dSᵀ (rows: keys, columns: queries).
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int col = nt * 8 + 2 * (lane & 3) + (e & 1);
-                    const int key = key_a + 8 * (e >> 1);
-                    const float p = key > i0 + col ? 0.0f : exp2_ftz(fmaf(s[nt][e], scale_log2, -lse2s[col]));
-                    s[nt][e] = p;
-                    dp[nt][e] = p * (dp[nt][e] - dlts[col]);
-                }
+            // Query tiles wholly at or after the block's last key need no mask.
+            if (j0 + FLASH_TILE <= i0 + 1) {
+                flash_dkv_p<false>(s, dp, scale_log2, lse2s, dlts, i0, lane, key_a);
+            } else {
+                flash_dkv_p<true>(s, dp, scale_log2, lse2s, dlts, i0, lane, key_a);
             }
 #pragma unroll
             for (int kk = 0; kk < QT / 16; ++kk) {
