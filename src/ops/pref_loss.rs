@@ -10,7 +10,7 @@
 //! row's gradient coefficient (one block, so the batch mean needs no atomics); then the token gradient
 //! `coef[row] · mask`, plus ORPO's NLL term.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{DevicePtrMut, LaunchConfig, PushKernelArg};
 use num_traits::Float;
 
 use crate::device::{same_device, DType, Device, Tensor};
@@ -675,15 +675,18 @@ fn pref_loss_cuda(
 
     // 2. Per pair (per row for KTO): loss, rewards, row coefficients; one block reduces the batch.
     let items = if kind.paired() { rows / 2 } else { rows };
-    let mut per_item = Tensor::empty(&[items, 4], DType::F32, device)?; // loss, reward_c, reward_r, log_odds
+    // One buffer for everything the host reads back, so one copy (and one wait) returns it:
+    // [items, 4] (loss, reward_c, reward_r, log_odds), then 3 scalars (loss, nll_loss, nll tokens).
+    let mut report = Tensor::empty(&[items * 4 + 3], DType::F32, device)?;
+    let (per_item, report_guard) = report.cuda_f32_mut(OP)?.device_ptr_mut(&stream);
+    let scalars = per_item + (items * 4 * 4) as u64;
     let mut coef = Tensor::empty(&[rows], DType::F32, device)?;
-    let mut scalars = Tensor::empty(&[3], DType::F32, device)?; // loss, nll_loss, nll token count
     let (family, loss_code, p) = kernel_params(kind, ex.kto_ref_point);
     let f = dev.function("pref_loss", "pref_pair_loss")?;
     let mut b = stream.launch_builder(&f);
-    b.arg(per_item.cuda_f32_mut(OP)?)
+    b.arg(&per_item)
         .arg(coef.cuda_f32_mut(OP)?)
-        .arg(scalars.cuda_f32_mut(OP)?)
+        .arg(&scalars)
         .arg(sums.cuda_f32(OP)?)
         .arg(labels.cuda_f32(OP)?)
         .arg(&rows_i)
@@ -712,15 +715,16 @@ fn pref_loss_cuda(
         .arg(coef.cuda_f32(OP)?)
         .arg(mask.cuda_f32(OP)?)
         .arg(nll_mask.cuda_f32(OP)?)
-        .arg(scalars.cuda_f32(OP)?)
+        .arg(&scalars)
         .arg(&cols_i)
         .arg(&n_i)
         .arg(&has_nll);
     // SAFETY: grad, mask and nll_mask hold rows*cols floats, coef rows, scalars 3.
     unsafe { b.launch(per_element(OP, rows * cols)?) }?;
 
-    let per_item = per_item.to_f32_vec()?;
-    let scalars = scalars.to_f32_vec()?;
+    drop(report_guard);
+    let mut per_item = report.to_f32_vec()?;
+    let scalars = per_item.split_off(items * 4);
     let col = |k: usize| per_item.chunks_exact(4).map(|c| c[k]).collect::<Vec<f32>>();
     Ok(PrefOut {
         loss: scalars[0] as f64,
