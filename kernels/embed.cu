@@ -11,7 +11,7 @@
 #include "common.cuh"
 
 // Copies row `from` of src to row `to` of dst ([*, d] each), 16 bytes at a time when both rows are
-// aligned; a row that is not filled with NaN when `from` is negative.
+// aligned; fills the row with NaN when `from` is negative (an id out of range).
 template <typename T>
 __device__ __forceinline__ void copy_row(T* __restrict__ dst, const T* __restrict__ src, long long to, long long from,
                                          int d) {

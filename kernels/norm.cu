@@ -9,8 +9,8 @@
 // Shapes: x, y, dy, dx [rows, cols] in T (f32 or bf16); w [cols] in T; rstd [rows] f32; dw [cols] f32.
 // The forward saves rstd (4 bytes a row) so the backward never recomputes the row's statistics.
 // dw is reduced deterministically: each backward block sums its rows (in registers on the vector path,
-// in shared memory otherwise) and writes one partial row; `rms_norm_dweight_reduce` then adds the partials in a fixed order. No atomics, so two
-// runs give bitwise-equal gradients.
+// in shared memory otherwise) and writes one partial row; `rms_norm_dweight_reduce` then adds the
+// partials in a fixed order. No atomics, so two runs give bitwise-equal gradients.
 #include "common.cuh"
 
 // Rows that are 16-byte aligned and at most kNormMaxVecs vectors per thread take the vector path:
