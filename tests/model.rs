@@ -200,6 +200,22 @@ fn recomputation_gives_the_same_gradients() {
     for (a, c) in g1.named().iter().zip(g2.named()) {
         assert_eq!(a.to_f32_vec().unwrap(), c.to_f32_vec().unwrap());
     }
+    // What the forward keeps (f32 here): per token and layer q, k, v, the attention output, the
+    // residual h, gate and up, not the normalised inputs or SwiGLU's output, which the backward
+    // recomputes; per-row statistics; every layer's input, the final norm's rstd and the hidden
+    // state. Full recomputation keeps only the last three.
+    model.recompute = false;
+    let kept = model.forward(&b).unwrap().saved_bytes();
+    let (n, d, i) = (b.len(), cfg.hidden_size, cfg.intermediate_size);
+    let (hd, d_kv) = (
+        cfg.num_heads * cfg.head_dim,
+        cfg.num_kv_heads * cfg.head_dim,
+    );
+    let per_layer = n * (2 * hd + d + 2 * d_kv + 2 * i + 2 + cfg.num_heads) * 4;
+    let always = (cfg.num_layers + 1) * n * d * 4 + n * 4 + n * d * 4;
+    assert_eq!(kept, cfg.num_layers * per_layer + always, "saved bytes");
+    model.recompute = true;
+    assert_eq!(model.forward(&b).unwrap().saved_bytes(), always);
     // The frozen forward (references, reward models) keeps nothing yet computes the same state.
     assert_eq!(
         model.forward(&b).unwrap().hidden.to_f32_vec().unwrap(),

@@ -182,6 +182,11 @@ impl Tensor {
         numel(&self.shape)
     }
 
+    /// Bytes of the data (elements times the dtype's size).
+    pub fn bytes(&self) -> usize {
+        self.numel() * self.dtype.size()
+    }
+
     pub fn dtype(&self) -> DType {
         self.dtype
     }
