@@ -451,6 +451,8 @@ pub struct TrainBench {
     /// (activations held) and after the backward, CUDA only: the driver's used memory, which counts
     /// every allocation of this process and the blocks its pool keeps (as PyTorch's reserved does).
     pub device_memory_peak: Option<usize>,
+    /// Bytes the policy's forward keeps for its backward (`Activations::saved_bytes`), any device.
+    pub saved_activation_bytes: usize,
 }
 
 /// Times a DPO step (policy forward + backward on chosen and rejected, reference forward) with
@@ -487,9 +489,11 @@ pub fn bench_dpo_step(
         label_smoothing: 0.0,
     };
     let mut memory = None;
+    let mut saved = 0;
     let step_ms = median_ms(device, 1, reps, || {
         let reference_logps = frozen_logps(&reference, &sb)?;
         let s = score(&policy, &sb)?;
+        saved = s.acts.saved_bytes();
         let seen = |m: &mut Option<usize>| {
             if let Device::Cuda(d) = device {
                 *m = (*m).max(d.memory_in_use().ok());
@@ -529,6 +533,7 @@ pub fn bench_dpo_step(
         step_ms,
         tflops: flops / (step_ms * 1e-3) / 1e12,
         device_memory_peak: memory,
+        saved_activation_bytes: saved,
     })
 }
 

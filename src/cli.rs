@@ -601,6 +601,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 ),
                 None => println!("device memory: not measured on the CPU"),
             }
+            println!(
+                "activations the policy's forward keeps for its backward: {:.2} GiB (tensor sizes)",
+                r.saved_activation_bytes as f64 / (1u64 << 30) as f64
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Label { args } => {
