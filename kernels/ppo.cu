@@ -2,7 +2,7 @@
 // policy and value losses, and their gradients.
 //
 // Rows are responses [B, T]; mask = 1 on response tokens, a prefix of the row.
-// 1. ppo_gae (one thread per row, a reverse scan over its tokens):
+// 1. ppo_gae (one block per row, a reverse scan over its tokens in shared-memory chunks):
 //      r[t] = -kl_coef * kl[t] (+ score on the last mask token), 0 past the end, with the per-token KL
 //      estimate kl = k1 = old_lp - ref_lp (kl_kind 1) or k3 = exp(ref - old) - 1 - (ref - old) (kl_kind 3)
 //      delta = r[t] + gamma * V[t+1] - V[t];  A[t] = delta + gamma * lam * A[t+1];  V = 0 past the end
@@ -19,60 +19,6 @@
 //      clip fraction, approx KL = mean (new - old)^2 / 2.
 #include "common.cuh"
 
-extern "C" __global__ void ppo_gae(float* __restrict__ rewards,        // [B, T]
-                                   float* __restrict__ advantages,     // [B, T]
-                                   float* __restrict__ returns,        // [B, T]
-                                   float* __restrict__ stats,          // [B, 3] count, mean, M2 of A
-                                   const float* __restrict__ old_lp,   // [B, T]
-                                   const float* __restrict__ ref_lp,   // [B, T]
-                                   const float* __restrict__ values,   // [B, T]
-                                   const float* __restrict__ scores,   // [B]
-                                   const float* __restrict__ mask,     // [B, T]
-                                   int B, int T, float kl_coef, float gamma, float lam, int kl_kind) {
-    const int row = blockIdx.x * blockDim.x + threadIdx.x;
-    if (row >= B) return;
-    const size_t o = (size_t)row * T;
-    int last = -1;
-    for (int t = 0; t < T; ++t)
-        if (mask[o + t] > 0.0f) last = t;
-    float next_value = 0.0f, next_adv = 0.0f;
-    for (int t = T - 1; t >= 0; --t) {
-        const size_t i = o + t;
-        if (mask[i] <= 0.0f) {
-            rewards[i] = 0.0f;
-            advantages[i] = 0.0f;
-            returns[i] = 0.0f;
-            next_value = 0.0f;
-            next_adv = 0.0f;
-            continue;
-        }
-        const float logr = ref_lp[i] - old_lp[i];
-        float r = -kl_coef * (kl_kind == 3 ? expm1f(logr) - logr : -logr);
-        if (t == last) r += scores[row];
-        const float v = values[i];
-        const float delta = r + gamma * next_value - v;
-        const float a = delta + gamma * lam * next_adv;
-        rewards[i] = r;
-        advantages[i] = a;
-        returns[i] = a + v;
-        next_value = v;
-        next_adv = a;
-    }
-    // Welford over the row's masked advantages.
-    float n = 0.0f, mean = 0.0f, m2 = 0.0f;
-    for (int t = 0; t < T; ++t) {
-        if (mask[o + t] <= 0.0f) continue;
-        const float a = advantages[o + t];
-        n += 1.0f;
-        const float d = a - mean;
-        mean += d / n;
-        m2 += d * (a - mean);
-    }
-    stats[row * 3 + 0] = n;
-    stats[row * 3 + 1] = mean;
-    stats[row * 3 + 2] = m2;
-}
-
 // Chan et al.'s pairwise merge of (count, mean, M2).
 __device__ __forceinline__ void merge_stats(float& n, float& mean, float& m2, float nb, float meanb, float m2b) {
     if (nb == 0.0f) return;
@@ -81,6 +27,99 @@ __device__ __forceinline__ void merge_stats(float& n, float& mean, float& m2, fl
     mean += d * nb / total;
     m2 += m2b + d * d * n * nb / total;
     n = total;
+}
+
+// GAE runs one block per row over chunks of GAE_CHUNK tokens from the end: the block loads a chunk and
+// forms its rewards in parallel, one thread runs the reverse recurrence (and the chunk's Welford
+// statistics) from shared memory, and the block writes the chunk's advantages and returns. A thread
+// per row walking global memory, as before, paid a memory latency per token.
+constexpr int GAE_THREADS = 256;  // must equal the launcher's (src/ops/ppo.rs)
+constexpr int GAE_CHUNK = 1024;
+
+extern "C" __global__ void __launch_bounds__(GAE_THREADS)
+    ppo_gae(float* __restrict__ rewards,        // [B, T]
+            float* __restrict__ advantages,     // [B, T]
+            float* __restrict__ returns,        // [B, T]
+            float* __restrict__ stats,          // [B, 3] count, mean, M2 of A
+            const float* __restrict__ old_lp,   // [B, T]
+            const float* __restrict__ ref_lp,   // [B, T]
+            const float* __restrict__ values,   // [B, T]
+            const float* __restrict__ scores,   // [B]
+            const float* __restrict__ mask,     // [B, T]
+            int B, int T, float kl_coef, float gamma, float lam, int kl_kind) {
+    __shared__ float rs[GAE_CHUNK], vs[GAE_CHUNK], as[GAE_CHUNK], ms[GAE_CHUNK];
+    __shared__ int last_warp[GAE_THREADS / 32];
+    const int row = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const size_t o = (size_t)row * T;
+    // The last response token: the largest t with mask > 0 (-1 for an empty row).
+    int last = -1;
+    for (int t = threadIdx.x; t < T; t += blockDim.x)
+        if (mask[o + t] > 0.0f) last = t;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) last = max(last, __shfl_xor_sync(0xffffffffu, last, off));
+    if (lane == 0) last_warp[warp] = last;
+    __syncthreads();
+    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) last = max(last, last_warp[w]);
+
+    float next_value = 0.0f, next_adv = 0.0f;  // thread 0's carry across chunks
+    float n = 0.0f, mean = 0.0f, m2 = 0.0f;    // thread 0's statistics of the row
+    for (int end = T; end > 0; end -= GAE_CHUNK) {
+        const int c0 = max(0, end - GAE_CHUNK), len = end - c0;
+        __syncthreads();  // the previous chunk's shared arrays are consumed
+        for (int j = threadIdx.x; j < len; j += blockDim.x) {
+            const size_t i = o + c0 + j;
+            const bool on = mask[i] > 0.0f;
+            float r = 0.0f;
+            if (on) {
+                const float logr = ref_lp[i] - old_lp[i];
+                r = -kl_coef * (kl_kind == 3 ? expm1f(logr) - logr : -logr);
+                if (c0 + j == last) r += scores[row];
+            }
+            rewards[i] = r;
+            rs[j] = r;
+            vs[j] = on ? values[i] : 0.0f;
+            ms[j] = on ? 1.0f : 0.0f;
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            //   delta = r[t] + gamma * V[t+1] - V[t];  A[t] = delta + gamma * lam * A[t+1];  0 off the mask
+            for (int j = len - 1; j >= 0; --j) {
+                if (ms[j] == 0.0f) {
+                    as[j] = 0.0f;
+                    next_value = 0.0f;
+                    next_adv = 0.0f;
+                    continue;
+                }
+                const float v = vs[j];
+                const float a = rs[j] + gamma * next_value - v + gamma * lam * next_adv;
+                as[j] = a;
+                next_value = v;
+                next_adv = a;
+            }
+            // Welford over the chunk's masked advantages, merged into the row's.
+            float cn = 0.0f, cmean = 0.0f, cm2 = 0.0f;
+            for (int j = 0; j < len; ++j) {
+                if (ms[j] == 0.0f) continue;
+                const float a = as[j];
+                cn += 1.0f;
+                const float d = a - cmean;
+                cmean += d / cn;
+                cm2 += d * (a - cmean);
+            }
+            merge_stats(n, mean, m2, cn, cmean, cm2);
+        }
+        __syncthreads();
+        for (int j = threadIdx.x; j < len; j += blockDim.x) {
+            const size_t i = o + c0 + j;
+            advantages[i] = as[j];
+            returns[i] = ms[j] != 0.0f ? as[j] + vs[j] : 0.0f;
+        }
+    }
+    if (threadIdx.x == 0) {
+        stats[row * 3 + 0] = n;
+        stats[row * 3 + 1] = mean;
+        stats[row * 3 + 2] = m2;
+    }
 }
 
 extern "C" __global__ void ppo_whiten(float* __restrict__ whitened,          // [B, T]

@@ -221,7 +221,8 @@ cuda_test! {
     fn cuda_matches_cpu_on_random_rollouts(dev) {
         let mut rng = Rng::new(fresh_seed("ppo cuda_matches_cpu_on_random_rollouts"));
         let names = ["rewards", "advantages", "returns", "whitened", "scalars", "grad_new_logps", "grad_new_values"];
-        for &(rows, cols) in &[(1, 1), (4, 13), (64, 512), (37, 1000)] {
+        // 2,500 columns span three of the GAE kernel's 1,024-token chunks, carried from one to the next.
+        for &(rows, cols) in &[(1, 1), (4, 13), (64, 512), (37, 1000), (5, 2500)] {
             let r = rollout(&mut rng, rows, cols);
             let (want, got) = (run(&r, &Device::Cpu), run(&r, &dev));
             for ((name, g), w) in names.iter().zip(&got).zip(&want) {

@@ -15,6 +15,8 @@ use crate::ops::{per_row, to_i32};
 const OP_ADV: &str = "ppo_advantages";
 const OP_LOSS: &str = "ppo_loss";
 const WHITEN_EPS: f64 = 1e-8;
+/// Threads of a `ppo_gae` block (GAE_THREADS in kernels/ppo.cu).
+const GAE_THREADS: u32 = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PpoConfig {
@@ -312,14 +314,9 @@ pub fn ppo_advantages(
                 .arg(&gamma)
                 .arg(&lam)
                 .arg(&kl_kind);
-            let cfg_rows = LaunchConfig {
-                grid_dim: (rows.div_ceil(128) as u32, 1, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: [B, T] buffers hold rows*cols floats, scores rows, stats rows*3; one thread per
-            // row, bounds-checked.
-            unsafe { b.launch(cfg_rows) }?;
+            // SAFETY: [B, T] buffers hold rows*cols floats, scores rows, stats rows*3; one block of
+            // GAE_THREADS (kernels/ppo.cu) per row.
+            unsafe { b.launch(per_row(OP_ADV, rows, GAE_THREADS, 0)?) }?;
             let f = dev.function("ppo", "ppo_whiten")?;
             let mut b = dev.stream().launch_builder(&f);
             b.arg(out.whitened.cuda_f32_mut(OP_ADV)?)
