@@ -7,11 +7,14 @@ use std::time::Instant;
 
 use crate::device::{DType, Device, Tensor};
 use crate::error::Result;
+use crate::ops::adamw::{adamw_step, AdamWConfig};
+use crate::ops::elementwise::add;
 use crate::ops::kl::{kl_full_bwd, kl_full_fwd};
 use crate::ops::logprob::{
     linear_logprob_bwd, linear_logprob_fwd, linear_logprob_scratch_bytes, logprob_bwd, logprob_fwd,
 };
 use crate::ops::matmul::{gemm, Trans};
+use crate::ops::mlp::{swiglu_bwd, swiglu_fwd};
 use crate::ops::norm::{rms_norm_bwd, rms_norm_fwd};
 use crate::ops::ppo::{ppo_advantages, ppo_loss, PpoConfig};
 use crate::ops::pref_loss::{pref_loss, DpoLoss, PrefExtras, PrefLoss};
@@ -179,23 +182,106 @@ pub fn bench_kernels(
         rows.push(r);
     };
 
-    // RMSNorm forward + backward: read x, write y; read dy and x, write dx.
-    let (n, d) = if full { (8192, 4096) } else { (256, 576) };
-    let x = random(device, &mut rng, &[n, d], 1.0, act)?;
-    let w = random(device, &mut rng, &[d], 1.0, act)?;
-    let dy = random(device, &mut rng, &[n, d], 1.0, act)?;
-    let mut dw = Tensor::zeros(&[d], DType::F32, device)?;
+    // RMSNorm forward + backward: read x, write y; read dy and x, write dx. At a 4,096-wide model's
+    // width and at SmolLM2's (576).
+    let shapes: &[(usize, usize)] = if full {
+        &[(8192, 4096), (8192, 576)]
+    } else {
+        &[(256, 576)]
+    };
+    for &(n, d) in shapes {
+        let x = random(device, &mut rng, &[n, d], 1.0, act)?;
+        let w = random(device, &mut rng, &[d], 1.0, act)?;
+        let dy = random(device, &mut rng, &[n, d], 1.0, act)?;
+        let mut dw = Tensor::zeros(&[d], DType::F32, device)?;
+        let ms = median_ms(device, warm, reps, || {
+            let o = rms_norm_fwd(&x, &w, 1e-5)?;
+            rms_norm_bwd(&dy, &x, &w, &o.rstd, &mut dw).map(drop)
+        })?;
+        push(
+            row(
+                "rms_norm fwd+bwd",
+                format!("{n}x{d} {}", act.name()),
+                ms,
+                Bound::Memory,
+                (5 * n * d * act.size()) as f64,
+                ceil,
+            ),
+            &mut rows,
+        );
+    }
+
+    // The transformer's other memory-bound steps at SmolLM2's shape (d 576, I 1,536) for 8,192
+    // tokens: SwiGLU forward (read gate and up, write h) and backward (read dh, gate and up, write
+    // dgate and dup); the residual add (read two, write one).
+    let (n, d, inner) = if full {
+        (8192, 576, 1536)
+    } else {
+        (256, 576, 1536)
+    };
+    let gate = random(device, &mut rng, &[n, inner], 2.0, act)?;
+    let up = random(device, &mut rng, &[n, inner], 1.0, act)?;
     let ms = median_ms(device, warm, reps, || {
-        let o = rms_norm_fwd(&x, &w, 1e-5)?;
-        rms_norm_bwd(&dy, &x, &w, &o.rstd, &mut dw).map(drop)
+        let h = swiglu_fwd(&gate, &up)?;
+        swiglu_bwd(&h, &gate, &up).map(drop)
     })?;
     push(
         row(
-            "rms_norm fwd+bwd",
+            "swiglu fwd+bwd",
+            format!("{n}x{inner} {}", act.name()),
+            ms,
+            Bound::Memory,
+            (8 * n * inner * act.size()) as f64,
+            ceil,
+        ),
+        &mut rows,
+    );
+    let (a, b) = (
+        random(device, &mut rng, &[n, d], 1.0, act)?,
+        random(device, &mut rng, &[n, d], 1.0, act)?,
+    );
+    let ms = median_ms(device, warm, reps, || add(&a, &b).map(drop))?;
+    push(
+        row(
+            "residual add",
             format!("{n}x{d} {}", act.name()),
             ms,
             Bound::Memory,
-            (5 * n * d * act.size()) as f64,
+            (3 * n * d * act.size()) as f64,
+            ceil,
+        ),
+        &mut rows,
+    );
+    // AdamW over SmolLM2-135M's parameters: w, m, v and grad read, w, m, v written (f32), the bf16
+    // copy written.
+    let params = if full { 134_515_008 } else { 1 << 18 };
+    let f32_vec = |rng: &mut Rng| Tensor::from_f32(&[params], rng.normal_vec(params, 0.02), device);
+    let (mut w, grad) = (f32_vec(&mut rng)?, f32_vec(&mut rng)?);
+    let mut m = Tensor::zeros(&[params], DType::F32, device)?;
+    let mut v = Tensor::zeros(&[params], DType::F32, device)?;
+    let mut copy = Tensor::zeros(&[params], DType::BF16, device)?;
+    let cfg = AdamWConfig::default();
+    let mut step = 0;
+    let ms = median_ms(device, warm, reps, || {
+        step += 1;
+        adamw_step(
+            &mut w,
+            &mut m,
+            &mut v,
+            Some(&mut copy),
+            &grad,
+            &cfg,
+            step,
+            1.0,
+        )
+    })?;
+    push(
+        row(
+            "adamw step",
+            format!("{params} params"),
+            ms,
+            Bound::Memory,
+            (params * (7 * 4 + 2)) as f64,
             ceil,
         ),
         &mut rows,
