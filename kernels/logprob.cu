@@ -244,21 +244,28 @@ __device__ void logprob_bwd(T* __restrict__ dlogits,              // [N, V]
     }
 }
 
+// The tile kernels give each row a warp, CHUNK_ROWS rows a block: a tile is only Vc = 16 Mi / N
+// entries wide (512 at N = 32,768), so a 512-thread block per row left most of its threads idle and
+// paid a block launch and two barriers per row.
+constexpr int CHUNK_ROWS = 8;  // warps per block; must equal the launcher's (src/ops/logprob.rs)
+
 // One vocabulary tile [v0, v0 + Vc) of z (already scaled, f32 from cuBLAS) folded into the running
 // per-row state; the last tile writes logp, lse and entropy.
-extern "C" __global__ void logprob_chunk_fwd(float* __restrict__ state,        // [N, 3] (m, s, t)
-                                             float* __restrict__ target_z,     // [N]
-                                             float* __restrict__ logp,         // [N]
-                                             float* __restrict__ lse,          // [N]
-                                             float* __restrict__ entropy,      // [N]
-                                             const float* __restrict__ z,      // [N, Vc]
-                                             const int* __restrict__ target,   // [N]
-                                             int Vc, int v0, int V, int first, int last) {
-    __shared__ float scratch[3 * 32];
-    const size_t row = blockIdx.x;
+extern "C" __global__ void __launch_bounds__(CHUNK_ROWS * 32)
+    logprob_chunk_fwd(float* __restrict__ state,        // [N, 3] (m, s, t)
+                      float* __restrict__ target_z,     // [N]
+                      float* __restrict__ logp,         // [N]
+                      float* __restrict__ lse,          // [N]
+                      float* __restrict__ entropy,      // [N]
+                      const float* __restrict__ z,      // [N, Vc]
+                      const int* __restrict__ target,   // [N]
+                      int N, int Vc, int v0, int V, int first, int last) {
+    const int lane = threadIdx.x & 31;
+    const size_t row = (size_t)blockIdx.x * CHUNK_ROWS + (threadIdx.x >> 5);
+    if (row >= (size_t)N) return;  // a whole warp: no barrier follows
     const float* zr = z + row * Vc;
-    EntropyState st = block_entropy(row_state<float, false>(zr, Vc, 1.0f, threadIdx.x, blockDim.x), scratch);
-    if (threadIdx.x != 0) return;
+    EntropyState st = warp_entropy(row_state<float, false>(zr, Vc, 1.0f, lane, 32));
+    if (lane != 0) return;
     const int tgt = target[row];
     if (!first) st = entropy_merge(EntropyState{state[3 * row], state[3 * row + 1], state[3 * row + 2]}, st);
     float tz = first ? 0.0f : target_z[row];
@@ -307,8 +314,9 @@ __device__ void logprob_chunk_bwd(T* __restrict__ dz,                  // [N, ld
                                   const float* __restrict__ entropy,   // [N]
                                   const float* __restrict__ grad_logp, // [N]
                                   const float* __restrict__ grad_ent,  // [N]
-                                  int Vc, int v0, int ld) {
-    const size_t row = blockIdx.x;
+                                  int N, int Vc, int v0, int ld) {
+    const size_t row = (size_t)blockIdx.x * CHUNK_ROWS + (threadIdx.x >> 5);
+    if (row >= (size_t)N) return;
     const int tgt = target[row];
     const LogitGrad g = logit_grad_init(lse[row], entropy[row], tgt < 0 ? 0.0f : grad_logp[row], grad_ent[row], 1.0f);
     // A target outside this tile (or ignored) becomes -1, which no entry matches.
@@ -316,7 +324,7 @@ __device__ void logprob_chunk_bwd(T* __restrict__ dz,                  // [N, ld
     // dz's 4-wide stores need ld and the column offset to be multiples of 4 (tiles are multiples of
     // 256, so the offset is); the loads need Vc.
     const bool vec = Vc % 4 == 0 && ld % 4 == 0;
-    tile_grad<T>(dz + row * ld, z + row * Vc, Vc, g, local, vec, threadIdx.x, blockDim.x);
+    tile_grad<T>(dz + row * ld, z + row * Vc, Vc, g, local, vec, threadIdx.x & 31, 32);
 }
 
 #define LOGPROB_INSTANTIATE(SUFFIX, T)                                                                      \
@@ -330,11 +338,11 @@ __device__ void logprob_chunk_bwd(T* __restrict__ dz,                  // [N, ld
                                                     float scale) {                                          \
         logprob_bwd<T>(dlogits, logits, target, lse, entropy, grad_logp, grad_ent, V, scale);               \
     }                                                                                                       \
-    extern "C" __global__ void logprob_chunk_bwd_##SUFFIX(T* dz, const float* z, const int* target,          \
-                                                          const float* lse, const float* entropy,           \
-                                                          const float* grad_logp, const float* grad_ent,    \
-                                                          int Vc, int v0, int ld) {                         \
-        logprob_chunk_bwd<T>(dz, z, target, lse, entropy, grad_logp, grad_ent, Vc, v0, ld);                 \
+    extern "C" __global__ void __launch_bounds__(CHUNK_ROWS * 32)                                           \
+        logprob_chunk_bwd_##SUFFIX(T* dz, const float* z, const int* target, const float* lse,                \
+                                   const float* entropy, const float* grad_logp, const float* grad_ent, int N,\
+                                   int Vc, int v0, int ld) {                                                 \
+        logprob_chunk_bwd<T>(dz, z, target, lse, entropy, grad_logp, grad_ent, N, Vc, v0, ld);              \
     }
 
 LOGPROB_INSTANTIATE(f32, float)

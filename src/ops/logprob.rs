@@ -10,7 +10,7 @@
 //! buffer for a group of tiles (at most 128 MiB). Its backward gives `dhidden` (f32, overwritten) and
 //! accumulates `dweight` (f32, `+=`).
 
-use cudarc::driver::{DevicePtr, DevicePtrMut, PushKernelArg};
+use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use half::bf16;
 use num_traits::Float;
 
@@ -25,6 +25,17 @@ const OP_BWD: &str = "logprob_bwd";
 const OP_LIN_FWD: &str = "linear_logprob_fwd";
 const OP_LIN_BWD: &str = "linear_logprob_bwd";
 const THREADS: u32 = 512;
+/// Rows per block of the tile kernels, a warp each (CHUNK_ROWS in kernels/logprob.cu).
+const CHUNK_ROWS: usize = 8;
+
+/// The tile kernels' launch: a warp per row, CHUNK_ROWS rows a block.
+fn chunk_config(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(CHUNK_ROWS) as u32, 1, 1),
+        block_dim: (CHUNK_ROWS as u32 * 32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
 
 /// Elements of one logits tile in the fused form: 16 Mi floats (64 MiB), so at N = 8,192 a tile is
 /// 2,048 vocabulary entries wide, 1.6% of what f32 logits at V = 128,256 would take.
@@ -711,6 +722,7 @@ fn linear_fwd_cuda<T: CudaElem>(
         tile_logits::<T>(&dev, &mut z, hidden, weight, v0, vc, d, scale)?;
         let (vc_i, v0_i) = (vc as i32, v0 as i32);
         let (first, last) = (i32::from(v0 == 0), i32::from(v0 + vc == vocab));
+        let n_i = to_i32(OP_LIN_FWD, "rows", n)?;
         let mut b = stream.launch_builder(&f);
         b.arg(state.cuda_f32_mut(OP_LIN_FWD)?)
             .arg(target_z.cuda_f32_mut(OP_LIN_FWD)?)
@@ -719,13 +731,15 @@ fn linear_fwd_cuda<T: CudaElem>(
             .arg(out.entropy.cuda_f32_mut(OP_LIN_FWD)?)
             .arg(z.cuda_f32(OP_LIN_FWD)?)
             .arg(targets.cuda_i32(OP_LIN_FWD)?)
+            .arg(&n_i)
             .arg(&vc_i)
             .arg(&v0_i)
             .arg(&v_i)
             .arg(&first)
             .arg(&last);
-        // SAFETY: z holds n rows of vc floats; state n*3, the others n; one block per row.
-        unsafe { b.launch(per_row(OP_LIN_FWD, n, THREADS, 0)?) }?;
+        // SAFETY: z holds n rows of vc floats; state n*3, the others n; a warp per row, rows past n
+        // return at once.
+        unsafe { b.launch(chunk_config(n)) }?;
     }
     Ok(out)
 }
@@ -764,6 +778,7 @@ fn linear_bwd_cuda<T: CudaElem>(
         // The group's dlogits are [n, kc] with rows kc wide, so each GEMM below reads them dense.
         let kc = (group * tile).min(vocab - g0);
         let kc_i = kc as i32;
+        let n_i = to_i32(OP_LIN_BWD, "rows", n)?;
         for v0 in (g0..g0 + kc).step_by(tile) {
             let vc = tile.min(g0 + kc - v0);
             tile_logits::<T>(&dev, &mut z, hidden, weight, v0, vc, d, scale)?;
@@ -778,12 +793,14 @@ fn linear_bwd_cuda<T: CudaElem>(
                 .arg(out.entropy.cuda_f32(OP_LIN_BWD)?)
                 .arg(grad_logp.cuda_f32(OP_LIN_BWD)?)
                 .arg(grad_entropy.cuda_f32(OP_LIN_BWD)?)
+                .arg(&n_i)
                 .arg(&vc_i)
                 .arg(&v0_i)
                 .arg(&kc_i);
             // SAFETY: z holds n rows of vc floats; dz_tile is column v0 - g0 of the [n, kc] group,
-            // whose rows hold kc >= (v0 - g0) + vc elements; the per-row inputs n; a block per row.
-            unsafe { b.launch(per_row(OP_LIN_BWD, n, THREADS, 0)?) }?;
+            // whose rows hold kc >= (v0 - g0) + vc elements; the per-row inputs n; a warp per row,
+            // rows past n return at once.
+            unsafe { b.launch(chunk_config(n)) }?;
         }
         let w_off = (g0 * d) as u64;
         let (h_ptr, _h) = T::slice(hidden, OP_LIN_BWD)?.device_ptr(&stream);

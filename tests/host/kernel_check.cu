@@ -140,8 +140,10 @@ void logprob_case(std::mt19937& rng, int V, float sigma, float scale, int mask_e
         EntropyState acc = entropy_init();
         for (int v0 = 0; v0 < V; v0 += tile) {
             const int vc = std::min(tile, V - v0);
-            for (int t = 0; t < kThreads; ++t) states[t] = row_state<float, false>(zf.data() + v0, vc, 1.0f, t, kThreads);
-            const EntropyState st = block_merge(states, entropy_init(), entropy_merge);
+            // A warp per row: 32 lanes, merged by the butterfly alone.
+            std::vector<EntropyState> lanes(32);
+            for (int t = 0; t < 32; ++t) lanes[t] = row_state<float, false>(zf.data() + v0, vc, 1.0f, t, 32);
+            const EntropyState st = block_merge(lanes, entropy_init(), entropy_merge);
             acc = v0 == 0 ? st : entropy_merge(acc, st);
         }
         float tl, th;
@@ -155,8 +157,8 @@ void logprob_case(std::mt19937& rng, int V, float sigma, float scale, int mask_e
             const int local = tgt >= v0 && tgt < v0 + vc ? tgt - v0 : -1;
             // On the device the 4-wide stores need an aligned start; here v0 stands for the offset.
             const bool vec = vc % 4 == 0 && v0 % 4 == 0;
-            for (int t = 0; t < kThreads; ++t)
-                tile_grad<T>(dz.data() + v0, zf.data() + v0, vc, tg, local, vec, t, kThreads);
+            for (int t = 0; t < 32; ++t)
+                tile_grad<T>(dz.data() + v0, zf.data() + v0, vc, tg, local, vec, t, 32);
         }
         for (int v = 0; v < V; ++v) {
             const double got = to_f32(dz[v]);
