@@ -37,17 +37,19 @@ extern "C" __global__ void adamw_step(float* __restrict__ w, float* __restrict__
                                       bf16* __restrict__ copy, const float* __restrict__ grad, size_t n, float lr,
                                       float beta1, float beta2, float eps, float weight_decay, float bias_c1,
                                       float bias_c2, float clip) {
-    const size_t stride = (size_t)gridDim.x * blockDim.x, first = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    size_t done = 0;
-    if (aligned16(w, m, v, grad) && (reinterpret_cast<uintptr_t>(copy) & 7) == 0) {
-        for (size_t i = first * 4; i + 4 <= n; i += stride * 4) {
+    auto step = [&](float& wi, float& mi, float& vi, float g) {
+        adamw_at(wi, mi, vi, g, lr, beta1, beta2, eps, weight_decay, bias_c1, bias_c2, clip);
+    };
+    grid_stride_vec<4>(
+        n, aligned16(w, m, v, grad) && (reinterpret_cast<uintptr_t>(copy) & 7) == 0,
+        [&](size_t i) {
             float4 wv = *reinterpret_cast<const float4*>(w + i), mv = *reinterpret_cast<const float4*>(m + i);
             float4 vv = *reinterpret_cast<const float4*>(v + i);
             const float4 gv = __ldg(reinterpret_cast<const float4*>(grad + i));
-            adamw_at(wv.x, mv.x, vv.x, gv.x, lr, beta1, beta2, eps, weight_decay, bias_c1, bias_c2, clip);
-            adamw_at(wv.y, mv.y, vv.y, gv.y, lr, beta1, beta2, eps, weight_decay, bias_c1, bias_c2, clip);
-            adamw_at(wv.z, mv.z, vv.z, gv.z, lr, beta1, beta2, eps, weight_decay, bias_c1, bias_c2, clip);
-            adamw_at(wv.w, mv.w, vv.w, gv.w, lr, beta1, beta2, eps, weight_decay, bias_c1, bias_c2, clip);
+            step(wv.x, mv.x, vv.x, gv.x);
+            step(wv.y, mv.y, vv.y, gv.y);
+            step(wv.z, mv.z, vv.z, gv.z);
+            step(wv.w, mv.w, vv.w, gv.w);
             *reinterpret_cast<float4*>(w + i) = wv;
             *reinterpret_cast<float4*>(m + i) = mv;
             *reinterpret_cast<float4*>(v + i) = vv;
@@ -55,15 +57,13 @@ extern "C" __global__ void adamw_step(float* __restrict__ w, float* __restrict__
                 const float out[4] = {wv.x, wv.y, wv.z, wv.w};
                 store_n<bf16, 4>(copy + i, out);
             }
-        }
-        done = n / 4 * 4;
-    }
-    for (size_t i = done + first; i < n; i += stride) {
-        float wi = w[i], mi = m[i], vi = v[i];
-        adamw_at(wi, mi, vi, grad[i], lr, beta1, beta2, eps, weight_decay, bias_c1, bias_c2, clip);
-        m[i] = mi;
-        v[i] = vi;
-        w[i] = wi;
-        if (copy) copy[i] = __float2bfloat16_rn(wi);
-    }
+        },
+        [&](size_t i) {
+            float wi = w[i], mi = m[i], vi = v[i];
+            step(wi, mi, vi, grad[i]);
+            m[i] = mi;
+            v[i] = vi;
+            w[i] = wi;
+            if (copy) copy[i] = __float2bfloat16_rn(wi);
+        });
 }

@@ -192,6 +192,20 @@ __device__ __forceinline__ bool aligned16(const void* a, const void* b = nullptr
     return (bits & 15) == 0;
 }
 
+// A grid-stride walk over n elements: with `vec`, vec_body(i) for every i = 0, N, 2N, ... with i + N <= n
+// (16-byte accesses when N elements fill 16 bytes), then one_body(i) for the n % N left; without it,
+// one_body(i) for every i. The elementwise kernels share it.
+template <int N, typename VecBody, typename OneBody>
+__device__ __forceinline__ void grid_stride_vec(size_t n, bool vec, VecBody vec_body, OneBody one_body) {
+    const size_t stride = (size_t)gridDim.x * blockDim.x, first = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    size_t done = 0;
+    if (vec) {
+        for (size_t i = first * N; i + N <= n; i += stride * N) vec_body(i);
+        done = n / N * N;
+    }
+    for (size_t i = done + first; i < n; i += stride) one_body(i);
+}
+
 // N values converted to T and written with one store of N * sizeof(T) bytes, which must be aligned to
 // that size (8 bytes for four bf16).
 template <typename T, int N> struct alignas(N * sizeof(T)) PackN {

@@ -10,23 +10,21 @@
 #define GRID_STRIDE(i, n) \
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (n); i += (size_t)gridDim.x * blockDim.x)
 
-// add and the casts walk 16-byte vectors (every buffer aligned), then the last elements one by one.
+// add and the casts walk 16-byte vectors (grid_stride_vec), unaligned buffers element by element.
 template <typename T>
 __device__ void add(T* out, const T* a, const T* b, size_t n) {
     constexpr int N = Vec16<T>::N;
-    size_t done = 0;
-    if (aligned16(out, a, b)) {
-        GRID_STRIDE(v, n / N) {
+    grid_stride_vec<N>(
+        n, aligned16(out, a, b),
+        [&](size_t i) {
             float x[N], y[N];
-            load16_coherent(a + v * N, x);  // out may be a
-            load16_coherent(b + v * N, y);
+            load16_coherent(a + i, x);  // out may be a
+            load16_coherent(b + i, y);
 #pragma unroll
             for (int j = 0; j < N; ++j) x[j] += y[j];
-            store16(out + v * N, x);
-        }
-        done = n / N * N;
-    }
-    GRID_STRIDE(i, n - done) out[done + i] = from_f32<T>(to_f32(a[done + i]) + to_f32(b[done + i]));
+            store16(out + i, x);
+        },
+        [&](size_t i) { out[i] = from_f32<T>(to_f32(a[i]) + to_f32(b[i])); });
 }
 
 template <typename T>
@@ -44,30 +42,26 @@ __device__ void bias_grad(float* __restrict__ dbias, const T* __restrict__ dy, i
 }
 
 extern "C" __global__ void cast_f32_to_bf16(bf16* __restrict__ out, const float* __restrict__ x, size_t n) {
-    size_t done = 0;
-    if (aligned16(out, x)) {
-        GRID_STRIDE(v, n / 4) {
+    grid_stride_vec<4>(
+        n, aligned16(out, x),
+        [&](size_t i) {
             float f[4];
-            load16(x + v * 4, f);
-            store_n<bf16, 4>(out + v * 4, f);
-        }
-        done = n / 4 * 4;
-    }
-    GRID_STRIDE(i, n - done) out[done + i] = __float2bfloat16_rn(x[done + i]);
+            load16(x + i, f);
+            store_n<bf16, 4>(out + i, f);
+        },
+        [&](size_t i) { out[i] = __float2bfloat16_rn(x[i]); });
 }
 
 extern "C" __global__ void cast_bf16_to_f32(float* __restrict__ out, const bf16* __restrict__ x, size_t n) {
-    size_t done = 0;
-    if (aligned16(out, x)) {
-        GRID_STRIDE(v, n / 8) {
+    grid_stride_vec<8>(
+        n, aligned16(out, x),
+        [&](size_t i) {
             float f[8];
-            load16(x + v * 8, f);
-            store16(out + v * 8, f);
-            store16(out + v * 8 + 4, f + 4);
-        }
-        done = n / 8 * 8;
-    }
-    GRID_STRIDE(i, n - done) out[done + i] = __bfloat162float(x[done + i]);
+            load16(x + i, f);
+            store16(out + i, f);
+            store16(out + i + 4, f + 4);
+        },
+        [&](size_t i) { out[i] = __bfloat162float(x[i]); });
 }
 
 #define ELEMENTWISE_INSTANTIATE(SUFFIX, T)                                                                    \

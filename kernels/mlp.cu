@@ -20,35 +20,30 @@ __device__ __forceinline__ void swiglu_grad_at(float d, float g, float u, float*
     *dg = d * u * s * (1.0f + g * (1.0f - s));
 }
 
-// Both kernels walk 16-byte vectors grid-stride (every buffer aligned), then the last n % N
-// elements one by one; unaligned buffers take the scalar loop throughout.
+// Both kernels walk 16-byte vectors (grid_stride_vec), unaligned buffers element by element.
 template <typename T>
 __device__ void swiglu_fwd(T* __restrict__ h, const T* __restrict__ gate, const T* __restrict__ up, size_t n) {
     constexpr int N = Vec16<T>::N;
-    const size_t stride = (size_t)gridDim.x * blockDim.x, first = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    size_t done = 0;
-    if (aligned16(h, gate, up)) {
-        for (size_t i = first * N; i + N <= n; i += stride * N) {
+    grid_stride_vec<N>(
+        n, aligned16(h, gate, up),
+        [&](size_t i) {
             float g[N], u[N];
             load16(gate + i, g);
             load16(up + i, u);
 #pragma unroll
             for (int j = 0; j < N; ++j) g[j] = swiglu_at(g[j], u[j]);
             store16(h + i, g);
-        }
-        done = n / N * N;
-    }
-    for (size_t i = done + first; i < n; i += stride) h[i] = from_f32<T>(swiglu_at(to_f32(gate[i]), to_f32(up[i])));
+        },
+        [&](size_t i) { h[i] = from_f32<T>(swiglu_at(to_f32(gate[i]), to_f32(up[i]))); });
 }
 
 template <typename T>
 __device__ void swiglu_bwd(T* __restrict__ dgate, T* __restrict__ dup, const T* __restrict__ dh,
                            const T* __restrict__ gate, const T* __restrict__ up, size_t n) {
     constexpr int N = Vec16<T>::N;
-    const size_t stride = (size_t)gridDim.x * blockDim.x, first = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    size_t done = 0;
-    if (aligned16(dgate, dup, dh, gate, up)) {
-        for (size_t i = first * N; i + N <= n; i += stride * N) {
+    grid_stride_vec<N>(
+        n, aligned16(dgate, dup, dh, gate, up),
+        [&](size_t i) {
             float d[N], g[N], u[N], dg[N], du[N];
             load16(dh + i, d);
             load16(gate + i, g);
@@ -57,15 +52,13 @@ __device__ void swiglu_bwd(T* __restrict__ dgate, T* __restrict__ dup, const T* 
             for (int j = 0; j < N; ++j) swiglu_grad_at(d[j], g[j], u[j], &dg[j], &du[j]);
             store16(dgate + i, dg);
             store16(dup + i, du);
-        }
-        done = n / N * N;
-    }
-    for (size_t i = done + first; i < n; i += stride) {
-        float dg, du;
-        swiglu_grad_at(to_f32(dh[i]), to_f32(gate[i]), to_f32(up[i]), &dg, &du);
-        dgate[i] = from_f32<T>(dg);
-        dup[i] = from_f32<T>(du);
-    }
+        },
+        [&](size_t i) {
+            float dg, du;
+            swiglu_grad_at(to_f32(dh[i]), to_f32(gate[i]), to_f32(up[i]), &dg, &du);
+            dgate[i] = from_f32<T>(dg);
+            dup[i] = from_f32<T>(du);
+        });
 }
 
 #define SWIGLU_INSTANTIATE(SUFFIX, T)                                                                          \
