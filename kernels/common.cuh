@@ -1,4 +1,5 @@
-// Shared device helpers: bf16/f32 load-store, warp and block reductions, online-softmax state.
+// Shared device helpers: bf16/f32 load-store, warp and block reductions, fast exponentials, the
+// elementwise kernels' grid-stride walk.
 //
 // Every kernel family includes this header. Kernels are `extern "C"` so the host looks them up by
 // plain name; templates are instantiated per dtype with a `_f32` / `_bf16` suffix.
@@ -87,55 +88,6 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     __syncthreads();
     float total = lane < warps ? scratch[lane] : -INFINITY;
     return warp_max(total);
-}
-
-// Online softmax (Milakov & Gimelshein, 2018): a running max m and a running sum s of exp(x - m),
-// merged pairwise so one pass over a row gives its logsumexp = m + log(s).
-struct OnlineSoftmax {
-    float m;
-    float s;
-};
-
-__device__ __forceinline__ OnlineSoftmax online_softmax_init() { return {-INFINITY, 0.0f}; }
-
-__device__ __forceinline__ OnlineSoftmax online_softmax_push(OnlineSoftmax a, float x) {
-    if (x > a.m) {
-        a.s = a.s * __expf(a.m - x) + 1.0f;
-        a.m = x;
-    } else {
-        a.s += __expf(x - a.m);
-    }
-    return a;
-}
-
-__device__ __forceinline__ OnlineSoftmax online_softmax_merge(OnlineSoftmax a, OnlineSoftmax b) {
-    if (b.m == -INFINITY) return a;
-    if (a.m == -INFINITY) return b;
-    const float m = fmaxf(a.m, b.m);
-    return {m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m)};
-}
-
-__device__ __forceinline__ OnlineSoftmax warp_online_softmax(OnlineSoftmax v) {
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        OnlineSoftmax o{__shfl_xor_sync(0xffffffffu, v.m, offset), __shfl_xor_sync(0xffffffffu, v.s, offset)};
-        v = online_softmax_merge(v, o);
-    }
-    return v;
-}
-
-// `scratch` holds two floats per warp.
-__device__ __forceinline__ OnlineSoftmax block_online_softmax(OnlineSoftmax v, float* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
-    v = warp_online_softmax(v);
-    __syncthreads();
-    if (lane == 0) {
-        scratch[2 * warp] = v.m;
-        scratch[2 * warp + 1] = v.s;
-    }
-    __syncthreads();
-    OnlineSoftmax t = lane < warps ? OnlineSoftmax{scratch[2 * lane], scratch[2 * lane + 1]} : online_softmax_init();
-    return warp_online_softmax(t);
 }
 
 // 16-byte vector access: 8 bf16 or 4 f32 per load. The pointer must be 16-byte aligned, which holds
