@@ -214,11 +214,7 @@ pub fn bench_kernels(
     // The transformer's other memory-bound steps at SmolLM2's shape (d 576, I 1,536) for 8,192
     // tokens: SwiGLU forward (read gate and up, write h) and backward (read dh, gate and up, write
     // dgate and dup); the residual add (read two, write one).
-    let (n, d, inner) = if full {
-        (8192, 576, 1536)
-    } else {
-        (256, 576, 1536)
-    };
+    let (n, d, inner) = (if full { 8192 } else { 256 }, 576, 1536);
     let gate = random(device, &mut rng, &[n, inner], 2.0, act)?;
     let up = random(device, &mut rng, &[n, inner], 1.0, act)?;
     let ms = median_ms(device, warm, reps, || {

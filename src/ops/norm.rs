@@ -15,11 +15,12 @@ use crate::ops::{per_row, to_i32};
 
 const OP_FWD: &str = "rms_norm_fwd";
 const OP_BWD: &str = "rms_norm_bwd";
-/// Threads of the backward over all its blocks, a quarter of what an H100 keeps resident (more
-/// blocks means more partial rows to reduce); each block writes
-/// one partial dweight row, so the count depends only on the shape and results are the same on every
-/// card.
+/// Threads of the vector-path backward over all its blocks, a quarter of what an H100 keeps resident
+/// (more blocks means more partial rows to reduce). Each block writes one partial dweight row, so the
+/// count depends only on the shape and results are the same on every card.
 const BWD_THREADS_TOTAL: usize = 1 << 16;
+/// Blocks of the scalar-path backward, whose partial rows can be wide (past MAX_VECS * 512 vectors).
+const SCALAR_BWD_PARTS: usize = 256;
 /// Vectors (16 bytes) per thread on the kernels' vector path (`kNormMaxVecs` in kernels/norm.cu).
 const MAX_VECS: usize = 2;
 /// Threads of one reduce block (`kReduceWarps` warps), each block taking 32 columns.
@@ -247,11 +248,10 @@ fn bwd_cuda<T: CudaElem>(
             detail: format!("cols = {cols}: the dweight accumulator needs {shared} B of shared memory, over 160 KiB"),
         });
     }
-    // The scalar path's partial rows can be wide (cols past MAX_VECS * 512 vectors): keep them to 256.
     let parts = rows.min(if vector {
         BWD_THREADS_TOTAL / threads as usize
     } else {
-        256
+        SCALAR_BWD_PARTS
     });
     let mut partial = Tensor::empty(&[parts, cols], DType::F32, x.device())?;
     let (rows_i, cols_i, parts_i) = (
