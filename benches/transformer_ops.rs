@@ -7,8 +7,8 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
+use rlhf_kernels::bench::AdamwBench;
 use rlhf_kernels::device::{DType, Device, Tensor};
-use rlhf_kernels::ops::adamw::{adamw_step, AdamWConfig};
 use rlhf_kernels::ops::elementwise::add;
 use rlhf_kernels::ops::embed::{embed_bwd, embed_fwd, rows_store};
 use rlhf_kernels::ops::mlp::{swiglu_bwd, swiglu_fwd};
@@ -123,32 +123,13 @@ fn bench_device(c: &mut Criterion, device: &Device, label: &str, s: Shape, dtype
     g.finish();
 }
 
-/// AdamW over `params` f32 master weights with a bf16 copy: reads w, m, v, grad and writes w, m, v
-/// (f32) and the copy (bf16).
+/// AdamW over `params` f32 master weights with a bf16 copy (`AdamwBench::bytes` says what it moves).
 fn bench_adamw(c: &mut Criterion, device: &Device, label: &str, params: usize) {
-    let mut rng = Rng::new(2);
-    let f32t =
-        |rng: &mut Rng| Tensor::from_f32(&[params], rng.normal_vec(params, 0.02), device).unwrap();
-    let (mut w, grad) = (f32t(&mut rng), f32t(&mut rng));
-    let mut m = Tensor::zeros(&[params], DType::F32, device).unwrap();
-    let mut v = Tensor::zeros(&[params], DType::F32, device).unwrap();
-    let mut copy = Tensor::zeros(&[params], DType::BF16, device).unwrap();
-    let cfg = AdamWConfig::default();
+    let mut adamw = AdamwBench::new(device, params, &mut Rng::new(2)).unwrap();
     let mut g = c.benchmark_group(format!("transformer_ops/{label}/adamw/{params}"));
-    let mut step = 0;
-    timed(&mut g, device, "adamw_step", params * (7 * 4 + 2), || {
-        step += 1;
-        adamw_step(
-            &mut w,
-            &mut m,
-            &mut v,
-            Some(&mut copy),
-            &grad,
-            &cfg,
-            step,
-            1.0,
-        )
-        .unwrap()
+    let bytes = adamw.bytes();
+    timed(&mut g, device, "adamw_step", bytes, || {
+        adamw.step().unwrap()
     });
     g.finish();
 }

@@ -164,6 +164,52 @@ fn row(
     }
 }
 
+/// An AdamW step over `params` f32 master weights with a bf16 copy, ready to time (`rlhf bench
+/// kernels` and the criterion bench `transformer_ops` share it).
+pub struct AdamwBench {
+    w: Tensor,
+    m: Tensor,
+    v: Tensor,
+    copy: Tensor,
+    grad: Tensor,
+    cfg: AdamWConfig,
+    steps: u64,
+}
+
+impl AdamwBench {
+    pub fn new(device: &Device, params: usize, rng: &mut Rng) -> Result<Self> {
+        let mut f32_vec = || Tensor::from_f32(&[params], rng.normal_vec(params, 0.02), device);
+        Ok(AdamwBench {
+            w: f32_vec()?,
+            grad: f32_vec()?,
+            m: Tensor::zeros(&[params], DType::F32, device)?,
+            v: Tensor::zeros(&[params], DType::F32, device)?,
+            copy: Tensor::zeros(&[params], DType::BF16, device)?,
+            cfg: AdamWConfig::default(),
+            steps: 0,
+        })
+    }
+
+    /// Bytes one step moves: w, m, v and grad read, w, m and v written (f32), the bf16 copy written.
+    pub fn bytes(&self) -> usize {
+        self.w.numel() * (7 * 4 + 2)
+    }
+
+    pub fn step(&mut self) -> Result<()> {
+        self.steps += 1;
+        adamw_step(
+            &mut self.w,
+            &mut self.m,
+            &mut self.v,
+            Some(&mut self.copy),
+            &self.grad,
+            &self.cfg,
+            self.steps,
+            1.0,
+        )
+    }
+}
+
 /// Times every family. `Full` uses the realistic shapes: N = 8,192 tokens, V = 49,152 and 128,256,
 /// d = 576 and 4,096, DPO 64 pairs × 1,024 tokens, PPO 64 × 512.
 pub fn bench_kernels(
@@ -248,36 +294,17 @@ pub fn bench_kernels(
         ),
         &mut rows,
     );
-    // AdamW over SmolLM2-135M's parameters: w, m, v and grad read, w, m, v written (f32), the bf16
-    // copy written.
+    // AdamW over SmolLM2-135M's parameters.
     let params = if full { 134_515_008 } else { 1 << 18 };
-    let f32_vec = |rng: &mut Rng| Tensor::from_f32(&[params], rng.normal_vec(params, 0.02), device);
-    let (mut w, grad) = (f32_vec(&mut rng)?, f32_vec(&mut rng)?);
-    let mut m = Tensor::zeros(&[params], DType::F32, device)?;
-    let mut v = Tensor::zeros(&[params], DType::F32, device)?;
-    let mut copy = Tensor::zeros(&[params], DType::BF16, device)?;
-    let cfg = AdamWConfig::default();
-    let mut step = 0;
-    let ms = median_ms(device, warm, reps, || {
-        step += 1;
-        adamw_step(
-            &mut w,
-            &mut m,
-            &mut v,
-            Some(&mut copy),
-            &grad,
-            &cfg,
-            step,
-            1.0,
-        )
-    })?;
+    let mut adamw = AdamwBench::new(device, params, &mut rng)?;
+    let ms = median_ms(device, warm, reps, || adamw.step())?;
     push(
         row(
             "adamw step",
             format!("{params} params"),
             ms,
             Bound::Memory,
-            (params * (7 * 4 + 2)) as f64,
+            adamw.bytes() as f64,
             ceil,
         ),
         &mut rows,
