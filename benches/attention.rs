@@ -1,6 +1,7 @@
 //! Attention forward and backward, reported as FLOP/s: forward 4·B·H·T²·D halved for causality,
 //! backward 2.5× that. CPU: one small shape; CUDA: T = 512 .. 16,384 at batch·T = 16k tokens and
-//! H·D = 2,048 for D = 64 and 128 (the simple kernel; the flash kernels will replace it).
+//! H·D = 2,048 for D = 64 and 128 (the flash kernels; the backward in both its fast and its
+//! deterministic mode).
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -23,7 +24,9 @@ fn run(c: &mut Criterion, device: &Device, label: &str, seqs: usize, t: usize, h
         mk(&mut rng, hd.kv_heads * hd.head_dim),
     );
     let dout = mk(&mut rng, hd.heads * hd.head_dim);
-    let batch = AttnBatch::packed(&vec![t; seqs], device).unwrap();
+    let batch = AttnBatch::packed(&vec![t; seqs], device)
+        .unwrap()
+        .with_deterministic(false);
     let scale = 1.0 / (hd.head_dim as f32).sqrt();
     let fwd_flops = 4.0 * (seqs * hd.heads * t * t * hd.head_dim) as f64 / 2.0;
     let mut g = c.benchmark_group(format!(
@@ -43,15 +46,20 @@ fn run(c: &mut Criterion, device: &Device, label: &str, seqs: usize, t: usize, h
     });
     let (o, lse) = attention_fwd(&q, &k, &v, &batch, hd, scale).unwrap();
     g.throughput(Throughput::Elements((2.5 * fwd_flops) as u64));
-    g.bench_function("bwd", |b| {
-        b.iter_custom(|iters| {
-            time_iters(device, iters, || {
-                drop(black_box(
-                    attention_bwd(&dout, &q, &k, &v, &o, &lse, &batch, hd, scale).unwrap(),
-                ))
+    for (name, deterministic) in [("bwd", false), ("bwd_deterministic", true)] {
+        let batch = AttnBatch::packed(&vec![t; seqs], device)
+            .unwrap()
+            .with_deterministic(deterministic);
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                time_iters(device, iters, || {
+                    drop(black_box(
+                        attention_bwd(&dout, &q, &k, &v, &o, &lse, &batch, hd, scale).unwrap(),
+                    ))
+                })
             })
-        })
-    });
+        });
+    }
     g.finish();
 }
 

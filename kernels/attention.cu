@@ -231,10 +231,11 @@ ATTENTION_INSTANTIATE(bf16, bf16)
 // 64-key tiles of K and V through shared memory with cp.async (the next K tile loads while this tile's
 // softmax and P·V run), keeps S, P and O in registers, and converts the S accumulators straight into
 // P's A operand (the m16n8 accumulator layout of two adjacent n-tiles is the m16k16 A layout).
-// Backward, without atomics so that it is bitwise deterministic: a dK/dV kernel where a block owns
+// Backward, deterministic mode (no atomics, bitwise repeatable): a dK/dV kernel where a block owns
 // 64 keys of one kv head and loops over every query head of its group and every query tile that sees
 // them, and a dQ kernel where a block owns 64 query rows and loops over their keys; both recompute P
-// from Q, K and the saved logsumexp. Work is cut into 64-row tiles listed by the host (`tiles`:
+// from Q, K and the saved logsumexp. Fast mode (the default): the dK/dV kernel alone, adding dQ into
+// an f32 buffer with atomics (FlashAttention-2's schedule). Work is cut into 64-row tiles listed by the host (`tiles`:
 // sequence, first local row) so that packed variable-length batches pay nothing for padding.
 //
 // Smem rows are padded by 16 bytes so that the 8 row addresses of an ldmatrix fall in distinct banks.
@@ -322,6 +323,23 @@ template <int D>
 __device__ __forceinline__ void flash_load_b(uint32_t (&b)[4], const bf16* tile, int k0, int c0) {
     const int lane = threadIdx.x & 31, mat = lane >> 3;
     ldsm_x4_trans(b, tile + (k0 + (lane & 7) + (mat & 1) * 8) * (D + FLASH_PAD) + c0 + (mat >> 1) * 8);
+}
+
+// A operand (rows m0 .. m0 + 16, k columns k0 .. k0 + 16) of A · B from a tile stored transposed,
+// [k][m] with `stride` elements a row.
+__device__ __forceinline__ void flash_load_a_trans(uint32_t (&a)[4], const bf16* tile, int stride, int m0, int k0) {
+    const int lane = threadIdx.x & 31, mat = lane >> 3;
+    ldsm_x4_trans(a, tile + (k0 + (lane & 7) + (mat >> 1) * 8) * stride + m0 + (mat & 1) * 8);
+}
+
+// f32 += into global memory from many blocks: the fast backward's dQ.
+__device__ __forceinline__ void atomic_add2(float* p, float x, float y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    atomicAdd(reinterpret_cast<float2*>(p), make_float2(x, y));
+#else
+    atomicAdd(p, x);
+    atomicAdd(p + 1, y);
+#endif
 }
 
 // The A operand of k-step kk from f32 accumulators of n-tiles 2kk and 2kk + 1, rounded to bf16.
@@ -657,12 +675,17 @@ __device__ void flash_bwd_dq(bf16* __restrict__ dq, const bf16* __restrict__ q, 
 
 // dK and dV for 64 keys of one kv head, summed over the query heads of its group:
 // dV = Σ Pᵀ·dO, dK = scale · Σ dSᵀ·Q, computed transposed (keys are the rows of every product).
-template <int D>
-__device__ void flash_bwd_dkv(bf16* __restrict__ dk, bf16* __restrict__ dv, const bf16* __restrict__ q,
-                              const bf16* __restrict__ k, const bf16* __restrict__ v, const bf16* __restrict__ dout,
-                              const float* __restrict__ lse, const float* __restrict__ delta,
-                              const int* __restrict__ cu_q, const int* __restrict__ tiles, int H, int KV,
-                              float scale) {
+//
+// ATOMIC_DQ (the fast, non-deterministic backward): the same kernel also adds each tile's
+// dQ = scale · dS·K into the f32 `dq_acc` with atomics, so no dQ kernel recomputes P and dP (five
+// products a tile pair instead of seven). The order in which blocks add is not fixed, so dQ can
+// differ in the last bits between runs.
+template <int D, bool ATOMIC_DQ>
+__device__ void flash_bwd_dkv(bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dq_acc,
+                              const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+                              const bf16* __restrict__ dout, const float* __restrict__ lse,
+                              const float* __restrict__ delta, const int* __restrict__ cu_q,
+                              const int* __restrict__ tiles, int H, int KV, float scale) {
     constexpr int STRIDE = D + FLASH_PAD, QT = FLASH_BWD_QTILE, NT = QT / 8, DT = D / 8;
     extern __shared__ __align__(16) unsigned char flash_smem[];
     bf16* ks = reinterpret_cast<bf16*>(flash_smem);  // [64][STRIDE]
@@ -673,6 +696,9 @@ __device__ void flash_bwd_dkv(bf16* __restrict__ dk, bf16* __restrict__ dv, cons
     bf16* qs0 = vs + FLASH_TILE * STRIDE;
     float* lse2s0 = reinterpret_cast<float*>(qs0 + 2 * STAGE);  // [2][QT]
     float* dlts0 = lse2s0 + 2 * QT;                             // [2][QT]
+    // ATOMIC_DQ: scale · dSᵀ of the current tile in bf16, [64 keys][QT + pad].
+    constexpr int DS_STRIDE = QT + FLASH_PAD;
+    bf16* dss = reinterpret_cast<bf16*>(dlts0 + 2 * QT);
     const int b = tiles[2 * blockIdx.x], j0 = tiles[2 * blockIdx.x + 1];
     const int g = blockIdx.y, group = H / KV;
     const int q_begin = cu_q[b], len = cu_q[b + 1] - q_begin;
@@ -751,6 +777,15 @@ __device__ void flash_bwd_dkv(bf16* __restrict__ dk, bf16* __restrict__ dv, cons
             } else {
                 flash_dkv_p<true>(s, dp, scale_log2, lse2s, dlts, i0, lane, key_a);
             }
+            if constexpr (ATOMIC_DQ) {
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int i = 0; i < 2; ++i)
+                        *reinterpret_cast<uint32_t*>(dss + (warp * 16 + (lane >> 2) + 8 * i) * DS_STRIDE + nt * 8 +
+                                                     2 * (lane & 3)) =
+                            pack_bf16x2(dp[nt][2 * i] * scale, dp[nt][2 * i + 1] * scale);
+            }
 #pragma unroll
             for (int kk = 0; kk < QT / 16; ++kk) {
                 uint32_t pa[4], da[4];
@@ -765,6 +800,35 @@ __device__ void flash_bwd_dkv(bf16* __restrict__ dk, bf16* __restrict__ dv, cons
                     flash_load_b<D>(bf, qs, kk * 16, dt * 8);
                     mma_16816(dka[dt], da, bf[0], bf[1]);
                     mma_16816(dka[dt + 1], da, bf[2], bf[3]);
+                }
+            }
+            if constexpr (ATOMIC_DQ) {
+                // dQ[QT][D] = dS[QT][64] · K[64][D]: warp w takes query rows (w & 1) * 16 and half
+                // of the columns, reading every warp's dSᵀ rows.
+                __syncthreads();
+                const int h = g * group + it / per_head, m0 = (warp & 1) * 16, c0 = (warp >> 1) * (D / 2);
+                float dqa[DT / 2][4];
+#pragma unroll
+                for (int i = 0; i < DT / 2; ++i) dqa[i][0] = dqa[i][1] = dqa[i][2] = dqa[i][3] = 0.0f;
+#pragma unroll
+                for (int kk = 0; kk < FLASH_TILE / 16; ++kk) {
+                    uint32_t a[4];
+                    flash_load_a_trans(a, dss, DS_STRIDE, m0, kk * 16);
+#pragma unroll
+                    for (int dt = 0; dt < DT / 2; dt += 2) {
+                        uint32_t bf[4];
+                        flash_load_b<D>(bf, ks, kk * 16, c0 + dt * 8);
+                        mma_16816(dqa[dt], a, bf[0], bf[1]);
+                        mma_16816(dqa[dt + 1], a, bf[2], bf[3]);
+                    }
+                }
+#pragma unroll
+                for (int i = 0; i < 2; ++i) {
+                    const int row = i0 + m0 + (lane >> 2) + 8 * i;
+                    if (row >= len) continue;
+                    float* drow = dq_acc + (size_t)(q_begin + row) * q_stride + h * D + c0 + 2 * (lane & 3);
+#pragma unroll
+                    for (int dt = 0; dt < DT / 2; ++dt) atomic_add2(drow + dt * 8, dqa[dt][2 * i], dqa[dt][2 * i + 1]);
                 }
             }
             __syncthreads();
@@ -799,7 +863,13 @@ __device__ void flash_bwd_dkv(bf16* __restrict__ dk, bf16* __restrict__ dv, cons
         flash_bwd_dkv_d##D(bf16* dk, bf16* dv, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,     \
                            const float* lse, const float* delta, const int* cu_q, const int* tiles, int H,        \
                            int KV, float scale) {                                                                 \
-        flash_bwd_dkv<D>(dk, dv, q, k, v, dout, lse, delta, cu_q, tiles, H, KV, scale);                           \
+        flash_bwd_dkv<D, false>(dk, dv, nullptr, q, k, v, dout, lse, delta, cu_q, tiles, H, KV, scale);           \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 1)                                                 \
+        flash_bwd_dkv_dq_d##D(bf16* dk, bf16* dv, float* dq_acc, const bf16* q, const bf16* k, const bf16* v,     \
+                              const bf16* dout, const float* lse, const float* delta, const int* cu_q,            \
+                              const int* tiles, int H, int KV, float scale) {                                     \
+        flash_bwd_dkv<D, true>(dk, dv, dq_acc, q, k, v, dout, lse, delta, cu_q, tiles, H, KV, scale);             \
     }
 
 FLASH_INSTANTIATE(64)

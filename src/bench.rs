@@ -647,7 +647,8 @@ pub fn bench_dpo_step(
 }
 
 /// One attention measurement: median forward and backward times and their TFLOP/s (forward
-/// 4·B·H·T²·D / 2 for causal attention, backward 2.5× that).
+/// 4·B·H·T²·D / 2 for causal attention, backward 2.5× that), the backward in its fast mode (dQ by
+/// atomics) and its deterministic one.
 #[derive(Debug, Clone)]
 pub struct AttentionBench {
     pub seqs: usize,
@@ -655,8 +656,10 @@ pub struct AttentionBench {
     pub head_dim: usize,
     pub forward_ms: f64,
     pub backward_ms: f64,
+    pub backward_deterministic_ms: f64,
     pub forward_tflops: f64,
     pub backward_tflops: f64,
+    pub backward_deterministic_tflops: f64,
 }
 
 pub fn bench_attention(
@@ -681,13 +684,17 @@ pub fn bench_attention(
     let k = random(device, &mut rng, &[n, kv_heads * head_dim], 1.0, dtype)?;
     let v = random(device, &mut rng, &[n, kv_heads * head_dim], 1.0, dtype)?;
     let dout = random(device, &mut rng, &[n, heads * head_dim], 1.0, dtype)?;
-    let batch = AttnBatch::packed(&vec![len; seqs], device)?;
+    let batch = AttnBatch::packed(&vec![len; seqs], device)?.with_deterministic(false);
     let scale = 1.0 / (head_dim as f32).sqrt();
     let forward_ms = median_ms(device, 1, reps, || {
         attention_fwd(&q, &k, &v, &batch, hd, scale).map(drop)
     })?;
     let (o, lse) = attention_fwd(&q, &k, &v, &batch, hd, scale)?;
     let backward_ms = median_ms(device, 1, reps, || {
+        attention_bwd(&dout, &q, &k, &v, &o, &lse, &batch, hd, scale).map(drop)
+    })?;
+    let batch = batch.with_deterministic(true);
+    let backward_deterministic_ms = median_ms(device, 1, reps, || {
         attention_bwd(&dout, &q, &k, &v, &o, &lse, &batch, hd, scale).map(drop)
     })?;
     let flops = 4.0 * (seqs * heads * len * len * head_dim) as f64 / 2.0;
@@ -697,8 +704,10 @@ pub fn bench_attention(
         head_dim,
         forward_ms,
         backward_ms,
+        backward_deterministic_ms,
         forward_tflops: flops / (forward_ms * 1e-3) / 1e12,
         backward_tflops: 2.5 * flops / (backward_ms * 1e-3) / 1e12,
+        backward_deterministic_tflops: 2.5 * flops / (backward_deterministic_ms * 1e-3) / 1e12,
     })
 }
 

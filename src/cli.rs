@@ -749,23 +749,34 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 "GEMM ceiling {:.1} TFLOP/s, copy {:.0} GB/s on {device:?}",
                 ceil.gemm_tflops, ceil.copy_gbs
             );
+            println!("bwd: dQ by atomics (the default); det: the deterministic backward (--deterministic)");
             println!(
-                "{:>6} {:>6} {:>5} {:>11} {:>11} {:>12} {:>12}",
-                "T", "batch", "D", "fwd ms", "bwd ms", "fwd TFLOP/s", "bwd TFLOP/s"
+                "{:>6} {:>6} {:>5} {:>9} {:>9} {:>9} {:>12} {:>12} {:>12}",
+                "T",
+                "batch",
+                "D",
+                "fwd ms",
+                "bwd ms",
+                "det ms",
+                "fwd TFLOP/s",
+                "bwd TFLOP/s",
+                "det TFLOP/s"
             );
             for &d in &head_dims {
                 for &t in &lens {
                     let seqs = (tokens / t).max(1);
                     let r = bench::bench_attention(&device, seqs, t, 2048 / d, 2048 / d, d, reps)?;
                     println!(
-                        "{:>6} {:>6} {:>5} {:>11.3} {:>11.3} {:>12.2} {:>12.2}",
+                        "{:>6} {:>6} {:>5} {:>9.3} {:>9.3} {:>9.3} {:>12.2} {:>12.2} {:>12.2}",
                         t,
                         seqs,
                         d,
                         r.forward_ms,
                         r.backward_ms,
+                        r.backward_deterministic_ms,
                         r.forward_tflops,
-                        r.backward_tflops
+                        r.backward_tflops,
+                        r.backward_deterministic_tflops
                     );
                 }
             }

@@ -285,9 +285,10 @@ fn decode_kernels_take_cache_batches_and_split_them_whole() {
     assert!(simple.decode_split(hd(4, 4, 64)).is_none());
 }
 
-/// CUDA against the CPU reference on one packed batch, with every kernel choice; the decode path
-/// (the last `decode_rows` rows of each sequence as queries against a KV cache) against the same
-/// rows; and the backward run twice, bitwise equal.
+/// CUDA against the CPU reference on one packed batch, with every kernel choice and both flash
+/// backward modes; the decode path (the last `decode_rows` rows of each sequence as queries against
+/// a KV cache) against the same rows; and the backward run twice, bitwise equal unless it is the fast
+/// flash backward (whose dQ atomics may add in any order).
 #[allow(clippy::too_many_arguments)]
 fn check_cuda(
     dev: &Device,
@@ -319,8 +320,12 @@ fn check_cuda(
     );
     let g = round(rng.normal_vec(n * heads * head_dim, 1.0));
     let scale = 1.0 / (head_dim as f32).sqrt();
-    let run = |d: &Device, dt: DType, kernel: AttnKernel| {
-        let batch = AttnBatch::packed(lens, d).unwrap().with_kernel(kernel);
+    let run = |d: &Device, dt: DType, kernel: AttnKernel, deterministic: bool| {
+        let batch = AttnBatch::packed(lens, d)
+            .unwrap()
+            .with_kernel(kernel)
+            .with_deterministic(deterministic);
+        let bitwise = deterministic || kernel == AttnKernel::Simple || dt != DType::BF16;
         let t = |x: &[f32], w: usize| Tensor::from_f32_as(&[n, w], x, dt, d).unwrap();
         let (qt, kt, vt) = (
             t(&q, heads * head_dim),
@@ -331,13 +336,13 @@ fn check_cuda(
         let gt = t(&g, heads * head_dim);
         let (dq, dk, dv) = attention_bwd(&gt, &qt, &kt, &vt, &o, &l, &batch, hd, scale).unwrap();
         let grads = [&dq, &dk, &dv].map(|x| x.to_f32_vec().unwrap());
-        if !matches!(d, Device::Cpu) {
+        if !matches!(d, Device::Cpu) && bitwise {
             let again = attention_bwd(&gt, &qt, &kt, &vt, &o, &l, &batch, hd, scale).unwrap();
             let grads_again = [&again.0, &again.1, &again.2].map(|x| x.to_f32_vec().unwrap());
             for (a, b) in grads.iter().zip(&grads_again) {
                 assert!(
                     a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
-                    "{kernel:?}: two backward runs differ"
+                    "{kernel:?} (deterministic: {deterministic}): two backward runs differ"
                 );
             }
         }
@@ -379,7 +384,7 @@ fn check_cuda(
         let [dq, dk, dv] = grads;
         ([o, l, dq, dk, dv], o_dec.to_f32_vec().unwrap(), rows)
     };
-    let (want, _, rows) = run(&Device::Cpu, DType::F32, AttnKernel::Auto);
+    let (want, _, rows) = run(&Device::Cpu, DType::F32, AttnKernel::Auto, true);
     let lowp =
         (dtype == DType::BF16).then(|| attention_bf16_eager(&q, &k, &v, &g, lens, hd, scale));
     let width = heads * head_dim;
@@ -388,10 +393,17 @@ fn check_cuda(
             .flat_map(|&r| x[r * width..][..width].to_vec())
             .collect()
     };
-    for kernel in [AttnKernel::Auto, AttnKernel::Simple] {
-        let (got, got_dec, _) = run(dev, dtype, kernel);
+    for (kernel, deterministic) in [
+        (AttnKernel::Auto, false),
+        (AttnKernel::Auto, true),
+        (AttnKernel::Simple, true),
+    ] {
+        if dtype != DType::BF16 && !deterministic {
+            continue; // only the bf16 flash backward has a fast mode
+        }
+        let (got, got_dec, _) = run(dev, dtype, kernel, deterministic);
         let case = format!(
-            "lens {lens:?} H{heads} KV{kv_heads} D{head_dim} {} {kernel:?}",
+            "lens {lens:?} H{heads} KV{kv_heads} D{head_dim} {} {kernel:?} deterministic {deterministic}",
             dtype.name()
         );
         check_output(

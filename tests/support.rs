@@ -120,3 +120,40 @@ fn cuda_choice_without_a_gpu_is_a_clear_error_not_a_panic() {
         .unwrap()
         .is_cuda());
 }
+
+/// ptxas's report for every embedded kernel: no spills and no stack frame on any architecture (a
+/// register array indexed at run time, or too many live values, shows up here before it shows up
+/// as a slow kernel).
+#[test]
+fn every_kernel_compiles_without_spills_or_stack() {
+    use rlhf_kernels::device::kernels::{KERNEL_IMAGES, KERNEL_RESOURCES};
+    if KERNEL_IMAGES.is_empty() {
+        assert!(
+            std::env::var("RLHF_REQUIRE_KERNELS").as_deref() != Ok("1"),
+            "RLHF_REQUIRE_KERNELS=1 but this build embedded no kernels"
+        );
+        println!("skipped: this build has no kernels (no nvcc)");
+        return;
+    }
+    assert!(
+        KERNEL_RESOURCES.len() >= 2 * KERNEL_IMAGES.len(),
+        "ptxas's report is missing: {} entries for {} families",
+        KERNEL_RESOURCES.len(),
+        KERNEL_IMAGES.len()
+    );
+    let bad: Vec<String> = KERNEL_RESOURCES
+        .iter()
+        .filter(|r| r.spill_stores + r.spill_loads + r.stack_bytes > 0)
+        .map(|r| {
+            format!(
+                "{}/{} {}: stack {} B, spill stores {} B, loads {} B",
+                r.family, r.kernel, r.arch, r.stack_bytes, r.spill_stores, r.spill_loads
+            )
+        })
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "kernels with spills or a stack frame:\n{}",
+        bad.join("\n")
+    );
+}

@@ -7,6 +7,8 @@
 //! bottom-right, so a decode step's single query sees its whole cache. The forward returns the
 //! per-row, per-head logsumexp for the backward, which recomputes the scores.
 
+use std::sync::atomic::{AtomicU8, Ordering};
+
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::bf16;
 use num_traits::Float;
@@ -31,6 +33,8 @@ pub struct AttnBatch {
     pub packed: bool,
     /// Which CUDA kernels run this batch.
     pub kernel: AttnKernel,
+    /// The flash backward without atomics (bitwise repeatable, slower); see [`set_deterministic`].
+    pub deterministic: bool,
     /// `[tiles, 2]` (sequence, first local query row) of every 64-row query tile, for the flash
     /// kernels: packed batches of any lengths cost no padding beyond each sequence's last tile.
     tiles: Vec<i32>,
@@ -74,6 +78,27 @@ impl AttnKernel {
 
     fn flash(self, dtype: DType, head_dim: usize) -> bool {
         self == AttnKernel::Auto && dtype == DType::BF16 && matches!(head_dim, 64 | 128)
+    }
+}
+
+const DETERMINISM_UNSET: u8 = 2;
+static DETERMINISTIC: AtomicU8 = AtomicU8::new(DETERMINISM_UNSET);
+
+/// Makes new batches run the deterministic flash backward (no atomics: two runs give bitwise-equal
+/// gradients, at the cost of a second kernel that recomputes P for dQ) or the fast one (dQ added
+/// with f32 atomics, so its last bits depend on the order blocks finish). The trainers' `--deterministic`
+/// flag sets it; unset, `RLHF_DETERMINISTIC=1` selects the deterministic one and anything else the
+/// fast one, as PyTorch and FlashAttention-2 default to. Only the flash backward (bf16, head_dim
+/// 64 or 128 on CUDA) has two modes; every other path is deterministic.
+pub fn set_deterministic(on: bool) {
+    DETERMINISTIC.store(on as u8, Ordering::Relaxed);
+}
+
+/// Whether new batches take the deterministic backward (see [`set_deterministic`]).
+pub fn deterministic() -> bool {
+    match DETERMINISTIC.load(Ordering::Relaxed) {
+        DETERMINISM_UNSET => std::env::var("RLHF_DETERMINISTIC").is_ok_and(|v| v == "1"),
+        on => on == 1,
     }
 }
 
@@ -190,6 +215,7 @@ impl AttnBatch {
             k_len,
             packed,
             kernel: AttnKernel::default_choice(),
+            deterministic: deterministic(),
             tiles,
             dev,
         })
@@ -217,6 +243,12 @@ impl AttnBatch {
     /// The same batch run by `kernel` on CUDA.
     pub fn with_kernel(mut self, kernel: AttnKernel) -> AttnBatch {
         self.kernel = kernel;
+        self
+    }
+
+    /// The same batch with the deterministic (or the fast) flash backward.
+    pub fn with_deterministic(mut self, on: bool) -> AttnBatch {
+        self.deterministic = on;
         self
     }
 
@@ -592,11 +624,10 @@ fn bwd_cuda<T: CudaElem>(
     let device = q.device();
     let dev = device.as_cuda(OP_BWD)?;
     let nq = batch.query_rows();
-    let mut dq = Tensor::empty(q.shape(), T::DTYPE, device)?;
     let mut dk = Tensor::empty(k.shape(), T::DTYPE, device)?;
     let mut dv = Tensor::empty(v.shape(), T::DTYPE, device)?;
     if nq == 0 {
-        return Ok((dq, dk, dv));
+        return Ok((Tensor::empty(q.shape(), T::DTYPE, device)?, dk, dv));
     }
     let tables = batch.device_tables(OP_BWD)?;
     let (cu, ks, kl) = (&tables.cu_q, &tables.k_start, &tables.k_len);
@@ -620,12 +651,13 @@ fn bwd_cuda<T: CudaElem>(
     // SAFETY: dout and out hold nq*H*D elements, delta nq*H; one block per (row, head).
     unsafe { l.launch(grid(OP_BWD, nq, hd.heads, hd.head_dim, 0)?) }?;
     if batch.kernel.flash(T::DTYPE, hd.head_dim) {
-        flash_bwd_cuda(
-            &mut dq, &mut dk, &mut dv, dout, q, k, v, lse, &delta, batch, hd, scale,
+        let dq = flash_bwd_cuda(
+            &mut dk, &mut dv, dout, q, k, v, lse, &delta, batch, hd, scale,
         )?;
         return Ok((dq, dk, dv));
     }
 
+    let mut dq = Tensor::empty(q.shape(), T::DTYPE, device)?;
     let f = dev.function(
         "attention",
         T::pick("attention_bwd_dq_f32", "attention_bwd_dq_bf16"),
@@ -769,7 +801,9 @@ fn flash_name(kind: &'static str, head_dim: usize) -> &'static str {
         ("dq", 64) => "flash_bwd_dq_d64",
         ("dq", _) => "flash_bwd_dq_d128",
         ("dkv", 64) => "flash_bwd_dkv_d64",
-        _ => "flash_bwd_dkv_d128",
+        ("dkv", _) => "flash_bwd_dkv_d128",
+        ("dkv_dq", 64) => "flash_bwd_dkv_dq_d64",
+        _ => "flash_bwd_dkv_dq_d128",
     }
 }
 
@@ -824,9 +858,9 @@ fn flash_fwd_cuda(
     Ok(())
 }
 
+/// dK and dV into `dk`, `dv`; returns dQ.
 #[allow(clippy::too_many_arguments)]
 fn flash_bwd_cuda(
-    dq: &mut Tensor,
     dk: &mut Tensor,
     dv: &mut Tensor,
     dout: &Tensor,
@@ -838,15 +872,46 @@ fn flash_bwd_cuda(
     batch: &AttnBatch,
     hd: Heads,
     scale: f32,
-) -> Result<()> {
-    let dev = q.device().as_cuda(OP_BWD)?;
+) -> Result<Tensor> {
+    let device = q.device();
+    let dev = device.as_cuda(OP_BWD)?;
     let cu = &batch.device_tables(OP_BWD)?.cu_q;
     let tiles = batch.device_tiles(OP_BWD)?;
     let (h, kv) = (hd.heads as i32, hd.kv_heads as i32);
     let row_bytes = (hd.head_dim + FLASH_PAD) * 2;
 
-    // K and V tiles, then two stages of (Q tile, dO tile, scaled lse, delta).
-    let smem = (2 * FLASH_TILE + 4 * FLASH_BWD_QTILE) * row_bytes + 4 * FLASH_BWD_QTILE * 4;
+    // K and V tiles, then two stages of (Q tile, dO tile, scaled lse, delta); the fast kernel adds
+    // the tile's dSᵀ, [64][FLASH_BWD_QTILE + FLASH_PAD] bf16.
+    let dkv_smem = (2 * FLASH_TILE + 4 * FLASH_BWD_QTILE) * row_bytes + 4 * FLASH_BWD_QTILE * 4;
+    if !batch.deterministic {
+        let smem = dkv_smem + FLASH_TILE * (FLASH_BWD_QTILE + FLASH_PAD) * 2;
+        let mut dq_acc = Tensor::zeros(q.shape(), DType::F32, device)?;
+        let f =
+            dev.function_with_shared("attention", flash_name("dkv_dq", hd.head_dim), smem, 0)?;
+        let mut l = dev.stream().launch_builder(&f);
+        l.arg(bf16::slice_mut(dk, OP_BWD)?)
+            .arg(bf16::slice_mut(dv, OP_BWD)?)
+            .arg(dq_acc.cuda_f32_mut(OP_BWD)?)
+            .arg(bf16::slice(q, OP_BWD)?)
+            .arg(bf16::slice(k, OP_BWD)?)
+            .arg(bf16::slice(v, OP_BWD)?)
+            .arg(bf16::slice(dout, OP_BWD)?)
+            .arg(lse.cuda_f32(OP_BWD)?)
+            .arg(delta.cuda_f32(OP_BWD)?)
+            .arg(cu.cuda_i32(OP_BWD)?)
+            .arg(tiles.cuda_i32(OP_BWD)?)
+            .arg(&h)
+            .arg(&kv)
+            .arg(&scale);
+        // SAFETY: a packed batch, so key tiles are the query tiles; one block per (key tile, kv
+        // head), each writing only its own 64 key rows of dk and dv and adding (atomically) into
+        // rows of dq_acc, which is [Nq, H·D] f32 like q's shape.
+        unsafe { l.launch(flash_config(OP_BWD, batch.tile_count(), hd.kv_heads, smem)?) }?;
+        return crate::ops::elementwise::cast(&dq_acc, DType::BF16);
+    }
+
+    let mut dq = Tensor::empty(q.shape(), DType::BF16, device)?;
+    let smem = dkv_smem;
     let f = dev.function_with_shared("attention", flash_name("dkv", hd.head_dim), smem, 0)?;
     let mut l = dev.stream().launch_builder(&f);
     l.arg(bf16::slice_mut(dk, OP_BWD)?)
@@ -870,7 +935,7 @@ fn flash_bwd_cuda(
     let smem = 4 * FLASH_BWD_QTILE * row_bytes;
     let f = dev.function_with_shared("attention", flash_name("dq", hd.head_dim), smem, 0)?;
     let mut l = dev.stream().launch_builder(&f);
-    l.arg(bf16::slice_mut(dq, OP_BWD)?)
+    l.arg(bf16::slice_mut(&mut dq, OP_BWD)?)
         .arg(bf16::slice(q, OP_BWD)?)
         .arg(bf16::slice(k, OP_BWD)?)
         .arg(bf16::slice(v, OP_BWD)?)
@@ -884,5 +949,5 @@ fn flash_bwd_cuda(
         .arg(&scale);
     // SAFETY: as above; one block per (query tile, head), each writing only its own rows of dq.
     unsafe { l.launch(flash_config(OP_BWD, batch.tile_count(), hd.heads, smem)?) }?;
-    Ok(())
+    Ok(dq)
 }

@@ -98,6 +98,10 @@ pub struct TrainArgs {
     /// No progress bar (metrics still go to metrics.jsonl).
     #[arg(long)]
     pub quiet: bool,
+    /// Bitwise-repeatable GPU gradients: the attention backward without atomics (slower). Without
+    /// it, RLHF_DETERMINISTIC=1 does the same. CPU runs are always repeatable.
+    #[arg(long)]
+    pub deterministic: bool,
 }
 
 impl TrainArgs {
@@ -126,6 +130,7 @@ impl TrainArgs {
             eval_fraction: 0.0,
             recompute: false,
             quiet: true,
+            deterministic: false,
         }
     }
 
@@ -740,6 +745,9 @@ impl PromptCycler {
 
 /// Loads the policy for a trainer from `args`.
 pub fn load_model(args: &TrainArgs) -> Result<(Model, TextTokenizer)> {
+    if args.deterministic {
+        crate::ops::attention::set_deterministic(true);
+    }
     let device = Device::from_choice(args.device)?;
     let mut model = Model::load(&args.model, &device)?;
     model.recompute = args.recompute;
