@@ -1,14 +1,14 @@
 //! Attention forward and backward, reported as FLOP/s: forward 4·B·H·T²·D halved for causality,
 //! backward 2.5× that. CPU: one small shape; CUDA: T = 512 .. 16,384 at batch·T = 16k tokens and
-//! H·D = 2,048 for D = 64 and 128 (the flash kernels; the backward in both its fast and its
-//! deterministic mode).
+//! H·D = 2,048 for D = 64 and 128 (the flash kernels: the forward also on mma.sync, which on Hopper
+//! differs from the default wgmma one; the backward in both its fast and its deterministic mode).
 
 use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use rlhf_kernels::device::{Device, Tensor};
-use rlhf_kernels::ops::attention::{attention_bwd, attention_fwd, AttnBatch, Heads};
+use rlhf_kernels::ops::attention::{attention_bwd, attention_fwd, AttnBatch, AttnKernel, Heads};
 use rlhf_kernels::testing::{time_iters, Rng};
 
 fn run(c: &mut Criterion, device: &Device, label: &str, seqs: usize, t: usize, hd: Heads) {
@@ -40,6 +40,18 @@ fn run(c: &mut Criterion, device: &Device, label: &str, seqs: usize, t: usize, h
             time_iters(device, iters, || {
                 drop(black_box(
                     attention_fwd(&q, &k, &v, &batch, hd, scale).unwrap(),
+                ))
+            })
+        })
+    });
+    let mma = AttnBatch::packed(&vec![t; seqs], device)
+        .unwrap()
+        .with_kernel(AttnKernel::Mma);
+    g.bench_function("fwd_mma", |b| {
+        b.iter_custom(|iters| {
+            time_iters(device, iters, || {
+                drop(black_box(
+                    attention_fwd(&q, &k, &v, &mma, hd, scale).unwrap(),
                 ))
             })
         })

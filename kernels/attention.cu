@@ -876,6 +876,242 @@ FLASH_INSTANTIATE(64)
 FLASH_INSTANTIATE(128)
 
 // ---------------------------------------------------------------------------------------------------
+// Hopper forward (sm_90a): the same schedule as flash_fwd (a block owns 64 query rows of one head,
+// 64-key tiles, online softmax in registers), with both products on wgmma: S = Q·Kᵀ reads Q and K
+// from shared memory (m64n64k16), O += P·V takes P from registers and V from shared memory
+// (m64n{D}k16). A block is one warpgroup; two blocks share an SM, so one's softmax runs while the
+// other's products do. The tiles are laid out the way wgmma reads them: per 64 columns, a
+// [rows][64] block of 128-byte rows with the 128-byte swizzle (16-byte chunk c of row r at chunk
+// c ^ (r % 8)), each block 1024-byte aligned. Every other architecture runs flash_fwd.
+
+#define HOPPER_BLOCK_BYTES (FLASH_TILE * 128)  // one [64 rows][64 columns] bf16 block
+
+// The 128-byte-swizzled address of 16-byte chunk `chunk` (of D / 8) in row `row` of a [64][D] tile.
+__device__ __forceinline__ uint32_t hopper_swizzle(int row, int chunk) {
+    return (chunk >> 3) * HOPPER_BLOCK_BYTES + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
+}
+
+// Rows row0 .. row0 + 64 of a [*, row_stride] bf16 matrix into a swizzled [64][D] tile at `tile`;
+// rows at or past n_valid are zero-filled. A thread's rows step by a multiple of 8, so its swizzled
+// chunk is the same in every row.
+template <int D>
+__device__ __forceinline__ void hopper_load_tile(uint32_t tile, const bf16* g, size_t row_stride, int row0, int n_valid) {
+    constexpr int CHUNKS = D / 8, ROW_STEP = FLASH_THREADS / CHUNKS;
+    static_assert(ROW_STEP % 8 == 0 && FLASH_TILE % ROW_STEP == 0, "rows must keep their swizzle phase");
+    const int r0 = threadIdx.x / CHUNKS, c = threadIdx.x % CHUNKS;
+    const bf16* src = g + (size_t)(row0 + r0) * row_stride + c * 8;
+    const uint32_t dst = tile + hopper_swizzle(r0, c);
+    const size_t src_step = (size_t)ROW_STEP * row_stride;
+#pragma unroll
+    for (int j = 0; j < FLASH_TILE / ROW_STEP; ++j) {
+        const bool ok = r0 + j * ROW_STEP < n_valid;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst + j * ROW_STEP * 128),
+                     "l"(ok ? src + j * src_step : g), "r"(ok ? 16 : 0));
+    }
+}
+
+// A wgmma shared-memory descriptor for the 128-byte swizzle: start address, leading and stride
+// byte offsets (16-byte units), swizzle mode 1 in bits 62-63.
+__device__ __forceinline__ uint64_t hopper_desc(uint32_t addr, uint32_t leading, uint32_t stride) {
+    return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(leading >> 4) << 16) | ((uint64_t)(stride >> 4) << 32) |
+           (1ull << 62);
+}
+
+// K-major operand (Q as A, K as B) at k-step kk (16 columns): 32 bytes into the row within a
+// 64-column block, the next block every four steps; 8-row groups 1024 bytes apart.
+__device__ __forceinline__ uint64_t hopper_desc_k(uint32_t tile, int kk) {
+    return hopper_desc(tile + (kk >> 2) * HOPPER_BLOCK_BYTES + (kk & 3) * 32, 16, 1024);
+}
+
+// MN-major operand (V as B, N = head_dim contiguous) at k-step kk (16 keys): 16 rows of 128 bytes
+// on; 64-column blocks HOPPER_BLOCK_BYTES apart (leading), 8-key groups 1024 bytes apart (stride).
+__device__ __forceinline__ uint64_t hopper_desc_mn(uint32_t tile, int kk) {
+    return hopper_desc(tile + kk * 16 * 128, HOPPER_BLOCK_BYTES, 1024);
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_wait_all() {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#endif
+}
+// Ties accumulators to the point after a wgmma wait, so the compiler reads none of them before it.
+template <int N>
+__device__ __forceinline__ void wgmma_fence_regs(float (&d)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][e])::"memory");
+}
+// cp.async writes through the generic proxy; wgmma reads through the async proxy.
+__device__ __forceinline__ void fence_proxy_async() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// d (+)= A·B for m64n64k16, A and B from shared memory (K-major), f32 accumulators in the
+// mma.sync m16n8 layout per warp and n8 tile.
+__device__ __forceinline__ void wgmma_m64n64_ss(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+#endif
+}
+
+// d += A·B for m64n64k16, A (bf16) from registers in the mma.sync m16k16 layout per warp, B from
+// shared memory stored MN-major (N contiguous: the transpose flag).
+__device__ __forceinline__ void wgmma_m64n64_rs_bt(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b, int accumulate) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+#endif
+}
+
+// d += A·B for m64n128k16, A (bf16) from registers in the mma.sync m16k16 layout per warp, B from
+// shared memory stored MN-major (N contiguous: the transpose flag).
+__device__ __forceinline__ void wgmma_m64n128_rs_bt(float (&d)[16][4], const uint32_t (&a)[4], uint64_t desc_b, int accumulate) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+#endif
+}
+
+
+template <int D>
+__device__ __forceinline__ void wgmma_pv(float (&o)[D / 8][4], const uint32_t (&a)[4], uint64_t desc_b) {
+    if constexpr (D == 64) wgmma_m64n64_rs_bt(o, a, desc_b, 1);
+    else wgmma_m64n128_rs_bt(o, a, desc_b, 1);
+}
+
+template <int D>
+__device__ void flash_fwd_hopper(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ q,
+                                 const bf16* __restrict__ k, const bf16* __restrict__ v,
+                                 const int* __restrict__ cu_q, const int* __restrict__ k_start,
+                                 const int* __restrict__ k_len, const int* __restrict__ tiles, int H, int KV,
+                                 float scale) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int NT = FLASH_TILE / 8, DT = D / 8, TILE_BYTES = FLASH_TILE * D * 2;
+    extern __shared__ __align__(16) unsigned char flash_smem[];
+    // Q, then two stages of (K, V); the swizzle needs 1024-byte alignment (the host adds 1 KiB).
+    const uint32_t base = (smem_u32(flash_smem) + 1023) & ~1023u;
+    const uint32_t qs = base;
+    auto ks = [&](int stage) { return base + (1 + 2 * stage) * TILE_BYTES; };
+    auto vs = [&](int stage) { return base + (2 + 2 * stage) * TILE_BYTES; };
+    const int tile = gridDim.x - 1 - blockIdx.x;
+    const int b = tiles[2 * tile], iq0 = tiles[2 * tile + 1];
+    const int h = blockIdx.y, g = h / (H / KV);
+    const int q_begin = cu_q[b], len_q = cu_q[b + 1] - q_begin;
+    const int n_k = k_len[b], offset = n_k - len_q;
+    const int rows = min(FLASH_TILE, len_q - iq0);
+    const int n_keys = max(0, min(n_k, offset + iq0 + rows));
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const size_t kv_stride = (size_t)KV * D, q_stride = (size_t)H * D;
+    const bf16* kg = k + (size_t)k_start[b] * kv_stride + g * D;
+    const bf16* vg = v + (size_t)k_start[b] * kv_stride + g * D;
+    const float scale_log2 = scale * FLASH_LOG2E;
+    const int n_tiles = (n_keys + FLASH_TILE - 1) / FLASH_TILE;
+
+    hopper_load_tile<D>(qs, q + (size_t)q_begin * q_stride + h * D, q_stride, iq0, rows);
+    if (n_tiles > 0) {
+        hopper_load_tile<D>(ks(0), kg, kv_stride, 0, min(FLASH_TILE, n_keys));
+        hopper_load_tile<D>(vs(0), vg, kv_stride, 0, min(FLASH_TILE, n_keys));
+    }
+    cp_async_commit();
+
+    float o[DT][4];
+#pragma unroll
+    for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    const int row_a = iq0 + warp * 16 + (lane >> 2);
+    const int last_key[2] = {offset + row_a, offset + row_a + 8};
+
+    for (int t = 0; t < n_tiles; ++t) {
+        const int n0 = t * FLASH_TILE, stage = t & 1;
+        // Tile t (and Q) landed; every thread is past tile t - 1, whose stage tile t + 1 reuses.
+        cp_async_wait<0>();
+        fence_proxy_async();
+        __syncthreads();
+        if (t + 1 < n_tiles) {
+            const int nv = min(FLASH_TILE, n_keys - n0 - FLASH_TILE);
+            hopper_load_tile<D>(ks(stage ^ 1), kg, kv_stride, n0 + FLASH_TILE, nv);
+            hopper_load_tile<D>(vs(stage ^ 1), vg, kv_stride, n0 + FLASH_TILE, nv);
+        }
+        cp_async_commit();
+
+        float s[NT][4];
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n64_ss(s, hopper_desc_k(qs, kk), hopper_desc_k(ks(stage), kk), kk > 0);
+        wgmma_commit();
+        wgmma_wait_all();
+        wgmma_fence_regs(s);
+
+        if (n0 + FLASH_TILE <= min(n_keys, offset + iq0 + 1)) {
+            flash_softmax_step<false>(s, m, l, o, scale_log2, n0, lane, last_key, n_keys);
+        } else {
+            flash_softmax_step<true>(s, m, l, o, scale_log2, n0, lane, last_key, n_keys);
+        }
+
+        uint32_t pa[FLASH_TILE / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < FLASH_TILE / 16; ++kk) flash_acc_to_a<NT>(pa[kk], s, kk);
+        wgmma_fence_regs(o);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < FLASH_TILE / 16; ++kk) wgmma_pv<D>(o, pa[kk], hopper_desc_mn(vs(stage), kk));
+        wgmma_commit();
+        wgmma_wait_all();
+        wgmma_fence_regs(o);
+    }
+    cp_async_wait<0>();
+
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+        const int row = row_a + 8 * i;
+        if (row >= len_q) continue;
+        const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+        bf16* orow = out + (size_t)(q_begin + row) * q_stride + h * D + 2 * (lane & 3);
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt)
+            *reinterpret_cast<uint32_t*>(orow + dt * 8) = pack_bf16x2(o[dt][2 * i] * inv, o[dt][2 * i + 1] * inv);
+        if ((lane & 3) == 0)
+            lse[(size_t)(q_begin + row) * H + h] = l[i] > 0.0f ? (m[i] + log2f(l[i])) * FLASH_LN2 : -INFINITY;
+    }
+#endif
+}
+
+#define HOPPER_INSTANTIATE(D)                                                                                      \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 1)                                                 \
+        flash_fwd_hopper_d##D(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, const int* cu_q, \
+                              const int* k_start, const int* k_len, const int* tiles, int H, int KV, float scale) { \
+        flash_fwd_hopper<D>(out, lse, q, k, v, cu_q, k_start, k_len, tiles, H, KV, scale);                        \
+    }
+
+HOPPER_INSTANTIATE(64)
+HOPPER_INSTANTIATE(128)
+
+// ---------------------------------------------------------------------------------------------------
 // KV-cache decode (flash-decoding): a few new query rows per sequence against a long cache. The
 // flash kernels would spend a 64-row tile on each sequence's one row and read each KV head once per
 // query head; here one block serves a sequence's whole GQA group (every query head sharing a KV head,

@@ -648,16 +648,19 @@ pub fn bench_dpo_step(
 
 /// One attention measurement: median forward and backward times and their TFLOP/s (forward
 /// 4·B·H·T²·D / 2 for causal attention, backward 2.5× that), the backward in its fast mode (dQ by
-/// atomics) and its deterministic one.
+/// atomics) and its deterministic one, the forward also on the mma.sync kernel (`AttnKernel::Mma`:
+/// the same as the default except on Hopper GPUs, where the default runs on wgmma).
 #[derive(Debug, Clone)]
 pub struct AttentionBench {
     pub seqs: usize,
     pub len: usize,
     pub head_dim: usize,
     pub forward_ms: f64,
+    pub forward_mma_ms: f64,
     pub backward_ms: f64,
     pub backward_deterministic_ms: f64,
     pub forward_tflops: f64,
+    pub forward_mma_tflops: f64,
     pub backward_tflops: f64,
     pub backward_deterministic_tflops: f64,
 }
@@ -671,7 +674,7 @@ pub fn bench_attention(
     head_dim: usize,
     reps: usize,
 ) -> Result<AttentionBench> {
-    use crate::ops::attention::{attention_bwd, attention_fwd, AttnBatch, Heads};
+    use crate::ops::attention::{attention_bwd, attention_fwd, AttnBatch, AttnKernel, Heads};
     let dtype = device.compute_dtype();
     let n = seqs * len;
     let hd = Heads {
@@ -689,6 +692,10 @@ pub fn bench_attention(
     let forward_ms = median_ms(device, 1, reps, || {
         attention_fwd(&q, &k, &v, &batch, hd, scale).map(drop)
     })?;
+    let mma = AttnBatch::packed(&vec![len; seqs], device)?.with_kernel(AttnKernel::Mma);
+    let forward_mma_ms = median_ms(device, 1, reps, || {
+        attention_fwd(&q, &k, &v, &mma, hd, scale).map(drop)
+    })?;
     let (o, lse) = attention_fwd(&q, &k, &v, &batch, hd, scale)?;
     let backward_ms = median_ms(device, 1, reps, || {
         attention_bwd(&dout, &q, &k, &v, &o, &lse, &batch, hd, scale).map(drop)
@@ -705,7 +712,9 @@ pub fn bench_attention(
         forward_ms,
         backward_ms,
         backward_deterministic_ms,
+        forward_mma_ms,
         forward_tflops: flops / (forward_ms * 1e-3) / 1e12,
+        forward_mma_tflops: flops / (forward_mma_ms * 1e-3) / 1e12,
         backward_tflops: 2.5 * flops / (backward_ms * 1e-3) / 1e12,
         backward_deterministic_tflops: 2.5 * flops / (backward_deterministic_ms * 1e-3) / 1e12,
     })

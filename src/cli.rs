@@ -749,16 +749,21 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 "GEMM ceiling {:.1} TFLOP/s, copy {:.0} GB/s on {device:?}",
                 ceil.gemm_tflops, ceil.copy_gbs
             );
-            println!("bwd: dQ by atomics (the default); det: the deterministic backward (--deterministic)");
             println!(
-                "{:>6} {:>6} {:>5} {:>9} {:>9} {:>9} {:>12} {:>12} {:>12}",
+                "fwd: the default forward (wgmma on Hopper); mma: the mma.sync forward; bwd: dQ by \
+                 atomics (the default); det: the deterministic backward (--deterministic)"
+            );
+            println!(
+                "{:>6} {:>6} {:>5} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11} {:>11} {:>11}",
                 "T",
                 "batch",
                 "D",
                 "fwd ms",
+                "mma ms",
                 "bwd ms",
                 "det ms",
                 "fwd TFLOP/s",
+                "mma TFLOP/s",
                 "bwd TFLOP/s",
                 "det TFLOP/s"
             );
@@ -767,14 +772,16 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     let seqs = (tokens / t).max(1);
                     let r = bench::bench_attention(&device, seqs, t, 2048 / d, 2048 / d, d, reps)?;
                     println!(
-                        "{:>6} {:>6} {:>5} {:>9.3} {:>9.3} {:>9.3} {:>12.2} {:>12.2} {:>12.2}",
+                        "{:>6} {:>6} {:>5} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>11.2} {:>11.2} {:>11.2} {:>11.2}",
                         t,
                         seqs,
                         d,
                         r.forward_ms,
+                        r.forward_mma_ms,
                         r.backward_ms,
                         r.backward_deterministic_ms,
                         r.forward_tflops,
+                        r.forward_mma_tflops,
                         r.backward_tflops,
                         r.backward_deterministic_tflops
                     );

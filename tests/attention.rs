@@ -393,13 +393,15 @@ fn check_cuda(
             .flat_map(|&r| x[r * width..][..width].to_vec())
             .collect()
     };
+    // On a Hopper GPU, Auto's forward is the wgmma kernel and Mma's the mma.sync one.
     for (kernel, deterministic) in [
         (AttnKernel::Auto, false),
         (AttnKernel::Auto, true),
+        (AttnKernel::Mma, false),
         (AttnKernel::Simple, true),
     ] {
-        if dtype != DType::BF16 && !deterministic {
-            continue; // only the bf16 flash backward has a fast mode
+        if dtype != DType::BF16 && (!deterministic || kernel == AttnKernel::Mma) {
+            continue; // f32 runs neither the flash kernels nor their fast backward
         }
         let (got, got_dec, _) = run(dev, dtype, kernel, deterministic);
         let case = format!(

@@ -23,6 +23,7 @@ pub struct CudaDevice {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
     blas: OnceLock<std::result::Result<CudaBlas, String>>,
+    compute_capability: (i32, i32),
 }
 
 /// Facts about the GPU for `rlhf doctor` and bench reports.
@@ -85,12 +86,14 @@ impl CudaDevice {
             );
         }
         let stream = ctx.default_stream();
+        let compute_capability = ctx.compute_capability()?;
         let dev = Arc::new(CudaDevice {
             ctx,
             stream,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             blas: OnceLock::new(),
+            compute_capability,
         });
         devices.insert(ordinal, dev.clone());
         Ok(dev)
@@ -98,6 +101,16 @@ impl CudaDevice {
 
     pub fn ordinal(&self) -> usize {
         self.ctx.ordinal()
+    }
+
+    /// (major, minor), read once when the device is opened: kernels pick their path by it.
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.compute_capability
+    }
+
+    /// A Hopper GPU (compute capability 9.0), whose sm_90a kernels use wgmma.
+    pub fn is_hopper(&self) -> bool {
+        self.compute_capability.0 == 9
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {

@@ -59,12 +59,15 @@ const FLASH_BWD_QTILE: usize = 32;
 const FLASH_PAD: usize = 8;
 
 /// The CUDA attention kernels. `Auto` runs the decode kernels for KV-cache batches they fit
-/// (`AttnBatch::decode_split`), the tensor-core flash kernels for bf16 with head_dim 64 or 128, and
-/// the simple kernels otherwise (f32, other head sizes); `Simple` always runs the simple ones (for
-/// comparison, and as a fallback: `RLHF_ATTENTION=simple` makes it the default).
+/// (`AttnBatch::decode_split`), the tensor-core flash kernels for bf16 with head_dim 64 or 128 (the
+/// forward on wgmma on Hopper GPUs, on mma.sync elsewhere), and the simple kernels otherwise (f32,
+/// other head sizes). `Mma` is `Auto` with the mma.sync forward on Hopper too, and `Simple` always
+/// runs the simple kernels: both for comparison (`RLHF_ATTENTION=mma` or `simple` makes them the
+/// default), the second also as a fallback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttnKernel {
     Auto,
+    Mma,
     Simple,
 }
 
@@ -72,12 +75,13 @@ impl AttnKernel {
     fn default_choice() -> AttnKernel {
         match std::env::var("RLHF_ATTENTION").as_deref() {
             Ok("simple") => AttnKernel::Simple,
+            Ok("mma") => AttnKernel::Mma,
             _ => AttnKernel::Auto,
         }
     }
 
     fn flash(self, dtype: DType, head_dim: usize) -> bool {
-        self == AttnKernel::Auto && dtype == DType::BF16 && matches!(head_dim, 64 | 128)
+        self != AttnKernel::Simple && dtype == DType::BF16 && matches!(head_dim, 64 | 128)
     }
 }
 
@@ -118,14 +122,14 @@ pub struct DecodeSplit {
 
 impl AttnBatch {
     /// The decode kernels' plan for this batch, when they serve it: a KV-cache batch (not packed)
-    /// whose new rows times the GQA group fit one block (at most 16), head_dim 64 or 128, the
-    /// `Auto` kernel choice. The cache is split so that about DECODE_TARGET_BLOCKS blocks run.
+    /// whose new rows times the GQA group fit one block (at most 16), head_dim 64 or 128, any
+    /// kernel choice but `Simple`. The cache is split so that about DECODE_TARGET_BLOCKS blocks run.
     pub fn decode_split(&self, hd: Heads) -> Option<DecodeSplit> {
         let group = hd.heads / hd.kv_heads;
         let max_q = self.cu_q.windows(2).map(|w| (w[1] - w[0]) as usize).max()?;
         let max_keys = self.k_len.iter().copied().max()? as usize;
         if self.packed
-            || self.kernel != AttnKernel::Auto
+            || self.kernel == AttnKernel::Simple
             || !matches!(hd.head_dim, 64 | 128)
             || max_q == 0
             || max_q * group > DECODE_MAX_ROWS
@@ -798,6 +802,8 @@ fn flash_name(kind: &'static str, head_dim: usize) -> &'static str {
     match (kind, head_dim) {
         ("fwd", 64) => "flash_fwd_d64",
         ("fwd", _) => "flash_fwd_d128",
+        ("fwd_hopper", 64) => "flash_fwd_hopper_d64",
+        ("fwd_hopper", _) => "flash_fwd_hopper_d128",
         ("dq", 64) => "flash_bwd_dq_d64",
         ("dq", _) => "flash_bwd_dq_d128",
         ("dkv", 64) => "flash_bwd_dkv_d64",
@@ -836,8 +842,19 @@ fn flash_fwd_cuda(
     let (cu, ks, kl) = (&tables.cu_q, &tables.k_start, &tables.k_len);
     let tiles = batch.device_tiles(OP_FWD)?;
     let (h, kv) = (hd.heads as i32, hd.kv_heads as i32);
-    let smem = 2 * FLASH_TILE * (hd.head_dim + FLASH_PAD) * 2;
-    let f = dev.function_with_shared("attention", flash_name("fwd", hd.head_dim), smem, 0)?;
+    let (name, smem) = if dev.is_hopper() && batch.kernel == AttnKernel::Auto {
+        // Q and two stages of K and V, unpadded (swizzled), and 1 KiB to align them to 1,024 bytes.
+        (
+            flash_name("fwd_hopper", hd.head_dim),
+            5 * FLASH_TILE * hd.head_dim * 2 + 1024,
+        )
+    } else {
+        (
+            flash_name("fwd", hd.head_dim),
+            2 * FLASH_TILE * (hd.head_dim + FLASH_PAD) * 2,
+        )
+    };
+    let f = dev.function_with_shared("attention", name, smem, 0)?;
     let mut l = dev.stream().launch_builder(&f);
     l.arg(bf16::slice_mut(out, OP_FWD)?)
         .arg(lse.cuda_f32_mut(OP_FWD)?)
@@ -852,7 +869,8 @@ fn flash_fwd_cuda(
         .arg(&kv)
         .arg(&scale);
     // SAFETY: `check` matched q, k, v to the batch's rows and the head geometry (head_dim 64 or
-    // 128, bf16); whole-tensor allocations are 16-byte aligned for cp.async; one block per (query
+    // 128, bf16); whole-tensor allocations are 16-byte aligned for cp.async; the Hopper kernel
+    // aligns its tiles to 1,024 bytes inside the extra KiB it is given; one block per (query
     // tile, head) with K and V tiles in dynamic shared memory.
     unsafe { l.launch(flash_config(OP_FWD, batch.tile_count(), hd.heads, smem)?) }?;
     Ok(())
