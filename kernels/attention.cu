@@ -235,8 +235,9 @@ ATTENTION_INSTANTIATE(bf16, bf16)
 // 64 keys of one kv head and loops over every query head of its group and every query tile that sees
 // them, and a dQ kernel where a block owns 64 query rows and loops over their keys; both recompute P
 // from Q, K and the saved logsumexp. Fast mode (the default): the dK/dV kernel alone, adding dQ into
-// an f32 buffer with atomics (FlashAttention-2's schedule). Work is cut into 64-row tiles listed by the host (`tiles`:
-// sequence, first local row) so that packed variable-length batches pay nothing for padding.
+// an f32 buffer with atomics (FlashAttention-2's schedule); on Hopper, its wgmma twin
+// flash_bwd_hopper (after the Hopper forward). Work is cut into 64-row tiles listed by the host
+// (`tiles`: sequence, first local row) so that packed variable-length batches pay nothing for padding.
 //
 // Smem rows are padded by 16 bytes so that the 8 row addresses of an ldmatrix fall in distinct banks.
 
@@ -996,6 +997,19 @@ __device__ __forceinline__ void wgmma_m64n128_rs_bt(float (&d)[16][4], const uin
 }
 
 
+// d (+)= A·B for m64n64k16, A and B from shared memory both stored MN-major (the two transpose
+// flags).
+__device__ __forceinline__ void wgmma_m64n64_ss_tt(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 1, 1;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+#endif
+}
+
+
 template <int D>
 __device__ __forceinline__ void wgmma_pv(float (&o)[D / 8][4], const uint32_t (&a)[4], uint64_t desc_b) {
     if constexpr (D == 64) wgmma_m64n64_rs_bt(o, a, desc_b, 1);
@@ -1101,11 +1115,164 @@ __device__ void flash_fwd_hopper(bf16* __restrict__ out, float* __restrict__ lse
 #endif
 }
 
+// Hopper backward (sm_90a), the fast mode's schedule on wgmma: a block (one warpgroup) owns 64 keys
+// of one kv head and loops over the query heads of its group and the 64-row query tiles that see
+// them. Per tile: Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ (shared-memory operands), Pᵀ and dSᵀ in registers,
+// dV += Pᵀ·dO and dK += dSᵀ·Q (Pᵀ and dSᵀ from registers, dO and Q read MN-major), then scale·dSᵀ
+// goes to shared memory and dQ = dS·K (both operands MN-major) is added into the f32 dq_acc with
+// atomics, 64 columns at a time to bound registers.
+template <int D>
+__device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dq_acc,
+                                 const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+                                 const bf16* __restrict__ dout, const float* __restrict__ lse,
+                                 const float* __restrict__ delta, const int* __restrict__ cu_q,
+                                 const int* __restrict__ tiles, int H, int KV, float scale) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int QT = FLASH_TILE, NT = QT / 8, DT = D / 8, TILE_BYTES = FLASH_TILE * D * 2;
+    extern __shared__ __align__(16) unsigned char flash_smem[];
+    // K, V, two stages of (Q, dO), dSᵀ (one [64][64] block), then two stages of scaled lse and delta.
+    const uint32_t base = (smem_u32(flash_smem) + 1023) & ~1023u;
+    const uint32_t ks = base, vs = base + TILE_BYTES;
+    auto qs = [&](int stage) { return base + (2 + 2 * stage) * TILE_BYTES; };
+    auto dos = [&](int stage) { return base + (3 + 2 * stage) * TILE_BYTES; };
+    const uint32_t dss = base + 6 * TILE_BYTES;
+    float* lse2s0 = reinterpret_cast<float*>(flash_smem + (dss + HOPPER_BLOCK_BYTES - smem_u32(flash_smem)));
+    float* dlts0 = lse2s0 + 2 * QT;
+    const int b = tiles[2 * blockIdx.x], j0 = tiles[2 * blockIdx.x + 1];
+    const int g = blockIdx.y, group = H / KV;
+    const int q_begin = cu_q[b], len = cu_q[b + 1] - q_begin;
+    const int nk = min(FLASH_TILE, len - j0);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const size_t kv_stride = (size_t)KV * D, q_stride = (size_t)H * D;
+    const float scale_log2 = scale * FLASH_LOG2E;
+
+    hopper_load_tile<D>(ks, k + (size_t)q_begin * kv_stride + g * D, kv_stride, j0, nk);
+    hopper_load_tile<D>(vs, v + (size_t)q_begin * kv_stride + g * D, kv_stride, j0, nk);
+
+    float dka[DT][4], dva[DT][4];
+#pragma unroll
+    for (int i = 0; i < DT; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dka[i][e] = dva[i][e] = 0.0f;
+    const int key_a = j0 + warp * 16 + (lane >> 2);
+
+    // Query tiles from the one holding j0 (j0 is a multiple of 64) to the end, for each query head.
+    const int per_head = (len - j0 + QT - 1) / QT;
+    const int steps = group * per_head;
+    auto load_q = [&](int it) {
+        const int h = g * group + it / per_head, i0 = j0 + (it % per_head) * QT;
+        const int nq = min(QT, len - i0), stage = it & 1;
+        hopper_load_tile<D>(qs(stage), q + (size_t)q_begin * q_stride + h * D, q_stride, i0, nq);
+        hopper_load_tile<D>(dos(stage), dout + (size_t)q_begin * q_stride + h * D, q_stride, i0, nq);
+        if (threadIdx.x < QT) {
+            const int row = i0 + threadIdx.x;
+            const bool ok = row < len;
+            lse2s0[stage * QT + threadIdx.x] = ok ? lse[(size_t)(q_begin + row) * H + h] * FLASH_LOG2E : INFINITY;
+            dlts0[stage * QT + threadIdx.x] = ok ? delta[(size_t)(q_begin + row) * H + h] : 0.0f;
+        }
+    };
+    load_q(0);
+    cp_async_commit();
+    for (int it = 0; it < steps; ++it) {
+        const int h = g * group + it / per_head, i0 = j0 + (it % per_head) * QT, stage = it & 1;
+        // Stage `it` landed; every thread is past iteration it - 1 (its stage, and dSᵀ, are free).
+        cp_async_wait<0>();
+        fence_proxy_async();
+        __syncthreads();
+        if (it + 1 < steps) load_q(it + 1);
+        cp_async_commit();
+        const float* lse2s = lse2s0 + stage * QT;
+        const float* dlts = dlts0 + stage * QT;
+
+        float s[NT][4], dp[NT][4];
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n64_ss(s, hopper_desc_k(ks, kk), hopper_desc_k(qs(stage), kk), kk > 0);
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n64_ss(dp, hopper_desc_k(vs, kk), hopper_desc_k(dos(stage), kk), kk > 0);
+        wgmma_commit();
+        wgmma_wait_all();
+        wgmma_fence_regs(s);
+        wgmma_fence_regs(dp);
+
+        if (j0 + FLASH_TILE <= i0 + 1) {
+            flash_dkv_p<false>(s, dp, scale_log2, lse2s, dlts, i0, lane, key_a);
+        } else {
+            flash_dkv_p<true>(s, dp, scale_log2, lse2s, dlts, i0, lane, key_a);
+        }
+        // scale·dSᵀ into its swizzled [64 keys][64 queries] block for the dQ product.
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                const int row = warp * 16 + (lane >> 2) + 8 * i, col = nt * 8 + 2 * (lane & 3);
+                const uint32_t at = dss + hopper_swizzle(row, col >> 3) + (col & 7) * 2;
+                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at),
+                             "r"(pack_bf16x2(dp[nt][2 * i] * scale, dp[nt][2 * i + 1] * scale)));
+            }
+        uint32_t pa[QT / 16][4], da[QT / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < QT / 16; ++kk) {
+            flash_acc_to_a<NT>(pa[kk], s, kk);
+            flash_acc_to_a<NT>(da[kk], dp, kk);
+        }
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < QT / 16; ++kk) wgmma_pv<D>(dva, pa[kk], hopper_desc_mn(dos(stage), kk));
+#pragma unroll
+        for (int kk = 0; kk < QT / 16; ++kk) wgmma_pv<D>(dka, da[kk], hopper_desc_mn(qs(stage), kk));
+        wgmma_commit();
+
+        fence_proxy_async();
+        __syncthreads();
+#pragma unroll
+        for (int half = 0; half < D / 64; ++half) {
+            float dqa[8][4];
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < FLASH_TILE / 16; ++kk)
+                wgmma_m64n64_ss_tt(dqa, hopper_desc_mn(dss, kk), hopper_desc_mn(ks + half * HOPPER_BLOCK_BYTES, kk), kk > 0);
+            wgmma_commit();
+            wgmma_wait_all();
+            wgmma_fence_regs(dqa);
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                const int row = i0 + warp * 16 + (lane >> 2) + 8 * i;
+                if (row >= len) continue;
+                float* drow = dq_acc + (size_t)(q_begin + row) * q_stride + h * D + half * 64 + 2 * (lane & 3);
+#pragma unroll
+                for (int dt = 0; dt < 8; ++dt) atomic_add2(drow + dt * 8, dqa[dt][2 * i], dqa[dt][2 * i + 1]);
+            }
+        }
+        wgmma_fence_regs(dka);
+        wgmma_fence_regs(dva);
+    }
+    cp_async_wait<0>();
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int key = key_a + 8 * i;
+        if (key >= len) continue;
+        const size_t at = (size_t)(q_begin + key) * kv_stride + g * D + 2 * (lane & 3);
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+            *reinterpret_cast<uint32_t*>(dk + at + dt * 8) = pack_bf16x2(dka[dt][2 * i] * scale, dka[dt][2 * i + 1] * scale);
+            *reinterpret_cast<uint32_t*>(dv + at + dt * 8) = pack_bf16x2(dva[dt][2 * i], dva[dt][2 * i + 1]);
+        }
+    }
+#endif
+}
+
 #define HOPPER_INSTANTIATE(D)                                                                                      \
     extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 1)                                                 \
         flash_fwd_hopper_d##D(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, const int* cu_q, \
                               const int* k_start, const int* k_len, const int* tiles, int H, int KV, float scale) { \
         flash_fwd_hopper<D>(out, lse, q, k, v, cu_q, k_start, k_len, tiles, H, KV, scale);                        \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 1)                                                 \
+        flash_bwd_hopper_d##D(bf16* dk, bf16* dv, float* dq_acc, const bf16* q, const bf16* k, const bf16* v,      \
+                              const bf16* dout, const float* lse, const float* delta, const int* cu_q,             \
+                              const int* tiles, int H, int KV, float scale) {                                      \
+        flash_bwd_hopper<D>(dk, dv, dq_acc, q, k, v, dout, lse, delta, cu_q, tiles, H, KV, scale);                 \
     }
 
 HOPPER_INSTANTIATE(64)

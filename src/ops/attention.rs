@@ -804,6 +804,8 @@ fn flash_name(kind: &'static str, head_dim: usize) -> &'static str {
         ("fwd", _) => "flash_fwd_d128",
         ("fwd_hopper", 64) => "flash_fwd_hopper_d64",
         ("fwd_hopper", _) => "flash_fwd_hopper_d128",
+        ("bwd_hopper", 64) => "flash_bwd_hopper_d64",
+        ("bwd_hopper", _) => "flash_bwd_hopper_d128",
         ("dq", 64) => "flash_bwd_dq_d64",
         ("dq", _) => "flash_bwd_dq_d128",
         ("dkv", 64) => "flash_bwd_dkv_d64",
@@ -902,10 +904,22 @@ fn flash_bwd_cuda(
     // the tile's dSᵀ, [64][FLASH_BWD_QTILE + FLASH_PAD] bf16.
     let dkv_smem = (2 * FLASH_TILE + 4 * FLASH_BWD_QTILE) * row_bytes + 4 * FLASH_BWD_QTILE * 4;
     if !batch.deterministic {
-        let smem = dkv_smem + FLASH_TILE * (FLASH_BWD_QTILE + FLASH_PAD) * 2;
+        let (name, smem) = if dev.is_hopper() && batch.kernel == AttnKernel::Auto {
+            // K, V, two stages of (Q, dO) and dSᵀ, unpadded (swizzled); two stages of 64 scaled
+            // lse and delta values; 1 KiB to align the tiles to 1,024 bytes.
+            let tile = FLASH_TILE * hd.head_dim * 2;
+            (
+                flash_name("bwd_hopper", hd.head_dim),
+                6 * tile + FLASH_TILE * 64 * 2 + 4 * FLASH_TILE * 4 + 1024,
+            )
+        } else {
+            (
+                flash_name("dkv_dq", hd.head_dim),
+                dkv_smem + FLASH_TILE * (FLASH_BWD_QTILE + FLASH_PAD) * 2,
+            )
+        };
         let mut dq_acc = Tensor::zeros(q.shape(), DType::F32, device)?;
-        let f =
-            dev.function_with_shared("attention", flash_name("dkv_dq", hd.head_dim), smem, 0)?;
+        let f = dev.function_with_shared("attention", name, smem, 0)?;
         let mut l = dev.stream().launch_builder(&f);
         l.arg(bf16::slice_mut(dk, OP_BWD)?)
             .arg(bf16::slice_mut(dv, OP_BWD)?)
@@ -923,7 +937,8 @@ fn flash_bwd_cuda(
             .arg(&scale);
         // SAFETY: a packed batch, so key tiles are the query tiles; one block per (key tile, kv
         // head), each writing only its own 64 key rows of dk and dv and adding (atomically) into
-        // rows of dq_acc, which is [Nq, H·D] f32 like q's shape.
+        // rows of dq_acc, which is [Nq, H·D] f32 like q's shape. Both kernels take the same
+        // arguments; the Hopper one aligns its tiles inside the extra KiB.
         unsafe { l.launch(flash_config(OP_BWD, batch.tile_count(), hd.kv_heads, smem)?) }?;
         return crate::ops::elementwise::cast(&dq_acc, DType::BF16);
     }
