@@ -953,6 +953,14 @@ __device__ __forceinline__ void wgmma_fence_regs(float (&d)[N][4]) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][e])::"memory");
 }
+// The same for register operands: their producing instructions stay before the wgmma fence.
+template <int N>
+__device__ __forceinline__ void wgmma_fence_regs(uint32_t (&a)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[i][e])::"memory");
+}
 // cp.async writes through the generic proxy; wgmma reads through the async proxy.
 __device__ __forceinline__ void fence_proxy_async() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -1088,6 +1096,7 @@ __device__ void flash_fwd_hopper(bf16* __restrict__ out, float* __restrict__ lse
         uint32_t pa[FLASH_TILE / 16][4];
 #pragma unroll
         for (int kk = 0; kk < FLASH_TILE / 16; ++kk) flash_acc_to_a<NT>(pa[kk], s, kk);
+        wgmma_fence_regs(pa);
         wgmma_fence_regs(o);
         wgmma_fence();
 #pragma unroll
@@ -1216,6 +1225,10 @@ __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, f
             flash_acc_to_a<NT>(pa[kk], s, kk);
             flash_acc_to_a<NT>(da[kk], dp, kk);
         }
+        wgmma_fence_regs(pa);
+        wgmma_fence_regs(da);
+        wgmma_fence_regs(dka);
+        wgmma_fence_regs(dva);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < QT / 16; ++kk) wgmma_pv<D>(dva, pa[kk], hopper_desc_mn(dos(stage), kk));
