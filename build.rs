@@ -105,6 +105,12 @@ fn main() {
                             r.kernel, r.arch, r.stack_bytes, r.spill_stores, r.spill_loads
                         );
                     }
+                    if r.wgmma_serialized {
+                        println!(
+                            "cargo:warning=kernel {} ({}): ptxas serialised its wgmma instructions (C7514)",
+                            r.kernel, r.arch
+                        );
+                    }
                 }
                 images.push((family.clone(), image));
                 reports.extend(report.into_iter().map(|r| (family.clone(), r)));
@@ -175,6 +181,8 @@ struct KernelReport {
     stack_bytes: u32,
     spill_stores: u32,
     spill_loads: u32,
+    /// ptxas warned (C7514) that it made every wgmma wait for the one before.
+    wgmma_serialized: bool,
 }
 
 fn compile(
@@ -207,7 +215,8 @@ fn compile(
 }
 
 /// Reads nvcc's `-Xptxas -v` chatter: an "entry function" line opens each kernel, and the
-/// "stack frame"/"Used N registers" lines that follow describe it.
+/// "stack frame"/"Used N registers" lines that follow describe it; a C7514 line names the function
+/// whose wgmma instructions ptxas serialised.
 fn parse_ptxas(text: &str) -> Vec<KernelReport> {
     let num_before = |line: &str, word: &str| -> u32 {
         let Some(pos) = line.find(word) else { return 0 };
@@ -218,6 +227,7 @@ fn parse_ptxas(text: &str) -> Vec<KernelReport> {
             .unwrap_or(0)
     };
     let mut out: Vec<KernelReport> = Vec::new();
+    let mut serialised: Vec<String> = Vec::new();
     for line in text.lines() {
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
             let mut parts = rest.split('\'');
@@ -231,7 +241,17 @@ fn parse_ptxas(text: &str) -> Vec<KernelReport> {
                 stack_bytes: 0,
                 spill_stores: 0,
                 spill_loads: 0,
+                wgmma_serialized: false,
             });
+        } else if line.contains("C7514") {
+            // The line can come before the entry lines of its pass, so it is matched afterwards.
+            let named = line.split("in the function '").nth(1);
+            serialised.push(
+                named
+                    .and_then(|r| r.split('\'').next())
+                    .unwrap_or("")
+                    .to_owned(),
+            );
         } else if let Some(r) = out.last_mut() {
             if line.contains("stack frame") {
                 r.stack_bytes = num_before(line, "bytes stack frame");
@@ -240,6 +260,16 @@ fn parse_ptxas(text: &str) -> Vec<KernelReport> {
             } else if line.contains("Used") && line.contains("registers") {
                 r.registers = num_before(line, "registers");
                 r.shared_bytes = num_before(line, "bytes smem");
+            }
+        }
+    }
+    // Only arch-specific targets (sm_90a) have wgmma; a name matching none of them marks them all.
+    for name in serialised {
+        let wgmma_arch = |r: &KernelReport| r.kernel == name && r.arch.ends_with('a');
+        let any = out.iter().any(wgmma_arch);
+        for r in out.iter_mut() {
+            if r.kernel == name && (!any || r.arch.ends_with('a')) {
+                r.wgmma_serialized = true;
             }
         }
     }
@@ -271,8 +301,8 @@ fn write_generated(
     for (family, r) in reports {
         writeln!(
             s,
-            "    KernelResources {{ family: {family:?}, kernel: {:?}, arch: {:?}, registers: {}, shared_bytes: {}, stack_bytes: {}, spill_stores: {}, spill_loads: {} }},",
-            r.kernel, r.arch, r.registers, r.shared_bytes, r.stack_bytes, r.spill_stores, r.spill_loads
+            "    KernelResources {{ family: {family:?}, kernel: {:?}, arch: {:?}, registers: {}, shared_bytes: {}, stack_bytes: {}, spill_stores: {}, spill_loads: {}, wgmma_serialized: {} }},",
+            r.kernel, r.arch, r.registers, r.shared_bytes, r.stack_bytes, r.spill_stores, r.spill_loads, r.wgmma_serialized
         )
         .unwrap();
     }

@@ -353,14 +353,15 @@ __device__ __forceinline__ void flash_acc_to_a(uint32_t (&a)[4], const float (&a
 }
 
 // One key tile of the forward's online softmax for a warp's two rows per thread: the raw scores s
-// become P in place, and the running max m (scaled, log2 units), the sum l and the output o are
-// rescaled when a row's max grows. The max is taken over raw scores (scale > 0, checked by the host)
-// so that each P entry costs one FFMA and one ex2. MASK applies the causal and end-of-sequence masks,
-// needed only on tiles that reach the diagonal or the end.
-template <bool MASK, int NT, int DT>
-__device__ __forceinline__ void flash_softmax_step(float (&s)[NT][4], float (&m)[2], float (&l)[2], float (&o)[DT][4],
-                                                   float scale_log2, int n0, int lane, const int (&last_key)[2],
-                                                   int n_keys) {
+// become P in place, the running max m (scaled, log2 units) and the sum l are updated, and alpha is
+// the factor the output must be scaled by (1 while a row's max holds). The max is taken over raw
+// scores (scale > 0, checked by the host) so that each P entry costs one FFMA and one ex2. MASK
+// applies the causal and end-of-sequence masks, needed only on tiles that reach the diagonal or
+// the end.
+template <bool MASK, int NT>
+__device__ __forceinline__ void flash_softmax_scores(float (&s)[NT][4], float (&m)[2], float (&l)[2], float (&alpha)[2],
+                                                     float scale_log2, int n0, int lane, const int (&last_key)[2],
+                                                     int n_keys) {
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
@@ -373,7 +374,7 @@ __device__ __forceinline__ void flash_softmax_step(float (&s)[NT][4], float (&m)
             mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
         }
     }
-    float base[2], alpha[2];
+    float base[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
@@ -383,17 +384,6 @@ __device__ __forceinline__ void flash_softmax_step(float (&s)[NT][4], float (&m)
         alpha[i] = exp2_ftz(m[i] - base[i]);  // 0 while m is -inf, 1 when the max held
         l[i] *= alpha[i];
         m[i] = m_new;
-    }
-    // Once the max settles (most tiles of a long row) alpha is 1 for the whole warp and the output
-    // needs no rescale.
-    if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
-#pragma unroll
-        for (int dt = 0; dt < DT; ++dt) {
-            o[dt][0] *= alpha[0];
-            o[dt][1] *= alpha[0];
-            o[dt][2] *= alpha[1];
-            o[dt][3] *= alpha[1];
-        }
     }
     float row_sum[2] = {0.0f, 0.0f};
 #pragma unroll
@@ -407,6 +397,30 @@ __device__ __forceinline__ void flash_softmax_step(float (&s)[NT][4], float (&m)
     }
     l[0] += row_sum[0];
     l[1] += row_sum[1];
+}
+
+// o *= alpha per row. Once the max settles (most tiles of a long row) alpha is 1 for the whole warp
+// and the output needs no rescale.
+template <int DT>
+__device__ __forceinline__ void flash_rescale(float (&o)[DT][4], const float (&alpha)[2]) {
+    if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+            o[dt][0] *= alpha[0];
+            o[dt][1] *= alpha[0];
+            o[dt][2] *= alpha[1];
+            o[dt][3] *= alpha[1];
+        }
+    }
+}
+
+template <bool MASK, int NT, int DT>
+__device__ __forceinline__ void flash_softmax_step(float (&s)[NT][4], float (&m)[2], float (&l)[2], float (&o)[DT][4],
+                                                   float scale_log2, int n0, int lane, const int (&last_key)[2],
+                                                   int n_keys) {
+    float alpha[2];
+    flash_softmax_scores<MASK>(s, m, l, alpha, scale_log2, n0, lane, last_key, n_keys);
+    flash_rescale(o, alpha);
 }
 
 template <int D>
@@ -880,12 +894,17 @@ FLASH_INSTANTIATE(128)
 // Hopper forward (sm_90a): the same schedule as flash_fwd (a block owns 64 query rows of one head,
 // 64-key tiles, online softmax in registers), with both products on wgmma: S = Q·Kᵀ reads Q and K
 // from shared memory (m64n64k16), O += P·V takes P from registers and V from shared memory
-// (m64n{D}k16). A block is one warpgroup; two blocks share an SM, so one's softmax runs while the
-// other's products do. The tiles are laid out the way wgmma reads them: per 64 columns, a
+// (m64n{D}k16). A block is one warpgroup and pipelines its tiles (the softmax of tile t + 1 runs
+// while P_t·V_t does); two blocks share an SM, so one's softmax also overlaps the other's products. The tiles are laid out the way wgmma reads them: per 64 columns, a
 // [rows][64] block of 128-byte rows with the 128-byte swizzle (16-byte chunk c of row r at chunk
 // c ^ (r % 8)), each block 1024-byte aligned. Every other architecture runs flash_fwd.
 
-#define HOPPER_BLOCK_BYTES (FLASH_TILE * 128)  // one [64 rows][64 columns] bf16 block
+#define HOPPER_BLOCK_BYTES (FLASH_TILE * 128)
+
+template <bool B>
+struct CompileTimeBool {
+    static constexpr bool value = B;
+};  // one [64 rows][64 columns] bf16 block
 
 // The 128-byte-swizzled address of 16-byte chunk `chunk` (of D / 8) in row `row` of a [64][D] tile.
 __device__ __forceinline__ uint32_t hopper_swizzle(int row, int chunk) {
@@ -1052,13 +1071,6 @@ __device__ void flash_fwd_hopper(bf16* __restrict__ out, float* __restrict__ lse
     const float scale_log2 = scale * FLASH_LOG2E;
     const int n_tiles = (n_keys + FLASH_TILE - 1) / FLASH_TILE;
 
-    hopper_load_tile<D>(qs, q + (size_t)q_begin * q_stride + h * D, q_stride, iq0, rows);
-    if (n_tiles > 0) {
-        hopper_load_tile<D>(ks(0), kg, kv_stride, 0, min(FLASH_TILE, n_keys));
-        hopper_load_tile<D>(vs(0), vg, kv_stride, 0, min(FLASH_TILE, n_keys));
-    }
-    cp_async_commit();
-
     float o[DT][4];
 #pragma unroll
     for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
@@ -1066,45 +1078,88 @@ __device__ void flash_fwd_hopper(bf16* __restrict__ out, float* __restrict__ lse
     const int row_a = iq0 + warp * 16 + (lane >> 2);
     const int last_key[2] = {offset + row_a, offset + row_a + 8};
 
-    for (int t = 0; t < n_tiles; ++t) {
-        const int n0 = t * FLASH_TILE, stage = t & 1;
-        // Tile t (and Q) landed; every thread is past tile t - 1, whose stage tile t + 1 reuses.
+    // Pipelined over key tiles: while P_t·V_t runs on the tensor cores, the softmax of tile t + 1
+    // (whose S was issued just before) runs on the CUDA cores; only the output rescale waits for
+    // P_t·V_t. K runs one tile ahead of V, so copy group t brings K_{t+2} and V_{t+1}: two stages of
+    // each suffice, and a group has a whole iteration to land.
+    auto load_k = [&](int t) {
+        hopper_load_tile<D>(ks(t & 1), kg, kv_stride, t * FLASH_TILE, min(FLASH_TILE, n_keys - t * FLASH_TILE));
+    };
+    auto load_v = [&](int t) {
+        hopper_load_tile<D>(vs(t & 1), vg, kv_stride, t * FLASH_TILE, min(FLASH_TILE, n_keys - t * FLASH_TILE));
+    };
+    auto issue_s = [&](float (&s)[NT][4], int t) {
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n64_ss(s, hopper_desc_k(qs, kk), hopper_desc_k(ks(t & 1), kk), kk > 0);
+        wgmma_commit();
+    };
+    auto softmax = [&](float (&s)[NT][4], float (&alpha)[2], int t) {
+        const int n0 = t * FLASH_TILE;
+        if (n0 + FLASH_TILE <= min(n_keys, offset + iq0 + 1)) {
+            flash_softmax_scores<false>(s, m, l, alpha, scale_log2, n0, lane, last_key, n_keys);
+        } else {
+            flash_softmax_scores<true>(s, m, l, alpha, scale_log2, n0, lane, last_key, n_keys);
+        }
+    };
+
+    hopper_load_tile<D>(qs, q + (size_t)q_begin * q_stride + h * D, q_stride, iq0, rows);
+    if (n_tiles > 0) load_k(0);
+    cp_async_commit();
+    if (n_tiles > 1) load_k(1);
+    if (n_tiles > 0) load_v(0);
+    cp_async_commit();
+
+    // P of the tile whose P·V is next, as wgmma A operands.
+    uint32_t pa[FLASH_TILE / 16][4];
+    if (n_tiles > 0) {
+        cp_async_wait<1>();
+        fence_proxy_async();
+        __syncthreads();
+        float s[NT][4], alpha[2];
+        issue_s(s, 0);
+        wgmma_wait_all();
+        wgmma_fence_regs(s);
+        softmax(s, alpha, 0);  // o is still zero: nothing to rescale
+#pragma unroll
+        for (int kk = 0; kk < FLASH_TILE / 16; ++kk) flash_acc_to_a<NT>(pa[kk], s, kk);
+    }
+    // One iteration; NEXT (known at compile time: ptxas serialises every wgmma of a kernel whose
+    // issue or wait of S_{t+1} is conditional at run time) says whether tile t + 1 exists.
+    auto step = [&](int t, auto next) {
+        constexpr bool NEXT = decltype(next)::value;
+        // Group t - 1 (K_{t+1}, V_t) landed; every thread is past iteration t - 1, so the stages
+        // of K_t (read by S_t) and V_{t-1} (read by P_{t-1}·V_{t-1}) are free.
         cp_async_wait<0>();
         fence_proxy_async();
         __syncthreads();
-        if (t + 1 < n_tiles) {
-            const int nv = min(FLASH_TILE, n_keys - n0 - FLASH_TILE);
-            hopper_load_tile<D>(ks(stage ^ 1), kg, kv_stride, n0 + FLASH_TILE, nv);
-            hopper_load_tile<D>(vs(stage ^ 1), vg, kv_stride, n0 + FLASH_TILE, nv);
-        }
+        if (t + 2 < n_tiles) load_k(t + 2);
+        if (NEXT) load_v(t + 1);
         cp_async_commit();
 
-        float s[NT][4];
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n64_ss(s, hopper_desc_k(qs, kk), hopper_desc_k(ks(stage), kk), kk > 0);
-        wgmma_commit();
-        wgmma_wait_all();
-        wgmma_fence_regs(s);
-
-        if (n0 + FLASH_TILE <= min(n_keys, offset + iq0 + 1)) {
-            flash_softmax_step<false>(s, m, l, o, scale_log2, n0, lane, last_key, n_keys);
-        } else {
-            flash_softmax_step<true>(s, m, l, o, scale_log2, n0, lane, last_key, n_keys);
-        }
-
-        uint32_t pa[FLASH_TILE / 16][4];
-#pragma unroll
-        for (int kk = 0; kk < FLASH_TILE / 16; ++kk) flash_acc_to_a<NT>(pa[kk], s, kk);
+        float s[NT][4], alpha[2];
+        if constexpr (NEXT) issue_s(s, t + 1);
         wgmma_fence_regs(pa);
         wgmma_fence_regs(o);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < FLASH_TILE / 16; ++kk) wgmma_pv<D>(o, pa[kk], hopper_desc_mn(vs(stage), kk));
+        for (int kk = 0; kk < FLASH_TILE / 16; ++kk) wgmma_pv<D>(o, pa[kk], hopper_desc_mn(vs(t & 1), kk));
         wgmma_commit();
+        if constexpr (NEXT) {
+            asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // S_{t+1} done
+            wgmma_fence_regs(s);
+            softmax(s, alpha, t + 1);
+        }
         wgmma_wait_all();
         wgmma_fence_regs(o);
-    }
+        if constexpr (NEXT) {
+            flash_rescale(o, alpha);
+#pragma unroll
+            for (int kk = 0; kk < FLASH_TILE / 16; ++kk) flash_acc_to_a<NT>(pa[kk], s, kk);
+        }
+    };
+    for (int t = 0; t + 1 < n_tiles; ++t) step(t, CompileTimeBool<true>{});
+    if (n_tiles > 0) step(n_tiles - 1, CompileTimeBool<false>{});
     cp_async_wait<0>();
 
 #pragma unroll

@@ -987,10 +987,11 @@ pub fn doctor_report() -> String {
                 r.shared_bytes,
                 r.stack_bytes,
                 r.spill_stores + r.spill_loads,
-                if r.spill_stores + r.spill_loads > 0 {
-                    "  SPILLS"
-                } else {
-                    ""
+                match (r.spill_stores + r.spill_loads > 0, r.wgmma_serialized) {
+                    (true, true) => "  SPILLS, WGMMA SERIALISED",
+                    (true, false) => "  SPILLS",
+                    (false, true) => "  WGMMA SERIALISED",
+                    (false, false) => "",
                 }
             );
         }

@@ -11,6 +11,8 @@ pub struct KernelResources {
     pub stack_bytes: u32,
     pub spill_stores: u32,
     pub spill_loads: u32,
+    /// ptxas made every wgmma of the kernel wait for the previous one (its warning C7514).
+    pub wgmma_serialized: bool,
 }
 
 mod generated {
