@@ -76,6 +76,34 @@ pub fn median_ms(
     Ok(times[times.len() / 2])
 }
 
+/// Per-op device time of one run of a bench's step, taken after its timed runs (see
+/// `device::profile`): `ms` is that run's wall time, which the events inflate a little.
+#[derive(Debug, Clone)]
+pub struct Profile {
+    pub rows: Vec<crate::device::profile::ProfileRow>,
+    pub ms: f64,
+}
+
+impl Profile {
+    pub fn table(&self) -> String {
+        crate::device::profile::format_table(&self.rows, self.ms)
+    }
+}
+
+/// Runs `f` once with the op profiler on.
+pub fn profile_once(device: &Device, mut f: impl FnMut() -> Result<()>) -> Result<Profile> {
+    use crate::device::profile;
+    device.synchronize()?;
+    profile::enable(true);
+    let t = Instant::now();
+    let run = f().and_then(|()| device.synchronize());
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    let rows = profile::report();
+    profile::enable(false);
+    run?;
+    Ok(Profile { rows: rows?, ms })
+}
+
 fn random(
     device: &Device,
     rng: &mut Rng,
@@ -500,16 +528,20 @@ pub struct ModelBench {
     pub forward_backward_ms: f64,
     /// Forward + backward FLOPs (3 × forward) per second.
     pub tflops: f64,
+    /// Where one forward + backward spends its time, when asked for.
+    pub profile: Option<Profile>,
 }
 
 /// Times the forward and the forward + backward (next-token log-likelihood through the fused LM
-/// head) of a model with `cfg`'s shape and random weights, on `seqs` sequences of `len` tokens.
+/// head) of a model with `cfg`'s shape and random weights, on `seqs` sequences of `len` tokens;
+/// with `profile`, one more forward + backward under the op profiler.
 pub fn bench_model(
     device: &Device,
     cfg: &crate::model::LlamaConfig,
     seqs: usize,
     len: usize,
     reps: usize,
+    profile: bool,
 ) -> Result<ModelBench> {
     use crate::model::{Batch, Model, Params};
     let model = Model::random(cfg, 1, device)?;
@@ -526,7 +558,7 @@ pub fn bench_model(
     let zeros = Tensor::zeros(&[n], DType::F32, device)?;
     let mut grads = Params::zeros(cfg, device, DType::F32)?;
     let forward_ms = median_ms(device, 1, reps, || model.forward(&batch).map(drop))?;
-    let forward_backward_ms = median_ms(device, 1, reps, || {
+    let mut step = || {
         let acts = model.forward(&batch)?;
         let out = linear_logprob_fwd(&acts.hidden, model.lm_head(), &tgt, 1.0)?;
         let dh = linear_logprob_bwd(
@@ -540,13 +572,18 @@ pub fn bench_model(
             grads.lm_head_mut(),
         )?;
         model.backward(&acts, &dh, &mut grads)
-    })?;
+    };
+    let forward_backward_ms = median_ms(device, 1, reps, &mut step)?;
+    let profile = profile
+        .then(|| profile_once(device, &mut step))
+        .transpose()?;
     let flops = 3.0 * cfg.forward_flops(seqs, len);
     Ok(ModelBench {
         tokens: n,
         forward_ms,
         forward_backward_ms,
         tflops: flops / (forward_backward_ms * 1e-3) / 1e12,
+        profile,
     })
 }
 
@@ -562,16 +599,20 @@ pub struct TrainBench {
     pub device_memory_peak: Option<usize>,
     /// Bytes the policy's forward keeps for its backward (`Activations::saved_bytes`), any device.
     pub saved_activation_bytes: usize,
+    /// Where one step spends its time, when asked for.
+    pub profile: Option<Profile>,
 }
 
 /// Times a DPO step (policy forward + backward on chosen and rejected, reference forward) with
-/// `cfg`'s shape and random weights: `pairs` pairs of `len` tokens each side, half prompt.
+/// `cfg`'s shape and random weights: `pairs` pairs of `len` tokens each side, half prompt; with
+/// `profile`, one more step under the op profiler.
 pub fn bench_dpo_step(
     device: &Device,
     cfg: &crate::model::LlamaConfig,
     pairs: usize,
     len: usize,
     reps: usize,
+    profile: bool,
 ) -> Result<TrainBench> {
     use crate::model::{Model, Params};
     use crate::ops::pref_loss::{pref_loss, DpoLoss, PrefExtras, PrefLoss};
@@ -599,7 +640,7 @@ pub fn bench_dpo_step(
     };
     let mut memory = None;
     let mut saved = 0;
-    let step_ms = median_ms(device, 1, reps, || {
+    let mut step = || {
         let reference_logps = frozen_logps(&reference, &sb)?;
         let s = score(&policy, &sb)?;
         saved = s.acts.saved_bytes();
@@ -635,7 +676,11 @@ pub fn bench_dpo_step(
         device.synchronize()?;
         seen(&mut memory);
         Ok(())
-    })?;
+    };
+    let step_ms = median_ms(device, 1, reps, &mut step)?;
+    let profile = profile
+        .then(|| profile_once(device, &mut step))
+        .transpose()?;
     let flops = 4.0 * cfg.forward_flops(2 * pairs, len);
     Ok(TrainBench {
         tokens: sb.batch.len(),
@@ -643,6 +688,7 @@ pub fn bench_dpo_step(
         tflops: flops / (step_ms * 1e-3) / 1e12,
         device_memory_peak: memory,
         saved_activation_bytes: saved,
+        profile,
     })
 }
 
@@ -771,12 +817,15 @@ pub struct OnlineBench {
     pub generation_tokens_per_s: f64,
     pub training_tokens: usize,
     pub training_tokens_per_s: f64,
+    /// Where a 32-token generation from the same prompts, and one more update, spend their time,
+    /// when asked for.
+    pub profile: Option<(Profile, Profile)>,
 }
 
 /// Times one rollout (`prompts` prompts of `prompt_len` tokens, `new_tokens` sampled each, no EOS)
 /// and its update: for PPO the policy and value forward+backward plus the reference and reward
 /// forwards; for GRPO the policy forward+backward plus the reference forward. Random weights with
-/// `cfg`'s shape.
+/// `cfg`'s shape. With `profile`, a short generation and one more update under the op profiler.
 pub fn bench_online(
     device: &Device,
     cfg: &crate::model::LlamaConfig,
@@ -784,6 +833,7 @@ pub fn bench_online(
     prompts: usize,
     prompt_len: usize,
     new_tokens: usize,
+    profile: bool,
 ) -> Result<OnlineBench> {
     use crate::model::generate::GenerateOptions;
     use crate::model::{Model, Params};
@@ -821,7 +871,7 @@ pub fn bench_online(
     let sb = ScoredBatch::new(&seqs);
     let mut grads = Params::zeros(cfg, device, DType::F32)?;
     let mut vgrads = Params::zeros(&vcfg, device, DType::F32)?;
-    let train_ms = median_ms(device, 1, 3, || {
+    let mut update = || {
         frozen_logps(&reference, &sb)?;
         let s = score(&policy, &sb)?;
         let up = vec![1.0 / sb.batch.len() as f32; sb.batch.len()];
@@ -840,11 +890,25 @@ pub fn bench_online(
             value.forward_frozen(&sb.batch)?;
         }
         Ok(())
-    })?;
+    };
+    let train_ms = median_ms(device, 1, 3, &mut update)?;
+    let profile = if profile {
+        let short = GenerateOptions {
+            max_new_tokens: new_tokens.min(32),
+            ..opts.clone()
+        };
+        let generation = profile_once(device, || {
+            policy.generate(&batch, &short, |_, _| {}).map(drop)
+        })?;
+        Some((generation, profile_once(device, &mut update)?))
+    } else {
+        None
+    };
     Ok(OnlineBench {
         generated_tokens: generated,
         generation_tokens_per_s: generated as f64 / gen_secs,
         training_tokens: sb.batch.len(),
         training_tokens_per_s: sb.batch.len() as f64 / (train_ms * 1e-3),
+        profile,
     })
 }

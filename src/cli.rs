@@ -326,6 +326,9 @@ pub enum BenchCommand {
         reps: usize,
         #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
         device: DeviceChoice,
+        /// Then one more DPO step under the op profiler: device time per op (GEMMs by shape).
+        #[arg(long)]
+        profile: bool,
     },
     /// Forward and forward+backward tokens/s of a model (random weights) and its MFU against this
     /// device's GEMM rate measured in the same run.
@@ -341,6 +344,9 @@ pub enum BenchCommand {
         reps: usize,
         #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
         device: DeviceChoice,
+        /// Then one more forward+backward under the op profiler: device time per op (GEMMs by shape).
+        #[arg(long)]
+        profile: bool,
     },
 }
 
@@ -360,6 +366,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             seq_len,
             reps,
             device,
+            profile,
         }) => {
             let device = Device::from_choice(device)?;
             let cfg = match model {
@@ -368,7 +375,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             };
             eprintln!("measuring the GEMM ceiling ...");
             let ceil = bench::measure_ceilings(&device, BenchSize::Full)?;
-            let r = bench::bench_model(&device, &cfg, batch, seq_len, reps)?;
+            let r = bench::bench_model(&device, &cfg, batch, seq_len, reps, profile)?;
             println!(
                 "{:.1}M parameters, {batch} x {seq_len} tokens on {device:?}",
                 cfg.parameter_count() as f64 / 1e6
@@ -386,6 +393,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 100.0 * r.tflops / ceil.gemm_tflops,
                 ceil.gemm_tflops
             );
+            if let Some(p) = &r.profile {
+                println!(
+                    "\none forward+backward under the profiler: {:.1} ms (device time per op)",
+                    p.ms
+                );
+                print!("{}", p.table());
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo {
@@ -530,6 +544,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             seq_len,
             reps,
             device,
+            profile,
         }) => {
             if trainer == "ppo" || trainer == "grpo" {
                 let device = Device::from_choice(device)?;
@@ -546,6 +561,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     pairs * 4,
                     seq_len / 2,
                     seq_len / 2,
+                    profile,
                 )?;
                 let sampler = if device.is_cuda() && crate::ops::sample::device_sampling() {
                     "the sample kernel"
@@ -566,6 +582,18 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     "training:   {} tokens, {:.0} tokens/s",
                     r.training_tokens, r.training_tokens_per_s
                 );
+                if let Some((generation, update)) = &r.profile {
+                    println!(
+                        "\na generation of up to 32 tokens under the profiler: {:.1} ms (device time per op)",
+                        generation.ms
+                    );
+                    print!("{}", generation.table());
+                    println!(
+                        "\none update under the profiler: {:.1} ms (device time per op)",
+                        update.ms
+                    );
+                    print!("{}", update.table());
+                }
                 return Ok(ExitCode::SUCCESS);
             }
             if trainer != "dpo" {
@@ -581,7 +609,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             };
             eprintln!("measuring the GEMM ceiling ...");
             let ceil = bench::measure_ceilings(&device, BenchSize::Full)?;
-            let r = bench::bench_dpo_step(&device, &cfg, pairs, seq_len, reps)?;
+            let r = bench::bench_dpo_step(&device, &cfg, pairs, seq_len, reps, profile)?;
             println!(
                 "DPO step, {pairs} pairs x {seq_len} tokens, {:.1}M parameters on {device:?}",
                 cfg.parameter_count() as f64 / 1e6
@@ -605,6 +633,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 "activations the policy's forward keeps for its backward: {:.2} GiB (tensor sizes)",
                 r.saved_activation_bytes as f64 / (1u64 << 30) as f64
             );
+            if let Some(p) = &r.profile {
+                println!(
+                    "\none DPO step under the profiler: {:.1} ms (device time per op)",
+                    p.ms
+                );
+                print!("{}", p.table());
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Label { args } => {

@@ -195,6 +195,15 @@ impl CudaDevice {
         Ok(f)
     }
 
+    /// A timing event recorded on this device's stream now (for the op profiler).
+    pub fn timing_event(&self) -> Result<cudarc::driver::CudaEvent> {
+        let e = self
+            .ctx
+            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        e.record(&self.stream)?;
+        Ok(e)
+    }
+
     /// The cuBLAS handle, bound to this device's stream.
     pub fn blas(&self) -> Result<&CudaBlas> {
         self.blas

@@ -3,6 +3,7 @@
 
 pub mod cuda;
 pub mod kernels;
+pub mod profile;
 pub mod tensor;
 
 use std::fmt;

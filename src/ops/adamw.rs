@@ -4,6 +4,7 @@
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::bf16;
 
+use crate::device::profile;
 use crate::device::tensor::CudaElem;
 use crate::device::{same_device, DType, Device, Tensor};
 use crate::error::{Error, Result};
@@ -37,6 +38,9 @@ impl Default for AdamWConfig {
 
 /// The L2 norm over every gradient buffer (f32), in f64 on the host from per-block partial sums.
 pub fn global_grad_norm(grads: &[&Tensor]) -> Result<f64> {
+    let _profile = grads
+        .first()
+        .map(|g| profile::scope(g.device(), "global_grad_norm"));
     let mut total = 0.0f64;
     for g in grads {
         g.expect_dtype(OP, DType::F32)?;
@@ -121,6 +125,7 @@ pub fn adamw_step(
     clip: f64,
 ) -> Result<()> {
     let device = same_device(OP, &[w, m, v, grad])?.clone();
+    let _profile = profile::scope(&device, OP);
     if step == 0 {
         return Err(Error::Unsupported {
             op: OP,

@@ -13,6 +13,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::bf16;
 use num_traits::Float;
 
+use crate::device::profile;
 use crate::device::tensor::{host_f32, CudaElem};
 use crate::device::{same_device, DType, Device, Tensor};
 use crate::error::{Error, Result};
@@ -448,6 +449,7 @@ pub fn attention_fwd(
     scale: f32,
 ) -> Result<(Tensor, Tensor)> {
     let device = same_device(OP_FWD, &[q, k, v])?;
+    let _profile = profile::scope(&device, OP_FWD);
     let nq = check(OP_FWD, q, k, v, batch, hd, scale)?;
     match device {
         Device::Cpu => {
@@ -492,6 +494,7 @@ pub fn attention_bwd(
     scale: f32,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let device = same_device(OP_BWD, &[dout, q, k, v, out, lse])?;
+    let _profile = profile::scope(&device, OP_BWD);
     let nq = check(OP_BWD, q, k, v, batch, hd, scale)?;
     if !batch.packed {
         return Err(Error::Unsupported {

@@ -4,6 +4,7 @@
 use cudarc::driver::PushKernelArg;
 use half::bf16;
 
+use crate::device::profile;
 use crate::device::tensor::{host_f32, CudaElem};
 use crate::device::{same_device, DType, Device, Tensor};
 use crate::error::{Error, Result};
@@ -17,6 +18,7 @@ const OP_BIAS_GRAD: &str = "bias_grad";
 /// `a + b`, same shape and dtype.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let device = same_device(OP_ADD, &[a, b])?;
+    let _profile = profile::scope(&device, OP_ADD);
     b.expect_shape(OP_ADD, "b", a.shape())?;
     b.expect_dtype(OP_ADD, a.dtype())?;
     match device {
@@ -65,6 +67,7 @@ pub fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
             dtype: "i32",
         });
     }
+    let _profile = profile::scope(x.device(), OP_CAST);
     if let Device::Cpu = x.device() {
         return Tensor::from_f32_as(x.shape(), &x.to_f32_vec()?, dtype, x.device());
     }
@@ -106,6 +109,7 @@ pub fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
 /// `x[n, c] + bias[c]` as a new tensor.
 pub fn bias_add(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let device = same_device(OP_BIAS, &[x, bias])?;
+    let _profile = profile::scope(&device, OP_BIAS);
     let (rows, cols) = x.dims2(OP_BIAS)?;
     bias.expect_shape(OP_BIAS, "bias", &[cols])?;
     bias.expect_dtype(OP_BIAS, x.dtype())?;
@@ -158,6 +162,7 @@ fn bias_add_cuda<T: CudaElem>(
 /// `dbias[c] += Σ_n dy[n, c]`; dbias is [cols] f32.
 pub fn bias_grad(dbias: &mut Tensor, dy: &Tensor) -> Result<()> {
     let device = same_device(OP_BIAS_GRAD, &[dbias, dy])?.clone();
+    let _profile = profile::scope(&device, OP_BIAS_GRAD);
     let (rows, cols) = dy.dims2(OP_BIAS_GRAD)?;
     dbias.expect_shape(OP_BIAS_GRAD, "dbias", &[cols])?;
     dbias.expect_dtype(OP_BIAS_GRAD, DType::F32)?;

@@ -4,6 +4,7 @@
 use cudarc::driver::PushKernelArg;
 use half::bf16;
 
+use crate::device::profile;
 use crate::device::tensor::{host_f32, CudaElem};
 use crate::device::{same_device, DType, Device, Tensor};
 use crate::error::{Error, Result};
@@ -45,6 +46,7 @@ fn check_ids(op: &'static str, ids: &Tensor, bound: usize, what: (&str, &str)) -
 /// `out[n, :] = table[ids[n], :]`. table: [V, d]; ids: [N] i32.
 pub fn embed_fwd(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let device = same_device(OP_FWD, &[table, ids])?;
+    let _profile = profile::scope(&device, OP_FWD);
     let (vocab, d) = table.dims2(OP_FWD)?;
     let n = check_ids(OP_FWD, ids, vocab, ("token id", "the vocabulary"))?;
     match device {
@@ -70,6 +72,7 @@ pub fn embed_fwd(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
 /// `dtable[ids[n], :] += dout[n, :]`; dtable is [V, d] f32.
 pub fn embed_bwd(dtable: &mut Tensor, dout: &Tensor, ids: &Tensor) -> Result<()> {
     let device = same_device(OP_BWD, &[dtable, dout, ids])?.clone();
+    let _profile = profile::scope(&device, OP_BWD);
     let (vocab, d) = dtable.dims2(OP_BWD)?;
     dtable.expect_dtype(OP_BWD, DType::F32)?;
     let n = check_ids(OP_BWD, ids, vocab, ("token id", "the vocabulary"))?;
@@ -101,6 +104,7 @@ pub fn embed_bwd(dtable: &mut Tensor, dout: &Tensor, ids: &Tensor) -> Result<()>
 /// (a row written twice keeps either value).
 pub fn rows_store(dst: &mut Tensor, src: &Tensor, rows: &Tensor) -> Result<()> {
     let device = same_device(OP_STORE, &[dst, src, rows])?.clone();
+    let _profile = profile::scope(&device, OP_STORE);
     let (r, d) = dst.dims2(OP_STORE)?;
     let n = check_ids(OP_STORE, rows, r, ("row", "the destination's rows"))?;
     src.expect_shape(OP_STORE, "src", &[n, d])?;

@@ -14,6 +14,7 @@ use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use half::bf16;
 use num_traits::Float;
 
+use crate::device::profile;
 use crate::device::tensor::{host_f32, CudaElem};
 use crate::device::{same_device, CudaDevice, DType, Device, Tensor};
 use crate::error::{Error, Result};
@@ -219,6 +220,7 @@ fn scalar_outputs(n: usize, device: &Device) -> Result<LogprobOut> {
 
 pub fn logprob_fwd(logits: &Tensor, targets: &Tensor, temperature: f32) -> Result<LogprobOut> {
     let device = same_device(OP_FWD, &[logits, targets])?;
+    let _profile = profile::scope(&device, OP_FWD);
     let (n, vocab) = logits.dims2(OP_FWD)?;
     check_targets(OP_FWD, targets, n, vocab)?;
     let scale = check_temperature(OP_FWD, temperature)?;
@@ -268,6 +270,7 @@ pub fn logprob_bwd(
             grad_entropy,
         ],
     )?;
+    let _profile = profile::scope(&device, OP_BWD);
     let (n, vocab) = logits.dims2(OP_BWD)?;
     check_targets(OP_BWD, targets, n, vocab)?;
     let scale = check_temperature(OP_BWD, temperature)?;
@@ -528,6 +531,7 @@ pub fn linear_logprob_fwd(
     temperature: f32,
 ) -> Result<LogprobOut> {
     let device = same_device(OP_LIN_FWD, &[hidden, weight, targets])?;
+    let _profile = profile::scope(&device, OP_LIN_FWD);
     let (n, d, vocab) = check_linear(OP_LIN_FWD, hidden, weight, targets)?;
     let scale = check_temperature(OP_LIN_FWD, temperature)?;
     match device {
@@ -584,6 +588,7 @@ pub fn linear_logprob_bwd(
         ],
     )?
     .clone();
+    let _profile = profile::scope(&device, OP_LIN_BWD);
     let (n, d, vocab) = check_linear(OP_LIN_BWD, hidden, weight, targets)?;
     let scale = check_temperature(OP_LIN_BWD, temperature)?;
     for (name, t) in [

@@ -4,6 +4,7 @@
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 
+use crate::device::profile;
 use crate::device::tensor::{host_f32, CudaElem};
 use crate::device::{same_device, CudaDevice, DType, Device, Tensor};
 use crate::error::{Error, Result};
@@ -116,6 +117,14 @@ pub fn gemm(
     }
     c.expect_shape(OP, "c", &[m, n])?;
     b.expect_dtype(OP, a.dtype())?;
+    // Named by shape: the shapes tell the model's GEMMs apart.
+    let _profile = profile::scope_with(&device, || {
+        format!(
+            "gemm {m}x{n}x{k} {ta:?}{tb:?}{}",
+            if beta == 0.0 { "" } else { " +=" }
+        )
+        .into()
+    });
     match &device {
         Device::Cpu => {
             let (av, bv) = (host_f32(a, OP)?, host_f32(b, OP)?);

@@ -5,6 +5,7 @@ use cudarc::driver::PushKernelArg;
 use half::bf16;
 use num_traits::Float;
 
+use crate::device::profile;
 use crate::device::tensor::{host_f32, CudaElem};
 use crate::device::{same_device, DType, Device, Tensor};
 use crate::error::{Error, Result};
@@ -44,6 +45,7 @@ fn check(op: &'static str, first: &Tensor, others: &[(&str, &Tensor)]) -> Result
 
 pub fn swiglu_fwd(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let device = same_device(OP_FWD, &[gate, up])?;
+    let _profile = profile::scope(&device, OP_FWD);
     check(OP_FWD, gate, &[("up", up)])?;
     match device {
         Device::Cpu => {
@@ -65,6 +67,7 @@ pub fn swiglu_fwd(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// Returns (dgate, dup).
 pub fn swiglu_bwd(dh: &Tensor, gate: &Tensor, up: &Tensor) -> Result<(Tensor, Tensor)> {
     let device = same_device(OP_BWD, &[dh, gate, up])?;
+    let _profile = profile::scope(&device, OP_BWD);
     check(OP_BWD, gate, &[("up", up), ("dh", dh)])?;
     match device {
         Device::Cpu => {

@@ -8,6 +8,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::bf16;
 use num_traits::Float;
 
+use crate::device::profile;
 use crate::device::tensor::{host_f32, CudaElem};
 use crate::device::{same_device, DType, Device, Tensor};
 use crate::error::{Error, Result};
@@ -95,6 +96,7 @@ pub struct RmsNormOut {
 
 pub fn rms_norm_fwd(x: &Tensor, weight: &Tensor, eps: f32) -> Result<RmsNormOut> {
     let device = same_device(OP_FWD, &[x, weight])?;
+    let _profile = profile::scope(&device, OP_FWD);
     let (rows, cols) = x.dims2(OP_FWD)?;
     weight.expect_shape(OP_FWD, "weight", &[cols])?;
     weight.expect_dtype(OP_FWD, x.dtype())?;
@@ -129,6 +131,7 @@ pub fn rms_norm_bwd(
     dweight: &mut Tensor,
 ) -> Result<Tensor> {
     let device = same_device(OP_BWD, &[dy, x, weight, rstd, dweight])?.clone();
+    let _profile = profile::scope(&device, OP_BWD);
     let (rows, cols) = x.dims2(OP_BWD)?;
     dy.expect_shape(OP_BWD, "dy", x.shape())?;
     weight.expect_shape(OP_BWD, "weight", &[cols])?;

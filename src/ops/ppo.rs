@@ -7,6 +7,7 @@
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use num_traits::Float;
 
+use crate::device::profile;
 use crate::device::{same_device, DType, Device, Tensor};
 use crate::error::{Error, Result};
 use crate::ops::kl::KlEstimator;
@@ -236,6 +237,7 @@ pub fn ppo_advantages(
     mask: &Tensor,
 ) -> Result<PpoAdvantages> {
     let device = same_device(OP_ADV, &[old_logps, ref_logps, old_values, scores, mask])?;
+    let _profile = profile::scope(&device, OP_ADV);
     if cfg.kl_estimator == KlEstimator::K2 {
         return Err(Error::Unsupported {
             op: OP_ADV,
@@ -360,6 +362,7 @@ pub fn ppo_loss(
         new_logps, new_values, old_logps, old_values, whitened, returns, mask,
     ];
     let device = same_device(OP_LOSS, &all)?;
+    let _profile = profile::scope(&device, OP_LOSS);
     let (rows, cols) = mask.dims2(OP_LOSS)?;
     check_bt(
         OP_LOSS,

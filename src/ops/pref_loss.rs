@@ -13,6 +13,7 @@
 use cudarc::driver::{DevicePtrMut, LaunchConfig, PushKernelArg};
 use num_traits::Float;
 
+use crate::device::profile;
 use crate::device::{same_device, DType, Device, Tensor};
 use crate::error::{Error, Result};
 use crate::ops::stable::{log1mexp, log_sigmoid, sigmoid};
@@ -572,6 +573,7 @@ pub fn pref_loss(
     all.extend(ex.nll_mask.iter().copied());
     all.extend(ex.labels.iter().copied());
     let device = same_device(OP, &all)?.clone();
+    let _profile = profile::scope(&device, OP);
     let Checked { rows, cols } = check(kind, policy_logps, mask, ex)?;
     match &device {
         Device::Cpu => {

@@ -7,6 +7,7 @@ use cudarc::driver::PushKernelArg;
 use half::bf16;
 use num_traits::Float;
 
+use crate::device::profile;
 use crate::device::tensor::{host_f32, CudaElem};
 use crate::device::{same_device, DType, Device, Tensor};
 use crate::error::{Error, Result};
@@ -51,6 +52,7 @@ fn apply(
     backward: bool,
 ) -> Result<Tensor> {
     let device = same_device(OP, &[x, positions, inv_freq])?;
+    let _profile = profile::scope(&device, if backward { "rope_bwd" } else { "rope_fwd" });
     let (n, width) = x.dims2(OP)?;
     let half = inv_freq.numel();
     let head_dim = 2 * half;

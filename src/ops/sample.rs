@@ -10,6 +10,7 @@
 use cudarc::driver::PushKernelArg;
 use half::bf16;
 
+use crate::device::profile;
 use crate::device::tensor::{host_f32, CudaElem};
 use crate::device::{DType, Device, Tensor};
 use crate::error::{Error, Result};
@@ -104,6 +105,7 @@ pub fn sample_plain(
     draws: &[f64],
 ) -> Result<(Vec<i32>, Vec<f32>)> {
     let (rows, vocab) = logits.dims2(OP)?;
+    let _profile = profile::scope(logits.device(), OP);
     if draws.len() != rows {
         return Err(Error::Unsupported {
             op: OP,

@@ -1,0 +1,43 @@
+//! The op profiler (`rlhf bench ... --profile`): ops record under their names only while it is on,
+//! an op inside another is counted once (under the outer name), and a report clears what it read.
+//! One test in its own binary: the profiler is process-wide, so other tests' ops would land in it.
+
+use rlhf_kernels::device::profile;
+use rlhf_kernels::device::{Device, Tensor};
+use rlhf_kernels::ops::norm::rms_norm_fwd;
+use rlhf_kernels::testing::{fresh_seed, Rng};
+
+#[test]
+fn ops_record_once_under_the_outermost_name_while_profiling_is_on() {
+    let mut rng = Rng::new(fresh_seed("profile ops_record_once"));
+    let dev = Device::Cpu;
+    let x = Tensor::from_f32(&[64, 96], rng.normal_vec(64 * 96, 1.0), &dev).unwrap();
+    let w = Tensor::from_f32(&[96], rng.normal_vec(96, 1.0), &dev).unwrap();
+
+    rms_norm_fwd(&x, &w, 1e-6).unwrap();
+    assert!(profile::report().unwrap().is_empty(), "recorded while off");
+
+    profile::enable(true);
+    for _ in 0..3 {
+        rms_norm_fwd(&x, &w, 1e-6).unwrap();
+    }
+    {
+        let _outer = profile::scope(&dev, "outer step");
+        rms_norm_fwd(&x, &w, 1e-6).unwrap();
+        rms_norm_fwd(&x, &w, 1e-6).unwrap();
+    }
+    let rows = profile::report().unwrap();
+    let table = profile::format_table(&rows, 1000.0);
+    println!("{table}");
+    let calls = |name: &str| rows.iter().find(|r| r.name == name).map(|r| r.calls);
+    assert_eq!(calls("rms_norm_fwd"), Some(3), "{table}");
+    assert_eq!(calls("outer step"), Some(1), "{table}");
+    assert_eq!(rows.len(), 2, "{table}");
+    assert!(rows.iter().all(|r| r.ms >= 0.0 && r.ms.is_finite()));
+    assert!(table.contains("outside any op"));
+
+    assert!(profile::report().unwrap().is_empty(), "a report clears what it read");
+    profile::enable(false);
+    rms_norm_fwd(&x, &w, 1e-6).unwrap();
+    assert!(profile::report().unwrap().is_empty(), "recorded after it was turned off");
+}
