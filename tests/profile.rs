@@ -36,8 +36,14 @@ fn ops_record_once_under_the_outermost_name_while_profiling_is_on() {
     assert!(rows.iter().all(|r| r.ms >= 0.0 && r.ms.is_finite()));
     assert!(table.contains("outside any op"));
 
-    assert!(profile::report().unwrap().is_empty(), "a report clears what it read");
+    assert!(
+        profile::report().unwrap().is_empty(),
+        "a report clears what it read"
+    );
     profile::enable(false);
     rms_norm_fwd(&x, &w, 1e-6).unwrap();
-    assert!(profile::report().unwrap().is_empty(), "recorded after it was turned off");
+    assert!(
+        profile::report().unwrap().is_empty(),
+        "recorded after it was turned off"
+    );
 }

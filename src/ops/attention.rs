@@ -449,7 +449,7 @@ pub fn attention_fwd(
     scale: f32,
 ) -> Result<(Tensor, Tensor)> {
     let device = same_device(OP_FWD, &[q, k, v])?;
-    let _profile = profile::scope(&device, OP_FWD);
+    let _profile = profile::scope(device, OP_FWD);
     let nq = check(OP_FWD, q, k, v, batch, hd, scale)?;
     match device {
         Device::Cpu => {
@@ -494,7 +494,7 @@ pub fn attention_bwd(
     scale: f32,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let device = same_device(OP_BWD, &[dout, q, k, v, out, lse])?;
-    let _profile = profile::scope(&device, OP_BWD);
+    let _profile = profile::scope(device, OP_BWD);
     let nq = check(OP_BWD, q, k, v, batch, hd, scale)?;
     if !batch.packed {
         return Err(Error::Unsupported {

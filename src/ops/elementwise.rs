@@ -18,7 +18,7 @@ const OP_BIAS_GRAD: &str = "bias_grad";
 /// `a + b`, same shape and dtype.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let device = same_device(OP_ADD, &[a, b])?;
-    let _profile = profile::scope(&device, OP_ADD);
+    let _profile = profile::scope(device, OP_ADD);
     b.expect_shape(OP_ADD, "b", a.shape())?;
     b.expect_dtype(OP_ADD, a.dtype())?;
     match device {
@@ -109,7 +109,7 @@ pub fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
 /// `x[n, c] + bias[c]` as a new tensor.
 pub fn bias_add(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let device = same_device(OP_BIAS, &[x, bias])?;
-    let _profile = profile::scope(&device, OP_BIAS);
+    let _profile = profile::scope(device, OP_BIAS);
     let (rows, cols) = x.dims2(OP_BIAS)?;
     bias.expect_shape(OP_BIAS, "bias", &[cols])?;
     bias.expect_dtype(OP_BIAS, x.dtype())?;

@@ -46,7 +46,7 @@ fn check_ids(op: &'static str, ids: &Tensor, bound: usize, what: (&str, &str)) -
 /// `out[n, :] = table[ids[n], :]`. table: [V, d]; ids: [N] i32.
 pub fn embed_fwd(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let device = same_device(OP_FWD, &[table, ids])?;
-    let _profile = profile::scope(&device, OP_FWD);
+    let _profile = profile::scope(device, OP_FWD);
     let (vocab, d) = table.dims2(OP_FWD)?;
     let n = check_ids(OP_FWD, ids, vocab, ("token id", "the vocabulary"))?;
     match device {

@@ -92,7 +92,7 @@ pub struct KlFullOut {
 
 pub fn kl_full_fwd(policy: &Tensor, reference: &Tensor) -> Result<KlFullOut> {
     let device = same_device(OP_FWD, &[policy, reference])?;
-    let _profile = profile::scope(&device, OP_FWD);
+    let _profile = profile::scope(device, OP_FWD);
     let (n, vocab) = policy.dims2(OP_FWD)?;
     reference.expect_shape(OP_FWD, "reference logits", policy.shape())?;
     reference.expect_dtype(OP_FWD, policy.dtype())?;
@@ -126,7 +126,7 @@ pub fn kl_full_bwd(
     upstream: &Tensor,
 ) -> Result<Tensor> {
     let device = same_device(OP_BWD, &[policy, reference, &out.kl, upstream])?;
-    let _profile = profile::scope(&device, OP_BWD);
+    let _profile = profile::scope(device, OP_BWD);
     let (n, vocab) = policy.dims2(OP_BWD)?;
     reference.expect_shape(OP_BWD, "reference logits", policy.shape())?;
     reference.expect_dtype(OP_BWD, policy.dtype())?;
@@ -269,7 +269,7 @@ fn check_sampled(policy_lp: &Tensor, others: &[(&str, &Tensor)]) -> Result<usize
 /// The estimator per token, shaped like `policy_lp`.
 pub fn kl_sampled_fwd(policy_lp: &Tensor, ref_lp: &Tensor, est: KlEstimator) -> Result<Tensor> {
     let device = same_device(OP_SAMPLED, &[policy_lp, ref_lp])?;
-    let _profile = profile::scope(&device, OP_SAMPLED);
+    let _profile = profile::scope(device, OP_SAMPLED);
     let n = check_sampled(policy_lp, &[("ref_lp", ref_lp)])?;
     match device {
         Device::Cpu => {
@@ -306,7 +306,7 @@ pub fn kl_sampled_bwd(
     est: KlEstimator,
 ) -> Result<Tensor> {
     let device = same_device(OP_SAMPLED, &[policy_lp, ref_lp, upstream])?;
-    let _profile = profile::scope(&device, OP_SAMPLED);
+    let _profile = profile::scope(device, OP_SAMPLED);
     let n = check_sampled(policy_lp, &[("ref_lp", ref_lp), ("upstream", upstream)])?;
     match device {
         Device::Cpu => {

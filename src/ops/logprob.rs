@@ -220,7 +220,7 @@ fn scalar_outputs(n: usize, device: &Device) -> Result<LogprobOut> {
 
 pub fn logprob_fwd(logits: &Tensor, targets: &Tensor, temperature: f32) -> Result<LogprobOut> {
     let device = same_device(OP_FWD, &[logits, targets])?;
-    let _profile = profile::scope(&device, OP_FWD);
+    let _profile = profile::scope(device, OP_FWD);
     let (n, vocab) = logits.dims2(OP_FWD)?;
     check_targets(OP_FWD, targets, n, vocab)?;
     let scale = check_temperature(OP_FWD, temperature)?;
@@ -270,7 +270,7 @@ pub fn logprob_bwd(
             grad_entropy,
         ],
     )?;
-    let _profile = profile::scope(&device, OP_BWD);
+    let _profile = profile::scope(device, OP_BWD);
     let (n, vocab) = logits.dims2(OP_BWD)?;
     check_targets(OP_BWD, targets, n, vocab)?;
     let scale = check_temperature(OP_BWD, temperature)?;
@@ -531,7 +531,7 @@ pub fn linear_logprob_fwd(
     temperature: f32,
 ) -> Result<LogprobOut> {
     let device = same_device(OP_LIN_FWD, &[hidden, weight, targets])?;
-    let _profile = profile::scope(&device, OP_LIN_FWD);
+    let _profile = profile::scope(device, OP_LIN_FWD);
     let (n, d, vocab) = check_linear(OP_LIN_FWD, hidden, weight, targets)?;
     let scale = check_temperature(OP_LIN_FWD, temperature)?;
     match device {

@@ -45,7 +45,7 @@ fn check(op: &'static str, first: &Tensor, others: &[(&str, &Tensor)]) -> Result
 
 pub fn swiglu_fwd(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let device = same_device(OP_FWD, &[gate, up])?;
-    let _profile = profile::scope(&device, OP_FWD);
+    let _profile = profile::scope(device, OP_FWD);
     check(OP_FWD, gate, &[("up", up)])?;
     match device {
         Device::Cpu => {
@@ -67,7 +67,7 @@ pub fn swiglu_fwd(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// Returns (dgate, dup).
 pub fn swiglu_bwd(dh: &Tensor, gate: &Tensor, up: &Tensor) -> Result<(Tensor, Tensor)> {
     let device = same_device(OP_BWD, &[dh, gate, up])?;
-    let _profile = profile::scope(&device, OP_BWD);
+    let _profile = profile::scope(device, OP_BWD);
     check(OP_BWD, gate, &[("up", up), ("dh", dh)])?;
     match device {
         Device::Cpu => {

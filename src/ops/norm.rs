@@ -96,7 +96,7 @@ pub struct RmsNormOut {
 
 pub fn rms_norm_fwd(x: &Tensor, weight: &Tensor, eps: f32) -> Result<RmsNormOut> {
     let device = same_device(OP_FWD, &[x, weight])?;
-    let _profile = profile::scope(&device, OP_FWD);
+    let _profile = profile::scope(device, OP_FWD);
     let (rows, cols) = x.dims2(OP_FWD)?;
     weight.expect_shape(OP_FWD, "weight", &[cols])?;
     weight.expect_dtype(OP_FWD, x.dtype())?;

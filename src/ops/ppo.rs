@@ -237,7 +237,7 @@ pub fn ppo_advantages(
     mask: &Tensor,
 ) -> Result<PpoAdvantages> {
     let device = same_device(OP_ADV, &[old_logps, ref_logps, old_values, scores, mask])?;
-    let _profile = profile::scope(&device, OP_ADV);
+    let _profile = profile::scope(device, OP_ADV);
     if cfg.kl_estimator == KlEstimator::K2 {
         return Err(Error::Unsupported {
             op: OP_ADV,
@@ -362,7 +362,7 @@ pub fn ppo_loss(
         new_logps, new_values, old_logps, old_values, whitened, returns, mask,
     ];
     let device = same_device(OP_LOSS, &all)?;
-    let _profile = profile::scope(&device, OP_LOSS);
+    let _profile = profile::scope(device, OP_LOSS);
     let (rows, cols) = mask.dims2(OP_LOSS)?;
     check_bt(
         OP_LOSS,

@@ -52,7 +52,7 @@ fn apply(
     backward: bool,
 ) -> Result<Tensor> {
     let device = same_device(OP, &[x, positions, inv_freq])?;
-    let _profile = profile::scope(&device, if backward { "rope_bwd" } else { "rope_fwd" });
+    let _profile = profile::scope(device, if backward { "rope_bwd" } else { "rope_fwd" });
     let (n, width) = x.dims2(OP)?;
     let half = inv_freq.numel();
     let head_dim = 2 * half;
