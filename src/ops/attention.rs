@@ -543,6 +543,22 @@ pub fn attention_bwd(
     }
 }
 
+/// Says once per (dtype, head_dim) that CUDA attention runs on the simple kernel, which is far
+/// slower than the flash kernels, and why.
+fn warn_simple_fallback(dtype: DType, head_dim: usize) {
+    static WARNED: std::sync::Mutex<Vec<(DType, usize)>> = std::sync::Mutex::new(Vec::new());
+    let mut warned = WARNED.lock().unwrap_or_else(|p| p.into_inner());
+    if warned.contains(&(dtype, head_dim)) {
+        return;
+    }
+    warned.push((dtype, head_dim));
+    eprintln!(
+        "note: attention in {} with head_dim {head_dim} runs the simple CUDA kernel (no tensor \
+         cores, tens of times slower): the flash kernels take bf16 with head_dim 64 or 128",
+        dtype.name()
+    );
+}
+
 fn threads(head_dim: usize) -> u32 {
     (head_dim.max(128).div_ceil(32) * 32) as u32
 }
@@ -591,6 +607,9 @@ fn fwd_cuda<T: CudaElem>(
     if batch.kernel.flash(T::DTYPE, hd.head_dim) {
         flash_fwd_cuda(&mut out, &mut lse, q, k, v, batch, hd, scale)?;
         return Ok((out, lse));
+    }
+    if batch.kernel != AttnKernel::Simple {
+        warn_simple_fallback(T::DTYPE, hd.head_dim);
     }
     let f = dev.function(
         "attention",
