@@ -599,6 +599,9 @@ pub struct TrainBench {
     pub device_memory_peak: Option<usize>,
     /// Bytes the policy's forward keeps for its backward (`Activations::saved_bytes`), any device.
     pub saved_activation_bytes: usize,
+    /// The most bytes of CUDA tensors alive at once during the timed steps (weights, gradients,
+    /// activations, scratch; the bench keeps no optimizer state): PyTorch's max_memory_allocated.
+    pub tensor_bytes_peak: Option<usize>,
     /// Where one step spends its time, when asked for.
     pub profile: Option<Profile>,
 }
@@ -677,7 +680,11 @@ pub fn bench_dpo_step(
         seen(&mut memory);
         Ok(())
     };
+    crate::device::tensor::reset_device_bytes_peak();
     let step_ms = median_ms(device, 1, reps, &mut step)?;
+    let tensor_bytes_peak = device
+        .is_cuda()
+        .then(crate::device::tensor::device_bytes_peak);
     let profile = profile
         .then(|| profile_once(device, &mut step))
         .transpose()?;
@@ -688,6 +695,7 @@ pub fn bench_dpo_step(
         tflops: flops / (step_ms * 1e-3) / 1e12,
         device_memory_peak: memory,
         saved_activation_bytes: saved,
+        tensor_bytes_peak,
         profile,
     })
 }

@@ -629,6 +629,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 ),
                 None => println!("device memory: not measured on the CPU"),
             }
+            if let Some(b) = r.tensor_bytes_peak {
+                println!(
+                    "tensor memory, most alive at once (PyTorch's max_memory_allocated counts the same): {:.2} GiB",
+                    b as f64 / (1u64 << 30) as f64
+                );
+            }
             println!(
                 "activations the policy's forward keeps for its backward: {:.2} GiB (tensor sizes)",
                 r.saved_activation_bytes as f64 / (1u64 << 30) as f64

@@ -47,3 +47,28 @@ fn ops_record_once_under_the_outermost_name_while_profiling_is_on() {
         "recorded after it was turned off"
     );
 }
+
+rlhf_kernels::cuda_test! {
+    /// The tensor-memory counter (`rlhf bench train`'s max_memory_allocated twin): CUDA tensors
+    /// count while alive, duplicates and reshapes included, and the peak holds the most.
+    fn cuda_tensor_bytes_count_while_alive(dev) {
+        use rlhf_kernels::device::tensor::{device_bytes_live, device_bytes_peak, reset_device_bytes_peak};
+        use rlhf_kernels::device::DType;
+        let base = device_bytes_live();
+        reset_device_bytes_peak();
+        let a = Tensor::zeros(&[1000, 3], DType::F32, &dev).unwrap();
+        let b = Tensor::empty(&[5000], DType::BF16, &dev).unwrap();
+        assert_eq!(device_bytes_live(), base + 12_000 + 10_000);
+        let c = a.duplicate().unwrap().reshape(&[3000]).unwrap();
+        assert_eq!(device_bytes_live(), base + 34_000);
+        drop(a);
+        drop(b);
+        assert_eq!(device_bytes_live(), base + 12_000);
+        assert_eq!(device_bytes_peak(), base + 34_000);
+        drop(c);
+        assert_eq!(device_bytes_live(), base);
+        let cpu = Tensor::zeros(&[1000], DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(device_bytes_live(), base, "CPU tensors are not device memory");
+        drop(cpu);
+    }
+}

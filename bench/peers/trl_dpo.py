@@ -109,11 +109,15 @@ def main():
     for line in ours.splitlines():
         if "ms/step" in line:
             print(f"ours vs peer: {ms / float(line.split()[0]):.2f}x tokens/s")
-        if "GiB" in line and cuda:
-            gib = [float(w) for w in line.replace(",", " ").split() if w.replace(".", "", 1).isdigit()]
-            if gib:
-                print(f"ours vs peer: {gib[-1] / peak:.2f}x memory (ours the most in use seen in a step, "
-                      f"the peer's peak reserved)")
+        gib = [float(w) for w in line.replace(",", " ").split() if w.replace(".", "", 1).isdigit()]
+        if not (cuda and gib and "GiB" in line):
+            continue
+        if line.startswith("device memory in use"):
+            print(f"ours vs peer: {gib[-1] / peak:.2f}x memory (ours the most in use seen in a step, "
+                  f"the peer's peak reserved)")
+        elif line.startswith("tensor memory"):
+            print(f"ours vs peer: {gib[-1] / allocated:.2f}x memory (ours the most tensor bytes alive at once, "
+                  f"the peer's max_memory_allocated)")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 //! A row-major tensor of f32 or bf16 on the CPU or a CUDA device.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use cudarc::driver::CudaSlice;
 use half::bf16;
@@ -70,6 +70,25 @@ pub fn poisoning() -> bool {
     POISON.load(Ordering::Relaxed)
 }
 
+static DEVICE_BYTES_LIVE: AtomicUsize = AtomicUsize::new(0);
+static DEVICE_BYTES_PEAK: AtomicUsize = AtomicUsize::new(0);
+
+/// Bytes of CUDA tensors alive now, over every device of the process: what PyTorch's
+/// `memory_allocated` counts (not the pool's cached blocks, the context or cuBLAS's workspace).
+pub fn device_bytes_live() -> usize {
+    DEVICE_BYTES_LIVE.load(Ordering::Relaxed)
+}
+
+/// The most [`device_bytes_live`] has been since the last [`reset_device_bytes_peak`] (PyTorch's
+/// `max_memory_allocated`).
+pub fn device_bytes_peak() -> usize {
+    DEVICE_BYTES_PEAK.load(Ordering::Relaxed)
+}
+
+pub fn reset_device_bytes_peak() {
+    DEVICE_BYTES_PEAK.store(device_bytes_live(), Ordering::Relaxed);
+}
+
 fn numel(shape: &[usize]) -> usize {
     shape.iter().product()
 }
@@ -118,12 +137,12 @@ impl Tensor {
                 HostData::I32(v) => CudaData::I32(d.upload(&v)?),
             }),
         };
-        Ok(Tensor {
-            shape: shape.to_vec(),
+        Ok(Tensor::assemble(
+            shape.to_vec(),
             dtype,
             storage,
-            device: device.clone(),
-        })
+            device.clone(),
+        ))
     }
 
     /// An output buffer: unspecified contents (NaN while poisoning is on) that the op must overwrite.
@@ -144,12 +163,12 @@ impl Tensor {
                 DType::I32 => CudaData::I32(d.alloc(n)?),
             }),
         };
-        Ok(Tensor {
-            shape: shape.to_vec(),
+        Ok(Tensor::assemble(
+            shape.to_vec(),
             dtype,
             storage,
-            device: device.clone(),
-        })
+            device.clone(),
+        ))
     }
 
     pub fn zeros(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
@@ -166,12 +185,27 @@ impl Tensor {
                 DType::I32 => CudaData::I32(d.zeros(n)?),
             }),
         };
-        Ok(Tensor {
-            shape: shape.to_vec(),
+        Ok(Tensor::assemble(
+            shape.to_vec(),
             dtype,
             storage,
-            device: device.clone(),
-        })
+            device.clone(),
+        ))
+    }
+
+    /// Every tensor is built here, so that CUDA tensors are counted in [`device_bytes_live`].
+    fn assemble(shape: Vec<usize>, dtype: DType, storage: Storage, device: Device) -> Tensor {
+        if let Storage::Cuda(_) = storage {
+            let bytes = numel(&shape) * dtype.size();
+            let live = DEVICE_BYTES_LIVE.fetch_add(bytes, Ordering::Relaxed) + bytes;
+            DEVICE_BYTES_PEAK.fetch_max(live, Ordering::Relaxed);
+        }
+        Tensor {
+            shape,
+            dtype,
+            storage,
+            device,
+        }
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -287,12 +321,12 @@ impl Tensor {
                 })
             }
         };
-        Ok(Tensor {
-            shape: self.shape.clone(),
-            dtype: self.dtype,
+        Ok(Tensor::assemble(
+            self.shape.clone(),
+            self.dtype,
             storage,
-            device: self.device.clone(),
-        })
+            self.device.clone(),
+        ))
     }
 
     /// Copies `rows` rows of `src` starting at `src_row` into this tensor at `dst_row`; both are 2-D
@@ -550,6 +584,14 @@ impl CudaElem for bf16 {
                 op,
                 detail: "expected a CUDA tensor".into(),
             }),
+        }
+    }
+}
+
+impl Drop for Tensor {
+    fn drop(&mut self) {
+        if let Storage::Cuda(_) = self.storage {
+            DEVICE_BYTES_LIVE.fetch_sub(numel(&self.shape) * self.dtype.size(), Ordering::Relaxed);
         }
     }
 }
