@@ -15,7 +15,9 @@
 //
 // The `_chunk` kernels serve the LM-head-fused form (src/ops/logprob.rs): cuBLAS computes logits one
 // vocabulary tile at a time into a scratch buffer, and these fold each tile into per-row running state,
-// so the [N, V] logits never exist in memory.
+// so the [N, V] logits never exist in memory. The tile is in the operands' dtype: bf16 logits (f32
+// accumulation, rounded once) as the LM head of an eager bf16 model produces them, half the bytes of
+// an f32 tile for the kernels that read it.
 #include "common.cuh"
 
 struct EntropyState {
@@ -249,27 +251,27 @@ __device__ void logprob_bwd(T* __restrict__ dlogits,              // [N, V]
 // paid a block launch and two barriers per row.
 constexpr int CHUNK_ROWS = 8;  // warps per block; must equal the launcher's (src/ops/logprob.rs)
 
-// One vocabulary tile [v0, v0 + Vc) of z (already scaled, f32 from cuBLAS) folded into the running
+// One vocabulary tile [v0, v0 + Vc) of z (already scaled by cuBLAS) folded into the running
 // per-row state; the last tile writes logp, lse and entropy.
-extern "C" __global__ void __launch_bounds__(CHUNK_ROWS * 32)
-    logprob_chunk_fwd(float* __restrict__ state,        // [N, 3] (m, s, t)
-                      float* __restrict__ target_z,     // [N]
-                      float* __restrict__ logp,         // [N]
-                      float* __restrict__ lse,          // [N]
-                      float* __restrict__ entropy,      // [N]
-                      const float* __restrict__ z,      // [N, Vc]
-                      const int* __restrict__ target,   // [N]
-                      int N, int Vc, int v0, int V, int first, int last) {
+template <typename Z>
+__device__ void logprob_chunk_fwd(float* __restrict__ state,        // [N, 3] (m, s, t)
+                                  float* __restrict__ target_z,     // [N]
+                                  float* __restrict__ logp,         // [N]
+                                  float* __restrict__ lse,          // [N]
+                                  float* __restrict__ entropy,      // [N]
+                                  const Z* __restrict__ z,          // [N, Vc]
+                                  const int* __restrict__ target,   // [N]
+                                  int N, int Vc, int v0, int V, int first, int last) {
     const int lane = threadIdx.x & 31;
     const size_t row = (size_t)blockIdx.x * CHUNK_ROWS + (threadIdx.x >> 5);
     if (row >= (size_t)N) return;  // a whole warp: no barrier follows
-    const float* zr = z + row * Vc;
-    EntropyState st = warp_entropy(row_state<float, false>(zr, Vc, 1.0f, lane, 32));
+    const Z* zr = z + row * Vc;
+    EntropyState st = warp_entropy(row_state<Z, false>(zr, Vc, 1.0f, lane, 32));
     if (lane != 0) return;
     const int tgt = target[row];
     if (!first) st = entropy_merge(EntropyState{state[3 * row], state[3 * row + 1], state[3 * row + 2]}, st);
     float tz = first ? 0.0f : target_z[row];
-    if (tgt >= v0 && tgt < v0 + Vc) tz = zr[tgt - v0];
+    if (tgt >= v0 && tgt < v0 + Vc) tz = to_f32(zr[tgt - v0]);
     if (last) {
         float l, h;
         entropy_finish(st, &l, &h);
@@ -284,31 +286,33 @@ extern "C" __global__ void __launch_bounds__(CHUNK_ROWS * 32)
     }
 }
 
-// Thread `tid`'s share of one tile row: dz from z (f32), unscaled by 1/temperature (the GEMMs that
-// consume it apply the scale). `tgt` is relative to the tile, -1 when outside it. `vec`: both rows
-// allow 4-wide accesses (z 16-byte, dz 4-element aligned).
-template <typename T>
-__host__ __device__ __forceinline__ void tile_grad(T* __restrict__ d, const float* __restrict__ zr, int Vc,
+// Thread `tid`'s share of one tile row: dz from z, unscaled by 1/temperature (the GEMMs that consume
+// it apply the scale). `tgt` is relative to the tile, -1 when outside it. `vec`: both rows allow
+// W-wide accesses, W = one 16-byte vector of z (z 16-byte, dz W-element aligned).
+template <typename T, typename Z>
+__host__ __device__ __forceinline__ void tile_grad(T* __restrict__ d, const Z* __restrict__ zr, int Vc,
                                                    const LogitGrad& g, int tgt, bool vec, int tid, int nthreads) {
+    constexpr int W = Vec16<Z>::N;
     if (vec) {
-        for (int i = tid * 4; i < Vc; i += nthreads * 4) {
-            float z[4];
+        for (int i = tid * W; i < Vc; i += nthreads * W) {
+            float z[W];
             load16(zr + i, z);
-            logit_grad_vec<4>(g, z);
-            store_n<T, 4>(d + i, z);
+            logit_grad_vec<W>(g, z);
+            store_n<T, W>(d + i, z);
         }
     } else {
 #pragma unroll kScalarUnroll
-        for (int i = tid; i < Vc; i += nthreads) d[i] = from_f32<T>(logit_grad(g, zr[i]));
+        for (int i = tid; i < Vc; i += nthreads) d[i] = from_f32<T>(logit_grad(g, to_f32(zr[i])));
     }
-    if (tgt >= 0 && writes_entry(tgt, vec, 4, tid, nthreads)) d[tgt] = from_f32<T>(logit_grad(g, zr[tgt]) + g.hit);
+    if (tgt >= 0 && writes_entry(tgt, vec, W, tid, nthreads))
+        d[tgt] = from_f32<T>(logit_grad(g, to_f32(zr[tgt])) + g.hit);
 }
 
 // dz is column v0 - g0 of a group's [N, ld] gradient buffer (src/ops/logprob.rs), so the GEMMs that
 // follow read a whole group densely.
 template <typename T>
 __device__ void logprob_chunk_bwd(T* __restrict__ dz,                  // [N, ld], Vc columns written
-                                  const float* __restrict__ z,         // [N, Vc]
+                                  const T* __restrict__ z,             // [N, Vc]
                                   const int* __restrict__ target,      // [N]
                                   const float* __restrict__ lse,       // [N]
                                   const float* __restrict__ entropy,   // [N]
@@ -321,10 +325,11 @@ __device__ void logprob_chunk_bwd(T* __restrict__ dz,                  // [N, ld
     const LogitGrad g = logit_grad_init(lse[row], entropy[row], tgt < 0 ? 0.0f : grad_logp[row], grad_ent[row], 1.0f);
     // A target outside this tile (or ignored) becomes -1, which no entry matches.
     const int local = tgt >= v0 && tgt < v0 + Vc ? tgt - v0 : -1;
-    // dz's 4-wide stores need ld and the column offset to be multiples of 4 (tiles are multiples of
-    // 256, so the offset is); the loads need Vc.
-    const bool vec = Vc % 4 == 0 && ld % 4 == 0;
-    tile_grad<T>(dz + row * ld, z + row * Vc, Vc, g, local, vec, threadIdx.x & 31, 32);
+    // dz's vector stores need ld and the column offset to be multiples of the width (tiles are
+    // multiples of 256, so the offset is); the loads need Vc.
+    constexpr int W = Vec16<T>::N;
+    const bool vec = Vc % W == 0 && ld % W == 0;
+    tile_grad<T, T>(dz + row * ld, z + row * Vc, Vc, g, local, vec, threadIdx.x & 31, 32);
 }
 
 #define LOGPROB_INSTANTIATE(SUFFIX, T)                                                                      \
@@ -339,10 +344,16 @@ __device__ void logprob_chunk_bwd(T* __restrict__ dz,                  // [N, ld
         logprob_bwd<T>(dlogits, logits, target, lse, entropy, grad_logp, grad_ent, V, scale);               \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(CHUNK_ROWS * 32)                                           \
-        logprob_chunk_bwd_##SUFFIX(T* dz, const float* z, const int* target, const float* lse,                \
+        logprob_chunk_bwd_##SUFFIX(T* dz, const T* z, const int* target, const float* lse,                    \
                                    const float* entropy, const float* grad_logp, const float* grad_ent, int N,\
                                    int Vc, int v0, int ld) {                                                 \
         logprob_chunk_bwd<T>(dz, z, target, lse, entropy, grad_logp, grad_ent, N, Vc, v0, ld);              \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(CHUNK_ROWS * 32)                                           \
+        logprob_chunk_fwd_##SUFFIX(float* state, float* target_z, float* logp, float* lse, float* entropy,    \
+                                   const T* z, const int* target, int N, int Vc, int v0, int V, int first,    \
+                                   int last) {                                                               \
+        logprob_chunk_fwd<T>(state, target_z, logp, lse, entropy, z, target, N, Vc, v0, V, first, last);     \
     }
 
 LOGPROB_INSTANTIATE(f32, float)

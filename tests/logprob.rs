@@ -125,7 +125,7 @@ fn fused_tile_memory_does_not_grow_with_vocab() {
             "tile size must not depend on V"
         );
     }
-    // The backward's whole scratch (f32 tile and bf16 gradient group) at the shape.
+    // The backward's whole scratch (bf16 tile and gradient group) at the shape.
     let scratch = linear_logprob_scratch_bytes(n, 128_256, DType::BF16);
     assert!(
         scratch * 20 < 128_256 * n * 4,

@@ -38,8 +38,8 @@ fn chunk_config(n: usize) -> LaunchConfig {
     }
 }
 
-/// Elements of one logits tile in the fused form: 16 Mi floats (64 MiB), so at N = 8,192 a tile is
-/// 2,048 vocabulary entries wide, 1.6% of what f32 logits at V = 128,256 would take.
+/// Elements of one logits tile in the fused form: 16 Mi (32 MiB in bf16, 64 MiB in f32), so at
+/// N = 8,192 a tile is 2,048 vocabulary entries wide, 1.6% of V = 128,256.
 const TILE_ELEMS: usize = 1 << 24;
 
 /// Vocabulary entries per tile for `n` rows: a multiple of 256 (whole GEMM tiles), at least 256.
@@ -51,8 +51,8 @@ pub fn vocab_tile(n: usize, vocab: usize) -> usize {
 /// The backward's dlogits buffer holds this many bytes at most: at N = 8,192 in bf16, four 2,048-wide
 /// tiles. `dhidden += dz · W` then runs once per group instead of once per tile; each run reads and
 /// writes all of dhidden (f32, 134 MB at d = 4,096), so at V = 128,256 grouping four tiles cuts that
-/// traffic from about 17 GB to 4.3 GB a backward. With the f32 tile the extra memory stays at 4.8% of
-/// what f32 logits would take.
+/// traffic from about 17 GB to 4.3 GB a backward. With the bf16 tile the extra memory is 3.2% of what
+/// f32 logits would take.
 const DZ_GROUP_BYTES: usize = 128 << 20;
 
 /// Tiles per backward gradient group for `n` rows, tiles of `tile` entries and `elem`-byte dlogits.
@@ -60,13 +60,13 @@ fn dz_group_tiles(n: usize, tile: usize, vocab: usize, elem: usize) -> usize {
     (DZ_GROUP_BYTES / (n.max(1) * tile * elem)).clamp(1, vocab.div_ceil(tile).max(1))
 }
 
-/// Bytes the fused backward allocates beyond its inputs and outputs on a GPU (the f32 logits tile and
-/// the gradient group), for `n` rows, `vocab` entries and `dtype` operands; the forward needs the
-/// tile alone. Independent of V once V spans a full group.
+/// Bytes the fused backward allocates beyond its inputs and outputs on a GPU (the logits tile and
+/// the gradient group, both in the operands' dtype), for `n` rows, `vocab` entries and `dtype`
+/// operands; the forward needs the tile alone. Independent of V once V spans a full group.
 pub fn linear_logprob_scratch_bytes(n: usize, vocab: usize, dtype: DType) -> usize {
     let tile = vocab_tile(n, vocab);
     let group = dz_group_tiles(n, tile, vocab, dtype.size());
-    n * tile * 4 + n * group * tile * dtype.size()
+    n * tile * dtype.size() + n * group * tile * dtype.size()
 }
 
 /// One row of the CPU reference forward: returns (logp, lse, entropy).
@@ -657,7 +657,8 @@ pub fn linear_logprob_bwd(
     }
 }
 
-/// `z[n, vc] = scale · hidden · weight[v0..v0+vc, :]ᵀ` in f32: one vocabulary tile of the logits.
+/// `z[n, vc] = scale · hidden · weight[v0..v0+vc, :]ᵀ` in the operands' dtype (f32 accumulation,
+/// one rounding): one vocabulary tile of the logits.
 #[allow(clippy::too_many_arguments)]
 fn tile_logits<T: CudaElem>(
     dev: &CudaDevice,
@@ -673,7 +674,7 @@ fn tile_logits<T: CudaElem>(
     let n = hidden.shape()[0];
     let (h_ptr, _h) = T::slice(hidden, OP_LIN_FWD)?.device_ptr(stream);
     let (w_ptr, _w) = T::slice(weight, OP_LIN_FWD)?.device_ptr(stream);
-    let (z_ptr, _z) = z.cuda_f32_mut(OP_LIN_FWD)?.device_ptr_mut(stream);
+    let (z_ptr, _z) = T::slice_mut(z, OP_LIN_FWD)?.device_ptr_mut(stream);
     let shape = GemmShape {
         m: n,
         n: vc,
@@ -683,13 +684,13 @@ fn tile_logits<T: CudaElem>(
     };
     let w_tile = w_ptr + (v0 * d * T::DTYPE.size()) as u64;
     // SAFETY: hidden is [n, d]; rows v0..v0+vc of weight [vocab, d] are a dense [vc, d] block starting
-    // v0*d elements in; z holds at least n*vc floats.
+    // v0*d elements in; z holds at least n*vc elements of T.
     unsafe {
         gemm_raw(
             dev,
             shape,
             z_ptr,
-            DType::F32,
+            T::DTYPE,
             h_ptr,
             w_tile,
             T::DTYPE,
@@ -716,10 +717,13 @@ fn linear_fwd_cuda<T: CudaElem>(
         return Ok(out);
     }
     let tile = vocab_tile(n, vocab);
-    let mut z = Tensor::empty(&[n, tile], DType::F32, device)?;
+    let mut z = Tensor::empty(&[n, tile], T::DTYPE, device)?;
     let mut state = Tensor::empty(&[n, 3], DType::F32, device)?;
     let mut target_z = Tensor::empty(&[n], DType::F32, device)?;
-    let f = dev.function("logprob", "logprob_chunk_fwd")?;
+    let f = dev.function(
+        "logprob",
+        T::pick("logprob_chunk_fwd_f32", "logprob_chunk_fwd_bf16"),
+    )?;
     let stream = dev.stream().clone();
     let v_i = to_i32(OP_LIN_FWD, "vocab", vocab)?;
     let n_i = to_i32(OP_LIN_FWD, "rows", n)?;
@@ -734,7 +738,7 @@ fn linear_fwd_cuda<T: CudaElem>(
             .arg(out.logp.cuda_f32_mut(OP_LIN_FWD)?)
             .arg(out.lse.cuda_f32_mut(OP_LIN_FWD)?)
             .arg(out.entropy.cuda_f32_mut(OP_LIN_FWD)?)
-            .arg(z.cuda_f32(OP_LIN_FWD)?)
+            .arg(T::slice(&z, OP_LIN_FWD)?)
             .arg(targets.cuda_i32(OP_LIN_FWD)?)
             .arg(&n_i)
             .arg(&vc_i)
@@ -742,8 +746,8 @@ fn linear_fwd_cuda<T: CudaElem>(
             .arg(&v_i)
             .arg(&first)
             .arg(&last);
-        // SAFETY: z holds n rows of vc floats; state n*3, the others n; a warp per row, rows past n
-        // return at once.
+        // SAFETY: z holds n rows of vc elements of T; state n*3, the others n; a warp per row, rows
+        // past n return at once.
         unsafe { b.launch(chunk_config(n)) }?;
     }
     Ok(out)
@@ -771,7 +775,7 @@ fn linear_bwd_cuda<T: CudaElem>(
     }
     let tile = vocab_tile(n, vocab);
     let group = dz_group_tiles(n, tile, vocab, T::DTYPE.size());
-    let mut z = Tensor::empty(&[n, tile], DType::F32, device)?;
+    let mut z = Tensor::empty(&[n, tile], T::DTYPE, device)?;
     let mut dz = Tensor::empty(&[n, group * tile], T::DTYPE, device)?;
     let f = dev.function(
         "logprob",
@@ -792,7 +796,7 @@ fn linear_bwd_cuda<T: CudaElem>(
             let (vc_i, v0_i) = (vc as i32, v0 as i32);
             let mut b = stream.launch_builder(&f);
             b.arg(&dz_tile)
-                .arg(z.cuda_f32(OP_LIN_BWD)?)
+                .arg(T::slice(&z, OP_LIN_BWD)?)
                 .arg(targets.cuda_i32(OP_LIN_BWD)?)
                 .arg(out.lse.cuda_f32(OP_LIN_BWD)?)
                 .arg(out.entropy.cuda_f32(OP_LIN_BWD)?)
@@ -802,7 +806,7 @@ fn linear_bwd_cuda<T: CudaElem>(
                 .arg(&vc_i)
                 .arg(&v0_i)
                 .arg(&kc_i);
-            // SAFETY: z holds n rows of vc floats; dz_tile is column v0 - g0 of the [n, kc] group,
+            // SAFETY: z holds n rows of vc elements of T; dz_tile is column v0 - g0 of the [n, kc] group,
             // whose rows hold kc >= (v0 - g0) + vc elements; the per-row inputs n; a warp per row,
             // rows past n return at once.
             unsafe { b.launch(chunk_config(n)) }?;

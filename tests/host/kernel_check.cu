@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../../kernels/kl.cu"
@@ -130,47 +131,56 @@ void logprob_case(std::mt19937& rng, int V, float sigma, float scale, int mask_e
         check(name + " dlogits[" + std::to_string(v) + "]", got, d, rel, 2e-6 * scale);
     }
 
-    // The LM-head-fused form: z (f32, scaled) arrives in vocabulary tiles of width `tile`, the last
-    // one ragged; odd widths take the scalar path.
-    for (int tile : {V, 1000, 1003}) {
-        if (tile > V) continue;
-        const std::string tname = name + " tile=" + std::to_string(tile);
-        std::vector<float> zf(V);
-        for (int v = 0; v < V; ++v) zf[v] = static_cast<float>(z[v]);
-        EntropyState acc = entropy_init();
-        for (int v0 = 0; v0 < V; v0 += tile) {
-            const int vc = std::min(tile, V - v0);
-            // A warp per row: 32 lanes, merged by the butterfly alone.
-            std::vector<EntropyState> lanes(32);
-            for (int t = 0; t < 32; ++t) lanes[t] = row_state<float, false>(zf.data() + v0, vc, 1.0f, t, 32);
-            const EntropyState st = block_merge(lanes, entropy_init(), entropy_merge);
-            acc = v0 == 0 ? st : entropy_merge(acc, st);
-        }
-        float tl, th;
-        entropy_finish(acc, &tl, &th);
-        check(tname + " lse", tl, want.lse, 2e-6, 1e-6);
-        check(tname + " entropy", th, want.entropy, 1e-4, 2e-5);
-        const LogitGrad tg = logit_grad_init(tl, th, tgt < 0 ? 0.0f : g_lp, g_ent, 1.0f);
-        std::vector<T> dz(V, from_f32<T>(NAN));
-        for (int v0 = 0; v0 < V; v0 += tile) {
-            const int vc = std::min(tile, V - v0);
-            const int local = tgt >= v0 && tgt < v0 + vc ? tgt - v0 : -1;
-            // On the device the 4-wide stores need an aligned start; here v0 stands for the offset.
-            const bool vec = vc % 4 == 0 && v0 % 4 == 0;
-            for (int t = 0; t < 32; ++t)
-                tile_grad<T>(dz.data() + v0, zf.data() + v0, vc, tg, local, vec, t, 32);
-        }
-        for (int v = 0; v < V; ++v) {
-            const double got = to_f32(dz[v]);
-            if (z[v] == -INFINITY) {
-                check(tname + " dz[masked] is 0", got, 0.0, 0.0, 0.0);
-                continue;
+    // The LM-head-fused form: z (scaled, in the tile's dtype Z) arrives in vocabulary tiles of width
+    // `tile`, the last one ragged; odd widths take the scalar path. Z = f32 always; Z = bf16 (the
+    // tile of bf16 operands) where the bf16 logits are z exactly (scale 1).
+    auto tiled = [&](auto z_zero) {
+        using Z = decltype(z_zero);
+        constexpr int W = Vec16<Z>::N;
+        for (int tile : {V, 1000, 1003}) {
+            if (tile > V) continue;
+            const std::string tname = name + " tile=" + std::to_string(tile) + " z " + type_name<Z>();
+            std::vector<Z> zt(V);
+            for (int v = 0; v < V; ++v) zt[v] = from_f32<Z>(static_cast<float>(z[v]));
+            EntropyState acc = entropy_init();
+            for (int v0 = 0; v0 < V; v0 += tile) {
+                const int vc = std::min(tile, V - v0);
+                // A warp per row: 32 lanes, merged by the butterfly alone.
+                std::vector<EntropyState> lanes(32);
+                for (int t = 0; t < 32; ++t) lanes[t] = row_state<Z, false>(zt.data() + v0, vc, 1.0f, t, 32);
+                const EntropyState st = block_merge(lanes, entropy_init(), entropy_merge);
+                acc = v0 == 0 ? st : entropy_merge(acc, st);
             }
-            const double logp = z[v] - want.lse, p = std::exp(logp);
-            const double gl = tgt < 0 ? 0.0 : g_lp;
-            const double d = gl * ((v == tgt ? 1.0 : 0.0) - p) - g_ent * p * (logp + want.entropy);
-            check(tname + " dz[" + std::to_string(v) + "]", got, d, rel, 2e-6);
+            float tl, th;
+            entropy_finish(acc, &tl, &th);
+            check(tname + " lse", tl, want.lse, 2e-6, 1e-6);
+            check(tname + " entropy", th, want.entropy, 1e-4, 2e-5);
+            const LogitGrad tg = logit_grad_init(tl, th, tgt < 0 ? 0.0f : g_lp, g_ent, 1.0f);
+            std::vector<T> dz(V, from_f32<T>(NAN));
+            for (int v0 = 0; v0 < V; v0 += tile) {
+                const int vc = std::min(tile, V - v0);
+                const int local = tgt >= v0 && tgt < v0 + vc ? tgt - v0 : -1;
+                // On the device the vector stores need an aligned start; here v0 stands for the offset.
+                const bool vec = vc % W == 0 && v0 % W == 0;
+                for (int t = 0; t < 32; ++t)
+                    tile_grad<T, Z>(dz.data() + v0, zt.data() + v0, vc, tg, local, vec, t, 32);
+            }
+            for (int v = 0; v < V; ++v) {
+                const double got = to_f32(dz[v]);
+                if (z[v] == -INFINITY) {
+                    check(tname + " dz[masked] is 0", got, 0.0, 0.0, 0.0);
+                    continue;
+                }
+                const double logp = z[v] - want.lse, p = std::exp(logp);
+                const double gl = tgt < 0 ? 0.0 : g_lp;
+                const double d = gl * ((v == tgt ? 1.0 : 0.0) - p) - g_ent * p * (logp + want.entropy);
+                check(tname + " dz[" + std::to_string(v) + "]", got, d, rel, 2e-6);
+            }
         }
+    };
+    tiled(0.0f);
+    if constexpr (std::is_same<T, bf16>::value) {
+        if (scale == 1.0f) tiled(from_f32<bf16>(0.0f));
     }
 }
 
