@@ -590,7 +590,7 @@ cuda_test! {
                     };
                     let (err, bar) = (max_err(got, &want[i]), 2.0 * max_err(&lowp[i], &want[i]) + 1e-4);
                     let verdict = if err <= bar { "ok" } else { "FAIL" };
-                    println!("{path} {name}: max error {err:.3e}, bar {bar:.3e} {verdict}");
+                    println!("PATH|{path} {name}: max error {err:.3e}, bar {bar:.3e} {verdict}");
                     if err > bar {
                         failures.push(format!("{path} {name}: max error {err:.3e} over {bar:.3e}"));
                     }
