@@ -423,6 +423,109 @@ __device__ __forceinline__ void flash_softmax_step(float (&s)[NT][4], float (&m)
     flash_rescale(o, alpha);
 }
 
+// Which 64 query rows a forward block owns and the keys they see. Heavy tiles (late in a causal
+// sequence) run first: the host lists tiles in sequence order.
+struct FlashFwdTile {
+    int b, iq0, h, g, q_begin, len_q, offset, rows, n_keys;
+    const bf16 *kg, *vg;  // the sequence's first key and value row, at its kv head
+};
+
+template <int D>
+__device__ __forceinline__ FlashFwdTile flash_fwd_tile(const bf16* k, const bf16* v, const int* cu_q,
+                                                       const int* k_start, const int* k_len, const int* tiles, int H,
+                                                       int KV) {
+    FlashFwdTile t;
+    const int tile = gridDim.x - 1 - blockIdx.x;
+    t.b = tiles[2 * tile];
+    t.iq0 = tiles[2 * tile + 1];
+    t.h = blockIdx.y;
+    t.g = t.h / (H / KV);
+    t.q_begin = cu_q[t.b];
+    t.len_q = cu_q[t.b + 1] - t.q_begin;
+    const int n_k = k_len[t.b];
+    t.offset = n_k - t.len_q;
+    t.rows = min(FLASH_TILE, t.len_q - t.iq0);
+    t.n_keys = max(0, min(n_k, t.offset + t.iq0 + t.rows));
+    const size_t first = (size_t)k_start[t.b] * KV * D + (size_t)t.g * D;
+    t.kg = k + first;
+    t.vg = v + first;
+    return t;
+}
+
+// The forward's last step for a warp's two rows per thread: O / l into `out`, the natural-log
+// logsumexp into `lse` (rows at or past len_q are padding and write nothing).
+template <int D>
+__device__ __forceinline__ void flash_fwd_store(bf16* __restrict__ out, float* __restrict__ lse, const float (&o)[D / 8][4],
+                                                const float (&m)[2], float (&l)[2], int row_a, int len_q, int q_begin,
+                                                int H, int h, int lane) {
+    const size_t q_stride = (size_t)H * D;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+        const int row = row_a + 8 * i;
+        if (row >= len_q) continue;
+        const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+        bf16* orow = out + (size_t)(q_begin + row) * q_stride + h * D + 2 * (lane & 3);
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt)
+            *reinterpret_cast<uint32_t*>(orow + dt * 8) = pack_bf16x2(o[dt][2 * i] * inv, o[dt][2 * i + 1] * inv);
+        if ((lane & 3) == 0)
+            lse[(size_t)(q_begin + row) * H + h] = l[i] > 0.0f ? (m[i] + log2f(l[i])) * FLASH_LN2 : -INFINITY;
+    }
+}
+
+// Which 64 keys (of one kv head) a dK/dV block owns, in a packed batch.
+struct FlashBwdTile {
+    int j0, g, group, q_begin, len, nk;
+};
+
+__device__ __forceinline__ FlashBwdTile flash_bwd_tile(const int* cu_q, const int* tiles, int H, int KV) {
+    FlashBwdTile t;
+    const int b = tiles[2 * blockIdx.x];
+    t.j0 = tiles[2 * blockIdx.x + 1];
+    t.g = blockIdx.y;
+    t.group = H / KV;
+    t.q_begin = cu_q[b];
+    t.len = cu_q[b + 1] - t.q_begin;
+    t.nk = min(FLASH_TILE, t.len - t.j0);
+    return t;
+}
+
+// The dK/dV kernels' per-query-row inputs of a tile into shared memory: lse in log2 units (+inf past
+// the sequence, so P is 0 there) and delta.
+template <int QT>
+__device__ __forceinline__ void flash_stage_rows(float* lse2s, float* dlts, const float* __restrict__ lse,
+                                                 const float* __restrict__ delta, int q_begin, int i0, int len, int H,
+                                                 int h) {
+    if (threadIdx.x < QT) {
+        const int row = i0 + threadIdx.x;
+        const bool ok = row < len;
+        lse2s[threadIdx.x] = ok ? lse[(size_t)(q_begin + row) * H + h] * FLASH_LOG2E : INFINITY;
+        dlts[threadIdx.x] = ok ? delta[(size_t)(q_begin + row) * H + h] : 0.0f;
+    }
+}
+
+// The dK/dV kernels' last step for a warp's two keys per thread: scale · dK and dV into rows of kv
+// head g (keys at or past len are padding and write nothing).
+template <int D>
+__device__ __forceinline__ void flash_dkv_store(bf16* __restrict__ dk, bf16* __restrict__ dv, const float (&dka)[D / 8][4],
+                                                const float (&dva)[D / 8][4], int key_a, int len, int q_begin, int KV,
+                                                int g, int lane, float scale) {
+    const size_t kv_stride = (size_t)KV * D;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int key = key_a + 8 * i;
+        if (key >= len) continue;
+        const size_t at = (size_t)(q_begin + key) * kv_stride + g * D + 2 * (lane & 3);
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) {
+            *reinterpret_cast<uint32_t*>(dk + at + dt * 8) = pack_bf16x2(dka[dt][2 * i] * scale, dka[dt][2 * i + 1] * scale);
+            *reinterpret_cast<uint32_t*>(dv + at + dt * 8) = pack_bf16x2(dva[dt][2 * i], dva[dt][2 * i + 1]);
+        }
+    }
+}
+
 template <int D>
 __device__ void flash_fwd(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ q,
                           const bf16* __restrict__ k, const bf16* __restrict__ v, const int* __restrict__ cu_q,
@@ -432,18 +535,11 @@ __device__ void flash_fwd(bf16* __restrict__ out, float* __restrict__ lse, const
     extern __shared__ __align__(16) unsigned char flash_smem[];
     bf16* ks = reinterpret_cast<bf16*>(flash_smem);
     bf16* vs = ks + FLASH_TILE * STRIDE;
-    // Heavy tiles (late in a causal sequence) first: the host lists tiles in sequence order.
-    const int tile = gridDim.x - 1 - blockIdx.x;
-    const int b = tiles[2 * tile], iq0 = tiles[2 * tile + 1];
-    const int h = blockIdx.y, g = h / (H / KV);
-    const int q_begin = cu_q[b], len_q = cu_q[b + 1] - q_begin;
-    const int n_k = k_len[b], offset = n_k - len_q;
-    const int rows = min(FLASH_TILE, len_q - iq0);
-    const int n_keys = max(0, min(n_k, offset + iq0 + rows));
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const FlashFwdTile ft = flash_fwd_tile<D>(k, v, cu_q, k_start, k_len, tiles, H, KV);
+    const int iq0 = ft.iq0, h = ft.h, q_begin = ft.q_begin, len_q = ft.len_q, offset = ft.offset;
+    const int rows = ft.rows, n_keys = ft.n_keys, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const size_t kv_stride = (size_t)KV * D, q_stride = (size_t)H * D;
-    const bf16* kg = k + (size_t)k_start[b] * kv_stride + g * D;
-    const bf16* vg = v + (size_t)k_start[b] * kv_stride + g * D;
+    const bf16 *kg = ft.kg, *vg = ft.vg;
     const float scale_log2 = scale * FLASH_LOG2E;
 
     // Q is staged in V's buffer and held in registers from then on.
@@ -514,20 +610,7 @@ __device__ void flash_fwd(bf16* __restrict__ out, float* __restrict__ lse, const
     }
     cp_async_wait<0>();
 
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
-        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
-        const int row = row_a + 8 * i;
-        if (row >= len_q) continue;
-        const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
-        bf16* orow = out + (size_t)(q_begin + row) * q_stride + h * D + 2 * (lane & 3);
-#pragma unroll
-        for (int dt = 0; dt < DT; ++dt)
-            *reinterpret_cast<uint32_t*>(orow + dt * 8) = pack_bf16x2(o[dt][2 * i] * inv, o[dt][2 * i + 1] * inv);
-        if ((lane & 3) == 0)
-            lse[(size_t)(q_begin + row) * H + h] = l[i] > 0.0f ? (m[i] + log2f(l[i])) * FLASH_LN2 : -INFINITY;
-    }
+    flash_fwd_store<D>(out, lse, o, m, l, row_a, len_q, q_begin, H, h, lane);
 }
 
 // dS = P ⊙ (dO·Vᵀ − Δ) in place of the scores s, for a warp's 16 query rows and a tile of keys from
@@ -714,10 +797,8 @@ __device__ void flash_bwd_dkv(bf16* __restrict__ dk, bf16* __restrict__ dv, floa
     // ATOMIC_DQ: scale · dSᵀ of the current tile in bf16, [64 keys][QT + pad].
     constexpr int DS_STRIDE = QT + FLASH_PAD;
     bf16* dss = reinterpret_cast<bf16*>(dlts0 + 2 * QT);
-    const int b = tiles[2 * blockIdx.x], j0 = tiles[2 * blockIdx.x + 1];
-    const int g = blockIdx.y, group = H / KV;
-    const int q_begin = cu_q[b], len = cu_q[b + 1] - q_begin;
-    const int nk = min(FLASH_TILE, len - j0);
+    const FlashBwdTile bt = flash_bwd_tile(cu_q, tiles, H, KV);
+    const int j0 = bt.j0, g = bt.g, group = bt.group, q_begin = bt.q_begin, len = bt.len, nk = bt.nk;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const size_t kv_stride = (size_t)KV * D, q_stride = (size_t)H * D;
     const float scale_log2 = scale * FLASH_LOG2E;
@@ -743,12 +824,7 @@ __device__ void flash_bwd_dkv(bf16* __restrict__ dk, bf16* __restrict__ dv, floa
         bf16* qs = qs0 + buf * STAGE;
         flash_load_rows<D, QT>(qs, q + (size_t)q_begin * q_stride + h * D, q_stride, i0, nq);
         flash_load_rows<D, QT>(qs + QT * STRIDE, dout + (size_t)q_begin * q_stride + h * D, q_stride, i0, nq);
-        if (threadIdx.x < QT) {
-            const int row = i0 + threadIdx.x;
-            const bool ok = row < len;
-            lse2s0[buf * QT + threadIdx.x] = ok ? lse[(size_t)(q_begin + row) * H + h] * FLASH_LOG2E : INFINITY;
-            dlts0[buf * QT + threadIdx.x] = ok ? delta[(size_t)(q_begin + row) * H + h] : 0.0f;
-        }
+        flash_stage_rows<QT>(lse2s0 + buf * QT, dlts0 + buf * QT, lse, delta, q_begin, i0, len, H, h);
     };
     load_q(0);
     cp_async_commit();
@@ -849,17 +925,7 @@ __device__ void flash_bwd_dkv(bf16* __restrict__ dk, bf16* __restrict__ dv, floa
             __syncthreads();
         }
     }
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        const int key = key_a + 8 * i;
-        if (key >= len) continue;
-        const size_t at = (size_t)(q_begin + key) * kv_stride + g * D + 2 * (lane & 3);
-#pragma unroll
-        for (int dt = 0; dt < DT; ++dt) {
-            *reinterpret_cast<uint32_t*>(dk + at + dt * 8) = pack_bf16x2(dka[dt][2 * i] * scale, dka[dt][2 * i + 1] * scale);
-            *reinterpret_cast<uint32_t*>(dv + at + dt * 8) = pack_bf16x2(dva[dt][2 * i], dva[dt][2 * i + 1]);
-        }
-    }
+    flash_dkv_store<D>(dk, dv, dka, dva, key_a, len, q_begin, KV, g, lane, scale);
 }
 
 #define FLASH_INSTANTIATE(D)                                                                                      \
@@ -987,60 +1053,69 @@ __device__ __forceinline__ void fence_proxy_async() {
 #endif
 }
 
-// d (+)= A·B for m64n64k16, A and B from shared memory (K-major), f32 accumulators in the
-// mma.sync m16n8 layout per warp and n8 tile.
+// Operand lists of the wgmma wrappers: the accumulators of an m64nN tile, N / 8 groups of four.
+#define WGMMA_ACC_N64(d) \
+    "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), \
+    "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), \
+    "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), \
+    "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), \
+    "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+#define WGMMA_ACC_N128(d) \
+    WGMMA_ACC_N64(d), \
+    "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), \
+    "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), \
+    "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), \
+    "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), \
+    "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+#define WGMMA_REGS_32 \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define WGMMA_REGS_64 \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+    "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+    "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+
+// d (+)= A·B for m64n64k16, A and B from shared memory, f32 accumulators in the mma.sync m16n8
+// layout per warp and n8 tile. TA / TB: the operand is stored MN-major (M or N contiguous), else
+// K-major. `accumulate` 0 overwrites d.
+template <int TA, int TB>
 __device__ __forceinline__ void wgmma_m64n64_ss(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b, int accumulate) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WGMMA_REGS_32
+                 ", %32, %33, p, 1, 1, %35, %36;\n}\n"
+                 : WGMMA_ACC_N64(d)
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TA), "n"(TB));
 #endif
 }
 
-// d += A·B for m64n64k16, A (bf16) from registers in the mma.sync m16k16 layout per warp, B from
-// shared memory stored MN-major (N contiguous: the transpose flag).
-__device__ __forceinline__ void wgmma_m64n64_rs_bt(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b, int accumulate) {
+// d += A·B for m64nNk16 (N = 64, 128), A (bf16) from registers in the mma.sync m16k16 layout per
+// warp, B from shared memory stored MN-major (N contiguous: the transpose flag).
+__device__ __forceinline__ void wgmma_m64n64_rs_bt(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WGMMA_REGS_32
+                 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+                 : WGMMA_ACC_N64(d)
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
 #endif
 }
 
-// d += A·B for m64n128k16, A (bf16) from registers in the mma.sync m16k16 layout per warp, B from
-// shared memory stored MN-major (N contiguous: the transpose flag).
-__device__ __forceinline__ void wgmma_m64n128_rs_bt(float (&d)[16][4], const uint32_t (&a)[4], uint64_t desc_b, int accumulate) {
+__device__ __forceinline__ void wgmma_m64n128_rs_bt(float (&d)[16][4], const uint32_t (&a)[4], uint64_t desc_b) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
-        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " WGMMA_REGS_64
+                 ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+                 : WGMMA_ACC_N128(d)
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
 #endif
 }
-
-
-// d (+)= A·B for m64n64k16, A and B from shared memory both stored MN-major (the two transpose
-// flags).
-__device__ __forceinline__ void wgmma_m64n64_ss_tt(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 1, 1;\n}\n"
-        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
-#endif
-}
-
 
 template <int D>
 __device__ __forceinline__ void wgmma_pv(float (&o)[D / 8][4], const uint32_t (&a)[4], uint64_t desc_b) {
-    if constexpr (D == 64) wgmma_m64n64_rs_bt(o, a, desc_b, 1);
-    else wgmma_m64n128_rs_bt(o, a, desc_b, 1);
+    if constexpr (D == 64) wgmma_m64n64_rs_bt(o, a, desc_b);
+    else wgmma_m64n128_rs_bt(o, a, desc_b);
 }
 
 template <int D>
@@ -1057,17 +1132,11 @@ __device__ void flash_fwd_hopper(bf16* __restrict__ out, float* __restrict__ lse
     const uint32_t qs = base;
     auto ks = [&](int stage) { return base + (1 + 2 * stage) * TILE_BYTES; };
     auto vs = [&](int stage) { return base + (2 + 2 * stage) * TILE_BYTES; };
-    const int tile = gridDim.x - 1 - blockIdx.x;
-    const int b = tiles[2 * tile], iq0 = tiles[2 * tile + 1];
-    const int h = blockIdx.y, g = h / (H / KV);
-    const int q_begin = cu_q[b], len_q = cu_q[b + 1] - q_begin;
-    const int n_k = k_len[b], offset = n_k - len_q;
-    const int rows = min(FLASH_TILE, len_q - iq0);
-    const int n_keys = max(0, min(n_k, offset + iq0 + rows));
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const FlashFwdTile ft = flash_fwd_tile<D>(k, v, cu_q, k_start, k_len, tiles, H, KV);
+    const int iq0 = ft.iq0, h = ft.h, q_begin = ft.q_begin, len_q = ft.len_q, offset = ft.offset;
+    const int rows = ft.rows, n_keys = ft.n_keys, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const size_t kv_stride = (size_t)KV * D, q_stride = (size_t)H * D;
-    const bf16* kg = k + (size_t)k_start[b] * kv_stride + g * D;
-    const bf16* vg = v + (size_t)k_start[b] * kv_stride + g * D;
+    const bf16 *kg = ft.kg, *vg = ft.vg;
     const float scale_log2 = scale * FLASH_LOG2E;
     const int n_tiles = (n_keys + FLASH_TILE - 1) / FLASH_TILE;
 
@@ -1091,7 +1160,7 @@ __device__ void flash_fwd_hopper(bf16* __restrict__ out, float* __restrict__ lse
     auto issue_s = [&](float (&s)[NT][4], int t) {
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n64_ss(s, hopper_desc_k(qs, kk), hopper_desc_k(ks(t & 1), kk), kk > 0);
+        for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n64_ss<0, 0>(s, hopper_desc_k(qs, kk), hopper_desc_k(ks(t & 1), kk), kk > 0);
         wgmma_commit();
     };
     auto softmax = [&](float (&s)[NT][4], float (&alpha)[2], int t) {
@@ -1162,20 +1231,7 @@ __device__ void flash_fwd_hopper(bf16* __restrict__ out, float* __restrict__ lse
     if (n_tiles > 0) step(n_tiles - 1, CompileTimeBool<false>{});
     cp_async_wait<0>();
 
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
-        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
-        const int row = row_a + 8 * i;
-        if (row >= len_q) continue;
-        const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
-        bf16* orow = out + (size_t)(q_begin + row) * q_stride + h * D + 2 * (lane & 3);
-#pragma unroll
-        for (int dt = 0; dt < DT; ++dt)
-            *reinterpret_cast<uint32_t*>(orow + dt * 8) = pack_bf16x2(o[dt][2 * i] * inv, o[dt][2 * i + 1] * inv);
-        if ((lane & 3) == 0)
-            lse[(size_t)(q_begin + row) * H + h] = l[i] > 0.0f ? (m[i] + log2f(l[i])) * FLASH_LN2 : -INFINITY;
-    }
+    flash_fwd_store<D>(out, lse, o, m, l, row_a, len_q, q_begin, H, h, lane);
 #endif
 }
 
@@ -1202,10 +1258,8 @@ __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, f
     const uint32_t dss = base + 6 * TILE_BYTES;
     float* lse2s0 = reinterpret_cast<float*>(flash_smem + (dss + HOPPER_BLOCK_BYTES - smem_u32(flash_smem)));
     float* dlts0 = lse2s0 + 2 * QT;
-    const int b = tiles[2 * blockIdx.x], j0 = tiles[2 * blockIdx.x + 1];
-    const int g = blockIdx.y, group = H / KV;
-    const int q_begin = cu_q[b], len = cu_q[b + 1] - q_begin;
-    const int nk = min(FLASH_TILE, len - j0);
+    const FlashBwdTile bt = flash_bwd_tile(cu_q, tiles, H, KV);
+    const int j0 = bt.j0, g = bt.g, group = bt.group, q_begin = bt.q_begin, len = bt.len, nk = bt.nk;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const size_t kv_stride = (size_t)KV * D, q_stride = (size_t)H * D;
     const float scale_log2 = scale * FLASH_LOG2E;
@@ -1228,12 +1282,7 @@ __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, f
         const int nq = min(QT, len - i0), stage = it & 1;
         hopper_load_tile<D>(qs(stage), q + (size_t)q_begin * q_stride + h * D, q_stride, i0, nq);
         hopper_load_tile<D>(dos(stage), dout + (size_t)q_begin * q_stride + h * D, q_stride, i0, nq);
-        if (threadIdx.x < QT) {
-            const int row = i0 + threadIdx.x;
-            const bool ok = row < len;
-            lse2s0[stage * QT + threadIdx.x] = ok ? lse[(size_t)(q_begin + row) * H + h] * FLASH_LOG2E : INFINITY;
-            dlts0[stage * QT + threadIdx.x] = ok ? delta[(size_t)(q_begin + row) * H + h] : 0.0f;
-        }
+        flash_stage_rows<QT>(lse2s0 + stage * QT, dlts0 + stage * QT, lse, delta, q_begin, i0, len, H, h);
     };
     load_q(0);
     cp_async_commit();
@@ -1251,9 +1300,9 @@ __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, f
         float s[NT][4], dp[NT][4];
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n64_ss(s, hopper_desc_k(ks, kk), hopper_desc_k(qs(stage), kk), kk > 0);
+        for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n64_ss<0, 0>(s, hopper_desc_k(ks, kk), hopper_desc_k(qs(stage), kk), kk > 0);
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n64_ss(dp, hopper_desc_k(vs, kk), hopper_desc_k(dos(stage), kk), kk > 0);
+        for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n64_ss<0, 0>(dp, hopper_desc_k(vs, kk), hopper_desc_k(dos(stage), kk), kk > 0);
         wgmma_commit();
         wgmma_wait_all();
         wgmma_fence_regs(s);
@@ -1299,7 +1348,7 @@ __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, f
             wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < FLASH_TILE / 16; ++kk)
-                wgmma_m64n64_ss_tt(dqa, hopper_desc_mn(dss, kk), hopper_desc_mn(ks + half * HOPPER_BLOCK_BYTES, kk), kk > 0);
+                wgmma_m64n64_ss<1, 1>(dqa, hopper_desc_mn(dss, kk), hopper_desc_mn(ks + half * HOPPER_BLOCK_BYTES, kk), kk > 0);
             wgmma_commit();
             wgmma_wait_all();
             wgmma_fence_regs(dqa);
@@ -1316,17 +1365,7 @@ __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, f
         wgmma_fence_regs(dva);
     }
     cp_async_wait<0>();
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        const int key = key_a + 8 * i;
-        if (key >= len) continue;
-        const size_t at = (size_t)(q_begin + key) * kv_stride + g * D + 2 * (lane & 3);
-#pragma unroll
-        for (int dt = 0; dt < DT; ++dt) {
-            *reinterpret_cast<uint32_t*>(dk + at + dt * 8) = pack_bf16x2(dka[dt][2 * i] * scale, dka[dt][2 * i + 1] * scale);
-            *reinterpret_cast<uint32_t*>(dv + at + dt * 8) = pack_bf16x2(dva[dt][2 * i], dva[dt][2 * i + 1]);
-        }
-    }
+    flash_dkv_store<D>(dk, dv, dka, dva, key_a, len, q_begin, KV, g, lane, scale);
 #endif
 }
 

@@ -925,53 +925,35 @@ fn flash_bwd_cuda(
     // K and V tiles, then two stages of (Q tile, dO tile, scaled lse, delta); the fast kernel adds
     // the tile's dSᵀ, [64][FLASH_BWD_QTILE + FLASH_PAD] bf16.
     let dkv_smem = (2 * FLASH_TILE + 4 * FLASH_BWD_QTILE) * row_bytes + 4 * FLASH_BWD_QTILE * 4;
-    if !batch.deterministic {
-        let (name, smem) = if dev.is_hopper() && batch.kernel == AttnKernel::Auto {
-            // K, V, two stages of (Q, dO) and dSᵀ, unpadded (swizzled); two stages of 64 scaled
-            // lse and delta values; 1 KiB to align the tiles to 1,024 bytes.
-            let tile = FLASH_TILE * hd.head_dim * 2;
-            (
-                flash_name("bwd_hopper", hd.head_dim),
-                6 * tile + FLASH_TILE * 64 * 2 + 4 * FLASH_TILE * 4 + 1024,
-            )
-        } else {
-            (
-                flash_name("dkv_dq", hd.head_dim),
-                dkv_smem + FLASH_TILE * (FLASH_BWD_QTILE + FLASH_PAD) * 2,
-            )
-        };
-        let mut dq_acc = Tensor::zeros(q.shape(), DType::F32, device)?;
-        let f = dev.function_with_shared("attention", name, smem, 0)?;
-        let mut l = dev.stream().launch_builder(&f);
-        l.arg(bf16::slice_mut(dk, OP_BWD)?)
-            .arg(bf16::slice_mut(dv, OP_BWD)?)
-            .arg(dq_acc.cuda_f32_mut(OP_BWD)?)
-            .arg(bf16::slice(q, OP_BWD)?)
-            .arg(bf16::slice(k, OP_BWD)?)
-            .arg(bf16::slice(v, OP_BWD)?)
-            .arg(bf16::slice(dout, OP_BWD)?)
-            .arg(lse.cuda_f32(OP_BWD)?)
-            .arg(delta.cuda_f32(OP_BWD)?)
-            .arg(cu.cuda_i32(OP_BWD)?)
-            .arg(tiles.cuda_i32(OP_BWD)?)
-            .arg(&h)
-            .arg(&kv)
-            .arg(&scale);
-        // SAFETY: a packed batch, so key tiles are the query tiles; one block per (key tile, kv
-        // head), each writing only its own 64 key rows of dk and dv and adding (atomically) into
-        // rows of dq_acc, which is [Nq, H·D] f32 like q's shape. Both kernels take the same
-        // arguments; the Hopper one aligns its tiles inside the extra KiB.
-        unsafe { l.launch(flash_config(OP_BWD, batch.tile_count(), hd.kv_heads, smem)?) }?;
-        return crate::ops::elementwise::cast(&dq_acc, DType::BF16);
-    }
-
-    let mut dq = Tensor::empty(q.shape(), DType::BF16, device)?;
-    let smem = dkv_smem;
-    let f = dev.function_with_shared("attention", flash_name("dkv", hd.head_dim), smem, 0)?;
+    let (name, smem) = if batch.deterministic {
+        (flash_name("dkv", hd.head_dim), dkv_smem)
+    } else if dev.is_hopper() && batch.kernel == AttnKernel::Auto {
+        // K, V, two stages of (Q, dO) and dSᵀ, unpadded (swizzled); two stages of 64 scaled lse and
+        // delta values; 1 KiB to align the tiles to 1,024 bytes.
+        let tile = FLASH_TILE * hd.head_dim * 2;
+        (
+            flash_name("bwd_hopper", hd.head_dim),
+            6 * tile + FLASH_TILE * 64 * 2 + 4 * FLASH_TILE * 4 + 1024,
+        )
+    } else {
+        (
+            flash_name("dkv_dq", hd.head_dim),
+            dkv_smem + FLASH_TILE * (FLASH_BWD_QTILE + FLASH_PAD) * 2,
+        )
+    };
+    // The fast kernels add dQ into f32 with atomics; the deterministic one leaves it to a kernel
+    // of its own below.
+    let mut dq_acc = (!batch.deterministic)
+        .then(|| Tensor::zeros(q.shape(), DType::F32, device))
+        .transpose()?;
+    let f = dev.function_with_shared("attention", name, smem, 0)?;
     let mut l = dev.stream().launch_builder(&f);
     l.arg(bf16::slice_mut(dk, OP_BWD)?)
-        .arg(bf16::slice_mut(dv, OP_BWD)?)
-        .arg(bf16::slice(q, OP_BWD)?)
+        .arg(bf16::slice_mut(dv, OP_BWD)?);
+    if let Some(acc) = dq_acc.as_mut() {
+        l.arg(acc.cuda_f32_mut(OP_BWD)?);
+    }
+    l.arg(bf16::slice(q, OP_BWD)?)
         .arg(bf16::slice(k, OP_BWD)?)
         .arg(bf16::slice(v, OP_BWD)?)
         .arg(bf16::slice(dout, OP_BWD)?)
@@ -983,9 +965,15 @@ fn flash_bwd_cuda(
         .arg(&kv)
         .arg(&scale);
     // SAFETY: a packed batch, so key tiles are the query tiles; one block per (key tile, kv head),
-    // each writing only its own 64 key rows of dk and dv.
+    // each writing only its own 64 key rows of dk and dv and, in the fast kernels (whose extra
+    // argument dq_acc is), adding atomically into rows of dq_acc, [Nq, H·D] f32 like q's shape. The
+    // Hopper kernel aligns its tiles inside the extra KiB it is given.
     unsafe { l.launch(flash_config(OP_BWD, batch.tile_count(), hd.kv_heads, smem)?) }?;
+    if let Some(acc) = dq_acc {
+        return crate::ops::elementwise::cast(&acc, DType::BF16);
+    }
 
+    let mut dq = Tensor::empty(q.shape(), DType::BF16, device)?;
     // Two stages of (K tile, V tile), FLASH_BWD_QTILE rows each; Q and dO are staged through the first.
     let smem = 4 * FLASH_BWD_QTILE * row_bytes;
     let f = dev.function_with_shared("attention", flash_name("dq", hd.head_dim), smem, 0)?;
