@@ -1232,6 +1232,10 @@ __device__ void flash_fwd_hopper(bf16* __restrict__ out, float* __restrict__ lse
     cp_async_wait<0>();
 
     flash_fwd_store<D>(out, lse, o, m, l, row_a, len_q, q_begin, H, h, lane);
+#else
+    // Only sm_90a has wgmma; the host launches these kernels on compute capability 9.0 alone, so
+    // reaching this is a dispatch bug, and it must not pass for a result.
+    __trap();
 #endif
 }
 
@@ -1366,6 +1370,10 @@ __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, f
     }
     cp_async_wait<0>();
     flash_dkv_store<D>(dk, dv, dka, dva, key_a, len, q_begin, KV, g, lane, scale);
+#else
+    // Only sm_90a has wgmma; the host launches these kernels on compute capability 9.0 alone, so
+    // reaching this is a dispatch bug, and it must not pass for a result.
+    __trap();
 #endif
 }
 
