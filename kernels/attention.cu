@@ -455,9 +455,9 @@ __device__ __forceinline__ FlashFwdTile flash_fwd_tile(const bf16* k, const bf16
 // The forward's last step for a warp's two rows per thread: O / l into `out`, the natural-log
 // logsumexp into `lse` (rows at or past len_q are padding and write nothing).
 template <int D>
-__device__ __forceinline__ void flash_fwd_store(bf16* __restrict__ out, float* __restrict__ lse, const float (&o)[D / 8][4],
-                                                const float (&m)[2], float (&l)[2], int row_a, int len_q, int q_begin,
-                                                int H, int h, int lane) {
+__device__ __forceinline__ void flash_fwd_store(bf16* __restrict__ out, float* __restrict__ lse,
+                                                const float (&o)[D / 8][4], const float (&m)[2], float (&l)[2],
+                                                int row_a, int len_q, int q_begin, int H, int h, int lane) {
     const size_t q_stride = (size_t)H * D;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -509,9 +509,9 @@ __device__ __forceinline__ void flash_stage_rows(float* lse2s, float* dlts, cons
 // The dK/dV kernels' last step for a warp's two keys per thread: scale · dK and dV into rows of kv
 // head g (keys at or past len are padding and write nothing).
 template <int D>
-__device__ __forceinline__ void flash_dkv_store(bf16* __restrict__ dk, bf16* __restrict__ dv, const float (&dka)[D / 8][4],
-                                                const float (&dva)[D / 8][4], int key_a, int len, int q_begin, int KV,
-                                                int g, int lane, float scale) {
+__device__ __forceinline__ void flash_dkv_store(bf16* __restrict__ dk, bf16* __restrict__ dv,
+                                                const float (&dka)[D / 8][4], const float (&dva)[D / 8][4], int key_a,
+                                                int len, int q_begin, int KV, int g, int lane, float scale) {
     const size_t kv_stride = (size_t)KV * D;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -520,7 +520,8 @@ __device__ __forceinline__ void flash_dkv_store(bf16* __restrict__ dk, bf16* __r
         const size_t at = (size_t)(q_begin + key) * kv_stride + g * D + 2 * (lane & 3);
 #pragma unroll
         for (int dt = 0; dt < D / 8; ++dt) {
-            *reinterpret_cast<uint32_t*>(dk + at + dt * 8) = pack_bf16x2(dka[dt][2 * i] * scale, dka[dt][2 * i + 1] * scale);
+            *reinterpret_cast<uint32_t*>(dk + at + dt * 8) =
+                pack_bf16x2(dka[dt][2 * i] * scale, dka[dt][2 * i + 1] * scale);
             *reinterpret_cast<uint32_t*>(dv + at + dt * 8) = pack_bf16x2(dva[dt][2 * i], dva[dt][2 * i + 1]);
         }
     }
@@ -961,9 +962,10 @@ FLASH_INSTANTIATE(128)
 // 64-key tiles, online softmax in registers), with both products on wgmma: S = Q·Kᵀ reads Q and K
 // from shared memory (m64n64k16), O += P·V takes P from registers and V from shared memory
 // (m64n{D}k16). A block is one warpgroup and pipelines its tiles (the softmax of tile t + 1 runs
-// while P_t·V_t does); two blocks share an SM, so one's softmax also overlaps the other's products. The tiles are laid out the way wgmma reads them: per 64 columns, a
-// [rows][64] block of 128-byte rows with the 128-byte swizzle (16-byte chunk c of row r at chunk
-// c ^ (r % 8)), each block 1024-byte aligned. Every other architecture runs flash_fwd.
+// while P_t·V_t does); two blocks share an SM, so one's softmax also overlaps the other's
+// products. The tiles are laid out the way wgmma reads them: per 64 columns, a [rows][64] block of
+// 128-byte rows with the 128-byte swizzle (16-byte chunk c of row r at chunk c ^ (r % 8)), each
+// block 1024-byte aligned. Every other architecture runs flash_fwd.
 
 #define HOPPER_BLOCK_BYTES (FLASH_TILE * 128)
 
@@ -981,7 +983,8 @@ __device__ __forceinline__ uint32_t hopper_swizzle(int row, int chunk) {
 // rows at or past n_valid are zero-filled. A thread's rows step by a multiple of 8, so its swizzled
 // chunk is the same in every row.
 template <int D>
-__device__ __forceinline__ void hopper_load_tile(uint32_t tile, const bf16* g, size_t row_stride, int row0, int n_valid) {
+__device__ __forceinline__ void hopper_load_tile(uint32_t tile, const bf16* g, size_t row_stride, int row0,
+                                                 int n_valid) {
     constexpr int CHUNKS = D / 8, ROW_STEP = FLASH_THREADS / CHUNKS;
     static_assert(ROW_STEP % 8 == 0 && FLASH_TILE % ROW_STEP == 0, "rows must keep their swizzle phase");
     const int r0 = threadIdx.x / CHUNKS, c = threadIdx.x % CHUNKS;
@@ -1160,7 +1163,8 @@ __device__ void flash_fwd_hopper(bf16* __restrict__ out, float* __restrict__ lse
     auto issue_s = [&](float (&s)[NT][4], int t) {
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n64_ss<0, 0>(s, hopper_desc_k(qs, kk), hopper_desc_k(ks(t & 1), kk), kk > 0);
+        for (int kk = 0; kk < D / 16; ++kk)
+            wgmma_m64n64_ss<0, 0>(s, hopper_desc_k(qs, kk), hopper_desc_k(ks(t & 1), kk), kk > 0);
         wgmma_commit();
     };
     auto softmax = [&](float (&s)[NT][4], float (&alpha)[2], int t) {
@@ -1304,9 +1308,11 @@ __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, f
         float s[NT][4], dp[NT][4];
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n64_ss<0, 0>(s, hopper_desc_k(ks, kk), hopper_desc_k(qs(stage), kk), kk > 0);
+        for (int kk = 0; kk < D / 16; ++kk)
+            wgmma_m64n64_ss<0, 0>(s, hopper_desc_k(ks, kk), hopper_desc_k(qs(stage), kk), kk > 0);
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n64_ss<0, 0>(dp, hopper_desc_k(vs, kk), hopper_desc_k(dos(stage), kk), kk > 0);
+        for (int kk = 0; kk < D / 16; ++kk)
+            wgmma_m64n64_ss<0, 0>(dp, hopper_desc_k(vs, kk), hopper_desc_k(dos(stage), kk), kk > 0);
         wgmma_commit();
         wgmma_wait_all();
         wgmma_fence_regs(s);
@@ -1352,7 +1358,8 @@ __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, f
             wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < FLASH_TILE / 16; ++kk)
-                wgmma_m64n64_ss<1, 1>(dqa, hopper_desc_mn(dss, kk), hopper_desc_mn(ks + half * HOPPER_BLOCK_BYTES, kk), kk > 0);
+                wgmma_m64n64_ss<1, 1>(dqa, hopper_desc_mn(dss, kk), hopper_desc_mn(ks + half * HOPPER_BLOCK_BYTES, kk),
+                                      kk > 0);
             wgmma_commit();
             wgmma_wait_all();
             wgmma_fence_regs(dqa);
