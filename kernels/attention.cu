@@ -235,9 +235,10 @@ ATTENTION_INSTANTIATE(bf16, bf16)
 // 64 keys of one kv head and loops over every query head of its group and every query tile that sees
 // them, and a dQ kernel where a block owns 64 query rows and loops over their keys; both recompute P
 // from Q, K and the saved logsumexp. Fast mode (the default): the dK/dV kernel alone, adding dQ into
-// an f32 buffer with atomics (FlashAttention-2's schedule); on Hopper, its wgmma twin
-// flash_bwd_hopper (after the Hopper forward). Work is cut into 64-row tiles listed by the host
-// (`tiles`: sequence, first local row) so that packed variable-length batches pay nothing for padding.
+// an f32 buffer with atomics (FlashAttention-2's schedule). On Hopper both modes run wgmma twins
+// (after the Hopper forward): flash_bwd_hopper, and flash_bwd_dkv_hopper with flash_bwd_dq_hopper.
+// Work is cut into 64-row tiles listed by the host (`tiles`: sequence, first local row) so that
+// packed variable-length batches pay nothing for padding.
 //
 // Smem rows are padded by 16 bytes so that the 8 row addresses of an ldmatrix fall in distinct banks.
 
@@ -423,8 +424,9 @@ __device__ __forceinline__ void flash_softmax_step(float (&s)[NT][4], float (&m)
     flash_rescale(o, alpha);
 }
 
-// Which 64 query rows a forward block owns and the keys they see. Heavy tiles (late in a causal
-// sequence) run first: the host lists tiles in sequence order.
+// Which 64 query rows a forward or dQ block owns and the keys they see. Heavy tiles (late in a
+// causal sequence) run first: the host lists tiles in sequence order. Null k_start and k_len mean a
+// packed batch, whose keys are its query rows.
 struct FlashFwdTile {
     int b, iq0, h, g, q_begin, len_q, offset, rows, n_keys;
     const bf16 *kg, *vg;  // the sequence's first key and value row, at its kv head
@@ -442,11 +444,11 @@ __device__ __forceinline__ FlashFwdTile flash_fwd_tile(const bf16* k, const bf16
     t.g = t.h / (H / KV);
     t.q_begin = cu_q[t.b];
     t.len_q = cu_q[t.b + 1] - t.q_begin;
-    const int n_k = k_len[t.b];
+    const int n_k = k_len ? k_len[t.b] : t.len_q;
     t.offset = n_k - t.len_q;
     t.rows = min(FLASH_TILE, t.len_q - t.iq0);
     t.n_keys = max(0, min(n_k, t.offset + t.iq0 + t.rows));
-    const size_t first = (size_t)k_start[t.b] * KV * D + (size_t)t.g * D;
+    const size_t first = (size_t)(k_start ? k_start[t.b] : t.q_begin) * KV * D + (size_t)t.g * D;
     t.kg = k + first;
     t.vg = v + first;
     return t;
@@ -664,15 +666,11 @@ __device__ void flash_bwd_dq(bf16* __restrict__ dq, const bf16* __restrict__ q, 
     // Two stages of [K tile; V tile], each [KT][STRIDE]: the next stage loads while this one is used.
     constexpr int STAGE = 2 * KT * STRIDE;
     bf16* ks = reinterpret_cast<bf16*>(flash_smem);
-    const int tile = gridDim.x - 1 - blockIdx.x;
-    const int b = tiles[2 * tile], iq0 = tiles[2 * tile + 1];
-    const int h = blockIdx.y, g = h / (H / KV);
-    const int q_begin = cu_q[b], len = cu_q[b + 1] - q_begin;
-    const int rows = min(FLASH_TILE, len - iq0), n_keys = iq0 + rows;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const FlashFwdTile ft = flash_fwd_tile<D>(k, v, cu_q, nullptr, nullptr, tiles, H, KV);
+    const int iq0 = ft.iq0, h = ft.h, q_begin = ft.q_begin, len = ft.len_q, rows = ft.rows;
+    const int n_keys = ft.n_keys, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const size_t kv_stride = (size_t)KV * D, q_stride = (size_t)H * D;
-    const bf16* kg = k + (size_t)q_begin * kv_stride + g * D;
-    const bf16* vg = v + (size_t)q_begin * kv_stride + g * D;
+    const bf16 *kg = ft.kg, *vg = ft.vg;
     const float scale_log2 = scale * FLASH_LOG2E;
 
     // Q, then dO, staged through the (64-row) K/V buffer into registers.
@@ -1249,7 +1247,7 @@ __device__ void flash_fwd_hopper(bf16* __restrict__ out, float* __restrict__ lse
 // dV += Pᵀ·dO and dK += dSᵀ·Q (Pᵀ and dSᵀ from registers, dO and Q read MN-major), then scale·dSᵀ
 // goes to shared memory and dQ = dS·K (both operands MN-major) is added into the f32 dq_acc with
 // atomics, 64 columns at a time to bound registers.
-template <int D>
+template <int D, bool ATOMIC_DQ>
 __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dq_acc,
                                  const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                                  const bf16* __restrict__ dout, const float* __restrict__ lse,
@@ -1324,15 +1322,17 @@ __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, f
             flash_dkv_p<true>(s, dp, scale_log2, lse2s, dlts, i0, lane, key_a);
         }
         // scale·dSᵀ into its swizzled [64 keys][64 queries] block for the dQ product.
+        if constexpr (ATOMIC_DQ) {
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
+            for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-            for (int i = 0; i < 2; ++i) {
-                const int row = warp * 16 + (lane >> 2) + 8 * i, col = nt * 8 + 2 * (lane & 3);
-                const uint32_t at = dss + hopper_swizzle(row, col >> 3) + (col & 7) * 2;
-                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at),
-                             "r"(pack_bf16x2(dp[nt][2 * i] * scale, dp[nt][2 * i + 1] * scale)));
-            }
+                for (int i = 0; i < 2; ++i) {
+                    const int row = warp * 16 + (lane >> 2) + 8 * i, col = nt * 8 + 2 * (lane & 3);
+                    const uint32_t at = dss + hopper_swizzle(row, col >> 3) + (col & 7) * 2;
+                    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at),
+                                 "r"(pack_bf16x2(dp[nt][2 * i] * scale, dp[nt][2 * i + 1] * scale)));
+                }
+        }
         uint32_t pa[QT / 16][4], da[QT / 16][4];
 #pragma unroll
         for (int kk = 0; kk < QT / 16; ++kk) {
@@ -1350,33 +1350,142 @@ __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, f
         for (int kk = 0; kk < QT / 16; ++kk) wgmma_pv<D>(dka, da[kk], hopper_desc_mn(qs(stage), kk));
         wgmma_commit();
 
-        fence_proxy_async();
-        __syncthreads();
+        if constexpr (ATOMIC_DQ) {
+            fence_proxy_async();
+            __syncthreads();
 #pragma unroll
-        for (int half = 0; half < D / 64; ++half) {
-            float dqa[8][4];
-            wgmma_fence();
+            for (int half = 0; half < D / 64; ++half) {
+                float dqa[8][4];
+                wgmma_fence();
 #pragma unroll
-            for (int kk = 0; kk < FLASH_TILE / 16; ++kk)
-                wgmma_m64n64_ss<1, 1>(dqa, hopper_desc_mn(dss, kk), hopper_desc_mn(ks + half * HOPPER_BLOCK_BYTES, kk),
-                                      kk > 0);
-            wgmma_commit();
-            wgmma_wait_all();
-            wgmma_fence_regs(dqa);
+                for (int kk = 0; kk < FLASH_TILE / 16; ++kk)
+                    wgmma_m64n64_ss<1, 1>(dqa, hopper_desc_mn(dss, kk), hopper_desc_mn(ks + half * HOPPER_BLOCK_BYTES, kk),
+                                          kk > 0);
+                wgmma_commit();
+                wgmma_wait_all();
+                wgmma_fence_regs(dqa);
 #pragma unroll
-            for (int i = 0; i < 2; ++i) {
-                const int row = i0 + warp * 16 + (lane >> 2) + 8 * i;
-                if (row >= len) continue;
-                float* drow = dq_acc + (size_t)(q_begin + row) * q_stride + h * D + half * 64 + 2 * (lane & 3);
+                for (int i = 0; i < 2; ++i) {
+                    const int row = i0 + warp * 16 + (lane >> 2) + 8 * i;
+                    if (row >= len) continue;
+                    float* drow = dq_acc + (size_t)(q_begin + row) * q_stride + h * D + half * 64 + 2 * (lane & 3);
 #pragma unroll
-                for (int dt = 0; dt < 8; ++dt) atomic_add2(drow + dt * 8, dqa[dt][2 * i], dqa[dt][2 * i + 1]);
+                    for (int dt = 0; dt < 8; ++dt) atomic_add2(drow + dt * 8, dqa[dt][2 * i], dqa[dt][2 * i + 1]);
+                }
             }
+        } else {
+            wgmma_wait_all();  // dV and dK, before their operands' stages are reloaded
         }
         wgmma_fence_regs(dka);
         wgmma_fence_regs(dva);
     }
     cp_async_wait<0>();
     flash_dkv_store<D>(dk, dv, dka, dva, key_a, len, q_begin, KV, g, lane, scale);
+#else
+    // Only sm_90a has wgmma; the host launches these kernels on compute capability 9.0 alone, so
+    // reaching this is a dispatch bug, and it must not pass for a result.
+    __trap();
+#endif
+}
+
+// The deterministic mode's dQ on wgmma: a block (one warpgroup) owns 64 query rows of one head and
+// loops over the 64-key tiles they see: S = Q·Kᵀ and dP = dO·Vᵀ from shared memory, dS in registers,
+// dQ += dS·K with dS as the register operand and K read MN-major. Every dQ row is written by one
+// block, so with flash_bwd_dkv_hopper (the dK/dV kernel without its dQ part) the backward has no
+// atomics.
+template <int D>
+__device__ void flash_bwd_dq_hopper(bf16* __restrict__ dq, const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                    const bf16* __restrict__ v, const bf16* __restrict__ dout,
+                                    const float* __restrict__ lse, const float* __restrict__ delta,
+                                    const int* __restrict__ cu_q, const int* __restrict__ tiles, int H, int KV,
+                                    float scale) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int NT = FLASH_TILE / 8, DT = D / 8, TILE_BYTES = FLASH_TILE * D * 2;
+    extern __shared__ __align__(16) unsigned char flash_smem[];
+    // Q, dO, then two stages of (K, V).
+    const uint32_t base = (smem_u32(flash_smem) + 1023) & ~1023u;
+    const uint32_t qs = base, dos = base + TILE_BYTES;
+    auto ks = [&](int stage) { return base + (2 + 2 * stage) * TILE_BYTES; };
+    auto vs = [&](int stage) { return base + (3 + 2 * stage) * TILE_BYTES; };
+    const FlashFwdTile ft = flash_fwd_tile<D>(k, v, cu_q, nullptr, nullptr, tiles, H, KV);
+    const int iq0 = ft.iq0, h = ft.h, q_begin = ft.q_begin, len = ft.len_q, rows = ft.rows;
+    const int n_keys = ft.n_keys, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const size_t kv_stride = (size_t)KV * D, q_stride = (size_t)H * D;
+    const bf16 *kg = ft.kg, *vg = ft.vg;
+    const float scale_log2 = scale * FLASH_LOG2E;
+    const int n_tiles = (n_keys + FLASH_TILE - 1) / FLASH_TILE;
+
+    const int row_a = iq0 + warp * 16 + (lane >> 2);
+    float lse2[2], dlt[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int row = row_a + 8 * i;
+        const bool ok = row < len;
+        lse2[i] = ok ? lse[(size_t)(q_begin + row) * H + h] * FLASH_LOG2E : INFINITY;
+        dlt[i] = ok ? delta[(size_t)(q_begin + row) * H + h] : 0.0f;
+    }
+    auto load_kv = [&](int t) {
+        const int nv = min(FLASH_TILE, n_keys - t * FLASH_TILE);
+        hopper_load_tile<D>(ks(t & 1), kg, kv_stride, t * FLASH_TILE, nv);
+        hopper_load_tile<D>(vs(t & 1), vg, kv_stride, t * FLASH_TILE, nv);
+    };
+    hopper_load_tile<D>(qs, q + (size_t)q_begin * q_stride + h * D, q_stride, iq0, rows);
+    hopper_load_tile<D>(dos, dout + (size_t)q_begin * q_stride + h * D, q_stride, iq0, rows);
+    load_kv(0);
+    cp_async_commit();
+
+    float acc[DT][4];
+#pragma unroll
+    for (int i = 0; i < DT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+    for (int t = 0; t < n_tiles; ++t) {
+        const int n0 = t * FLASH_TILE;
+        // Tile t landed; every thread is past iteration t - 1, whose stage tile t + 1 reuses.
+        cp_async_wait<0>();
+        fence_proxy_async();
+        __syncthreads();
+        if (t + 1 < n_tiles) load_kv(t + 1);
+        cp_async_commit();
+
+        float s[NT][4], dp[NT][4];
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk)
+            wgmma_m64n64_ss<0, 0>(s, hopper_desc_k(qs, kk), hopper_desc_k(ks(t & 1), kk), kk > 0);
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk)
+            wgmma_m64n64_ss<0, 0>(dp, hopper_desc_k(dos, kk), hopper_desc_k(vs(t & 1), kk), kk > 0);
+        wgmma_commit();
+        wgmma_wait_all();
+        wgmma_fence_regs(s);
+        wgmma_fence_regs(dp);
+        // Key tiles wholly at or before the block's first row need no mask.
+        if (n0 + FLASH_TILE <= iq0 + 1) {
+            flash_dq_ds<false>(s, dp, scale_log2, lse2, dlt, n0, lane, row_a, n_keys);
+        } else {
+            flash_dq_ds<true>(s, dp, scale_log2, lse2, dlt, n0, lane, row_a, n_keys);
+        }
+        uint32_t da[FLASH_TILE / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < FLASH_TILE / 16; ++kk) flash_acc_to_a<NT>(da[kk], s, kk);
+        wgmma_fence_regs(da);
+        wgmma_fence_regs(acc);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < FLASH_TILE / 16; ++kk) wgmma_pv<D>(acc, da[kk], hopper_desc_mn(ks(t & 1), kk));
+        wgmma_commit();
+        wgmma_wait_all();
+        wgmma_fence_regs(acc);
+    }
+    cp_async_wait<0>();
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int row = row_a + 8 * i;
+        if (row >= len) continue;
+        bf16* drow = dq + (size_t)(q_begin + row) * q_stride + h * D + 2 * (lane & 3);
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt)
+            *reinterpret_cast<uint32_t*>(drow + dt * 8) = pack_bf16x2(acc[dt][2 * i] * scale, acc[dt][2 * i + 1] * scale);
+    }
 #else
     // Only sm_90a has wgmma; the host launches these kernels on compute capability 9.0 alone, so
     // reaching this is a dispatch bug, and it must not pass for a result.
@@ -1394,7 +1503,19 @@ __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, f
         flash_bwd_hopper_d##D(bf16* dk, bf16* dv, float* dq_acc, const bf16* q, const bf16* k, const bf16* v,      \
                               const bf16* dout, const float* lse, const float* delta, const int* cu_q,             \
                               const int* tiles, int H, int KV, float scale) {                                      \
-        flash_bwd_hopper<D>(dk, dv, dq_acc, q, k, v, dout, lse, delta, cu_q, tiles, H, KV, scale);                 \
+        flash_bwd_hopper<D, true>(dk, dv, dq_acc, q, k, v, dout, lse, delta, cu_q, tiles, H, KV, scale);           \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 1)                                                 \
+        flash_bwd_dkv_hopper_d##D(bf16* dk, bf16* dv, const bf16* q, const bf16* k, const bf16* v,                 \
+                                  const bf16* dout, const float* lse, const float* delta, const int* cu_q,         \
+                                  const int* tiles, int H, int KV, float scale) {                                  \
+        flash_bwd_hopper<D, false>(dk, dv, nullptr, q, k, v, dout, lse, delta, cu_q, tiles, H, KV, scale);         \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 1)                                                 \
+        flash_bwd_dq_hopper_d##D(bf16* dq, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,          \
+                                 const float* lse, const float* delta, const int* cu_q, const int* tiles, int H,   \
+                                 int KV, float scale) {                                                            \
+        flash_bwd_dq_hopper<D>(dq, q, k, v, dout, lse, delta, cu_q, tiles, H, KV, scale);                          \
     }
 
 HOPPER_INSTANTIATE(64)

@@ -828,6 +828,10 @@ fn flash_name(kind: &'static str, head_dim: usize) -> &'static str {
         ("fwd_hopper", _) => "flash_fwd_hopper_d128",
         ("bwd_hopper", 64) => "flash_bwd_hopper_d64",
         ("bwd_hopper", _) => "flash_bwd_hopper_d128",
+        ("dkv_hopper", 64) => "flash_bwd_dkv_hopper_d64",
+        ("dkv_hopper", _) => "flash_bwd_dkv_hopper_d128",
+        ("dq_hopper", 64) => "flash_bwd_dq_hopper_d64",
+        ("dq_hopper", _) => "flash_bwd_dq_hopper_d128",
         ("dq", 64) => "flash_bwd_dq_d64",
         ("dq", _) => "flash_bwd_dq_d128",
         ("dkv", 64) => "flash_bwd_dkv_d64",
@@ -925,21 +929,20 @@ fn flash_bwd_cuda(
     // K and V tiles, then two stages of (Q tile, dO tile, scaled lse, delta); the fast kernel adds
     // the tile's dSᵀ, [64][FLASH_BWD_QTILE + FLASH_PAD] bf16.
     let dkv_smem = (2 * FLASH_TILE + 4 * FLASH_BWD_QTILE) * row_bytes + 4 * FLASH_BWD_QTILE * 4;
-    let (name, smem) = if batch.deterministic {
-        (flash_name("dkv", hd.head_dim), dkv_smem)
-    } else if dev.is_hopper() && batch.kernel == AttnKernel::Auto {
-        // K, V, two stages of (Q, dO) and dSᵀ, unpadded (swizzled); two stages of 64 scaled lse and
-        // delta values; 1 KiB to align the tiles to 1,024 bytes.
-        let tile = FLASH_TILE * hd.head_dim * 2;
-        (
-            flash_name("bwd_hopper", hd.head_dim),
-            6 * tile + FLASH_TILE * 64 * 2 + 4 * FLASH_TILE * 4 + 1024,
-        )
-    } else {
-        (
+    let hopper = dev.is_hopper() && batch.kernel == AttnKernel::Auto;
+    // The wgmma tiles are unpadded (swizzled) and 1 KiB more lets the kernels align them to 1,024
+    // bytes. dK/dV: K, V, two stages of (Q, dO), the dSᵀ block (unused by the deterministic
+    // kernel), two stages of 64 scaled lse and delta values. dQ: Q, dO, two stages of (K, V).
+    let hopper_tile = FLASH_TILE * hd.head_dim * 2;
+    let hopper_dkv_smem = 6 * hopper_tile + FLASH_TILE * 64 * 2 + 4 * FLASH_TILE * 4 + 1024;
+    let (name, smem) = match (batch.deterministic, hopper) {
+        (false, true) => (flash_name("bwd_hopper", hd.head_dim), hopper_dkv_smem),
+        (false, false) => (
             flash_name("dkv_dq", hd.head_dim),
             dkv_smem + FLASH_TILE * (FLASH_BWD_QTILE + FLASH_PAD) * 2,
-        )
+        ),
+        (true, true) => (flash_name("dkv_hopper", hd.head_dim), hopper_dkv_smem),
+        (true, false) => (flash_name("dkv", hd.head_dim), dkv_smem),
     };
     // The fast kernels add dQ into f32 with atomics; the deterministic one leaves it to a kernel
     // of its own below.
@@ -974,9 +977,17 @@ fn flash_bwd_cuda(
     }
 
     let mut dq = Tensor::empty(q.shape(), DType::BF16, device)?;
-    // Two stages of (K tile, V tile), FLASH_BWD_QTILE rows each; Q and dO are staged through the first.
-    let smem = 4 * FLASH_BWD_QTILE * row_bytes;
-    let f = dev.function_with_shared("attention", flash_name("dq", hd.head_dim), smem, 0)?;
+    // mma.sync: two stages of (K tile, V tile), FLASH_BWD_QTILE rows each; Q and dO are staged
+    // through the first.
+    let (name, smem) = if hopper {
+        (flash_name("dq_hopper", hd.head_dim), 6 * hopper_tile + 1024)
+    } else {
+        (
+            flash_name("dq", hd.head_dim),
+            4 * FLASH_BWD_QTILE * row_bytes,
+        )
+    };
+    let f = dev.function_with_shared("attention", name, smem, 0)?;
     let mut l = dev.stream().launch_builder(&f);
     l.arg(bf16::slice_mut(&mut dq, OP_BWD)?)
         .arg(bf16::slice(q, OP_BWD)?)
@@ -990,7 +1001,8 @@ fn flash_bwd_cuda(
         .arg(&h)
         .arg(&kv)
         .arg(&scale);
-    // SAFETY: as above; one block per (query tile, head), each writing only its own rows of dq.
+    // SAFETY: as above (the Hopper kernel aligns its tiles inside the extra KiB); one block per
+    // (query tile, head), each writing only its own rows of dq.
     unsafe { l.launch(flash_config(OP_BWD, batch.tile_count(), hd.heads, smem)?) }?;
     Ok(dq)
 }
