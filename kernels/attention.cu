@@ -1356,11 +1356,11 @@ __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, f
 #pragma unroll
             for (int half = 0; half < D / 64; ++half) {
                 float dqa[8][4];
+                const uint32_t k_half = ks + half * HOPPER_BLOCK_BYTES;  // K's columns half * 64 ..
                 wgmma_fence();
 #pragma unroll
                 for (int kk = 0; kk < FLASH_TILE / 16; ++kk)
-                    wgmma_m64n64_ss<1, 1>(dqa, hopper_desc_mn(dss, kk), hopper_desc_mn(ks + half * HOPPER_BLOCK_BYTES, kk),
-                                          kk > 0);
+                    wgmma_m64n64_ss<1, 1>(dqa, hopper_desc_mn(dss, kk), hopper_desc_mn(k_half, kk), kk > 0);
                 wgmma_commit();
                 wgmma_wait_all();
                 wgmma_fence_regs(dqa);
@@ -1368,7 +1368,8 @@ __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, f
                 for (int i = 0; i < 2; ++i) {
                     const int row = i0 + warp * 16 + (lane >> 2) + 8 * i;
                     if (row >= len) continue;
-                    float* drow = dq_acc + (size_t)(q_begin + row) * q_stride + h * D + half * 64 + 2 * (lane & 3);
+                    float* drow =
+                        dq_acc + (size_t)(q_begin + row) * q_stride + h * D + half * 64 + 2 * (lane & 3);
 #pragma unroll
                     for (int dt = 0; dt < 8; ++dt) atomic_add2(drow + dt * 8, dqa[dt][2 * i], dqa[dt][2 * i + 1]);
                 }
