@@ -508,6 +508,23 @@ __device__ __forceinline__ void flash_stage_rows(float* lse2s, float* dlts, cons
     }
 }
 
+// scale · acc for a warp's two rows per thread into rows of head h of a [*, H·D] bf16 matrix (rows at
+// or past len are padding and write nothing): the dQ kernels' last step.
+template <int D>
+__device__ __forceinline__ void flash_rows_store(bf16* __restrict__ dst, const float (&acc)[D / 8][4], int row_a,
+                                                 int len, int q_begin, int H, int h, int lane, float scale) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int row = row_a + 8 * i;
+        if (row >= len) continue;
+        bf16* drow = dst + ((size_t)(q_begin + row) * H + h) * D + 2 * (lane & 3);
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt)
+            *reinterpret_cast<uint32_t*>(drow + dt * 8) =
+                pack_bf16x2(acc[dt][2 * i] * scale, acc[dt][2 * i + 1] * scale);
+    }
+}
+
 // The dK/dV kernels' last step for a warp's two keys per thread: scale · dK and dV into rows of kv
 // head g (keys at or past len are padding and write nothing).
 template <int D>
@@ -759,15 +776,7 @@ __device__ void flash_bwd_dq(bf16* __restrict__ dq, const bf16* __restrict__ q, 
         }
         __syncthreads();
     }
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        const int row = row_a + 8 * i;
-        if (row >= len) continue;
-        bf16* drow = dq + (size_t)(q_begin + row) * q_stride + h * D + 2 * (lane & 3);
-#pragma unroll
-        for (int dt = 0; dt < DT; ++dt)
-            *reinterpret_cast<uint32_t*>(drow + dt * 8) = pack_bf16x2(acc[dt][2 * i] * scale, acc[dt][2 * i + 1] * scale);
-    }
+    flash_rows_store<D>(dq, acc, row_a, len, q_begin, H, h, lane, scale);
 }
 
 // dK and dV for 64 keys of one kv head, summed over the query heads of its group:
@@ -1478,15 +1487,7 @@ __device__ void flash_bwd_dq_hopper(bf16* __restrict__ dq, const bf16* __restric
         wgmma_fence_regs(acc);
     }
     cp_async_wait<0>();
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        const int row = row_a + 8 * i;
-        if (row >= len) continue;
-        bf16* drow = dq + (size_t)(q_begin + row) * q_stride + h * D + 2 * (lane & 3);
-#pragma unroll
-        for (int dt = 0; dt < DT; ++dt)
-            *reinterpret_cast<uint32_t*>(drow + dt * 8) = pack_bf16x2(acc[dt][2 * i] * scale, acc[dt][2 * i + 1] * scale);
-    }
+    flash_rows_store<D>(dq, acc, row_a, len, q_begin, H, h, lane, scale);
 #else
     // Only sm_90a has wgmma; the host launches these kernels on compute capability 9.0 alone, so
     // reaching this is a dispatch bug, and it must not pass for a result.
