@@ -326,7 +326,8 @@ pub enum BenchCommand {
         reps: usize,
         #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
         device: DeviceChoice,
-        /// Then one more DPO step under the op profiler: device time per op (GEMMs by shape).
+        /// Then, under the op profiler, one more step (dpo) or a generation of up to 32 tokens and one
+        /// more update (ppo, grpo): device time per op (GEMMs by shape).
         #[arg(long)]
         profile: bool,
     },
