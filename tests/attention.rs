@@ -231,6 +231,22 @@ fn attention_bf16_eager(
     ]
 }
 
+/// The FLOPs the profiler credits attention with: 4·H·D per (query, visible key) pair.
+#[test]
+fn forward_flops_count_the_visible_pairs() {
+    let hd = Heads {
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+    };
+    let per_pair = 4.0 * 4.0 * 64.0;
+    let packed = AttnBatch::packed(&[3, 5], &Device::Cpu).unwrap();
+    assert_eq!(packed.forward_flops(hd), per_pair * (6.0 + 15.0));
+    // One new row against 100 cached keys sees them all; two new rows see 99 and 100.
+    let cached = AttnBatch::cached(&[1, 2], &[0, 200], &[100, 100], &Device::Cpu).unwrap();
+    assert_eq!(cached.forward_flops(hd), per_pair * (100.0 + 99.0 + 100.0));
+}
+
 #[test]
 fn decode_kernels_take_cache_batches_and_split_them_whole() {
     let hd = |heads, kv_heads, head_dim| Heads {

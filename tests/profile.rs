@@ -26,13 +26,34 @@ fn ops_record_once_under_the_outermost_name_while_profiling_is_on() {
         rms_norm_fwd(&x, &w, 1e-6).unwrap();
         rms_norm_fwd(&x, &w, 1e-6).unwrap();
     }
+    for _ in 0..2 {
+        let _counted = profile::scope_counting(&dev, || "counted".into(), 3e9);
+        rms_norm_fwd(&x, &w, 1e-6).unwrap();
+    }
     let rows = profile::report().unwrap();
     let table = profile::format_table(&rows, 1000.0);
     println!("{table}");
     let calls = |name: &str| rows.iter().find(|r| r.name == name).map(|r| r.calls);
     assert_eq!(calls("rms_norm_fwd"), Some(3), "{table}");
     assert_eq!(calls("outer step"), Some(1), "{table}");
-    assert_eq!(rows.len(), 2, "{table}");
+    assert_eq!(calls("counted"), Some(2), "{table}");
+    assert_eq!(rows.len(), 3, "{table}");
+    let counted = rows.iter().find(|r| r.name == "counted").unwrap();
+    assert_eq!(counted.flops, 6e9, "{table}");
+    assert!(rows
+        .iter()
+        .filter(|r| r.name != "counted")
+        .all(|r| r.flops == 0.0));
+    let rate = table
+        .lines()
+        .find(|l| l.starts_with("counted"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok());
+    let want = 6e9 / (counted.ms * 1e-3) / 1e12;
+    assert!(
+        rate.is_some_and(|r| (r - want).abs() <= 0.05 * want + 0.05),
+        "{table}"
+    );
     assert!(rows.iter().all(|r| r.ms >= 0.0 && r.ms.is_finite()));
     assert!(table.contains("outside any op"));
 

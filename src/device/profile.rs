@@ -28,6 +28,7 @@ thread_local! {
 
 struct Record {
     name: Cow<'static, str>,
+    flops: f64,
     timing: Timing,
 }
 
@@ -45,7 +46,7 @@ enum Start {
 #[must_use = "a scope times the code until it is dropped"]
 pub struct Scope {
     counted: bool,
-    active: Option<(Cow<'static, str>, Start)>,
+    active: Option<(Cow<'static, str>, f64, Start)>,
 }
 
 /// Starts or stops recording (and drops what was recorded).
@@ -63,8 +64,18 @@ pub fn scope(device: &Device, name: &'static str) -> Scope {
     scope_with(device, || Cow::Borrowed(name))
 }
 
-/// A scope whose name is built only when profiling is on (GEMMs are named by their shape).
+/// A scope whose name is built only when profiling is on.
 pub fn scope_with(device: &Device, name: impl FnOnce() -> Cow<'static, str>) -> Scope {
+    scope_counting(device, name, 0.0)
+}
+
+/// A scope for an op that does `flops` floating-point operations (GEMMs, named by their shape), so
+/// the report can give its rate.
+pub fn scope_counting(
+    device: &Device,
+    name: impl FnOnce() -> Cow<'static, str>,
+    flops: f64,
+) -> Scope {
     if !enabled() {
         return Scope {
             counted: false,
@@ -82,7 +93,7 @@ pub fn scope_with(device: &Device, name: impl FnOnce() -> Cow<'static, str>) -> 
     };
     Scope {
         counted: true,
-        active: start.map(|s| (name(), s)),
+        active: start.map(|s| (name(), flops, s)),
     }
 }
 
@@ -91,7 +102,7 @@ impl Drop for Scope {
         if self.counted {
             DEPTH.with(|d| d.set(d.get().saturating_sub(1)));
         }
-        let Some((name, start)) = self.active.take() else {
+        let Some((name, flops, start)) = self.active.take() else {
             return;
         };
         let timing = match start {
@@ -104,7 +115,11 @@ impl Drop for Scope {
         RECORDS
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(Record { name, timing });
+            .push(Record {
+                name,
+                flops,
+                timing,
+            });
     }
 }
 
@@ -114,6 +129,8 @@ pub struct ProfileRow {
     pub name: String,
     pub calls: usize,
     pub ms: f64,
+    /// Floating-point operations of all its calls, where the op counts them (0 otherwise).
+    pub flops: f64,
 }
 
 /// Sums what was recorded since profiling was turned on, by name, most time first, and clears it.
@@ -132,30 +149,42 @@ pub fn report() -> Result<Vec<ProfileRow>> {
                 name: r.name.to_string(),
                 calls: 0,
                 ms: 0.0,
+                flops: 0.0,
             });
         row.calls += 1;
         row.ms += ms;
+        row.flops += r.flops;
     }
     let mut rows: Vec<ProfileRow> = rows.into_values().collect();
     rows.sort_by(|a, b| b.ms.total_cmp(&a.ms).then_with(|| a.name.cmp(&b.name)));
     Ok(rows)
 }
 
-/// The rows as a table: op, calls, total ms and share of `step_ms`.
+/// The rows as a table: op, calls, total ms, share of `step_ms`, and TFLOP/s where counted.
 pub fn format_table(rows: &[ProfileRow], step_ms: f64) -> String {
     use std::fmt::Write;
     let mut s = String::new();
-    let _ = writeln!(s, "{:<44} {:>7} {:>10} {:>7}", "op", "calls", "ms", "share");
+    let _ = writeln!(
+        s,
+        "{:<44} {:>7} {:>10} {:>7} {:>9}",
+        "op", "calls", "ms", "share", "TFLOP/s"
+    );
     let mut total = 0.0;
     for r in rows {
         total += r.ms;
+        let rate = if r.flops > 0.0 && r.ms > 0.0 {
+            format!("{:.1}", r.flops / (r.ms * 1e-3) / 1e12)
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             s,
-            "{:<44} {:>7} {:>10.3} {:>6.1}%",
+            "{:<44} {:>7} {:>10.3} {:>6.1}% {:>9}",
             r.name,
             r.calls,
             r.ms,
-            100.0 * r.ms / step_ms
+            100.0 * r.ms / step_ms,
+            rate
         );
     }
     let _ = writeln!(

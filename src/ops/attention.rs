@@ -257,6 +257,21 @@ impl AttnBatch {
         self
     }
 
+    /// Matrix-product FLOPs of the forward: 4·D per (query, visible key) pair and head (Q·Kᵀ and
+    /// P·V), causal bottom-right as the kernels run it.
+    pub fn forward_flops(&self, hd: Heads) -> f64 {
+        let pairs: f64 = self
+            .cu_q
+            .windows(2)
+            .zip(&self.k_len)
+            .map(|(w, &k)| {
+                let (q, k) = ((w[1] - w[0]) as f64, k as f64);
+                q * (k - q) + q * (q + 1.0) / 2.0
+            })
+            .sum();
+        4.0 * (hd.heads * hd.head_dim) as f64 * pairs
+    }
+
     fn tile_count(&self) -> usize {
         self.tiles.len() / 2
     }
@@ -449,8 +464,8 @@ pub fn attention_fwd(
     scale: f32,
 ) -> Result<(Tensor, Tensor)> {
     let device = same_device(OP_FWD, &[q, k, v])?;
-    let _profile = profile::scope(device, OP_FWD);
     let nq = check(OP_FWD, q, k, v, batch, hd, scale)?;
+    let _profile = profile::scope_counting(device, || OP_FWD.into(), batch.forward_flops(hd));
     match device {
         Device::Cpu => {
             let (mut out, mut lse) = (vec![0.0f32; q.numel()], vec![0.0f32; nq * hd.heads]);
@@ -494,8 +509,10 @@ pub fn attention_bwd(
     scale: f32,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let device = same_device(OP_BWD, &[dout, q, k, v, out, lse])?;
-    let _profile = profile::scope(device, OP_BWD);
     let nq = check(OP_BWD, q, k, v, batch, hd, scale)?;
+    // The usual convention: the backward counts 2.5 forwards.
+    let flops = 2.5 * batch.forward_flops(hd);
+    let _profile = profile::scope_counting(device, || OP_BWD.into(), flops);
     if !batch.packed {
         return Err(Error::Unsupported {
             op: OP_BWD,

@@ -531,8 +531,9 @@ pub fn linear_logprob_fwd(
     temperature: f32,
 ) -> Result<LogprobOut> {
     let device = same_device(OP_LIN_FWD, &[hidden, weight, targets])?;
-    let _profile = profile::scope(device, OP_LIN_FWD);
     let (n, d, vocab) = check_linear(OP_LIN_FWD, hidden, weight, targets)?;
+    let flops = 2.0 * (n * d * vocab) as f64;
+    let _profile = profile::scope_counting(device, || OP_LIN_FWD.into(), flops);
     let scale = check_temperature(OP_LIN_FWD, temperature)?;
     match device {
         Device::Cpu => {
@@ -588,8 +589,10 @@ pub fn linear_logprob_bwd(
         ],
     )?
     .clone();
-    let _profile = profile::scope(&device, OP_LIN_BWD);
     let (n, d, vocab) = check_linear(OP_LIN_BWD, hidden, weight, targets)?;
+    // The recomputed logits, dhidden and dweight: three GEMMs of the forward's size.
+    let flops = 6.0 * (n * d * vocab) as f64;
+    let _profile = profile::scope_counting(&device, || OP_LIN_BWD.into(), flops);
     let scale = check_temperature(OP_LIN_BWD, temperature)?;
     for (name, t) in [
         ("lse", &out.lse),

@@ -118,13 +118,17 @@ pub fn gemm(
     c.expect_shape(OP, "c", &[m, n])?;
     b.expect_dtype(OP, a.dtype())?;
     // Named by shape: the shapes tell the model's GEMMs apart.
-    let _profile = profile::scope_with(&device, || {
-        format!(
-            "gemm {m}x{n}x{k} {ta:?}{tb:?}{}",
-            if beta == 0.0 { "" } else { " +=" }
-        )
-        .into()
-    });
+    let _profile = profile::scope_counting(
+        &device,
+        || {
+            format!(
+                "gemm {m}x{n}x{k} {ta:?}{tb:?}{}",
+                if beta == 0.0 { "" } else { " +=" }
+            )
+            .into()
+        },
+        2.0 * (m * n * k) as f64,
+    );
     match &device {
         Device::Cpu => {
             let (av, bv) = (host_f32(a, OP)?, host_f32(b, OP)?);
