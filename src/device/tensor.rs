@@ -129,6 +129,9 @@ impl Tensor {
                 format!("{len} values for shape {shape:?}"),
             ));
         }
+        let _profile = device
+            .is_cuda()
+            .then(|| super::profile::scope(device, "copy to device"));
         let storage = match device {
             Device::Cpu => Storage::Cpu(data),
             Device::Cuda(d) => Storage::Cuda(match data {
@@ -277,6 +280,7 @@ impl Tensor {
             Storage::Cpu(HostData::I32(v)) => HostData::I32(v.clone()),
             Storage::Cuda(data) => {
                 let d = self.device.as_cuda("to_host")?;
+                let _profile = super::profile::scope(&self.device, "copy to host");
                 match data {
                     CudaData::F32(s) => HostData::F32(d.download(s, n)?),
                     CudaData::BF16(s) => HostData::BF16(d.download(s, n)?),
