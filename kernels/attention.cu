@@ -360,9 +360,9 @@ __device__ __forceinline__ void flash_acc_to_a(uint32_t (&a)[4], const float (&a
 // applies the causal and end-of-sequence masks, needed only on tiles that reach the diagonal or
 // the end.
 template <bool MASK, int NT>
-__device__ __forceinline__ void flash_softmax_scores(float (&s)[NT][4], float (&m)[2], float (&l)[2], float (&alpha)[2],
-                                                     float scale_log2, int n0, int lane, const int (&last_key)[2],
-                                                     int n_keys) {
+__device__ __forceinline__ void flash_softmax_scores_body(float (&s)[NT][4], float (&m)[2], float (&l)[2],
+                                                          float (&alpha)[2], float scale_log2, int n0, int lane,
+                                                          const int (&last_key)[2], int n_keys) {
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
@@ -415,12 +415,25 @@ __device__ __forceinline__ void flash_rescale(float (&o)[DT][4], const float (&a
     }
 }
 
-template <bool MASK, int NT, int DT>
+// The softmax step for the tile of keys from n0: tiles wholly before the diagonal of the block's
+// first row (whose last visible key is `first_last_key`), most of a long sequence, skip the mask.
+template <int NT>
+__device__ __forceinline__ void flash_softmax_scores(float (&s)[NT][4], float (&m)[2], float (&l)[2], float (&alpha)[2],
+                                                     float scale_log2, int n0, int lane, const int (&last_key)[2],
+                                                     int n_keys, int first_last_key) {
+    if (n0 + NT * 8 <= min(n_keys, first_last_key + 1)) {
+        flash_softmax_scores_body<false>(s, m, l, alpha, scale_log2, n0, lane, last_key, n_keys);
+    } else {
+        flash_softmax_scores_body<true>(s, m, l, alpha, scale_log2, n0, lane, last_key, n_keys);
+    }
+}
+
+template <int NT, int DT>
 __device__ __forceinline__ void flash_softmax_step(float (&s)[NT][4], float (&m)[2], float (&l)[2], float (&o)[DT][4],
                                                    float scale_log2, int n0, int lane, const int (&last_key)[2],
-                                                   int n_keys) {
+                                                   int n_keys, int first_last_key) {
     float alpha[2];
-    flash_softmax_scores<MASK>(s, m, l, alpha, scale_log2, n0, lane, last_key, n_keys);
+    flash_softmax_scores(s, m, l, alpha, scale_log2, n0, lane, last_key, n_keys, first_last_key);
     flash_rescale(o, alpha);
 }
 
@@ -604,13 +617,7 @@ __device__ void flash_fwd(bf16* __restrict__ out, float* __restrict__ lse, const
             flash_load_rows<D, FLASH_TILE>(ks, kg, kv_stride, n0 + FLASH_TILE, min(FLASH_TILE, n_keys - n0 - FLASH_TILE));
         cp_async_commit();
 
-        // Tiles wholly before the block's first row's diagonal (most of a long sequence) need no
-        // mask: the same values either way, without the per-element compares.
-        if (n0 + FLASH_TILE <= min(n_keys, offset + iq0 + 1)) {
-            flash_softmax_step<false>(s, m, l, o, scale_log2, n0, lane, last_key, n_keys);
-        } else {
-            flash_softmax_step<true>(s, m, l, o, scale_log2, n0, lane, last_key, n_keys);
-        }
+        flash_softmax_step(s, m, l, o, scale_log2, n0, lane, last_key, n_keys, offset + iq0);
 
         cp_async_wait<1>();
         __syncthreads();
@@ -636,9 +643,9 @@ __device__ void flash_fwd(bf16* __restrict__ out, float* __restrict__ lse, const
 // dS = P ⊙ (dO·Vᵀ − Δ) in place of the scores s, for a warp's 16 query rows and a tile of keys from
 // n0; MASK zeroes P for keys after a row or past the sequence (tiles crossing the diagonal).
 template <bool MASK, int NT>
-__device__ __forceinline__ void flash_dq_ds(float (&s)[NT][4], const float (&dp)[NT][4], float scale_log2,
-                                            const float (&lse2)[2], const float (&dlt)[2], int n0, int lane,
-                                            int row_a, int n_keys) {
+__device__ __forceinline__ void flash_dq_ds_body(float (&s)[NT][4], const float (&dp)[NT][4], float scale_log2,
+                                                 const float (&lse2)[2], const float (&dlt)[2], int n0, int lane,
+                                                 int row_a, int n_keys) {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
@@ -652,11 +659,24 @@ __device__ __forceinline__ void flash_dq_ds(float (&s)[NT][4], const float (&dp)
     }
 }
 
+// flash_dq_ds_body for the tile of keys from n0, unmasked when the tile lies wholly at or before the
+// block's first row iq0.
+template <int NT>
+__device__ __forceinline__ void flash_dq_ds(float (&s)[NT][4], const float (&dp)[NT][4], float scale_log2,
+                                            const float (&lse2)[2], const float (&dlt)[2], int n0, int lane,
+                                            int row_a, int n_keys, int iq0) {
+    if (n0 + NT * 8 <= iq0 + 1) {
+        flash_dq_ds_body<false>(s, dp, scale_log2, lse2, dlt, n0, lane, row_a, n_keys);
+    } else {
+        flash_dq_ds_body<true>(s, dp, scale_log2, lse2, dlt, n0, lane, row_a, n_keys);
+    }
+}
+
 // Pᵀ into s and dSᵀ into dp, for a warp's 16 keys (rows) and a tile of queries (columns) from i0;
 // MASK zeroes P where the key comes after the query (tiles crossing the diagonal).
 template <bool MASK, int NT>
-__device__ __forceinline__ void flash_dkv_p(float (&s)[NT][4], float (&dp)[NT][4], float scale_log2,
-                                            const float* lse2s, const float* dlts, int i0, int lane, int key_a) {
+__device__ __forceinline__ void flash_dkv_p_body(float (&s)[NT][4], float (&dp)[NT][4], float scale_log2,
+                                                 const float* lse2s, const float* dlts, int i0, int lane, int key_a) {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
@@ -668,6 +688,19 @@ __device__ __forceinline__ void flash_dkv_p(float (&s)[NT][4], float (&dp)[NT][4
             s[nt][e] = p;
             dp[nt][e] = p * (dp[nt][e] - dlts[col]);
         }
+    }
+}
+
+// flash_dkv_p_body for the query tile from i0, unmasked when it lies wholly at or after the block's
+// last key (keys j0 .. j0 + 64).
+template <int NT>
+__device__ __forceinline__ void flash_dkv_p(float (&s)[NT][4], float (&dp)[NT][4], float scale_log2,
+                                            const float* lse2s, const float* dlts, int i0, int lane, int key_a,
+                                            int j0) {
+    if (j0 + FLASH_TILE <= i0 + 1) {
+        flash_dkv_p_body<false>(s, dp, scale_log2, lse2s, dlts, i0, lane, key_a);
+    } else {
+        flash_dkv_p_body<true>(s, dp, scale_log2, lse2s, dlts, i0, lane, key_a);
     }
 }
 
@@ -756,12 +789,7 @@ __device__ void flash_bwd_dq(bf16* __restrict__ dq, const bf16* __restrict__ q, 
                 mma_16816(dp[nt + 1], dof[kk], bf[2], bf[3]);
             }
         }
-        // Key tiles wholly at or before the block's first row need no mask.
-        if (n0 + KT <= iq0 + 1) {
-            flash_dq_ds<false>(s, dp, scale_log2, lse2, dlt, n0, lane, row_a, n_keys);
-        } else {
-            flash_dq_ds<true>(s, dp, scale_log2, lse2, dlt, n0, lane, row_a, n_keys);
-        }
+        flash_dq_ds(s, dp, scale_log2, lse2, dlt, n0, lane, row_a, n_keys, iq0);
 #pragma unroll
         for (int kk = 0; kk < KT / 16; ++kk) {
             uint32_t da[4];
@@ -870,12 +898,7 @@ __device__ void flash_bwd_dkv(bf16* __restrict__ dk, bf16* __restrict__ dv, floa
                 }
             }
             // s holds Pᵀ and dp becomes dSᵀ (rows: keys, columns: queries).
-            // Query tiles wholly at or after the block's last key need no mask.
-            if (j0 + FLASH_TILE <= i0 + 1) {
-                flash_dkv_p<false>(s, dp, scale_log2, lse2s, dlts, i0, lane, key_a);
-            } else {
-                flash_dkv_p<true>(s, dp, scale_log2, lse2s, dlts, i0, lane, key_a);
-            }
+            flash_dkv_p(s, dp, scale_log2, lse2s, dlts, i0, lane, key_a, j0);
             if constexpr (ATOMIC_DQ) {
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt)
@@ -980,6 +1003,12 @@ template <bool B>
 struct CompileTimeBool {
     static constexpr bool value = B;
 };  // one [64 rows][64 columns] bf16 block
+
+// The first 1024-byte boundary of a Hopper kernel's dynamic shared memory, where its swizzled tiles
+// start (the 128-byte swizzle repeats every 1024 bytes); the host gives each kernel 1 KiB more.
+__device__ __forceinline__ uint32_t hopper_smem_base(const unsigned char* smem) {
+    return (smem_u32(smem) + 1023) & ~1023u;
+}
 
 // The 128-byte-swizzled address of 16-byte chunk `chunk` (of D / 8) in row `row` of a [64][D] tile.
 __device__ __forceinline__ uint32_t hopper_swizzle(int row, int chunk) {
@@ -1137,8 +1166,8 @@ __device__ void flash_fwd_hopper(bf16* __restrict__ out, float* __restrict__ lse
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int NT = FLASH_TILE / 8, DT = D / 8, TILE_BYTES = FLASH_TILE * D * 2;
     extern __shared__ __align__(16) unsigned char flash_smem[];
-    // Q, then two stages of (K, V); the swizzle needs 1024-byte alignment (the host adds 1 KiB).
-    const uint32_t base = (smem_u32(flash_smem) + 1023) & ~1023u;
+    // Q, then two stages of (K, V).
+    const uint32_t base = hopper_smem_base(flash_smem);
     const uint32_t qs = base;
     auto ks = [&](int stage) { return base + (1 + 2 * stage) * TILE_BYTES; };
     auto vs = [&](int stage) { return base + (2 + 2 * stage) * TILE_BYTES; };
@@ -1175,12 +1204,7 @@ __device__ void flash_fwd_hopper(bf16* __restrict__ out, float* __restrict__ lse
         wgmma_commit();
     };
     auto softmax = [&](float (&s)[NT][4], float (&alpha)[2], int t) {
-        const int n0 = t * FLASH_TILE;
-        if (n0 + FLASH_TILE <= min(n_keys, offset + iq0 + 1)) {
-            flash_softmax_scores<false>(s, m, l, alpha, scale_log2, n0, lane, last_key, n_keys);
-        } else {
-            flash_softmax_scores<true>(s, m, l, alpha, scale_log2, n0, lane, last_key, n_keys);
-        }
+        flash_softmax_scores(s, m, l, alpha, scale_log2, t * FLASH_TILE, lane, last_key, n_keys, offset + iq0);
     };
 
     hopper_load_tile<D>(qs, q + (size_t)q_begin * q_stride + h * D, q_stride, iq0, rows);
@@ -1266,7 +1290,7 @@ __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, f
     constexpr int QT = FLASH_TILE, NT = QT / 8, DT = D / 8, TILE_BYTES = FLASH_TILE * D * 2;
     extern __shared__ __align__(16) unsigned char flash_smem[];
     // K, V, two stages of (Q, dO), dSᵀ (one [64][64] block), then two stages of scaled lse and delta.
-    const uint32_t base = (smem_u32(flash_smem) + 1023) & ~1023u;
+    const uint32_t base = hopper_smem_base(flash_smem);
     const uint32_t ks = base, vs = base + TILE_BYTES;
     auto qs = [&](int stage) { return base + (2 + 2 * stage) * TILE_BYTES; };
     auto dos = [&](int stage) { return base + (3 + 2 * stage) * TILE_BYTES; };
@@ -1325,11 +1349,7 @@ __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, f
         wgmma_fence_regs(s);
         wgmma_fence_regs(dp);
 
-        if (j0 + FLASH_TILE <= i0 + 1) {
-            flash_dkv_p<false>(s, dp, scale_log2, lse2s, dlts, i0, lane, key_a);
-        } else {
-            flash_dkv_p<true>(s, dp, scale_log2, lse2s, dlts, i0, lane, key_a);
-        }
+        flash_dkv_p(s, dp, scale_log2, lse2s, dlts, i0, lane, key_a, j0);
         // scale·dSᵀ into its swizzled [64 keys][64 queries] block for the dQ product.
         if constexpr (ATOMIC_DQ) {
 #pragma unroll
@@ -1413,7 +1433,7 @@ __device__ void flash_bwd_dq_hopper(bf16* __restrict__ dq, const bf16* __restric
     constexpr int NT = FLASH_TILE / 8, DT = D / 8, TILE_BYTES = FLASH_TILE * D * 2;
     extern __shared__ __align__(16) unsigned char flash_smem[];
     // Q, dO, then two stages of (K, V).
-    const uint32_t base = (smem_u32(flash_smem) + 1023) & ~1023u;
+    const uint32_t base = hopper_smem_base(flash_smem);
     const uint32_t qs = base, dos = base + TILE_BYTES;
     auto ks = [&](int stage) { return base + (2 + 2 * stage) * TILE_BYTES; };
     auto vs = [&](int stage) { return base + (3 + 2 * stage) * TILE_BYTES; };
@@ -1468,12 +1488,7 @@ __device__ void flash_bwd_dq_hopper(bf16* __restrict__ dq, const bf16* __restric
         wgmma_wait_all();
         wgmma_fence_regs(s);
         wgmma_fence_regs(dp);
-        // Key tiles wholly at or before the block's first row need no mask.
-        if (n0 + FLASH_TILE <= iq0 + 1) {
-            flash_dq_ds<false>(s, dp, scale_log2, lse2, dlt, n0, lane, row_a, n_keys);
-        } else {
-            flash_dq_ds<true>(s, dp, scale_log2, lse2, dlt, n0, lane, row_a, n_keys);
-        }
+        flash_dq_ds(s, dp, scale_log2, lse2, dlt, n0, lane, row_a, n_keys, iq0);
         uint32_t da[FLASH_TILE / 16][4];
 #pragma unroll
         for (int kk = 0; kk < FLASH_TILE / 16; ++kk) flash_acc_to_a<NT>(da[kk], s, kk);

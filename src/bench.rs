@@ -251,7 +251,13 @@ pub fn bench_kernels(
     let act = device.compute_dtype();
     let (warm, reps) = if full { (2, 10) } else { (1, 3) };
     let mut rows = Vec::new();
-    let mut push = |r: BenchRow, rows: &mut Vec<BenchRow>| {
+    let mut push = |rows: &mut Vec<BenchRow>,
+                    kernel: &str,
+                    shape: String,
+                    ms: f64,
+                    bound: Bound,
+                    amount: f64| {
+        let r = row(kernel, shape, ms, bound, amount, ceil);
         on_row(&r);
         rows.push(r);
     };
@@ -273,15 +279,12 @@ pub fn bench_kernels(
             rms_norm_bwd(&dy, &x, &w, &o.rstd, &mut dw).map(drop)
         })?;
         push(
-            row(
-                "rms_norm fwd+bwd",
-                format!("{n}x{d} {}", act.name()),
-                ms,
-                Bound::Memory,
-                (5 * n * d * act.size()) as f64,
-                ceil,
-            ),
             &mut rows,
+            "rms_norm fwd+bwd",
+            format!("{n}x{d} {}", act.name()),
+            ms,
+            Bound::Memory,
+            (5 * n * d * act.size()) as f64,
         );
     }
 
@@ -296,15 +299,12 @@ pub fn bench_kernels(
         swiglu_bwd(&h, &gate, &up).map(drop)
     })?;
     push(
-        row(
-            "swiglu fwd+bwd",
-            format!("{n}x{inner} {}", act.name()),
-            ms,
-            Bound::Memory,
-            (8 * n * inner * act.size()) as f64,
-            ceil,
-        ),
         &mut rows,
+        "swiglu fwd+bwd",
+        format!("{n}x{inner} {}", act.name()),
+        ms,
+        Bound::Memory,
+        (8 * n * inner * act.size()) as f64,
     );
     let (a, b) = (
         random(device, &mut rng, &[n, d], 1.0, act)?,
@@ -312,30 +312,24 @@ pub fn bench_kernels(
     );
     let ms = median_ms(device, warm, reps, || add(&a, &b).map(drop))?;
     push(
-        row(
-            "residual add",
-            format!("{n}x{d} {}", act.name()),
-            ms,
-            Bound::Memory,
-            (3 * n * d * act.size()) as f64,
-            ceil,
-        ),
         &mut rows,
+        "residual add",
+        format!("{n}x{d} {}", act.name()),
+        ms,
+        Bound::Memory,
+        (3 * n * d * act.size()) as f64,
     );
     // AdamW over SmolLM2-135M's parameters.
     let params = if full { 134_515_008 } else { 1 << 18 };
     let mut adamw = AdamwBench::new(device, params, &mut rng)?;
     let ms = median_ms(device, warm, reps, || adamw.step())?;
     push(
-        row(
-            "adamw step",
-            format!("{params} params"),
-            ms,
-            Bound::Memory,
-            adamw.bytes() as f64,
-            ceil,
-        ),
         &mut rows,
+        "adamw step",
+        format!("{params} params"),
+        ms,
+        Bound::Memory,
+        adamw.bytes() as f64,
     );
 
     // logprob forward + backward: one read of the logits forward, one read and one write backward.
@@ -357,15 +351,12 @@ pub fn bench_kernels(
             logprob_bwd(&logits, &tgt, &o, &g, &g, 1.0).map(drop)
         })?;
         push(
-            row(
-                "logprob fwd+bwd",
-                format!("{n}x{vocab} {}", act.name()),
-                ms,
-                Bound::Memory,
-                (3 * n * vocab * act.size()) as f64,
-                ceil,
-            ),
             &mut rows,
+            "logprob fwd+bwd",
+            format!("{n}x{vocab} {}", act.name()),
+            ms,
+            Bound::Memory,
+            (3 * n * vocab * act.size()) as f64,
         );
 
         // KL full forward + backward: two rows read forward, two read and one written backward.
@@ -375,15 +366,12 @@ pub fn bench_kernels(
             kl_full_bwd(&logits, &reference, &o, &g).map(drop)
         })?;
         push(
-            row(
-                "kl_full fwd+bwd",
-                format!("{n}x{vocab} {}", act.name()),
-                ms,
-                Bound::Memory,
-                (5 * n * vocab * act.size()) as f64,
-                ceil,
-            ),
             &mut rows,
+            "kl_full fwd+bwd",
+            format!("{n}x{vocab} {}", act.name()),
+            ms,
+            Bound::Memory,
+            (5 * n * vocab * act.size()) as f64,
         );
     }
 
@@ -395,15 +383,12 @@ pub fn bench_kernels(
         crate::ops::sample::sample_plain(&logits, 1.0, &draws).map(drop)
     })?;
     push(
-        row(
-            "sample plain",
-            format!("{n}x{vocab} {}", act.name()),
-            ms,
-            Bound::Memory,
-            (n * vocab * act.size()) as f64,
-            ceil,
-        ),
         &mut rows,
+        "sample plain",
+        format!("{n}x{vocab} {}", act.name()),
+        ms,
+        Bound::Memory,
+        (n * vocab * act.size()) as f64,
     );
 
     // The LM-head-fused logprob: 2·N·V·d FLOPs forward, 6·N·V·d backward (recompute + two GEMMs).
@@ -427,25 +412,22 @@ pub fn bench_kernels(
             linear_logprob_bwd(&h, &wt, &tgt, &o, &g, &g, 1.0, &mut dwt).map(drop)
         })?;
         push(
-            row(
-                "linear_logprob fwd+bwd",
-                if device.is_cuda() {
-                    // The CPU path computes in row blocks and allocates neither buffer.
-                    format!(
-                        "n{n} d{d} V{vocab} {}, scratch {:.1}% of f32 logits",
-                        act.name(),
-                        100.0 * linear_logprob_scratch_bytes(n, vocab, act) as f64
-                            / (n * vocab * 4) as f64
-                    )
-                } else {
-                    format!("n{n} d{d} V{vocab} {}", act.name())
-                },
-                ms,
-                Bound::Compute,
-                8.0 * (n * vocab * d) as f64,
-                ceil,
-            ),
             &mut rows,
+            "linear_logprob fwd+bwd",
+            if device.is_cuda() {
+                // The CPU path computes in row blocks and allocates neither buffer.
+                format!(
+                    "n{n} d{d} V{vocab} {}, scratch {:.1}% of f32 logits",
+                    act.name(),
+                    100.0 * linear_logprob_scratch_bytes(n, vocab, act) as f64
+                        / (n * vocab * 4) as f64
+                )
+            } else {
+                format!("n{n} d{d} V{vocab} {}", act.name())
+            },
+            ms,
+            Bound::Compute,
+            8.0 * (n * vocab * d) as f64,
         );
     }
 
@@ -468,15 +450,12 @@ pub fn bench_kernels(
         pref_loss(&kind, &lp, &mask, &ex).map(drop)
     })?;
     push(
-        row(
-            "pref_loss dpo sigmoid",
-            format!("{pairs} pairs x {t}"),
-            ms,
-            Bound::Memory,
-            (4 * r * t * 4) as f64,
-            ceil,
-        ),
         &mut rows,
+        "pref_loss dpo sigmoid",
+        format!("{pairs} pairs x {t}"),
+        ms,
+        Bound::Memory,
+        (4 * r * t * 4) as f64,
     );
 
     // PPO: rollout side and loss side; 7 [B, T] inputs read, 6 written.
@@ -507,15 +486,12 @@ pub fn bench_kernels(
         .map(drop)
     })?;
     push(
-        row(
-            "ppo advantages+loss",
-            format!("{b}x{t}"),
-            ms,
-            Bound::Memory,
-            (13 * b * t * 4) as f64,
-            ceil,
-        ),
         &mut rows,
+        "ppo advantages+loss",
+        format!("{b}x{t}"),
+        ms,
+        Bound::Memory,
+        (13 * b * t * 4) as f64,
     );
     Ok(rows)
 }

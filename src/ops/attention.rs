@@ -837,24 +837,39 @@ fn decode_fwd_cuda<T: CudaElem>(
     Ok(())
 }
 
-fn flash_name(kind: &'static str, head_dim: usize) -> &'static str {
-    match (kind, head_dim) {
-        ("fwd", 64) => "flash_fwd_d64",
-        ("fwd", _) => "flash_fwd_d128",
-        ("fwd_hopper", 64) => "flash_fwd_hopper_d64",
-        ("fwd_hopper", _) => "flash_fwd_hopper_d128",
-        ("bwd_hopper", 64) => "flash_bwd_hopper_d64",
-        ("bwd_hopper", _) => "flash_bwd_hopper_d128",
-        ("dkv_hopper", 64) => "flash_bwd_dkv_hopper_d64",
-        ("dkv_hopper", _) => "flash_bwd_dkv_hopper_d128",
-        ("dq_hopper", 64) => "flash_bwd_dq_hopper_d64",
-        ("dq_hopper", _) => "flash_bwd_dq_hopper_d128",
-        ("dq", 64) => "flash_bwd_dq_d64",
-        ("dq", _) => "flash_bwd_dq_d128",
-        ("dkv", 64) => "flash_bwd_dkv_d64",
-        ("dkv", _) => "flash_bwd_dkv_d128",
-        ("dkv_dq", 64) => "flash_bwd_dkv_dq_d64",
-        _ => "flash_bwd_dkv_dq_d128",
+/// The flash kernels of kernels/attention.cu, each built for head_dim 64 and 128.
+#[derive(Clone, Copy)]
+enum Flash {
+    Fwd,
+    FwdHopper,
+    /// dK/dV without atomics (the deterministic backward) and its dQ kernel.
+    Dkv,
+    Dq,
+    /// dK/dV adding dQ with atomics (the fast backward).
+    DkvDq,
+    BwdHopper,
+    DkvHopper,
+    DqHopper,
+}
+
+impl Flash {
+    /// The kernel's name at `head_dim` (64, else 128).
+    fn name(self, head_dim: usize) -> &'static str {
+        let (d64, d128) = match self {
+            Flash::Fwd => ("flash_fwd_d64", "flash_fwd_d128"),
+            Flash::FwdHopper => ("flash_fwd_hopper_d64", "flash_fwd_hopper_d128"),
+            Flash::Dkv => ("flash_bwd_dkv_d64", "flash_bwd_dkv_d128"),
+            Flash::Dq => ("flash_bwd_dq_d64", "flash_bwd_dq_d128"),
+            Flash::DkvDq => ("flash_bwd_dkv_dq_d64", "flash_bwd_dkv_dq_d128"),
+            Flash::BwdHopper => ("flash_bwd_hopper_d64", "flash_bwd_hopper_d128"),
+            Flash::DkvHopper => ("flash_bwd_dkv_hopper_d64", "flash_bwd_dkv_hopper_d128"),
+            Flash::DqHopper => ("flash_bwd_dq_hopper_d64", "flash_bwd_dq_hopper_d128"),
+        };
+        if head_dim == 64 {
+            d64
+        } else {
+            d128
+        }
     }
 }
 
@@ -890,12 +905,12 @@ fn flash_fwd_cuda(
     let (name, smem) = if dev.is_hopper() && batch.kernel == AttnKernel::Auto {
         // Q and two stages of K and V, unpadded (swizzled), and 1 KiB to align them to 1,024 bytes.
         (
-            flash_name("fwd_hopper", hd.head_dim),
+            Flash::FwdHopper.name(hd.head_dim),
             5 * FLASH_TILE * hd.head_dim * 2 + 1024,
         )
     } else {
         (
-            flash_name("fwd", hd.head_dim),
+            Flash::Fwd.name(hd.head_dim),
             2 * FLASH_TILE * (hd.head_dim + FLASH_PAD) * 2,
         )
     };
@@ -953,13 +968,13 @@ fn flash_bwd_cuda(
     let hopper_tile = FLASH_TILE * hd.head_dim * 2;
     let hopper_dkv_smem = 6 * hopper_tile + FLASH_TILE * 64 * 2 + 4 * FLASH_TILE * 4 + 1024;
     let (name, smem) = match (batch.deterministic, hopper) {
-        (false, true) => (flash_name("bwd_hopper", hd.head_dim), hopper_dkv_smem),
+        (false, true) => (Flash::BwdHopper.name(hd.head_dim), hopper_dkv_smem),
         (false, false) => (
-            flash_name("dkv_dq", hd.head_dim),
+            Flash::DkvDq.name(hd.head_dim),
             dkv_smem + FLASH_TILE * (FLASH_BWD_QTILE + FLASH_PAD) * 2,
         ),
-        (true, true) => (flash_name("dkv_hopper", hd.head_dim), hopper_dkv_smem),
-        (true, false) => (flash_name("dkv", hd.head_dim), dkv_smem),
+        (true, true) => (Flash::DkvHopper.name(hd.head_dim), hopper_dkv_smem),
+        (true, false) => (Flash::Dkv.name(hd.head_dim), dkv_smem),
     };
     // The fast kernels add dQ into f32 with atomics; the deterministic one leaves it to a kernel
     // of its own below.
@@ -997,12 +1012,9 @@ fn flash_bwd_cuda(
     // mma.sync: two stages of (K tile, V tile), FLASH_BWD_QTILE rows each; Q and dO are staged
     // through the first.
     let (name, smem) = if hopper {
-        (flash_name("dq_hopper", hd.head_dim), 6 * hopper_tile + 1024)
+        (Flash::DqHopper.name(hd.head_dim), 6 * hopper_tile + 1024)
     } else {
-        (
-            flash_name("dq", hd.head_dim),
-            4 * FLASH_BWD_QTILE * row_bytes,
-        )
+        (Flash::Dq.name(hd.head_dim), 4 * FLASH_BWD_QTILE * row_bytes)
     };
     let f = dev.function_with_shared("attention", name, smem, 0)?;
     let mut l = dev.stream().launch_builder(&f);
