@@ -145,6 +145,34 @@ impl Activations {
     }
 }
 
+/// A tensor the forward kept, or its value recomputed now (see `LayerActs`), living only as long as
+/// the caller needs it.
+enum Kept<'a> {
+    Saved(&'a Tensor),
+    Recomputed(Tensor),
+}
+
+impl std::ops::Deref for Kept<'_> {
+    type Target = Tensor;
+
+    fn deref(&self) -> &Tensor {
+        match self {
+            Kept::Saved(t) => t,
+            Kept::Recomputed(t) => t,
+        }
+    }
+}
+
+fn kept_or<'a>(
+    kept: &'a Option<Tensor>,
+    recompute: impl FnOnce() -> Result<Tensor>,
+) -> Result<Kept<'a>> {
+    Ok(match kept {
+        Some(t) => Kept::Saved(t),
+        None => Kept::Recomputed(recompute()?),
+    })
+}
+
 /// `x · wᵀ (+ b)`: a linear layer with weight `[out, in]`.
 fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let y = matmul(x, Trans::N, w, Trans::T)?;
@@ -404,28 +432,17 @@ impl Model {
         // only while its products need it.
         // MLP: out = h + down(swiglu(gate(xn2), up(xn2))).
         let dact = {
-            let act_new;
-            let act = match &a.act {
-                Some(t) => t,
-                None => {
-                    act_new = swiglu_fwd(&a.gate, &a.up)?;
-                    &act_new
-                }
-            };
-            linear_bwd(dout, act, &l.down, &mut g.down, None)?
+            let act = kept_or(&a.act, || swiglu_fwd(&a.gate, &a.up))?;
+            linear_bwd(dout, &act, &l.down, &mut g.down, None)?
         };
         let (dgate, dup) = swiglu_bwd(&dact, &a.gate, &a.up)?;
         let mut dxn2 = {
-            let xn2_new;
-            let xn2 = match &a.xn2 {
-                Some(t) => t,
-                None => {
-                    xn2_new = rms_norm_fwd(&a.h, &l.mlp_norm, self.eps())?.y;
-                    &xn2_new
-                }
-            };
-            let dxn2 = linear_bwd(&dgate, xn2, &l.gate, &mut g.gate, None)?;
-            gemm(&mut g.up, &dup, Trans::T, xn2, Trans::N, 1.0, 1.0)?;
+            let xn2 = kept_or(
+                &a.xn2,
+                || Ok(rms_norm_fwd(&a.h, &l.mlp_norm, self.eps())?.y),
+            )?;
+            let dxn2 = linear_bwd(&dgate, &xn2, &l.gate, &mut g.gate, None)?;
+            gemm(&mut g.up, &dup, Trans::T, &xn2, Trans::N, 1.0, 1.0)?;
             dxn2
         };
         gemm(&mut dxn2, &dup, Trans::N, &l.up, Trans::N, 1.0, 1.0)?;
@@ -448,14 +465,8 @@ impl Model {
         )?;
         let dq = rope_bwd(&dq, positions, &self.inv_freq, heads.heads)?;
         let dk = rope_bwd(&dk, positions, &self.inv_freq, heads.kv_heads)?;
-        let xn1_new;
-        let xn1 = match &a.xn1 {
-            Some(t) => t,
-            None => {
-                xn1_new = rms_norm_fwd(x, &l.attn_norm, self.eps())?.y;
-                &xn1_new
-            }
-        };
+        let xn1 = kept_or(&a.xn1, || Ok(rms_norm_fwd(x, &l.attn_norm, self.eps())?.y))?;
+        let xn1: &Tensor = &xn1;
         let mut dxn1 = linear_bwd(&dq, xn1, &l.q, &mut g.q, g.q_bias.as_mut())?;
         for (d, w, gw, gb) in [
             (&dk, &l.k, &mut g.k, g.k_bias.as_mut()),
