@@ -237,8 +237,9 @@ ATTENTION_INSTANTIATE(bf16, bf16)
 // from Q, K and the saved logsumexp. Fast mode (the default): the dK/dV kernel alone, adding dQ into
 // an f32 buffer with atomics (FlashAttention-2's schedule). On Hopper both modes run wgmma twins
 // (after the Hopper forward): flash_bwd_hopper, and flash_bwd_dkv_hopper with flash_bwd_dq_hopper.
-// Work is cut into 64-row tiles listed by the host (`tiles`: sequence, first local row) so that
-// packed variable-length batches pay nothing for padding.
+// Work is cut into 64-row tiles listed by the host (`tiles`: sequence, first local row; 128-row
+// ones for the Hopper forward and dK/dV kernels, whose blocks are two warpgroups) so that packed
+// variable-length batches pay nothing for padding.
 //
 // Smem rows are padded by 16 bytes so that the 8 row addresses of an ldmatrix fall in distinct banks.
 
@@ -251,11 +252,12 @@ ATTENTION_INSTANTIATE(bf16, bf16)
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
 
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const bf16* p) {
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t smem_addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_u32(p)));
+                 : "r"(smem_addr));
 }
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const bf16* p) { ldsm_x4(r, smem_u32(p)); }
 
 __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const bf16* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -437,15 +439,15 @@ __device__ __forceinline__ void flash_softmax_step(float (&s)[NT][4], float (&m)
     flash_rescale(o, alpha);
 }
 
-// Which 64 query rows a forward or dQ block owns and the keys they see. Heavy tiles (late in a
-// causal sequence) run first: the host lists tiles in sequence order. Null k_start and k_len mean a
-// packed batch, whose keys are its query rows.
+// Which query rows (ROWS from iq0) a forward or dQ block owns and the keys they see. Heavy tiles
+// (late in a causal sequence) run first: the host lists tiles in sequence order. Null k_start and
+// k_len mean a packed batch, whose keys are its query rows.
 struct FlashFwdTile {
     int b, iq0, h, g, q_begin, len_q, offset, rows, n_keys;
     const bf16 *kg, *vg;  // the sequence's first key and value row, at its kv head
 };
 
-template <int D>
+template <int D, int ROWS = FLASH_TILE>
 __device__ __forceinline__ FlashFwdTile flash_fwd_tile(const bf16* k, const bf16* v, const int* cu_q,
                                                        const int* k_start, const int* k_len, const int* tiles, int H,
                                                        int KV) {
@@ -459,7 +461,7 @@ __device__ __forceinline__ FlashFwdTile flash_fwd_tile(const bf16* k, const bf16
     t.len_q = cu_q[t.b + 1] - t.q_begin;
     const int n_k = k_len ? k_len[t.b] : t.len_q;
     t.offset = n_k - t.len_q;
-    t.rows = min(FLASH_TILE, t.len_q - t.iq0);
+    t.rows = min(ROWS, t.len_q - t.iq0);
     t.n_keys = max(0, min(n_k, t.offset + t.iq0 + t.rows));
     const size_t first = (size_t)(k_start ? k_start[t.b] : t.q_begin) * KV * D + (size_t)t.g * D;
     t.kg = k + first;
@@ -490,11 +492,12 @@ __device__ __forceinline__ void flash_fwd_store(bf16* __restrict__ out, float* _
     }
 }
 
-// Which 64 keys (of one kv head) a dK/dV block owns, in a packed batch.
+// Which keys (of one kv head; ROWS from j0) a dK/dV block owns, in a packed batch.
 struct FlashBwdTile {
     int j0, g, group, q_begin, len, nk;
 };
 
+template <int ROWS = FLASH_TILE>
 __device__ __forceinline__ FlashBwdTile flash_bwd_tile(const int* cu_q, const int* tiles, int H, int KV) {
     FlashBwdTile t;
     const int b = tiles[2 * blockIdx.x];
@@ -503,7 +506,7 @@ __device__ __forceinline__ FlashBwdTile flash_bwd_tile(const int* cu_q, const in
     t.group = H / KV;
     t.q_begin = cu_q[b];
     t.len = cu_q[b + 1] - t.q_begin;
-    t.nk = min(FLASH_TILE, t.len - t.j0);
+    t.nk = min(ROWS, t.len - t.j0);
     return t;
 }
 
@@ -988,14 +991,27 @@ FLASH_INSTANTIATE(64)
 FLASH_INSTANTIATE(128)
 
 // ---------------------------------------------------------------------------------------------------
-// Hopper forward (sm_90a): the same schedule as flash_fwd (a block owns 64 query rows of one head,
-// 64-key tiles, online softmax in registers), with both products on wgmma: S = Q·Kᵀ reads Q and K
-// from shared memory (m64n64k16), O += P·V takes P from registers and V from shared memory
-// (m64n{D}k16). A block is one warpgroup and pipelines its tiles (the softmax of tile t + 1 runs
-// while P_t·V_t does); two blocks share an SM, so one's softmax also overlaps the other's
-// products. The tiles are laid out the way wgmma reads them: per 64 columns, a [rows][64] block of
-// 128-byte rows with the 128-byte swizzle (16-byte chunk c of row r at chunk c ^ (r % 8)), each
-// block 1024-byte aligned. Every other architecture runs flash_fwd.
+// Hopper forward (sm_90a): the schedule of flash_fwd (64 query rows a warpgroup, 64-key tiles,
+// online softmax in registers), with both products on wgmma: S = Q·Kᵀ takes Q from registers
+// (loaded once) and K from shared memory (m64n64k16), O += P·V takes P from registers and V from
+// shared memory (m64n{D}k16). A block is two warpgroups, 128 query rows of one head, that share each
+// K and V tile. At 64 rows a block each byte of K and V brought from L2 feeds 64 FLOPs (a bf16
+// element meets 64 query rows, a multiply and an add each): 500 TFLOP/s would take about 8 TB/s of
+// L2 traffic, at or past what the L2 sustains (FlashAttention-2 and -3 take 128 rows at head_dim
+// 128); 128 rows halve it. Each warpgroup pipelines its tiles (the softmax of tile t + 1 runs while
+// P_t·V_t does), and the two warpgroups' softmaxes and products overlap each other. The tiles are
+// laid out the way wgmma reads them: per 64 columns, a [rows][64] block of 128-byte rows with the
+// 128-byte swizzle (16-byte chunk c of row r at chunk c ^ (r % 8)), each block 1024-byte aligned.
+// Every other architecture runs flash_fwd.
+
+// Warpgroups a block of the Hopper forward (64 query rows each) and dK/dV kernels (64 keys each).
+#define HOPPER_WGS 2
+#define HOPPER_ROWS (FLASH_TILE * HOPPER_WGS)
+#define HOPPER_THREADS (FLASH_THREADS * HOPPER_WGS)
+
+// A barrier for every thread of the block that, unlike __syncthreads, may be reached at different
+// places of the code (a warpgroup out of work waits at its own; PTX's non-.aligned form).
+__device__ __forceinline__ void block_barrier() { asm volatile("barrier.sync 0;\n" ::: "memory"); }
 
 #define HOPPER_BLOCK_BYTES (FLASH_TILE * 128)
 
@@ -1015,22 +1031,26 @@ __device__ __forceinline__ uint32_t hopper_swizzle(int row, int chunk) {
     return (chunk >> 3) * HOPPER_BLOCK_BYTES + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
 }
 
-// Rows row0 .. row0 + 64 of a [*, row_stride] bf16 matrix into a swizzled [64][D] tile at `tile`;
-// rows at or past n_valid are zero-filled. A thread's rows step by a multiple of 8, so its swizzled
-// chunk is the same in every row.
-template <int D>
+// Rows row0 .. row0 + ROWS of a [*, row_stride] bf16 matrix into swizzled [64][D] tiles from `tile`
+// on (rows 64 .. 127 in the next tile), by a block of THREADS threads; rows at or past n_valid are
+// zero-filled. A thread's rows step by a multiple of 8, so its swizzled chunk is the same in every
+// row.
+template <int D, int ROWS = FLASH_TILE, int THREADS = FLASH_THREADS>
 __device__ __forceinline__ void hopper_load_tile(uint32_t tile, const bf16* g, size_t row_stride, int row0,
                                                  int n_valid) {
-    constexpr int CHUNKS = D / 8, ROW_STEP = FLASH_THREADS / CHUNKS;
-    static_assert(ROW_STEP % 8 == 0 && FLASH_TILE % ROW_STEP == 0, "rows must keep their swizzle phase");
+    constexpr int CHUNKS = D / 8, ROW_STEP = THREADS / CHUNKS, TILE_BYTES = FLASH_TILE * D * 2;
+    static_assert(ROW_STEP % 8 == 0 && FLASH_TILE % ROW_STEP == 0 && ROWS % ROW_STEP == 0,
+                  "rows must keep their swizzle phase and tile");
     const int r0 = threadIdx.x / CHUNKS, c = threadIdx.x % CHUNKS;
     const bf16* src = g + (size_t)(row0 + r0) * row_stride + c * 8;
     const uint32_t dst = tile + hopper_swizzle(r0, c);
     const size_t src_step = (size_t)ROW_STEP * row_stride;
 #pragma unroll
-    for (int j = 0; j < FLASH_TILE / ROW_STEP; ++j) {
-        const bool ok = r0 + j * ROW_STEP < n_valid;
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst + j * ROW_STEP * 128),
+    for (int j = 0; j < ROWS / ROW_STEP; ++j) {
+        const int r = j * ROW_STEP;  // r0 < ROW_STEP, which divides 64: r0 + r stays in tile r / 64
+        const bool ok = r0 + r < n_valid;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst + (r / FLASH_TILE) * TILE_BYTES +
+                                                                              (r % FLASH_TILE) * 128),
                      "l"(ok ? src + j * src_step : g), "r"(ok ? 16 : 0));
     }
 }
@@ -1129,16 +1149,24 @@ __device__ __forceinline__ void wgmma_m64n64_ss(float (&d)[8][4], uint64_t desc_
 #endif
 }
 
-// d += A·B for m64nNk16 (N = 64, 128), A (bf16) from registers in the mma.sync m16k16 layout per
-// warp, B from shared memory stored MN-major (N contiguous: the transpose flag).
-__device__ __forceinline__ void wgmma_m64n64_rs_bt(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b) {
+// d (+)= A·B for m64n64k16, A (bf16) from registers in the mma.sync m16k16 layout per warp, B from
+// shared memory; TB: B is stored MN-major (N contiguous), else K-major. `accumulate` 0 overwrites d.
+template <int TB>
+__device__ __forceinline__ void wgmma_m64n64_rs(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b,
+                                                int accumulate) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WGMMA_REGS_32
-                 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+                 ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
                  : WGMMA_ACC_N64(d)
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate), "n"(TB));
 #endif
+}
+
+// d += A·B for m64nNk16 (N = 64, 128), A (bf16) from registers in the mma.sync m16k16 layout per
+// warp, B from shared memory stored MN-major (N contiguous: the transpose flag).
+__device__ __forceinline__ void wgmma_m64n64_rs_bt(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b) {
+    wgmma_m64n64_rs<1>(d, a, desc_b, 1);
 }
 
 __device__ __forceinline__ void wgmma_m64n128_rs_bt(float (&d)[16][4], const uint32_t (&a)[4], uint64_t desc_b) {
@@ -1164,20 +1192,28 @@ __device__ void flash_fwd_hopper(bf16* __restrict__ out, float* __restrict__ lse
                                  const int* __restrict__ k_len, const int* __restrict__ tiles, int H, int KV,
                                  float scale) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    constexpr int NT = FLASH_TILE / 8, DT = D / 8, TILE_BYTES = FLASH_TILE * D * 2;
+    constexpr int NT = FLASH_TILE / 8, DT = D / 8, TILE_BYTES = FLASH_TILE * D * 2, WGS = HOPPER_WGS;
     extern __shared__ __align__(16) unsigned char flash_smem[];
-    // Q, then two stages of (K, V).
+    // One Q tile per warpgroup, then two stages of (K, V) that the warpgroups share.
     const uint32_t base = hopper_smem_base(flash_smem);
-    const uint32_t qs = base;
-    auto ks = [&](int stage) { return base + (1 + 2 * stage) * TILE_BYTES; };
-    auto vs = [&](int stage) { return base + (2 + 2 * stage) * TILE_BYTES; };
-    const FlashFwdTile ft = flash_fwd_tile<D>(k, v, cu_q, k_start, k_len, tiles, H, KV);
-    const int iq0 = ft.iq0, h = ft.h, q_begin = ft.q_begin, len_q = ft.len_q, offset = ft.offset;
-    const int rows = ft.rows, n_keys = ft.n_keys, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    // The warpgroup index through a shuffle, which the compiler knows to be the same across a warp:
+    // else it cannot prove the wgmma branches below warp-uniform and guards each with a WARPSYNC.
+    const int wg = __shfl_sync(0xffffffffu, threadIdx.x / FLASH_THREADS, 0), wt = threadIdx.x % FLASH_THREADS;
+    const uint32_t qs = base + wg * TILE_BYTES;
+    auto ks = [&](int stage) { return base + (WGS + 2 * stage) * TILE_BYTES; };
+    auto vs = [&](int stage) { return base + (WGS + 1 + 2 * stage) * TILE_BYTES; };
+    const FlashFwdTile ft = flash_fwd_tile<D, HOPPER_ROWS>(k, v, cu_q, k_start, k_len, tiles, H, KV);
+    const int h = ft.h, q_begin = ft.q_begin, len_q = ft.len_q, offset = ft.offset;
+    const int warp = wt >> 5, lane = wt & 31;
     const size_t kv_stride = (size_t)KV * D, q_stride = (size_t)H * D;
     const bf16 *kg = ft.kg, *vg = ft.vg;
     const float scale_log2 = scale * FLASH_LOG2E;
-    const int n_tiles = (n_keys + FLASH_TILE - 1) / FLASH_TILE;
+    // The block loads every key tile that one of its rows sees; this warpgroup computes over those
+    // its own 64 rows see (in a causal sequence, one tile fewer for the first warpgroup).
+    const int n_tiles = (ft.n_keys + FLASH_TILE - 1) / FLASH_TILE;
+    const int iq0 = ft.iq0 + wg * FLASH_TILE, rows = max(0, min(FLASH_TILE, len_q - iq0));
+    const int n_keys = rows > 0 ? max(0, min(offset + len_q, offset + iq0 + rows)) : 0;
+    const int my_tiles = (n_keys + FLASH_TILE - 1) / FLASH_TILE;
 
     float o[DT][4];
 #pragma unroll
@@ -1191,23 +1227,40 @@ __device__ void flash_fwd_hopper(bf16* __restrict__ out, float* __restrict__ lse
     // P_t·V_t. K runs one tile ahead of V, so copy group t brings K_{t+2} and V_{t+1}: two stages of
     // each suffice, and a group has a whole iteration to land.
     auto load_k = [&](int t) {
-        hopper_load_tile<D>(ks(t & 1), kg, kv_stride, t * FLASH_TILE, min(FLASH_TILE, n_keys - t * FLASH_TILE));
+        hopper_load_tile<D, FLASH_TILE, HOPPER_THREADS>(ks(t & 1), kg, kv_stride, t * FLASH_TILE,
+                                                            min(FLASH_TILE, ft.n_keys - t * FLASH_TILE));
     };
     auto load_v = [&](int t) {
-        hopper_load_tile<D>(vs(t & 1), vg, kv_stride, t * FLASH_TILE, min(FLASH_TILE, n_keys - t * FLASH_TILE));
+        hopper_load_tile<D, FLASH_TILE, HOPPER_THREADS>(vs(t & 1), vg, kv_stride, t * FLASH_TILE,
+                                                            min(FLASH_TILE, ft.n_keys - t * FLASH_TILE));
     };
+    // Iteration t's copies, by the whole block: group t - 1 (K_{t+1}, V_t) landed and every thread
+    // is past iteration t - 1, so the stages of K_t (read by S_t) and V_{t-1} (read by
+    // P_{t-1}·V_{t-1}) are free. A warpgroup out of tiles still takes part.
+    auto sync_and_load = [&](int t) {
+        cp_async_wait<0>();
+        fence_proxy_async();
+        block_barrier();
+        if (t + 2 < n_tiles) load_k(t + 2);
+        if (t + 1 < n_tiles) load_v(t + 1);
+        cp_async_commit();
+    };
+    // Q stays in registers as the A operand of S = Q·Kᵀ: an S product then reads only K from shared
+    // memory, 2 KB instead of 4 a 64x64x16 step, whose 4 KB would take shared memory's whole
+    // bandwidth at the tensor cores' rate, with the tile copies and P·V's reads of V still to come.
+    uint32_t qa[D / 16][4];
     auto issue_s = [&](float (&s)[NT][4], int t) {
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk)
-            wgmma_m64n64_ss<0, 0>(s, hopper_desc_k(qs, kk), hopper_desc_k(ks(t & 1), kk), kk > 0);
+        for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n64_rs<0>(s, qa[kk], hopper_desc_k(ks(t & 1), kk), kk > 0);
         wgmma_commit();
     };
     auto softmax = [&](float (&s)[NT][4], float (&alpha)[2], int t) {
         flash_softmax_scores(s, m, l, alpha, scale_log2, t * FLASH_TILE, lane, last_key, n_keys, offset + iq0);
     };
 
-    hopper_load_tile<D>(qs, q + (size_t)q_begin * q_stride + h * D, q_stride, iq0, rows);
+    hopper_load_tile<D, HOPPER_ROWS, HOPPER_THREADS>(base, q + (size_t)q_begin * q_stride + h * D, q_stride,
+                                                             ft.iq0, ft.rows);
     if (n_tiles > 0) load_k(0);
     cp_async_commit();
     if (n_tiles > 1) load_k(1);
@@ -1219,7 +1272,15 @@ __device__ void flash_fwd_hopper(bf16* __restrict__ out, float* __restrict__ lse
     if (n_tiles > 0) {
         cp_async_wait<1>();
         fence_proxy_async();
-        __syncthreads();
+        block_barrier();
+    }
+    if (my_tiles > 0) {
+        // This warp's 16 rows of the warpgroup's Q tile in the mma.sync A layout, as flash_load_a
+        // reads them: lane i gives row i % 8 of 8x8 matrix i / 8, matrices 1 and 3 being rows 8 to
+        // 15 and matrices 2 and 3 columns 8 to 15 of the k-step.
+        const int q_row = warp * 16 + (lane & 15), q_half = lane >> 4;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) ldsm_x4(qa[kk], qs + hopper_swizzle(q_row, 2 * kk + q_half));
         float s[NT][4], alpha[2];
         issue_s(s, 0);
         wgmma_wait_all();
@@ -1232,15 +1293,7 @@ __device__ void flash_fwd_hopper(bf16* __restrict__ out, float* __restrict__ lse
     // issue or wait of S_{t+1} is conditional at run time) says whether tile t + 1 exists.
     auto step = [&](int t, auto next) {
         constexpr bool NEXT = decltype(next)::value;
-        // Group t - 1 (K_{t+1}, V_t) landed; every thread is past iteration t - 1, so the stages
-        // of K_t (read by S_t) and V_{t-1} (read by P_{t-1}·V_{t-1}) are free.
-        cp_async_wait<0>();
-        fence_proxy_async();
-        __syncthreads();
-        if (t + 2 < n_tiles) load_k(t + 2);
-        if (NEXT) load_v(t + 1);
-        cp_async_commit();
-
+        sync_and_load(t);
         float s[NT][4], alpha[2];
         if constexpr (NEXT) issue_s(s, t + 1);
         wgmma_fence_regs(pa);
@@ -1262,11 +1315,12 @@ __device__ void flash_fwd_hopper(bf16* __restrict__ out, float* __restrict__ lse
             for (int kk = 0; kk < FLASH_TILE / 16; ++kk) flash_acc_to_a<NT>(pa[kk], s, kk);
         }
     };
-    for (int t = 0; t + 1 < n_tiles; ++t) step(t, CompileTimeBool<true>{});
-    if (n_tiles > 0) step(n_tiles - 1, CompileTimeBool<false>{});
+    for (int t = 0; t + 1 < my_tiles; ++t) step(t, CompileTimeBool<true>{});
+    if (my_tiles > 0) step(my_tiles - 1, CompileTimeBool<false>{});
+    for (int t = my_tiles; t < n_tiles; ++t) sync_and_load(t);
     cp_async_wait<0>();
 
-    flash_fwd_store<D>(out, lse, o, m, l, row_a, len_q, q_begin, H, h, lane);
+    if (rows > 0) flash_fwd_store<D>(out, lse, o, m, l, row_a, len_q, q_begin, H, h, lane);
 #else
     // Only sm_90a has wgmma; the host launches these kernels on compute capability 9.0 alone, so
     // reaching this is a dispatch bug, and it must not pass for a result.
@@ -1274,12 +1328,16 @@ __device__ void flash_fwd_hopper(bf16* __restrict__ out, float* __restrict__ lse
 #endif
 }
 
-// Hopper backward (sm_90a), the fast mode's schedule on wgmma: a block (one warpgroup) owns 64 keys
-// of one kv head and loops over the query heads of its group and the 64-row query tiles that see
-// them. Per tile: Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ (shared-memory operands), Pᵀ and dSᵀ in registers,
-// dV += Pᵀ·dO and dK += dSᵀ·Q (Pᵀ and dSᵀ from registers, dO and Q read MN-major), then scale·dSᵀ
-// goes to shared memory and dQ = dS·K (both operands MN-major) is added into the f32 dq_acc with
-// atomics, 64 columns at a time to bound registers.
+// Hopper backward (sm_90a), the fast mode's schedule on wgmma: a block (two warpgroups) owns 128
+// keys of one kv head, 64 a warpgroup, and loops over the query heads of its group and the 64-row
+// query tiles that see them; both warpgroups read each Q and dO tile, which halves that L2 traffic
+// against blocks of 64 keys. Per tile, each warpgroup: Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ (shared-memory
+// operands), Pᵀ and dSᵀ in registers, dV += Pᵀ·dO and dK += dSᵀ·Q (Pᵀ and dSᵀ from registers, dO
+// and Q read MN-major). Then scale·dSᵀ goes to shared memory and dQ = dS·K (both operands MN-major)
+// is added into the f32 dq_acc with atomics: at head_dim 128 each warpgroup takes 64 of dQ's
+// columns over the block's 128 keys, so a dQ element gets one atomic a block rather than two; at 64
+// each warpgroup adds its own keys' part. In a causal sequence the second warpgroup's first query
+// tile is wholly masked; it runs it anyway (P = 0) so that every wgmma stays unconditional.
 template <int D, bool ATOMIC_DQ>
 __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dq_acc,
                                  const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
@@ -1287,40 +1345,47 @@ __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, f
                                  const float* __restrict__ delta, const int* __restrict__ cu_q,
                                  const int* __restrict__ tiles, int H, int KV, float scale) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    constexpr int QT = FLASH_TILE, NT = QT / 8, DT = D / 8, TILE_BYTES = FLASH_TILE * D * 2;
+    constexpr int QT = FLASH_TILE, NT = QT / 8, DT = D / 8, TILE_BYTES = FLASH_TILE * D * 2, WGS = HOPPER_WGS;
     extern __shared__ __align__(16) unsigned char flash_smem[];
-    // K, V, two stages of (Q, dO), dSᵀ (one [64][64] block), then two stages of scaled lse and delta.
+    // K (a tile per warpgroup), V (the same), two stages of (Q, dO), dSᵀ (a [64][64] block per
+    // warpgroup), then two stages of scaled lse and delta.
     const uint32_t base = hopper_smem_base(flash_smem);
-    const uint32_t ks = base, vs = base + TILE_BYTES;
-    auto qs = [&](int stage) { return base + (2 + 2 * stage) * TILE_BYTES; };
-    auto dos = [&](int stage) { return base + (3 + 2 * stage) * TILE_BYTES; };
-    const uint32_t dss = base + 6 * TILE_BYTES;
-    float* lse2s0 = reinterpret_cast<float*>(flash_smem + (dss + HOPPER_BLOCK_BYTES - smem_u32(flash_smem)));
+    const int wg = __shfl_sync(0xffffffffu, threadIdx.x / FLASH_THREADS, 0), wt = threadIdx.x % FLASH_THREADS;
+    auto k_tile = [&](int w) { return base + w * TILE_BYTES; };
+    auto ds_block = [&](int w) { return base + (2 * WGS + 4) * TILE_BYTES + w * HOPPER_BLOCK_BYTES; };
+    const uint32_t ks = k_tile(wg), vs = base + (WGS + wg) * TILE_BYTES, dss = ds_block(wg);
+    auto qs = [&](int stage) { return base + (2 * WGS + 2 * stage) * TILE_BYTES; };
+    auto dos = [&](int stage) { return base + (2 * WGS + 1 + 2 * stage) * TILE_BYTES; };
+    float* lse2s0 = reinterpret_cast<float*>(flash_smem + (ds_block(WGS) - smem_u32(flash_smem)));
     float* dlts0 = lse2s0 + 2 * QT;
-    const FlashBwdTile bt = flash_bwd_tile(cu_q, tiles, H, KV);
+    const FlashBwdTile bt = flash_bwd_tile<HOPPER_ROWS>(cu_q, tiles, H, KV);
     const int j0 = bt.j0, g = bt.g, group = bt.group, q_begin = bt.q_begin, len = bt.len, nk = bt.nk;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int warp = wt >> 5, lane = wt & 31;
     const size_t kv_stride = (size_t)KV * D, q_stride = (size_t)H * D;
     const float scale_log2 = scale * FLASH_LOG2E;
 
-    hopper_load_tile<D>(ks, k + (size_t)q_begin * kv_stride + g * D, kv_stride, j0, nk);
-    hopper_load_tile<D>(vs, v + (size_t)q_begin * kv_stride + g * D, kv_stride, j0, nk);
+    hopper_load_tile<D, HOPPER_ROWS, HOPPER_THREADS>(k_tile(0), k + (size_t)q_begin * kv_stride + g * D, kv_stride,
+                                                     j0, nk);
+    hopper_load_tile<D, HOPPER_ROWS, HOPPER_THREADS>(base + WGS * TILE_BYTES, v + (size_t)q_begin * kv_stride + g * D,
+                                                     kv_stride, j0, nk);
 
     float dka[DT][4], dva[DT][4];
 #pragma unroll
     for (int i = 0; i < DT; ++i)
 #pragma unroll
         for (int e = 0; e < 4; ++e) dka[i][e] = dva[i][e] = 0.0f;
-    const int key_a = j0 + warp * 16 + (lane >> 2);
+    const int jw = j0 + wg * FLASH_TILE;  // this warpgroup's first key
+    const int key_a = jw + warp * 16 + (lane >> 2);
 
-    // Query tiles from the one holding j0 (j0 is a multiple of 64) to the end, for each query head.
+    // Query tiles from the one holding j0 (j0 is a multiple of 128) to the end, for each query head.
     const int per_head = (len - j0 + QT - 1) / QT;
     const int steps = group * per_head;
     auto load_q = [&](int it) {
         const int h = g * group + it / per_head, i0 = j0 + (it % per_head) * QT;
         const int nq = min(QT, len - i0), stage = it & 1;
-        hopper_load_tile<D>(qs(stage), q + (size_t)q_begin * q_stride + h * D, q_stride, i0, nq);
-        hopper_load_tile<D>(dos(stage), dout + (size_t)q_begin * q_stride + h * D, q_stride, i0, nq);
+        hopper_load_tile<D, QT, HOPPER_THREADS>(qs(stage), q + (size_t)q_begin * q_stride + h * D, q_stride, i0, nq);
+        hopper_load_tile<D, QT, HOPPER_THREADS>(dos(stage), dout + (size_t)q_begin * q_stride + h * D, q_stride, i0,
+                                                nq);
         flash_stage_rows<QT>(lse2s0 + stage * QT, dlts0 + stage * QT, lse, delta, q_begin, i0, len, H, h);
     };
     load_q(0);
@@ -1349,8 +1414,8 @@ __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, f
         wgmma_fence_regs(s);
         wgmma_fence_regs(dp);
 
-        flash_dkv_p(s, dp, scale_log2, lse2s, dlts, i0, lane, key_a, j0);
-        // scale·dSᵀ into its swizzled [64 keys][64 queries] block for the dQ product.
+        flash_dkv_p(s, dp, scale_log2, lse2s, dlts, i0, lane, key_a, jw);
+        // scale·dSᵀ into this warpgroup's swizzled [64 keys][64 queries] block for the dQ product.
         if constexpr (ATOMIC_DQ) {
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt)
@@ -1381,27 +1446,32 @@ __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, f
 
         if constexpr (ATOMIC_DQ) {
             fence_proxy_async();
-            __syncthreads();
+            __syncthreads();  // both warpgroups' dSᵀ blocks written
+            // dQ's 64 columns from col0: at head_dim 128 the warpgroup's half over every key block
+            // (dS of both warpgroups); at 64 all of them over its own.
+            float dqa[8][4];
+            constexpr int BLOCKS = D == 128 ? WGS : 1;
+            const int col0 = D == 128 ? wg * 64 : 0;
+            wgmma_fence();
 #pragma unroll
-            for (int half = 0; half < D / 64; ++half) {
-                float dqa[8][4];
-                const uint32_t k_half = ks + half * HOPPER_BLOCK_BYTES;  // K's columns half * 64 ..
-                wgmma_fence();
+            for (int b = 0; b < BLOCKS; ++b) {
+                const int w = D == 128 ? b : wg;
+                const uint32_t k_cols = k_tile(w) + (col0 / 64) * HOPPER_BLOCK_BYTES;
 #pragma unroll
                 for (int kk = 0; kk < FLASH_TILE / 16; ++kk)
-                    wgmma_m64n64_ss<1, 1>(dqa, hopper_desc_mn(dss, kk), hopper_desc_mn(k_half, kk), kk > 0);
-                wgmma_commit();
-                wgmma_wait_all();
-                wgmma_fence_regs(dqa);
+                    wgmma_m64n64_ss<1, 1>(dqa, hopper_desc_mn(ds_block(w), kk), hopper_desc_mn(k_cols, kk),
+                                          b > 0 || kk > 0);
+            }
+            wgmma_commit();
+            wgmma_wait_all();
+            wgmma_fence_regs(dqa);
 #pragma unroll
-                for (int i = 0; i < 2; ++i) {
-                    const int row = i0 + warp * 16 + (lane >> 2) + 8 * i;
-                    if (row >= len) continue;
-                    float* drow =
-                        dq_acc + (size_t)(q_begin + row) * q_stride + h * D + half * 64 + 2 * (lane & 3);
+            for (int i = 0; i < 2; ++i) {
+                const int row = i0 + warp * 16 + (lane >> 2) + 8 * i;
+                if (row >= len) continue;
+                float* drow = dq_acc + (size_t)(q_begin + row) * q_stride + h * D + col0 + 2 * (lane & 3);
 #pragma unroll
-                    for (int dt = 0; dt < 8; ++dt) atomic_add2(drow + dt * 8, dqa[dt][2 * i], dqa[dt][2 * i + 1]);
-                }
+                for (int dt = 0; dt < 8; ++dt) atomic_add2(drow + dt * 8, dqa[dt][2 * i], dqa[dt][2 * i + 1]);
             }
         } else {
             wgmma_wait_all();  // dV and dK, before their operands' stages are reloaded
@@ -1511,18 +1581,18 @@ __device__ void flash_bwd_dq_hopper(bf16* __restrict__ dq, const bf16* __restric
 }
 
 #define HOPPER_INSTANTIATE(D)                                                                                      \
-    extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 1)                                                 \
+    extern "C" __global__ void __launch_bounds__(HOPPER_THREADS, 1)                                                \
         flash_fwd_hopper_d##D(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, const int* cu_q, \
                               const int* k_start, const int* k_len, const int* tiles, int H, int KV, float scale) { \
         flash_fwd_hopper<D>(out, lse, q, k, v, cu_q, k_start, k_len, tiles, H, KV, scale);                        \
     }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 1)                                                 \
+    extern "C" __global__ void __launch_bounds__(HOPPER_THREADS, 1)                                                \
         flash_bwd_hopper_d##D(bf16* dk, bf16* dv, float* dq_acc, const bf16* q, const bf16* k, const bf16* v,      \
                               const bf16* dout, const float* lse, const float* delta, const int* cu_q,             \
                               const int* tiles, int H, int KV, float scale) {                                      \
         flash_bwd_hopper<D, true>(dk, dv, dq_acc, q, k, v, dout, lse, delta, cu_q, tiles, H, KV, scale);           \
     }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 1)                                                 \
+    extern "C" __global__ void __launch_bounds__(HOPPER_THREADS, 1)                                                \
         flash_bwd_dkv_hopper_d##D(bf16* dk, bf16* dv, const bf16* q, const bf16* k, const bf16* v,                 \
                                   const bf16* dout, const float* lse, const float* delta, const int* cu_q,         \
                                   const int* tiles, int H, int KV, float scale) {                                  \

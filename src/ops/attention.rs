@@ -39,6 +39,9 @@ pub struct AttnBatch {
     /// `[tiles, 2]` (sequence, first local query row) of every 64-row query tile, for the flash
     /// kernels: packed batches of any lengths cost no padding beyond each sequence's last tile.
     tiles: Vec<i32>,
+    /// The same for 128-row tiles, the blocks of the Hopper forward and dK/dV kernels (empty on
+    /// other devices).
+    wide_tiles: Vec<i32>,
     dev: Option<DeviceTables>,
 }
 
@@ -49,11 +52,16 @@ struct DeviceTables {
     k_len: Tensor,
     /// Absent when the batch has no query rows (the launchers return before needing it).
     tiles: Option<Tensor>,
+    wide_tiles: Option<Tensor>,
 }
 
 /// Query rows (and, in the backward, key rows) per flash-kernel block.
 const FLASH_TILE: usize = 64;
 const FLASH_THREADS: u32 = 128;
+/// Query rows (keys in the backward) and threads per block of the Hopper flash forward and dK/dV
+/// kernels: two warpgroups of 64 rows.
+const HOPPER_ROWS: usize = 128;
+const HOPPER_THREADS: u32 = 256;
 /// Query rows per inner tile of the flash dK/dV kernel and keys per inner tile of its dQ kernel.
 const FLASH_BWD_QTILE: usize = 32;
 /// Shared-memory row padding of the flash kernels, in elements.
@@ -197,21 +205,24 @@ impl AttnBatch {
         packed: bool,
         device: &Device,
     ) -> Result<AttnBatch> {
-        let mut tiles = Vec::new();
-        for (b, w) in cu_q.windows(2).enumerate() {
-            for start in (0..w[1] - w[0]).step_by(FLASH_TILE) {
-                tiles.extend([b as i32, start]);
-            }
-        }
+        let tiles = query_tiles(&cu_q, FLASH_TILE);
+        let wide_tiles = match device {
+            Device::Cuda(dev) if dev.is_hopper() => query_tiles(&cu_q, HOPPER_ROWS),
+            _ => Vec::new(),
+        };
+        let on_device = |t: &Vec<i32>| {
+            (!t.is_empty())
+                .then(|| Tensor::from_i32(&[t.len()], t.clone(), device))
+                .transpose()
+        };
         let dev = match device {
             Device::Cpu => None,
             Device::Cuda(_) => Some(DeviceTables {
                 cu_q: Tensor::from_i32(&[cu_q.len()], cu_q.clone(), device)?,
                 k_start: Tensor::from_i32(&[k_start.len()], k_start.clone(), device)?,
                 k_len: Tensor::from_i32(&[k_len.len()], k_len.clone(), device)?,
-                tiles: (!tiles.is_empty())
-                    .then(|| Tensor::from_i32(&[tiles.len()], tiles.clone(), device))
-                    .transpose()?,
+                tiles: on_device(&tiles)?,
+                wide_tiles: on_device(&wide_tiles)?,
             }),
         };
         Ok(AttnBatch {
@@ -222,6 +233,7 @@ impl AttnBatch {
             kernel: AttnKernel::default_choice(),
             deterministic: deterministic(),
             tiles,
+            wide_tiles,
             dev,
         })
     }
@@ -234,15 +246,20 @@ impl AttnBatch {
         })
     }
 
-    /// The device copy of the query-tile list, for `op`'s flash launch.
-    fn device_tiles(&self, op: &'static str) -> Result<&Tensor> {
-        self.device_tables(op)?
-            .tiles
-            .as_ref()
-            .ok_or_else(|| Error::Unsupported {
-                op,
-                detail: "a batch with no query rows has no tiles to launch".into(),
-            })
+    /// The device copy of the query-tile list (of 128-row tiles if `wide`), for `op`'s flash
+    /// launch.
+    fn device_tiles(&self, op: &'static str, wide: bool) -> Result<&Tensor> {
+        let tables = self.device_tables(op)?;
+        if wide {
+            &tables.wide_tiles
+        } else {
+            &tables.tiles
+        }
+        .as_ref()
+        .ok_or_else(|| Error::Unsupported {
+            op,
+            detail: "a batch with no query rows has no tiles to launch".into(),
+        })
     }
 
     /// The same batch run by `kernel` on CUDA.
@@ -276,6 +293,10 @@ impl AttnBatch {
         self.tiles.len() / 2
     }
 
+    fn wide_tile_count(&self) -> usize {
+        self.wide_tiles.len() / 2
+    }
+
     pub fn sequences(&self) -> usize {
         self.k_len.len()
     }
@@ -293,6 +314,18 @@ impl AttnBatch {
             .max()
             .unwrap_or(0)
     }
+}
+
+/// `[tiles, 2]` (sequence, first local query row) of every `rows`-row query tile of a batch with
+/// query row offsets `cu_q`, in sequence order.
+fn query_tiles(cu_q: &[i32], rows: usize) -> Vec<i32> {
+    let mut tiles = Vec::new();
+    for (b, w) in cu_q.windows(2).enumerate() {
+        for start in (0..w[1] - w[0]).step_by(rows) {
+            tiles.extend([b as i32, start]);
+        }
+    }
+    tiles
 }
 
 /// Head geometry: `heads` query heads, `kv_heads` key/value heads, `head_dim` each.
@@ -878,10 +911,11 @@ fn flash_config(
     tiles: usize,
     heads: usize,
     smem_bytes: usize,
+    threads: u32,
 ) -> Result<LaunchConfig> {
     Ok(LaunchConfig {
         grid_dim: (to_i32(op, "query tiles", tiles)? as u32, heads as u32, 1),
-        block_dim: (FLASH_THREADS, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: smem_bytes as u32,
     })
 }
@@ -900,18 +934,24 @@ fn flash_fwd_cuda(
     let dev = q.device().as_cuda(OP_FWD)?;
     let tables = batch.device_tables(OP_FWD)?;
     let (cu, ks, kl) = (&tables.cu_q, &tables.k_start, &tables.k_len);
-    let tiles = batch.device_tiles(OP_FWD)?;
+    let hopper = dev.is_hopper() && batch.kernel == AttnKernel::Auto;
+    let tiles = batch.device_tiles(OP_FWD, hopper)?;
     let (h, kv) = (hd.heads as i32, hd.kv_heads as i32);
-    let (name, smem) = if dev.is_hopper() && batch.kernel == AttnKernel::Auto {
-        // Q and two stages of K and V, unpadded (swizzled), and 1 KiB to align them to 1,024 bytes.
+    let (name, smem, blocks, threads) = if hopper {
+        // A Q tile per warpgroup and two stages of K and V, unpadded (swizzled), and 1 KiB to
+        // align them to 1,024 bytes.
         (
             Flash::FwdHopper.name(hd.head_dim),
-            5 * FLASH_TILE * hd.head_dim * 2 + 1024,
+            (HOPPER_ROWS / FLASH_TILE + 4) * FLASH_TILE * hd.head_dim * 2 + 1024,
+            batch.wide_tile_count(),
+            HOPPER_THREADS,
         )
     } else {
         (
             Flash::Fwd.name(hd.head_dim),
             2 * FLASH_TILE * (hd.head_dim + FLASH_PAD) * 2,
+            batch.tile_count(),
+            FLASH_THREADS,
         )
     };
     let f = dev.function_with_shared("attention", name, smem, 0)?;
@@ -931,8 +971,9 @@ fn flash_fwd_cuda(
     // SAFETY: `check` matched q, k, v to the batch's rows and the head geometry (head_dim 64 or
     // 128, bf16); whole-tensor allocations are 16-byte aligned for cp.async; the Hopper kernel
     // aligns its tiles to 1,024 bytes inside the extra KiB it is given; one block per (query
-    // tile, head) with K and V tiles in dynamic shared memory.
-    unsafe { l.launch(flash_config(OP_FWD, batch.tile_count(), hd.heads, smem)?) }?;
+    // tile, head) with K and V tiles in dynamic shared memory, `threads` as the kernel's launch
+    // bounds say.
+    unsafe { l.launch(flash_config(OP_FWD, blocks, hd.heads, smem, threads)?) }?;
     Ok(())
 }
 
@@ -954,19 +995,22 @@ fn flash_bwd_cuda(
     let device = q.device();
     let dev = device.as_cuda(OP_BWD)?;
     let cu = &batch.device_tables(OP_BWD)?.cu_q;
-    let tiles = batch.device_tiles(OP_BWD)?;
+    let hopper = dev.is_hopper() && batch.kernel == AttnKernel::Auto;
+    let tiles = batch.device_tiles(OP_BWD, false)?;
     let (h, kv) = (hd.heads as i32, hd.kv_heads as i32);
     let row_bytes = (hd.head_dim + FLASH_PAD) * 2;
 
     // K and V tiles, then two stages of (Q tile, dO tile, scaled lse, delta); the fast kernel adds
     // the tile's dSᵀ, [64][FLASH_BWD_QTILE + FLASH_PAD] bf16.
     let dkv_smem = (2 * FLASH_TILE + 4 * FLASH_BWD_QTILE) * row_bytes + 4 * FLASH_BWD_QTILE * 4;
-    let hopper = dev.is_hopper() && batch.kernel == AttnKernel::Auto;
     // The wgmma tiles are unpadded (swizzled) and 1 KiB more lets the kernels align them to 1,024
-    // bytes. dK/dV: K, V, two stages of (Q, dO), the dSᵀ block (unused by the deterministic
-    // kernel), two stages of 64 scaled lse and delta values. dQ: Q, dO, two stages of (K, V).
+    // bytes. dK/dV (a block of two warpgroups): K and V tiles for each, two stages of (Q, dO), a
+    // dSᵀ block for each (unused by the deterministic kernel), two stages of 64 scaled lse and
+    // delta values. dQ: Q, dO, two stages of (K, V).
     let hopper_tile = FLASH_TILE * hd.head_dim * 2;
-    let hopper_dkv_smem = 6 * hopper_tile + FLASH_TILE * 64 * 2 + 4 * FLASH_TILE * 4 + 1024;
+    let wgs = HOPPER_ROWS / FLASH_TILE;
+    let hopper_dkv_smem =
+        (2 * wgs + 4) * hopper_tile + wgs * FLASH_TILE * 64 * 2 + 4 * FLASH_TILE * 4 + 1024;
     let (name, smem) = match (batch.deterministic, hopper) {
         (false, true) => (Flash::BwdHopper.name(hd.head_dim), hopper_dkv_smem),
         (false, false) => (
@@ -981,6 +1025,7 @@ fn flash_bwd_cuda(
     let mut dq_acc = (!batch.deterministic)
         .then(|| Tensor::zeros(q.shape(), DType::F32, device))
         .transpose()?;
+    let dkv_tiles = batch.device_tiles(OP_BWD, hopper)?;
     let f = dev.function_with_shared("attention", name, smem, 0)?;
     let mut l = dev.stream().launch_builder(&f);
     l.arg(bf16::slice_mut(dk, OP_BWD)?)
@@ -995,15 +1040,21 @@ fn flash_bwd_cuda(
         .arg(lse.cuda_f32(OP_BWD)?)
         .arg(delta.cuda_f32(OP_BWD)?)
         .arg(cu.cuda_i32(OP_BWD)?)
-        .arg(tiles.cuda_i32(OP_BWD)?)
+        .arg(dkv_tiles.cuda_i32(OP_BWD)?)
         .arg(&h)
         .arg(&kv)
         .arg(&scale);
-    // SAFETY: a packed batch, so key tiles are the query tiles; one block per (key tile, kv head),
-    // each writing only its own 64 key rows of dk and dv and, in the fast kernels (whose extra
-    // argument dq_acc is), adding atomically into rows of dq_acc, [Nq, H·D] f32 like q's shape. The
-    // Hopper kernel aligns its tiles inside the extra KiB it is given.
-    unsafe { l.launch(flash_config(OP_BWD, batch.tile_count(), hd.kv_heads, smem)?) }?;
+    let (blocks, threads) = if hopper {
+        (batch.wide_tile_count(), HOPPER_THREADS)
+    } else {
+        (batch.tile_count(), FLASH_THREADS)
+    };
+    // SAFETY: a packed batch, so key tiles are the query tiles (128-row ones for the Hopper
+    // kernels); one block per (key tile, kv head), each writing only its own key rows of dk and dv
+    // and, in the fast kernels (whose extra argument dq_acc is), adding atomically into rows of
+    // dq_acc, [Nq, H·D] f32 like q's shape. The Hopper kernel aligns its tiles inside the extra KiB
+    // it is given.
+    unsafe { l.launch(flash_config(OP_BWD, blocks, hd.kv_heads, smem, threads)?) }?;
     if let Some(acc) = dq_acc {
         return crate::ops::elementwise::cast(&acc, DType::BF16);
     }
@@ -1032,6 +1083,14 @@ fn flash_bwd_cuda(
         .arg(&scale);
     // SAFETY: as above (the Hopper kernel aligns its tiles inside the extra KiB); one block per
     // (query tile, head), each writing only its own rows of dq.
-    unsafe { l.launch(flash_config(OP_BWD, batch.tile_count(), hd.heads, smem)?) }?;
+    unsafe {
+        l.launch(flash_config(
+            OP_BWD,
+            batch.tile_count(),
+            hd.heads,
+            smem,
+            FLASH_THREADS,
+        )?)
+    }?;
     Ok(dq)
 }
