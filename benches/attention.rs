@@ -1,7 +1,8 @@
 //! Attention forward and backward, reported as FLOP/s: forward 4·B·H·T²·D halved for causality,
 //! backward 2.5× that. CPU: one small shape; CUDA: T = 512 .. 16,384 at batch·T = 16k tokens and
 //! H·D = 2,048 for D = 64 and 128 (the flash kernels: the forward also on mma.sync, which on Hopper
-//! differs from the default wgmma one; the backward in both its fast and its deterministic mode).
+//! differs from the default wgmma one; the backward in both its fast and its deterministic mode, and
+//! the fast one with Hopper dK/dV blocks of 64 keys, `bwd_k64`).
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -58,9 +59,15 @@ fn run(c: &mut Criterion, device: &Device, label: &str, seqs: usize, t: usize, h
     });
     let (o, lse) = attention_fwd(&q, &k, &v, &batch, hd, scale).unwrap();
     g.throughput(Throughput::Elements((2.5 * fwd_flops) as u64));
-    for (name, deterministic) in [("bwd", false), ("bwd_deterministic", true)] {
+    let default = AttnBatch::packed(&vec![t; seqs], device).unwrap().kernel;
+    for (name, kernel, deterministic) in [
+        ("bwd", default, false),
+        ("bwd_k64", AttnKernel::NarrowBackward, false),
+        ("bwd_deterministic", default, true),
+    ] {
         let batch = AttnBatch::packed(&vec![t; seqs], device)
             .unwrap()
+            .with_kernel(kernel)
             .with_deterministic(deterministic);
         g.bench_function(name, |b| {
             b.iter_custom(|iters| {

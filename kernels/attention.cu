@@ -1338,14 +1338,18 @@ __device__ void flash_fwd_hopper(bf16* __restrict__ out, float* __restrict__ lse
 // columns over the block's 128 keys, so a dQ element gets one atomic a block rather than two; at 64
 // each warpgroup adds its own keys' part. In a causal sequence the second warpgroup's first query
 // tile is wholly masked; it runs it anyway (P = 0) so that every wgmma stays unconditional.
-template <int D, bool ATOMIC_DQ>
+// The two warpgroups meet at two barriers a tile, so their phases (products, then the elementwise
+// dS) line up, where two one-warpgroup blocks on an SM drift apart and overlap each other's phases:
+// WGS = 1 builds that variant (64 keys a block, `_k64` kernels), kept to measure which wins.
+template <int D, bool ATOMIC_DQ, int WGS>
 __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dq_acc,
                                  const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                                  const bf16* __restrict__ dout, const float* __restrict__ lse,
                                  const float* __restrict__ delta, const int* __restrict__ cu_q,
                                  const int* __restrict__ tiles, int H, int KV, float scale) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    constexpr int QT = FLASH_TILE, NT = QT / 8, DT = D / 8, TILE_BYTES = FLASH_TILE * D * 2, WGS = HOPPER_WGS;
+    constexpr int QT = FLASH_TILE, NT = QT / 8, DT = D / 8, TILE_BYTES = FLASH_TILE * D * 2;
+    constexpr int KEYS = FLASH_TILE * WGS, THREADS = FLASH_THREADS * WGS;
     extern __shared__ __align__(16) unsigned char flash_smem[];
     // K (a tile per warpgroup), V (the same), two stages of (Q, dO), dSᵀ (a [64][64] block per
     // warpgroup), then two stages of scaled lse and delta.
@@ -1358,16 +1362,15 @@ __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, f
     auto dos = [&](int stage) { return base + (2 * WGS + 1 + 2 * stage) * TILE_BYTES; };
     float* lse2s0 = reinterpret_cast<float*>(flash_smem + (ds_block(WGS) - smem_u32(flash_smem)));
     float* dlts0 = lse2s0 + 2 * QT;
-    const FlashBwdTile bt = flash_bwd_tile<HOPPER_ROWS>(cu_q, tiles, H, KV);
+    const FlashBwdTile bt = flash_bwd_tile<KEYS>(cu_q, tiles, H, KV);
     const int j0 = bt.j0, g = bt.g, group = bt.group, q_begin = bt.q_begin, len = bt.len, nk = bt.nk;
     const int warp = wt >> 5, lane = wt & 31;
     const size_t kv_stride = (size_t)KV * D, q_stride = (size_t)H * D;
     const float scale_log2 = scale * FLASH_LOG2E;
 
-    hopper_load_tile<D, HOPPER_ROWS, HOPPER_THREADS>(k_tile(0), k + (size_t)q_begin * kv_stride + g * D, kv_stride,
-                                                     j0, nk);
-    hopper_load_tile<D, HOPPER_ROWS, HOPPER_THREADS>(base + WGS * TILE_BYTES, v + (size_t)q_begin * kv_stride + g * D,
-                                                     kv_stride, j0, nk);
+    hopper_load_tile<D, KEYS, THREADS>(k_tile(0), k + (size_t)q_begin * kv_stride + g * D, kv_stride, j0, nk);
+    hopper_load_tile<D, KEYS, THREADS>(base + WGS * TILE_BYTES, v + (size_t)q_begin * kv_stride + g * D, kv_stride,
+                                       j0, nk);
 
     float dka[DT][4], dva[DT][4];
 #pragma unroll
@@ -1377,15 +1380,14 @@ __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, f
     const int jw = j0 + wg * FLASH_TILE;  // this warpgroup's first key
     const int key_a = jw + warp * 16 + (lane >> 2);
 
-    // Query tiles from the one holding j0 (j0 is a multiple of 128) to the end, for each query head.
+    // Query tiles from the one holding j0 (a multiple of KEYS) to the end, for each query head.
     const int per_head = (len - j0 + QT - 1) / QT;
     const int steps = group * per_head;
     auto load_q = [&](int it) {
         const int h = g * group + it / per_head, i0 = j0 + (it % per_head) * QT;
         const int nq = min(QT, len - i0), stage = it & 1;
-        hopper_load_tile<D, QT, HOPPER_THREADS>(qs(stage), q + (size_t)q_begin * q_stride + h * D, q_stride, i0, nq);
-        hopper_load_tile<D, QT, HOPPER_THREADS>(dos(stage), dout + (size_t)q_begin * q_stride + h * D, q_stride, i0,
-                                                nq);
+        hopper_load_tile<D, QT, THREADS>(qs(stage), q + (size_t)q_begin * q_stride + h * D, q_stride, i0, nq);
+        hopper_load_tile<D, QT, THREADS>(dos(stage), dout + (size_t)q_begin * q_stride + h * D, q_stride, i0, nq);
         flash_stage_rows<QT>(lse2s0 + stage * QT, dlts0 + stage * QT, lse, delta, q_begin, i0, len, H, h);
     };
     load_q(0);
@@ -1446,32 +1448,39 @@ __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, f
 
         if constexpr (ATOMIC_DQ) {
             fence_proxy_async();
-            __syncthreads();  // both warpgroups' dSᵀ blocks written
-            // dQ's 64 columns from col0: at head_dim 128 the warpgroup's half over every key block
-            // (dS of both warpgroups); at 64 all of them over its own.
-            float dqa[8][4];
-            constexpr int BLOCKS = D == 128 ? WGS : 1;
-            const int col0 = D == 128 ? wg * 64 : 0;
-            wgmma_fence();
+            __syncthreads();  // every warpgroup's dSᵀ block written
+            // dQ 64 columns at a time (registers): where the column blocks split evenly over the
+            // warpgroups, each takes its share over every warpgroup's keys (one atomic a dQ element
+            // a block); else (head_dim 64, two warpgroups) each all of them over its own keys.
+            constexpr int COL_BLOCKS = D / 64;
+            constexpr bool SPLIT = COL_BLOCKS % WGS == 0;
+            constexpr int MINE = SPLIT ? COL_BLOCKS / WGS : 1, BLOCKS = SPLIT ? WGS : 1;
 #pragma unroll
-            for (int b = 0; b < BLOCKS; ++b) {
-                const int w = D == 128 ? b : wg;
-                const uint32_t k_cols = k_tile(w) + (col0 / 64) * HOPPER_BLOCK_BYTES;
+            for (int ci = 0; ci < MINE; ++ci) {
+                const int col0 = SPLIT ? (wg + ci * WGS) * 64 : 0;
+                float dqa[8][4];
+                wgmma_fence();
 #pragma unroll
-                for (int kk = 0; kk < FLASH_TILE / 16; ++kk)
-                    wgmma_m64n64_ss<1, 1>(dqa, hopper_desc_mn(ds_block(w), kk), hopper_desc_mn(k_cols, kk),
-                                          b > 0 || kk > 0);
-            }
-            wgmma_commit();
-            wgmma_wait_all();
-            wgmma_fence_regs(dqa);
+                for (int b = 0; b < BLOCKS; ++b) {
+                    const int w = SPLIT ? b : wg;
+                    const uint32_t k_cols = k_tile(w) + (col0 / 64) * HOPPER_BLOCK_BYTES;
 #pragma unroll
-            for (int i = 0; i < 2; ++i) {
-                const int row = i0 + warp * 16 + (lane >> 2) + 8 * i;
-                if (row >= len) continue;
-                float* drow = dq_acc + (size_t)(q_begin + row) * q_stride + h * D + col0 + 2 * (lane & 3);
+                    for (int kk = 0; kk < FLASH_TILE / 16; ++kk)
+                        wgmma_m64n64_ss<1, 1>(dqa, hopper_desc_mn(ds_block(w), kk), hopper_desc_mn(k_cols, kk),
+                                              b > 0 || kk > 0);
+                }
+                wgmma_commit();
+                wgmma_wait_all();
+                wgmma_fence_regs(dqa);
 #pragma unroll
-                for (int dt = 0; dt < 8; ++dt) atomic_add2(drow + dt * 8, dqa[dt][2 * i], dqa[dt][2 * i + 1]);
+                for (int i = 0; i < 2; ++i) {
+                    const int row = i0 + warp * 16 + (lane >> 2) + 8 * i;
+                    if (row >= len) continue;
+                    float* drow = dq_acc + (size_t)(q_begin + row) * q_stride + h * D + col0 + 2 * (lane & 3);
+#pragma unroll
+                    for (int dt = 0; dt < 8; ++dt)
+                        atomic_add2(drow + dt * 8, dqa[dt][2 * i], dqa[dt][2 * i + 1]);
+                }
             }
         } else {
             wgmma_wait_all();  // dV and dK, before their operands' stages are reloaded
@@ -1580,24 +1589,28 @@ __device__ void flash_bwd_dq_hopper(bf16* __restrict__ dq, const bf16* __restric
 #endif
 }
 
+#define HOPPER_BWD_INSTANTIATE(D, WGS, SUFFIX)                                                                     \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS * WGS, 1)                                           \
+        flash_bwd_hopper##SUFFIX##_d##D(bf16* dk, bf16* dv, float* dq_acc, const bf16* q, const bf16* k,           \
+                                        const bf16* v, const bf16* dout, const float* lse, const float* delta,     \
+                                        const int* cu_q, const int* tiles, int H, int KV, float scale) {           \
+        flash_bwd_hopper<D, true, WGS>(dk, dv, dq_acc, q, k, v, dout, lse, delta, cu_q, tiles, H, KV, scale);      \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS * WGS, 1)                                           \
+        flash_bwd_dkv_hopper##SUFFIX##_d##D(bf16* dk, bf16* dv, const bf16* q, const bf16* k, const bf16* v,       \
+                                            const bf16* dout, const float* lse, const float* delta,                \
+                                            const int* cu_q, const int* tiles, int H, int KV, float scale) {       \
+        flash_bwd_hopper<D, false, WGS>(dk, dv, nullptr, q, k, v, dout, lse, delta, cu_q, tiles, H, KV, scale);    \
+    }
+
 #define HOPPER_INSTANTIATE(D)                                                                                      \
     extern "C" __global__ void __launch_bounds__(HOPPER_THREADS, 1)                                                \
         flash_fwd_hopper_d##D(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, const int* cu_q, \
                               const int* k_start, const int* k_len, const int* tiles, int H, int KV, float scale) { \
         flash_fwd_hopper<D>(out, lse, q, k, v, cu_q, k_start, k_len, tiles, H, KV, scale);                        \
     }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(HOPPER_THREADS, 1)                                                \
-        flash_bwd_hopper_d##D(bf16* dk, bf16* dv, float* dq_acc, const bf16* q, const bf16* k, const bf16* v,      \
-                              const bf16* dout, const float* lse, const float* delta, const int* cu_q,             \
-                              const int* tiles, int H, int KV, float scale) {                                      \
-        flash_bwd_hopper<D, true>(dk, dv, dq_acc, q, k, v, dout, lse, delta, cu_q, tiles, H, KV, scale);           \
-    }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(HOPPER_THREADS, 1)                                                \
-        flash_bwd_dkv_hopper_d##D(bf16* dk, bf16* dv, const bf16* q, const bf16* k, const bf16* v,                 \
-                                  const bf16* dout, const float* lse, const float* delta, const int* cu_q,         \
-                                  const int* tiles, int H, int KV, float scale) {                                  \
-        flash_bwd_hopper<D, false>(dk, dv, nullptr, q, k, v, dout, lse, delta, cu_q, tiles, H, KV, scale);         \
-    }                                                                                                              \
+    HOPPER_BWD_INSTANTIATE(D, HOPPER_WGS, )                                                                        \
+    HOPPER_BWD_INSTANTIATE(D, 1, _k64)                                                                             \
     extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 1)                                                 \
         flash_bwd_dq_hopper_d##D(bf16* dq, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,          \
                                  const float* lse, const float* delta, const int* cu_q, const int* tiles, int H,   \

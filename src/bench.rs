@@ -679,7 +679,9 @@ pub fn bench_dpo_step(
 /// One attention measurement: median forward and backward times and their TFLOP/s (forward
 /// 4·B·H·T²·D / 2 for causal attention, backward 2.5× that), the backward in its fast mode (dQ by
 /// atomics) and its deterministic one, the forward also on the mma.sync kernel (`AttnKernel::Mma`:
-/// the same as the default except on Hopper GPUs, where the default runs on wgmma).
+/// the same as the default except on Hopper GPUs, where the default runs on wgmma), and the fast
+/// backward with one-warpgroup dK/dV blocks (`AttnKernel::NarrowBackward`: on Hopper GPUs only a
+/// kernel of its own).
 #[derive(Debug, Clone)]
 pub struct AttentionBench {
     pub seqs: usize,
@@ -689,10 +691,12 @@ pub struct AttentionBench {
     pub forward_mma_ms: f64,
     pub backward_ms: f64,
     pub backward_deterministic_ms: f64,
+    pub backward_narrow_ms: f64,
     pub forward_tflops: f64,
     pub forward_mma_tflops: f64,
     pub backward_tflops: f64,
     pub backward_deterministic_tflops: f64,
+    pub backward_narrow_tflops: f64,
 }
 
 pub fn bench_attention(
@@ -717,18 +721,28 @@ pub fn bench_attention(
     let k = random(device, &mut rng, &[n, kv_heads * head_dim], 1.0, dtype)?;
     let v = random(device, &mut rng, &[n, kv_heads * head_dim], 1.0, dtype)?;
     let dout = random(device, &mut rng, &[n, heads * head_dim], 1.0, dtype)?;
+    let batch_of = |kernel| -> Result<AttnBatch> {
+        Ok(AttnBatch::packed(&vec![len; seqs], device)?
+            .with_kernel(kernel)
+            .with_deterministic(false))
+    };
+    // The default kernels, as RLHF_ATTENTION chooses them.
     let batch = AttnBatch::packed(&vec![len; seqs], device)?.with_deterministic(false);
     let scale = 1.0 / (head_dim as f32).sqrt();
     let forward_ms = median_ms(device, 1, reps, || {
         attention_fwd(&q, &k, &v, &batch, hd, scale).map(drop)
     })?;
-    let mma = AttnBatch::packed(&vec![len; seqs], device)?.with_kernel(AttnKernel::Mma);
+    let mma = batch_of(AttnKernel::Mma)?;
     let forward_mma_ms = median_ms(device, 1, reps, || {
         attention_fwd(&q, &k, &v, &mma, hd, scale).map(drop)
     })?;
     let (o, lse) = attention_fwd(&q, &k, &v, &batch, hd, scale)?;
     let backward_ms = median_ms(device, 1, reps, || {
         attention_bwd(&dout, &q, &k, &v, &o, &lse, &batch, hd, scale).map(drop)
+    })?;
+    let narrow = batch_of(AttnKernel::NarrowBackward)?;
+    let backward_narrow_ms = median_ms(device, 1, reps, || {
+        attention_bwd(&dout, &q, &k, &v, &o, &lse, &narrow, hd, scale).map(drop)
     })?;
     let batch = batch.with_deterministic(true);
     let backward_deterministic_ms = median_ms(device, 1, reps, || {
@@ -742,11 +756,13 @@ pub fn bench_attention(
         forward_ms,
         backward_ms,
         backward_deterministic_ms,
+        backward_narrow_ms,
         forward_mma_ms,
         forward_tflops: flops / (forward_ms * 1e-3) / 1e12,
         forward_mma_tflops: flops / (forward_mma_ms * 1e-3) / 1e12,
         backward_tflops: 2.5 * flops / (backward_ms * 1e-3) / 1e12,
         backward_deterministic_tflops: 2.5 * flops / (backward_deterministic_ms * 1e-3) / 1e12,
+        backward_narrow_tflops: 2.5 * flops / (backward_narrow_ms * 1e-3) / 1e12,
     })
 }
 

@@ -233,6 +233,21 @@ fn attention_bf16_eager(
 
 /// The FLOPs the profiler credits attention with: 4·H·D per (query, visible key) pair.
 #[test]
+fn kernel_names_parse_and_unknown_ones_do_not() {
+    for (name, kernel) in [
+        ("auto", AttnKernel::Auto),
+        ("mma", AttnKernel::Mma),
+        ("narrow-bwd", AttnKernel::NarrowBackward),
+        ("simple", AttnKernel::Simple),
+    ] {
+        assert_eq!(AttnKernel::parse(name), Some(kernel));
+    }
+    for bad in ["", "MMA", "narrow", "flash"] {
+        assert_eq!(AttnKernel::parse(bad), None, "{bad:?}");
+    }
+}
+
+#[test]
 fn forward_flops_count_the_visible_pairs() {
     let hd = Heads {
         heads: 4,
@@ -409,14 +424,18 @@ fn check_cuda(
             .flat_map(|&r| x[r * width..][..width].to_vec())
             .collect()
     };
-    // On a Hopper GPU, Auto's forward is the wgmma kernel and Mma's the mma.sync one.
+    // On a Hopper GPU, Auto runs the wgmma kernels (NarrowBackward too, with one-warpgroup dK/dV
+    // blocks) and Mma the mma.sync ones.
     for (kernel, deterministic) in [
         (AttnKernel::Auto, false),
         (AttnKernel::Auto, true),
+        (AttnKernel::NarrowBackward, false),
         (AttnKernel::Mma, false),
         (AttnKernel::Simple, true),
     ] {
-        if dtype != DType::BF16 && (!deterministic || kernel == AttnKernel::Mma) {
+        if dtype != DType::BF16
+            && (!deterministic || matches!(kernel, AttnKernel::Mma | AttnKernel::NarrowBackward))
+        {
             continue; // f32 runs neither the flash kernels nor their fast backward
         }
         let (got, got_dec, _) = run(dev, dtype, kernel, deterministic);
@@ -519,9 +538,10 @@ cuda_test! {
 }
 
 cuda_test! {
-    /// Every flash path (forward on wgmma or mma.sync, backward fast or deterministic) on one small
-    /// ragged GQA batch, each judged by the bf16 rule and all reported before the verdict, so that
-    /// one run shows which of the paths (each a kernel of its own on Hopper) is wrong.
+    /// Every flash path (forward on wgmma or mma.sync, backward fast or deterministic, Hopper dK/dV
+    /// blocks of two warpgroups or one) on one small ragged GQA batch, each judged by the bf16 rule
+    /// and all reported before the verdict, so that one run shows which of the paths (each a kernel
+    /// of its own on Hopper) is wrong.
     fn cuda_every_flash_path_reported_together(dev) {
         let mut rng = Rng::new(fresh_seed("attention cuda_every_flash_path_reported_together"));
         let lens = [200usize, 70];
@@ -571,6 +591,8 @@ cuda_test! {
             for (kernel, deterministic) in [
                 (AttnKernel::Auto, false),
                 (AttnKernel::Auto, true),
+                (AttnKernel::NarrowBackward, false),
+                (AttnKernel::NarrowBackward, true),
                 (AttnKernel::Mma, false),
                 (AttnKernel::Mma, true),
             ] {

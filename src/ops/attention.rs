@@ -70,23 +70,50 @@ const FLASH_PAD: usize = 8;
 /// The CUDA attention kernels. `Auto` runs the decode kernels for KV-cache batches they fit
 /// (`AttnBatch::decode_split`), the tensor-core flash kernels for bf16 with head_dim 64 or 128 (the
 /// forward on wgmma on Hopper GPUs, on mma.sync elsewhere), and the simple kernels otherwise (f32,
-/// other head sizes). `Mma` is `Auto` with the mma.sync forward on Hopper too, and `Simple` always
-/// runs the simple kernels: both for comparison (`RLHF_ATTENTION=mma` or `simple` makes them the
-/// default), the second also as a fallback.
+/// other head sizes). `Mma` is `Auto` with the mma.sync kernels on Hopper too; `NarrowBackward` is
+/// `Auto` with the Hopper dK/dV kernels on blocks of 64 keys (one warpgroup) instead of 128 (two);
+/// `Simple` always runs the simple kernels. The last three are for comparison
+/// (`RLHF_ATTENTION=mma`, `narrow-bwd` or `simple` makes one the default), `Simple` also as a
+/// fallback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttnKernel {
     Auto,
     Mma,
+    NarrowBackward,
     Simple,
 }
 
 impl AttnKernel {
     fn default_choice() -> AttnKernel {
-        match std::env::var("RLHF_ATTENTION").as_deref() {
-            Ok("simple") => AttnKernel::Simple,
-            Ok("mma") => AttnKernel::Mma,
-            _ => AttnKernel::Auto,
+        match std::env::var("RLHF_ATTENTION") {
+            Err(_) => AttnKernel::Auto,
+            Ok(v) => AttnKernel::parse(&v).unwrap_or_else(|| {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| {
+                    eprintln!(
+                        "note: RLHF_ATTENTION={v:?} is not one of auto, mma, narrow-bwd, simple; \
+                         using auto"
+                    )
+                });
+                AttnKernel::Auto
+            }),
         }
+    }
+
+    /// The kernel set named by `RLHF_ATTENTION`'s values.
+    pub fn parse(name: &str) -> Option<AttnKernel> {
+        Some(match name {
+            "auto" => AttnKernel::Auto,
+            "mma" => AttnKernel::Mma,
+            "narrow-bwd" => AttnKernel::NarrowBackward,
+            "simple" => AttnKernel::Simple,
+            _ => return None,
+        })
+    }
+
+    /// Whether a Hopper GPU runs the wgmma flash kernels for this choice.
+    fn wgmma(self) -> bool {
+        matches!(self, AttnKernel::Auto | AttnKernel::NarrowBackward)
     }
 
     fn flash(self, dtype: DType, head_dim: usize) -> bool {
@@ -882,6 +909,8 @@ enum Flash {
     DkvDq,
     BwdHopper,
     DkvHopper,
+    BwdHopperK64,
+    DkvHopperK64,
     DqHopper,
 }
 
@@ -896,6 +925,11 @@ impl Flash {
             Flash::DkvDq => ("flash_bwd_dkv_dq_d64", "flash_bwd_dkv_dq_d128"),
             Flash::BwdHopper => ("flash_bwd_hopper_d64", "flash_bwd_hopper_d128"),
             Flash::DkvHopper => ("flash_bwd_dkv_hopper_d64", "flash_bwd_dkv_hopper_d128"),
+            Flash::BwdHopperK64 => ("flash_bwd_hopper_k64_d64", "flash_bwd_hopper_k64_d128"),
+            Flash::DkvHopperK64 => (
+                "flash_bwd_dkv_hopper_k64_d64",
+                "flash_bwd_dkv_hopper_k64_d128",
+            ),
             Flash::DqHopper => ("flash_bwd_dq_hopper_d64", "flash_bwd_dq_hopper_d128"),
         };
         if head_dim == 64 {
@@ -934,7 +968,7 @@ fn flash_fwd_cuda(
     let dev = q.device().as_cuda(OP_FWD)?;
     let tables = batch.device_tables(OP_FWD)?;
     let (cu, ks, kl) = (&tables.cu_q, &tables.k_start, &tables.k_len);
-    let hopper = dev.is_hopper() && batch.kernel == AttnKernel::Auto;
+    let hopper = dev.is_hopper() && batch.kernel.wgmma();
     let tiles = batch.device_tiles(OP_FWD, hopper)?;
     let (h, kv) = (hd.heads as i32, hd.kv_heads as i32);
     let (name, smem, blocks, threads) = if hopper {
@@ -995,7 +1029,7 @@ fn flash_bwd_cuda(
     let device = q.device();
     let dev = device.as_cuda(OP_BWD)?;
     let cu = &batch.device_tables(OP_BWD)?.cu_q;
-    let hopper = dev.is_hopper() && batch.kernel == AttnKernel::Auto;
+    let hopper = dev.is_hopper() && batch.kernel.wgmma();
     let tiles = batch.device_tiles(OP_BWD, false)?;
     let (h, kv) = (hd.heads as i32, hd.kv_heads as i32);
     let row_bytes = (hd.head_dim + FLASH_PAD) * 2;
@@ -1008,15 +1042,18 @@ fn flash_bwd_cuda(
     // dSᵀ block for each (unused by the deterministic kernel), two stages of 64 scaled lse and
     // delta values. dQ: Q, dO, two stages of (K, V).
     let hopper_tile = FLASH_TILE * hd.head_dim * 2;
-    let wgs = HOPPER_ROWS / FLASH_TILE;
+    let narrow = batch.kernel == AttnKernel::NarrowBackward;
+    let wgs = if narrow { 1 } else { HOPPER_ROWS / FLASH_TILE };
     let hopper_dkv_smem =
         (2 * wgs + 4) * hopper_tile + wgs * FLASH_TILE * 64 * 2 + 4 * FLASH_TILE * 4 + 1024;
     let (name, smem) = match (batch.deterministic, hopper) {
+        (false, true) if narrow => (Flash::BwdHopperK64.name(hd.head_dim), hopper_dkv_smem),
         (false, true) => (Flash::BwdHopper.name(hd.head_dim), hopper_dkv_smem),
         (false, false) => (
             Flash::DkvDq.name(hd.head_dim),
             dkv_smem + FLASH_TILE * (FLASH_BWD_QTILE + FLASH_PAD) * 2,
         ),
+        (true, true) if narrow => (Flash::DkvHopperK64.name(hd.head_dim), hopper_dkv_smem),
         (true, true) => (Flash::DkvHopper.name(hd.head_dim), hopper_dkv_smem),
         (true, false) => (Flash::Dkv.name(hd.head_dim), dkv_smem),
     };
@@ -1025,7 +1062,8 @@ fn flash_bwd_cuda(
     let mut dq_acc = (!batch.deterministic)
         .then(|| Tensor::zeros(q.shape(), DType::F32, device))
         .transpose()?;
-    let dkv_tiles = batch.device_tiles(OP_BWD, hopper)?;
+    let wide = hopper && !narrow;
+    let dkv_tiles = batch.device_tiles(OP_BWD, wide)?;
     let f = dev.function_with_shared("attention", name, smem, 0)?;
     let mut l = dev.stream().launch_builder(&f);
     l.arg(bf16::slice_mut(dk, OP_BWD)?)
@@ -1044,7 +1082,7 @@ fn flash_bwd_cuda(
         .arg(&h)
         .arg(&kv)
         .arg(&scale);
-    let (blocks, threads) = if hopper {
+    let (blocks, threads) = if wide {
         (batch.wide_tile_count(), HOPPER_THREADS)
     } else {
         (batch.tile_count(), FLASH_THREADS)
