@@ -1,12 +1,13 @@
 //! RMSNorm forward and backward throughput, reported as bytes moved per second: the CPU reference at
-//! a small shape, and the CUDA kernels at a transformer's shape when a GPU is present.
+//! a small shape, and the CUDA kernels at a transformer's shape when a GPU is present; the residual
+//! variants (the add folded in) beside the plain ones.
 
 use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use rlhf_kernels::device::{DType, Device, Tensor};
-use rlhf_kernels::ops::norm::{rms_norm_bwd, rms_norm_fwd};
+use rlhf_kernels::ops::norm::{add_rms_norm_fwd, rms_norm_bwd, rms_norm_bwd_add, rms_norm_fwd};
 use rlhf_kernels::testing::{time_iters, Rng};
 
 fn bench_device(
@@ -54,6 +55,26 @@ fn bench_device(
             time_iters(device, iters, || {
                 drop(black_box(
                     rms_norm_bwd(&dy, &x, &w, &out.rstd, &mut dw).unwrap(),
+                ))
+            })
+        })
+    });
+    // Residual forward: read x and delta, write h and y.
+    g.throughput(Throughput::Bytes(4 * act));
+    g.bench_function("add_fwd", |b| {
+        b.iter_custom(|iters| {
+            time_iters(device, iters, || {
+                drop(black_box(add_rms_norm_fwd(&x, &dy, &w, 1e-5).unwrap()))
+            })
+        })
+    });
+    // Residual backward: read dy, x and dres, write dx.
+    g.throughput(Throughput::Bytes(4 * act));
+    g.bench_function("bwd_add", |b| {
+        b.iter_custom(|iters| {
+            time_iters(device, iters, || {
+                drop(black_box(
+                    rms_norm_bwd_add(&dy, &x, &w, &out.rstd, &mut dw, &x).unwrap(),
                 ))
             })
         })

@@ -8,6 +8,11 @@
 //
 // Shapes: x, y, dy, dx [rows, cols] in T (f32 or bf16); w [cols] in T; rstd [rows] f32; dw [cols] f32.
 // The forward saves rstd (4 bytes a row) so the backward never recomputes the row's statistics.
+//
+// The residual variants fold in the transformer's residual add, a pass over the rows each: the
+// forward (add_rms_norm_fwd) takes x and a delta, writes h = x + delta (rounded to T, as an add
+// kernel would) and normalises that h; the backward (rms_norm_bwd_add) adds a residual gradient to
+// dx before its one rounding.
 // dw is reduced deterministically: each backward block sums its rows (in registers on the vector path,
 // in shared memory otherwise) and writes one partial row; `rms_norm_dweight_reduce` then adds the
 // partials in a fixed order. No atomics, so two runs give bitwise-equal gradients.
@@ -26,10 +31,19 @@ __device__ __forceinline__ bool norm_vector_path(int cols) {
     return cols % N == 0 && cols / N <= kNormMaxVecs * (int)blockDim.x;
 }
 
+// x + delta as T stores it.
 template <typename T>
+__device__ __forceinline__ float residual_sum(float x, float delta) {
+    return to_f32(from_f32<T>(x + delta));
+}
+
+// RES: x is the sum x + delta, written to h first (h and delta are unused otherwise).
+template <typename T, bool RES>
 __device__ void rms_norm_fwd(T* __restrict__ y,             // [rows, cols]
                              float* __restrict__ rstd,      // [rows]
+                             T* __restrict__ h,             // [rows, cols], RES only
                              const T* __restrict__ x,       // [rows, cols]
+                             const T* __restrict__ delta,   // [rows, cols], RES only
                              const T* __restrict__ weight,  // [cols]
                              int cols, float eps) {
     __shared__ float scratch[32];
@@ -45,6 +59,13 @@ __device__ void rms_norm_fwd(T* __restrict__ y,             // [rows, cols]
             const int c = (threadIdx.x + k * blockDim.x) * N;
             if (c < cols) {
                 load16(xr + c, v[k]);
+                if constexpr (RES) {
+                    float d[N];
+                    load16(delta + row * cols + c, d);
+#pragma unroll
+                    for (int j = 0; j < N; ++j) v[k][j] = residual_sum<T>(v[k][j], d[j]);
+                    store16(h + row * cols + c, v[k]);
+                }
 #pragma unroll
                 for (int j = 0; j < N; ++j) sumsq += v[k][j] * v[k][j];
             }
@@ -65,25 +86,31 @@ __device__ void rms_norm_fwd(T* __restrict__ y,             // [rows, cols]
         }
         return;
     }
-    // 1. Sum of squares over the row.
+    // 1. Sum of squares over the row (with RES, h written on the way).
     float sumsq = 0.0f;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        const float v = to_f32(xr[c]);
+        float v = to_f32(xr[c]);
+        if constexpr (RES) {
+            v = residual_sum<T>(v, to_f32(delta[row * cols + c]));
+            h[row * cols + c] = from_f32<T>(v);
+        }
         sumsq += v * v;
     }
     sumsq = block_sum(sumsq, scratch);
     const float r = rsqrtf(sumsq / (float)cols + eps);
     if (threadIdx.x == 0) rstd[row] = r;
-    // 2. Scale; the second read of the row is served from L1/L2.
+    // 2. Scale; the second read of the row is served from L1/L2 (each thread rereads what it wrote).
+    const T* src = RES ? h + row * cols : xr;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        yr[c] = from_f32<T>(to_f32(xr[c]) * r * to_f32(weight[c]));
+        yr[c] = from_f32<T>(to_f32(src[c]) * r * to_f32(weight[c]));
     }
 }
 
-template <typename T>
+template <typename T, bool RES>
 __device__ void rms_norm_bwd_vec(T* __restrict__ dx, float* __restrict__ dw_partial, const T* __restrict__ dy,
                                  const T* __restrict__ x, const T* __restrict__ weight,
-                                 const float* __restrict__ rstd, int rows, int cols, float* scratch) {
+                                 const float* __restrict__ rstd, const T* __restrict__ dres, int rows, int cols,
+                                 float* scratch) {
     constexpr int N = Vec16<T>::N;
     const float inv_cols = 1.0f / (float)cols;
     float w[kNormMaxVecs][N], dw[kNormMaxVecs][N];
@@ -117,10 +144,12 @@ __device__ void rms_norm_bwd_vec(T* __restrict__ dx, float* __restrict__ dw_part
         for (int k = 0; k < kNormMaxVecs; ++k) {
             const int c = (threadIdx.x + k * blockDim.x) * N;
             if (c < cols) {
-                float out[N];
+                float out[N], add[N];
+                if constexpr (RES) load16(dres + (size_t)row * cols + c, add);
 #pragma unroll
                 for (int j = 0; j < N; ++j) {
                     out[j] = r * gv[k][j] * w[k][j] - xv[k][j] * coef;
+                    if constexpr (RES) out[j] += add[j];
                     dw[k][j] += gv[k][j] * xv[k][j] * r;
                 }
                 store16(dxr + c, out);
@@ -136,18 +165,20 @@ __device__ void rms_norm_bwd_vec(T* __restrict__ dx, float* __restrict__ dw_part
     }
 }
 
-template <typename T>
+// RES: dx also gets dres, the gradient reaching the same tensor through the residual path.
+template <typename T, bool RES>
 __device__ void rms_norm_bwd(T* __restrict__ dx,                // [rows, cols]
                              float* __restrict__ dw_partial,    // [gridDim.x, cols]
                              const T* __restrict__ dy,          // [rows, cols]
                              const T* __restrict__ x,           // [rows, cols]
                              const T* __restrict__ weight,      // [cols]
                              const float* __restrict__ rstd,    // [rows]
+                             const T* __restrict__ dres,        // [rows, cols], RES only
                              int rows, int cols) {
     extern __shared__ float dw_acc[];  // [cols], scalar path only
     __shared__ float scratch[32];
     if (norm_vector_path<T>(cols)) {
-        rms_norm_bwd_vec<T>(dx, dw_partial, dy, x, weight, rstd, rows, cols, scratch);
+        rms_norm_bwd_vec<T, RES>(dx, dw_partial, dy, x, weight, rstd, dres, rows, cols, scratch);
         return;
     }
     for (int c = threadIdx.x; c < cols; c += blockDim.x) dw_acc[c] = 0.0f;
@@ -168,7 +199,8 @@ __device__ void rms_norm_bwd(T* __restrict__ dx,                // [rows, cols]
         for (int c = threadIdx.x; c < cols; c += blockDim.x) {
             const float xv = to_f32(xr[c]);
             const float dyv = to_f32(dyr[c]);
-            dxr[c] = from_f32<T>(r * dyv * to_f32(weight[c]) - xv * coef);
+            const float add = RES ? to_f32(dres[(size_t)row * cols + c]) : 0.0f;
+            dxr[c] = from_f32<T>(r * dyv * to_f32(weight[c]) - xv * coef + add);
             dw_acc[c] += dyv * xv * r;
         }
     }
@@ -204,15 +236,25 @@ extern "C" __global__ void __launch_bounds__(kReduceWarps * 32)
     dw[c] += total;
 }
 
-#define RMS_NORM_INSTANTIATE(SUFFIX, T)                                                                   \
-    extern "C" __global__ void rms_norm_fwd_##SUFFIX(T* y, float* rstd, const T* x, const T* weight,     \
-                                                     int cols, float eps) {                               \
-        rms_norm_fwd<T>(y, rstd, x, weight, cols, eps);                                                   \
-    }                                                                                                     \
-    extern "C" __global__ void rms_norm_bwd_##SUFFIX(T* dx, float* dw_partial, const T* dy, const T* x,  \
-                                                     const T* weight, const float* rstd, int rows,       \
-                                                     int cols) {                                          \
-        rms_norm_bwd<T>(dx, dw_partial, dy, x, weight, rstd, rows, cols);                                 \
+#define RMS_NORM_INSTANTIATE(SUFFIX, T)                                                                     \
+    extern "C" __global__ void rms_norm_fwd_##SUFFIX(T* y, float* rstd, const T* x, const T* weight,       \
+                                                     int cols, float eps) {                                 \
+        rms_norm_fwd<T, false>(y, rstd, nullptr, x, nullptr, weight, cols, eps);                            \
+    }                                                                                                       \
+    extern "C" __global__ void add_rms_norm_fwd_##SUFFIX(T* y, float* rstd, T* h, const T* x,               \
+                                                         const T* delta, const T* weight, int cols,         \
+                                                         float eps) {                                       \
+        rms_norm_fwd<T, true>(y, rstd, h, x, delta, weight, cols, eps);                                     \
+    }                                                                                                       \
+    extern "C" __global__ void rms_norm_bwd_##SUFFIX(T* dx, float* dw_partial, const T* dy, const T* x,    \
+                                                     const T* weight, const float* rstd, int rows,         \
+                                                     int cols) {                                            \
+        rms_norm_bwd<T, false>(dx, dw_partial, dy, x, weight, rstd, nullptr, rows, cols);                   \
+    }                                                                                                       \
+    extern "C" __global__ void rms_norm_bwd_add_##SUFFIX(T* dx, float* dw_partial, const T* dy, const T* x, \
+                                                         const T* weight, const float* rstd, const T* dres, \
+                                                         int rows, int cols) {                              \
+        rms_norm_bwd<T, true>(dx, dw_partial, dy, x, weight, rstd, dres, rows, cols);                       \
     }
 
 RMS_NORM_INSTANTIATE(f32, float)

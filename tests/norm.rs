@@ -1,9 +1,13 @@
 //! RMSNorm: the CPU reference against finite differences, the Tensor API on the CPU, and the CUDA
-//! kernels against the CPU reference on random shapes.
+//! kernels against the CPU reference on random shapes; the same for the residual variants
+//! (`add_rms_norm_fwd`, `rms_norm_bwd_add`).
 
 use rlhf_kernels::cuda_test;
 use rlhf_kernels::device::{DType, Device, Tensor};
-use rlhf_kernels::ops::norm::{rms_norm_bwd, rms_norm_bwd_ref, rms_norm_fwd, rms_norm_fwd_ref};
+use rlhf_kernels::ops::norm::{
+    add_rms_norm_fwd, rms_norm_bwd, rms_norm_bwd_add, rms_norm_bwd_ref, rms_norm_fwd,
+    rms_norm_fwd_ref,
+};
 use rlhf_kernels::testing::{
     assert_close, check_against_exact, fd_check, fresh_seed, poison_outputs, round_bf16, Rng,
 };
@@ -251,4 +255,227 @@ fn poisoned_cpu_outputs_are_overwritten() {
     let out = rms_norm_fwd(&x, &w, 1e-6).unwrap();
     assert!(out.y.to_f32_vec().unwrap().iter().all(|v| v.is_finite()));
     assert!(out.rstd.to_f32_vec().unwrap().iter().all(|v| v.is_finite()));
+}
+
+/// L = sum(rmsnorm(x + d) * g) + sum((x + d) * g2): the residual forward's two outputs, each
+/// weighted, so dL/dx is the residual backward's dx (dy = g, dres = g2).
+fn residual_loss_f64(x: &[f64], d: &[f64], w: &[f64], g: &[f64], g2: &[f64], cols: usize) -> f64 {
+    let h: Vec<f64> = x.iter().zip(d).map(|(a, b)| a + b).collect();
+    loss_f64(&h, w, g, cols, 1e-5) + h.iter().zip(g2).map(|(a, b)| a * b).sum::<f64>()
+}
+
+#[test]
+fn cpu_residual_variants_match_finite_differences_and_the_composition() {
+    let mut rng = Rng::new(fresh_seed(
+        "cpu_residual_variants_match_finite_differences_and_the_composition",
+    ));
+    let cpu = Device::Cpu;
+    for &(rows, cols) in &[(1, 1), (3, 7), (4, 129)] {
+        let n = rows * cols;
+        let (x, d, w) = (
+            rng.normal_vec(n, 1.0),
+            rng.normal_vec(n, 1.0),
+            rng.uniform_vec(cols, 0.5, 1.5),
+        );
+        let (g, g2) = (rng.normal_vec(n, 1.0), rng.normal_vec(n, 1.0));
+        let t = |v: &[f32], shape: &[usize]| Tensor::from_f32(shape, v.to_vec(), &cpu).unwrap();
+        let fused = add_rms_norm_fwd(
+            &t(&x, &[rows, cols]),
+            &t(&d, &[rows, cols]),
+            &t(&w, &[cols]),
+            1e-5,
+        )
+        .unwrap();
+        let sum: Vec<f32> = x.iter().zip(&d).map(|(a, b)| a + b).collect();
+        let plain = rms_norm_fwd(&t(&sum, &[rows, cols]), &t(&w, &[cols]), 1e-5).unwrap();
+        let v = |t: &Tensor| t.to_f32_vec().unwrap();
+        assert_eq!(v(&fused.h), sum, "h = x + delta");
+        assert_eq!(v(&fused.norm.y), v(&plain.y), "the norm of the sum");
+        assert_eq!(v(&fused.norm.rstd), v(&plain.rstd), "its rstd");
+
+        let (mut dw_fused, mut dw_plain) =
+            (t(&vec![0.0; cols], &[cols]), t(&vec![0.0; cols], &[cols]));
+        let h = t(&sum, &[rows, cols]);
+        let dx = rms_norm_bwd_add(
+            &t(&g, &[rows, cols]),
+            &h,
+            &t(&w, &[cols]),
+            &fused.norm.rstd,
+            &mut dw_fused,
+            &t(&g2, &[rows, cols]),
+        )
+        .unwrap();
+        let dx_plain = rms_norm_bwd(
+            &t(&g, &[rows, cols]),
+            &h,
+            &t(&w, &[cols]),
+            &plain.rstd,
+            &mut dw_plain,
+        )
+        .unwrap();
+        let want: Vec<f32> = v(&dx_plain).iter().zip(&g2).map(|(a, b)| a + b).collect();
+        assert_eq!(v(&dx), want, "dx + dres");
+        assert_eq!(v(&dw_fused), v(&dw_plain), "dweight");
+
+        let to64 = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
+        let (x64, d64, w64, g64, g264) = (to64(&x), to64(&d), to64(&w), to64(&g), to64(&g2));
+        fd_check(
+            "dx",
+            |xp| residual_loss_f64(xp, &d64, &w64, &g64, &g264, cols),
+            &x64,
+            &to64(&v(&dx)),
+            1e-6,
+            1e-4,
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn residual_variants_reject_mismatched_deltas() {
+    let cpu = Device::Cpu;
+    let x = Tensor::from_f32(&[2, 3], vec![1.0; 6], &cpu).unwrap();
+    let w = Tensor::from_f32(&[3], vec![1.0; 3], &cpu).unwrap();
+    let bad = Tensor::from_f32(&[3, 2], vec![1.0; 6], &cpu).unwrap();
+    let err = add_rms_norm_fwd(&x, &bad, &w, 1e-5)
+        .err()
+        .expect("a shape error")
+        .to_string();
+    assert!(err.contains("delta"), "{err}");
+    let out = rms_norm_fwd(&x, &w, 1e-5).unwrap();
+    let mut dw = Tensor::from_f32(&[3], vec![0.0; 3], &cpu).unwrap();
+    let err = rms_norm_bwd_add(&x, &x, &w, &out.rstd, &mut dw, &bad)
+        .err()
+        .expect("a shape error")
+        .to_string();
+    assert!(err.contains("dres"), "{err}");
+}
+
+/// The residual variants on CUDA against the exact values from the same rounded inputs: h is x + d
+/// rounded to the dtype (as both devices store it) and the norm and its backward run on that h.
+fn check_cuda_residual(dev: &Device, rng: &mut Rng, rows: usize, cols: usize, dtype: DType) {
+    let n = rows * cols;
+    let round = |v: Vec<f32>| {
+        if dtype == DType::BF16 {
+            round_bf16(&v)
+        } else {
+            v
+        }
+    };
+    let x = round(rng.normal_vec(n, 2.0));
+    let d = round(rng.normal_vec(n, 1.0));
+    let w = round(rng.uniform_vec(cols, 0.5, 1.5));
+    let dy = round(rng.normal_vec(n, 1.0));
+    let dres = round(rng.normal_vec(n, 1.0));
+    let h = round(x.iter().zip(&d).map(|(a, b)| a + b).collect());
+    let on = |dv: &Device, shape: &[usize], v: &[f32], dt: DType| {
+        Tensor::from_f32_as(shape, v, dt, dv).unwrap()
+    };
+
+    let cpu = Device::Cpu;
+    let plain = rms_norm_fwd(
+        &on(&cpu, &[rows, cols], &h, DType::F32),
+        &on(&cpu, &[cols], &w, DType::F32),
+        1e-5,
+    )
+    .unwrap();
+    let mut plain_dw = on(&cpu, &[cols], &vec![0.0; cols], DType::F32);
+    let plain_dx = rms_norm_bwd_add(
+        &on(&cpu, &[rows, cols], &dy, DType::F32),
+        &on(&cpu, &[rows, cols], &h, DType::F32),
+        &on(&cpu, &[cols], &w, DType::F32),
+        &plain.rstd,
+        &mut plain_dw,
+        &on(&cpu, &[rows, cols], &dres, DType::F32),
+    )
+    .unwrap();
+
+    let gw = on(dev, &[cols], &w, dtype);
+    let out = add_rms_norm_fwd(
+        &on(dev, &[rows, cols], &x, dtype),
+        &on(dev, &[rows, cols], &d, dtype),
+        &gw,
+        1e-5,
+    )
+    .unwrap();
+    let mut dw = on(dev, &[cols], &vec![0.0; cols], DType::F32);
+    let dx = rms_norm_bwd_add(
+        &on(dev, &[rows, cols], &dy, dtype),
+        &out.h,
+        &gw,
+        &out.norm.rstd,
+        &mut dw,
+        &on(dev, &[rows, cols], &dres, dtype),
+    )
+    .unwrap();
+
+    let f64s = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
+    let (h64, w64, dy64) = (f64s(&h), f64s(&w), f64s(&dy));
+    let (mut y64, mut rstd64) = (vec![0.0; n], vec![0.0; rows]);
+    rms_norm_fwd_ref(&mut y64, &mut rstd64, &h64, &w64, cols, 1e-5);
+    let (mut dx64, mut dw64) = (vec![0.0; n], vec![0.0; cols]);
+    rms_norm_bwd_ref(&mut dx64, &mut dw64, &dy64, &h64, &w64, &rstd64, cols);
+    for (a, b) in dx64.iter_mut().zip(&dres) {
+        *a += *b as f64;
+    }
+
+    let tag = format!("{rows}x{cols} {}", dtype.name());
+    let v = |t: &Tensor| t.to_f32_vec().unwrap();
+    assert_eq!(
+        v(&out.h),
+        h,
+        "add_rms_norm_fwd.h {tag}: x + delta as the dtype rounds it"
+    );
+    check_against_exact(
+        "add_rms_norm_fwd.rstd",
+        &tag,
+        &v(&out.norm.rstd),
+        &v(&plain.rstd),
+        &rstd64,
+        DType::F32,
+        0.0,
+        1e-5,
+    );
+    check_against_exact(
+        "add_rms_norm_fwd.y",
+        &tag,
+        &v(&out.norm.y),
+        &v(&plain.y),
+        &y64,
+        dtype,
+        1e-5,
+        1e-5,
+    );
+    check_against_exact(
+        "rms_norm_bwd_add.dx",
+        &tag,
+        &v(&dx),
+        &v(&plain_dx),
+        &dx64,
+        dtype,
+        1e-5,
+        1e-4,
+    );
+    check_against_exact(
+        "rms_norm_bwd_add.dweight",
+        &tag,
+        &v(&dw),
+        &v(&plain_dw),
+        &dw64,
+        DType::F32,
+        1e-4,
+        1e-4,
+    );
+}
+
+cuda_test! {
+    fn cuda_residual_variants_match_cpu(dev) {
+        poison_outputs();
+        let mut rng = Rng::new(fresh_seed("cuda_residual_variants_match_cpu"));
+        for &(rows, cols) in &[(1, 1), (37, 576), (7, 1000), (3, 4097), (1000, 2048), (5, 12288)] {
+            for dtype in [DType::F32, DType::BF16] {
+                check_cuda_residual(&dev, &mut rng, rows, cols, dtype);
+            }
+        }
+    }
 }

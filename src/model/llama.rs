@@ -12,11 +12,13 @@ use super::weights::{LayerParams, Params};
 use crate::device::{DType, Device, Tensor};
 use crate::error::{Error, Result};
 use crate::ops::attention::{attention_bwd, attention_fwd, AttnBatch, Heads};
-use crate::ops::elementwise::{add, bias_add, bias_grad, cast};
+use crate::ops::elementwise::{bias_add, bias_grad, cast};
 use crate::ops::embed::{embed_bwd, embed_fwd, rows_store};
 use crate::ops::matmul::{gemm, matmul, Trans};
 use crate::ops::mlp::{swiglu_bwd, swiglu_fwd};
-use crate::ops::norm::{rms_norm_bwd, rms_norm_fwd};
+use crate::ops::norm::{
+    add_rms_norm_fwd, rms_norm_bwd, rms_norm_bwd_add, rms_norm_fwd, RmsNormOut,
+};
 use crate::ops::rope::{rope_bwd, rope_fwd};
 
 pub struct Model {
@@ -68,11 +70,13 @@ impl Batch {
     }
 }
 
-/// What one layer's backward needs. The two normalised inputs and the SwiGLU output are `None` in
-/// what `forward` keeps: the backward recomputes them (two RMSNorms and one SwiGLU, bit for bit the
-/// forward's values). Of the 6·d + 2·d_kv + 3·I values a token and layer held (with the layer's
-/// input), that drops 2·d + I: 32% for SmolLM2-135M (d 576, d_kv 192, I 1,536), for about 14 KB of
-/// extra reads and writes a token and layer in the backward.
+/// What one layer's backward needs besides its input and its mid-layer residual stream `h` (kept
+/// beside it in `Activations`: the next layer's first RMSNorm adds to `h`, so `h` outlives the rest).
+/// The two normalised inputs and the SwiGLU output are `None` in what `forward` keeps: the backward
+/// recomputes them (two RMSNorms and one SwiGLU, bit for bit the forward's values). Of the
+/// 6·d + 2·d_kv + 3·I values a token and layer held (with the layer's input), that drops 2·d + I:
+/// 32% for SmolLM2-135M (d 576, d_kv 192, I 1,536), for about 14 KB of extra reads and writes a token
+/// and layer in the backward.
 struct LayerActs {
     xn1: Option<Tensor>,
     rstd1: Tensor,
@@ -81,7 +85,6 @@ struct LayerActs {
     v: Tensor,
     attn: Tensor,
     lse: Tensor,
-    h: Tensor,
     xn2: Option<Tensor>,
     rstd2: Tensor,
     gate: Tensor,
@@ -99,7 +102,6 @@ impl LayerActs {
             &self.v,
             &self.attn,
             &self.lse,
-            &self.h,
             &self.rstd2,
             &self.gate,
             &self.up,
@@ -130,6 +132,9 @@ pub struct Activations {
     attn: AttnBatch,
     /// The input of every layer (and of the final norm, last).
     inputs: Vec<Tensor>,
+    /// Each layer's residual stream after attention, `h = x + o(attention)`, and its saved state;
+    /// both `None` when the model recomputes layers in the backward.
+    mids: Vec<Option<Tensor>>,
     layers: Vec<Option<LayerActs>>,
     rstd_final: Tensor,
     pub hidden: Tensor,
@@ -140,9 +145,29 @@ impl Activations {
     /// norm's statistics and the hidden state).
     pub fn saved_bytes(&self) -> usize {
         let layers: usize = self.layers.iter().flatten().map(LayerActs::bytes).sum();
+        let mids: usize = self.mids.iter().flatten().map(Tensor::bytes).sum();
         let inputs: usize = self.inputs.iter().map(Tensor::bytes).sum();
-        layers + inputs + self.rstd_final.bytes() + self.hidden.bytes()
+        layers + mids + inputs + self.rstd_final.bytes() + self.hidden.bytes()
     }
+}
+
+/// A layer's input: the residual stream as a tensor (the embedding, for the first layer), or the
+/// previous layer's mid-layer stream and its MLP output, whose sum the layer's first RMSNorm forms
+/// in the same pass (so no separate residual add reads and writes the stream).
+enum LayerInput<'a> {
+    Ready(&'a Tensor),
+    Sum(&'a Tensor, &'a Tensor),
+}
+
+/// What a layer's forward returns.
+struct LayerOut {
+    /// The layer's input when it was formed here (`LayerInput::Sum`).
+    input: Option<Tensor>,
+    /// `h = x + o(attention)`, the residual stream after attention.
+    h: Tensor,
+    /// The MLP's output: the layer's output is `h + mlp`, formed by the next RMSNorm.
+    mlp: Tensor,
+    acts: LayerActs,
 }
 
 /// A tensor the forward kept, or its value recomputed now (see `LayerActs`), living only as long as
@@ -269,18 +294,33 @@ impl Model {
         Ok(())
     }
 
-    /// One layer forward on input `x`. `kv` decides where keys and values come from: the fresh rows
+    /// One layer forward on `input`. `kv` decides where keys and values come from: the fresh rows
     /// (training) or a cache that the fresh rows are appended to first.
     fn layer_fwd(
         &self,
         l: &LayerParams,
-        x: &Tensor,
+        input: LayerInput<'_>,
         positions: &Tensor,
         attn: &AttnBatch,
         mut kv: Option<CacheWrite>,
-    ) -> Result<(Tensor, LayerActs)> {
+    ) -> Result<LayerOut> {
         let heads = self.heads();
-        let (xn1, rstd1) = rms_norm_fwd(x, &l.attn_norm, self.eps()).map(|o| (o.y, o.rstd))?;
+        let (formed, n1) = match input {
+            LayerInput::Ready(x) => (None, rms_norm_fwd(x, &l.attn_norm, self.eps())?),
+            LayerInput::Sum(h, mlp) => {
+                let o = add_rms_norm_fwd(h, mlp, &l.attn_norm, self.eps())?;
+                (Some(o.h), o.norm)
+            }
+        };
+        let x = match (&formed, &input) {
+            (Some(x), _) => x,
+            (None, LayerInput::Ready(x)) => *x,
+            (None, LayerInput::Sum(..)) => unreachable!("a summed input is formed above"),
+        };
+        let RmsNormOut {
+            y: xn1,
+            rstd: rstd1,
+        } = n1;
         let q = rope_fwd(
             &linear(&xn1, &l.q, l.q_bias.as_ref())?,
             positions,
@@ -302,15 +342,20 @@ impl Model {
                 attention_fwd(&q, c.k, c.v, attn, heads, self.scale())?
             }
         };
-        let h = add(x, &linear(&a, &l.o, None)?)?;
-        let (xn2, rstd2) = rms_norm_fwd(&h, &l.mlp_norm, self.eps()).map(|o| (o.y, o.rstd))?;
+        let n2 = add_rms_norm_fwd(x, &linear(&a, &l.o, None)?, &l.mlp_norm, self.eps())?;
+        let RmsNormOut {
+            y: xn2,
+            rstd: rstd2,
+        } = n2.norm;
         let gate = linear(&xn2, &l.gate, None)?;
         let up = linear(&xn2, &l.up, None)?;
         let act = swiglu_fwd(&gate, &up)?;
-        let out = add(&h, &linear(&act, &l.down, None)?)?;
-        Ok((
-            out,
-            LayerActs {
+        let mlp = linear(&act, &l.down, None)?;
+        Ok(LayerOut {
+            input: formed,
+            h: n2.h,
+            mlp,
+            acts: LayerActs {
                 xn1: Some(xn1),
                 rstd1,
                 q,
@@ -318,14 +363,68 @@ impl Model {
                 v,
                 attn: a,
                 lse,
-                h,
                 xn2: Some(xn2),
                 rstd2,
                 gate,
                 up,
                 act: Some(act),
             },
-        ))
+        })
+    }
+
+    /// Every layer and the final RMSNorm from the embedded tokens `x`, each layer's output add
+    /// folded into the next RMSNorm. `keep_layer(x, acts)` receives each layer's input and state as
+    /// soon as the layer has run, and `keep_mid(h)` its mid-layer stream once the next layer has
+    /// added to it, both in layer order; what they drop is freed then (one layer's state at a time
+    /// for a forward that keeps nothing). Returns the final norm's input and output. With `cache`,
+    /// each layer appends its keys and values to it (`rows`: the cache row of each new row) and
+    /// attends over the cache.
+    fn run_layers(
+        &self,
+        x: Tensor,
+        positions: &Tensor,
+        attn: &AttnBatch,
+        mut cache: Option<(&mut KvCache, &Tensor)>,
+        mut keep_layer: impl FnMut(Tensor, LayerActs),
+        mut keep_mid: impl FnMut(Tensor),
+    ) -> Result<(Tensor, RmsNormOut)> {
+        let mut first = Some(x);
+        // The previous layer's mid-layer stream and MLP output.
+        let mut prev: Option<(Tensor, Tensor)> = None;
+        for (i, l) in self.params.layers.iter().enumerate() {
+            let kv = cache.as_mut().map(|(c, rows)| CacheWrite {
+                k: &mut c.k[i],
+                v: &mut c.v[i],
+                rows,
+            });
+            let input = match (&first, &prev) {
+                (Some(x), _) => LayerInput::Ready(x),
+                (None, Some((h, mlp))) => LayerInput::Sum(h, mlp),
+                (None, None) => unreachable!("each layer after the first has a previous one"),
+            };
+            let out = self.layer_fwd(l, input, positions, attn, kv)?;
+            let x = match out.input {
+                Some(x) => x,
+                None => first.take().expect("the first layer's input"),
+            };
+            keep_layer(x, out.acts);
+            if let Some((h, _)) = prev.take() {
+                keep_mid(h);
+            }
+            prev = Some((out.h, out.mlp));
+        }
+        match prev {
+            None => {
+                let x = first.expect("no layers: the input goes to the final norm");
+                let o = rms_norm_fwd(&x, &self.params.norm, self.eps())?;
+                Ok((x, o))
+            }
+            Some((h, mlp)) => {
+                let o = add_rms_norm_fwd(&h, &mlp, &self.params.norm, self.eps())?;
+                keep_mid(h);
+                Ok((o.h, o.norm))
+            }
+        }
     }
 
     /// Token ids, positions and the attention layout of a packed batch on the device.
@@ -344,36 +443,37 @@ impl Model {
     /// activations would otherwise sit beside the trained model's and double a step's memory.
     pub fn forward_frozen(&self, batch: &Batch) -> Result<Tensor> {
         let (ids, positions, attn) = self.batch_inputs(batch)?;
-        let mut x = embed_fwd(&self.params.embed, &ids)?;
-        for l in &self.params.layers {
-            x = self.layer_fwd(l, &x, &positions, &attn, None)?.0;
-        }
-        Ok(rms_norm_fwd(&x, &self.params.norm, self.eps())?.y)
+        let x = embed_fwd(&self.params.embed, &ids)?;
+        let (_, o) = self.run_layers(x, &positions, &attn, None, |_, _| {}, drop)?;
+        Ok(o.y)
     }
 
     /// The forward over a packed batch, keeping what `backward` needs.
     pub fn forward(&self, batch: &Batch) -> Result<Activations> {
         let (ids, positions, attn) = self.batch_inputs(batch)?;
-        let mut x = embed_fwd(&self.params.embed, &ids)?;
+        let x = embed_fwd(&self.params.embed, &ids)?;
         let mut inputs = Vec::with_capacity(self.cfg.num_layers + 1);
+        let mut mids = Vec::with_capacity(self.cfg.num_layers);
         let mut layers = Vec::with_capacity(self.cfg.num_layers);
-        for l in &self.params.layers {
-            let (out, acts) = self.layer_fwd(l, &x, &positions, &attn, None)?;
-            inputs.push(x);
-            layers.push(if self.recompute {
-                None
-            } else {
-                Some(acts.lean())
-            });
-            x = out;
-        }
-        let o = rms_norm_fwd(&x, &self.params.norm, self.eps())?;
+        let keep = !self.recompute;
+        let (x, o) = self.run_layers(
+            x,
+            &positions,
+            &attn,
+            None,
+            |x, acts| {
+                inputs.push(x);
+                layers.push(keep.then(|| acts.lean()));
+            },
+            |h| mids.push(keep.then_some(h)),
+        )?;
         inputs.push(x);
         Ok(Activations {
             ids,
             positions,
             attn,
             inputs,
+            mids,
             layers,
             rstd_final: o.rstd,
             hidden: o.y,
@@ -396,17 +496,20 @@ impl Model {
         for (i, l) in self.params.layers.iter().enumerate().rev() {
             let x = &acts.inputs[i];
             let recomputed;
-            let a = match &acts.layers[i] {
-                Some(a) => a,
-                None => {
-                    recomputed = self.layer_fwd(l, x, &acts.positions, &acts.attn, None)?.1;
-                    &recomputed
+            let (h, a) = match (&acts.mids[i], &acts.layers[i]) {
+                (Some(h), Some(a)) => (h, a),
+                _ => {
+                    let input = LayerInput::Ready(x);
+                    let out = self.layer_fwd(l, input, &acts.positions, &acts.attn, None)?;
+                    recomputed = (out.h, out.acts);
+                    (&recomputed.0, &recomputed.1)
                 }
             };
             dx = self.layer_bwd(
                 l,
                 &mut grads.layers[i],
                 x,
+                h,
                 a,
                 &acts.positions,
                 &acts.attn,
@@ -422,6 +525,7 @@ impl Model {
         l: &LayerParams,
         g: &mut LayerParams,
         x: &Tensor,
+        h: &Tensor,
         a: &LayerActs,
         positions: &Tensor,
         attn: &AttnBatch,
@@ -437,19 +541,13 @@ impl Model {
         };
         let (dgate, dup) = swiglu_bwd(&dact, &a.gate, &a.up)?;
         let mut dxn2 = {
-            let xn2 = kept_or(
-                &a.xn2,
-                || Ok(rms_norm_fwd(&a.h, &l.mlp_norm, self.eps())?.y),
-            )?;
+            let xn2 = kept_or(&a.xn2, || Ok(rms_norm_fwd(h, &l.mlp_norm, self.eps())?.y))?;
             let dxn2 = linear_bwd(&dgate, &xn2, &l.gate, &mut g.gate, None)?;
             gemm(&mut g.up, &dup, Trans::T, &xn2, Trans::N, 1.0, 1.0)?;
             dxn2
         };
         gemm(&mut dxn2, &dup, Trans::N, &l.up, Trans::N, 1.0, 1.0)?;
-        let dh = add(
-            dout,
-            &rms_norm_bwd(&dxn2, &a.h, &l.mlp_norm, &a.rstd2, &mut g.mlp_norm)?,
-        )?;
+        let dh = rms_norm_bwd_add(&dxn2, h, &l.mlp_norm, &a.rstd2, &mut g.mlp_norm, dout)?;
         // Attention: h = x + o(attention(rope(q(xn1)), rope(k(xn1)), v(xn1))).
         let dattn = linear_bwd(&dh, &a.attn, &l.o, &mut g.o, None)?;
         let (dq, dk, dv) = attention_bwd(
@@ -478,10 +576,7 @@ impl Model {
             }
             gemm(&mut dxn1, d, Trans::N, w, Trans::N, 1.0, 1.0)?;
         }
-        add(
-            &dh,
-            &rms_norm_bwd(&dxn1, x, &l.attn_norm, &a.rstd1, &mut g.attn_norm)?,
-        )
+        rms_norm_bwd_add(&dxn1, x, &l.attn_norm, &a.rstd1, &mut g.attn_norm, &dh)
     }
 
     /// Rows `rows` of `hidden` times the LM head: logits `[rows.len(), V]` as f32 on the host.
@@ -627,16 +722,12 @@ impl Model {
             })
             .collect();
         let rows = Tensor::from_i32(&[n], slots, &self.device)?;
-        let mut x = embed_fwd(&self.params.embed, &ids)?;
-        for (i, l) in self.params.layers.iter().enumerate() {
-            let write = CacheWrite {
-                k: &mut cache.k[i],
-                v: &mut cache.v[i],
-                rows: &rows,
-            };
-            x = self.layer_fwd(l, &x, &pos, &attn, Some(write))?.0;
-        }
-        let hidden = rms_norm_fwd(&x, &self.params.norm, self.eps())?.y;
+        let x = embed_fwd(&self.params.embed, &ids)?;
+        let cache_rows = Some((&mut *cache, &rows));
+        let hidden = self
+            .run_layers(x, &pos, &attn, cache_rows, |_, _| {}, drop)?
+            .1
+            .y;
         for (l, q) in cache.lens.iter_mut().zip(&q_lens) {
             *l += q;
         }
