@@ -2,7 +2,7 @@
 //! backward 2.5× that. CPU: one small shape; CUDA: T = 512 .. 16,384 at batch·T = 16k tokens and
 //! H·D = 2,048 for D = 64 and 128 (the flash kernels: the forward also on mma.sync, which on Hopper
 //! differs from the default wgmma one; the backward in both its fast and its deterministic mode, and
-//! the fast one with Hopper dK/dV blocks of 64 keys, `bwd_k64`).
+//! both on Hopper blocks of one warpgroup, `fwd_narrow` and `bwd_narrow`).
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -57,12 +57,24 @@ fn run(c: &mut Criterion, device: &Device, label: &str, seqs: usize, t: usize, h
             })
         })
     });
+    let narrow = AttnBatch::packed(&vec![t; seqs], device)
+        .unwrap()
+        .with_kernel(AttnKernel::Narrow);
+    g.bench_function("fwd_narrow", |b| {
+        b.iter_custom(|iters| {
+            time_iters(device, iters, || {
+                drop(black_box(
+                    attention_fwd(&q, &k, &v, &narrow, hd, scale).unwrap(),
+                ))
+            })
+        })
+    });
     let (o, lse) = attention_fwd(&q, &k, &v, &batch, hd, scale).unwrap();
     g.throughput(Throughput::Elements((2.5 * fwd_flops) as u64));
     let default = AttnBatch::packed(&vec![t; seqs], device).unwrap().kernel;
     for (name, kernel, deterministic) in [
         ("bwd", default, false),
-        ("bwd_k64", AttnKernel::NarrowBackward, false),
+        ("bwd_narrow", AttnKernel::Narrow, false),
         ("bwd_deterministic", default, true),
     ] {
         let batch = AttnBatch::packed(&vec![t; seqs], device)

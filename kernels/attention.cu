@@ -1005,9 +1005,11 @@ FLASH_INSTANTIATE(128)
 // Every other architecture runs flash_fwd.
 
 // Warpgroups a block of the Hopper forward (64 query rows each) and dK/dV kernels (64 keys each).
+// The `_narrow` kernels have one: smaller blocks fit more to an SM (the forward's at head_dim 64:
+// three instead of one), so short sequences, whose blocks spend much of their time loading their
+// first tiles, may run better on them, at twice the L2 traffic a FLOP. Kept to measure which wins
+// where.
 #define HOPPER_WGS 2
-#define HOPPER_ROWS (FLASH_TILE * HOPPER_WGS)
-#define HOPPER_THREADS (FLASH_THREADS * HOPPER_WGS)
 
 // A barrier for every thread of the block that, unlike __syncthreads, may be reached at different
 // places of the code (a warpgroup out of work waits at its own; PTX's non-.aligned form).
@@ -1185,14 +1187,15 @@ __device__ __forceinline__ void wgmma_pv(float (&o)[D / 8][4], const uint32_t (&
     else wgmma_m64n128_rs_bt(o, a, desc_b);
 }
 
-template <int D>
+template <int D, int WGS>
 __device__ void flash_fwd_hopper(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ q,
                                  const bf16* __restrict__ k, const bf16* __restrict__ v,
                                  const int* __restrict__ cu_q, const int* __restrict__ k_start,
                                  const int* __restrict__ k_len, const int* __restrict__ tiles, int H, int KV,
                                  float scale) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    constexpr int NT = FLASH_TILE / 8, DT = D / 8, TILE_BYTES = FLASH_TILE * D * 2, WGS = HOPPER_WGS;
+    constexpr int NT = FLASH_TILE / 8, DT = D / 8, TILE_BYTES = FLASH_TILE * D * 2;
+    constexpr int ROWS = FLASH_TILE * WGS, THREADS = FLASH_THREADS * WGS;
     extern __shared__ __align__(16) unsigned char flash_smem[];
     // One Q tile per warpgroup, then two stages of (K, V) that the warpgroups share.
     const uint32_t base = hopper_smem_base(flash_smem);
@@ -1202,7 +1205,7 @@ __device__ void flash_fwd_hopper(bf16* __restrict__ out, float* __restrict__ lse
     const uint32_t qs = base + wg * TILE_BYTES;
     auto ks = [&](int stage) { return base + (WGS + 2 * stage) * TILE_BYTES; };
     auto vs = [&](int stage) { return base + (WGS + 1 + 2 * stage) * TILE_BYTES; };
-    const FlashFwdTile ft = flash_fwd_tile<D, HOPPER_ROWS>(k, v, cu_q, k_start, k_len, tiles, H, KV);
+    const FlashFwdTile ft = flash_fwd_tile<D, ROWS>(k, v, cu_q, k_start, k_len, tiles, H, KV);
     const int h = ft.h, q_begin = ft.q_begin, len_q = ft.len_q, offset = ft.offset;
     const int warp = wt >> 5, lane = wt & 31;
     const size_t kv_stride = (size_t)KV * D, q_stride = (size_t)H * D;
@@ -1227,12 +1230,12 @@ __device__ void flash_fwd_hopper(bf16* __restrict__ out, float* __restrict__ lse
     // P_t·V_t. K runs one tile ahead of V, so copy group t brings K_{t+2} and V_{t+1}: two stages of
     // each suffice, and a group has a whole iteration to land.
     auto load_k = [&](int t) {
-        hopper_load_tile<D, FLASH_TILE, HOPPER_THREADS>(ks(t & 1), kg, kv_stride, t * FLASH_TILE,
-                                                            min(FLASH_TILE, ft.n_keys - t * FLASH_TILE));
+        hopper_load_tile<D, FLASH_TILE, THREADS>(ks(t & 1), kg, kv_stride, t * FLASH_TILE,
+                                                 min(FLASH_TILE, ft.n_keys - t * FLASH_TILE));
     };
     auto load_v = [&](int t) {
-        hopper_load_tile<D, FLASH_TILE, HOPPER_THREADS>(vs(t & 1), vg, kv_stride, t * FLASH_TILE,
-                                                            min(FLASH_TILE, ft.n_keys - t * FLASH_TILE));
+        hopper_load_tile<D, FLASH_TILE, THREADS>(vs(t & 1), vg, kv_stride, t * FLASH_TILE,
+                                                 min(FLASH_TILE, ft.n_keys - t * FLASH_TILE));
     };
     // Iteration t's copies, by the whole block: group t - 1 (K_{t+1}, V_t) landed and every thread
     // is past iteration t - 1, so the stages of K_t (read by S_t) and V_{t-1} (read by
@@ -1259,8 +1262,7 @@ __device__ void flash_fwd_hopper(bf16* __restrict__ out, float* __restrict__ lse
         flash_softmax_scores(s, m, l, alpha, scale_log2, t * FLASH_TILE, lane, last_key, n_keys, offset + iq0);
     };
 
-    hopper_load_tile<D, HOPPER_ROWS, HOPPER_THREADS>(base, q + (size_t)q_begin * q_stride + h * D, q_stride,
-                                                             ft.iq0, ft.rows);
+    hopper_load_tile<D, ROWS, THREADS>(base, q + (size_t)q_begin * q_stride + h * D, q_stride, ft.iq0, ft.rows);
     if (n_tiles > 0) load_k(0);
     cp_async_commit();
     if (n_tiles > 1) load_k(1);
@@ -1340,7 +1342,7 @@ __device__ void flash_fwd_hopper(bf16* __restrict__ out, float* __restrict__ lse
 // tile is wholly masked; it runs it anyway (P = 0) so that every wgmma stays unconditional.
 // The two warpgroups meet at two barriers a tile, so their phases (products, then the elementwise
 // dS) line up, where two one-warpgroup blocks on an SM drift apart and overlap each other's phases:
-// WGS = 1 builds that variant (64 keys a block, `_k64` kernels), kept to measure which wins.
+// WGS = 1 builds that variant (64 keys a block, the `_narrow` kernels), kept to measure which wins.
 template <int D, bool ATOMIC_DQ, int WGS>
 __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dq_acc,
                                  const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
@@ -1589,7 +1591,13 @@ __device__ void flash_bwd_dq_hopper(bf16* __restrict__ dq, const bf16* __restric
 #endif
 }
 
-#define HOPPER_BWD_INSTANTIATE(D, WGS, SUFFIX)                                                                     \
+#define HOPPER_WIDTH_INSTANTIATE(D, WGS, SUFFIX)                                                                   \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS * WGS, 1)                                           \
+        flash_fwd_hopper##SUFFIX##_d##D(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,        \
+                                        const int* cu_q, const int* k_start, const int* k_len, const int* tiles,   \
+                                        int H, int KV, float scale) {                                              \
+        flash_fwd_hopper<D, WGS>(out, lse, q, k, v, cu_q, k_start, k_len, tiles, H, KV, scale);                   \
+    }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(FLASH_THREADS * WGS, 1)                                           \
         flash_bwd_hopper##SUFFIX##_d##D(bf16* dk, bf16* dv, float* dq_acc, const bf16* q, const bf16* k,           \
                                         const bf16* v, const bf16* dout, const float* lse, const float* delta,     \
@@ -1604,13 +1612,8 @@ __device__ void flash_bwd_dq_hopper(bf16* __restrict__ dq, const bf16* __restric
     }
 
 #define HOPPER_INSTANTIATE(D)                                                                                      \
-    extern "C" __global__ void __launch_bounds__(HOPPER_THREADS, 1)                                                \
-        flash_fwd_hopper_d##D(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, const int* cu_q, \
-                              const int* k_start, const int* k_len, const int* tiles, int H, int KV, float scale) { \
-        flash_fwd_hopper<D>(out, lse, q, k, v, cu_q, k_start, k_len, tiles, H, KV, scale);                        \
-    }                                                                                                              \
-    HOPPER_BWD_INSTANTIATE(D, HOPPER_WGS, )                                                                        \
-    HOPPER_BWD_INSTANTIATE(D, 1, _k64)                                                                             \
+    HOPPER_WIDTH_INSTANTIATE(D, HOPPER_WGS, )                                                                      \
+    HOPPER_WIDTH_INSTANTIATE(D, 1, _narrow)                                                                        \
     extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 1)                                                 \
         flash_bwd_dq_hopper_d##D(bf16* dq, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,          \
                                  const float* lse, const float* delta, const int* cu_q, const int* tiles, int H,   \

@@ -679,9 +679,9 @@ pub fn bench_dpo_step(
 /// One attention measurement: median forward and backward times and their TFLOP/s (forward
 /// 4·B·H·T²·D / 2 for causal attention, backward 2.5× that), the backward in its fast mode (dQ by
 /// atomics) and its deterministic one, the forward also on the mma.sync kernel (`AttnKernel::Mma`:
-/// the same as the default except on Hopper GPUs, where the default runs on wgmma), and the fast
-/// backward with one-warpgroup dK/dV blocks (`AttnKernel::NarrowBackward`: on Hopper GPUs only a
-/// kernel of its own).
+/// the same as the default except on Hopper GPUs, where the default runs on wgmma), and the forward
+/// and fast backward on one-warpgroup blocks (`AttnKernel::Narrow`: kernels of their own on Hopper
+/// GPUs only).
 #[derive(Debug, Clone)]
 pub struct AttentionBench {
     pub seqs: usize,
@@ -691,11 +691,13 @@ pub struct AttentionBench {
     pub forward_mma_ms: f64,
     pub backward_ms: f64,
     pub backward_deterministic_ms: f64,
+    pub forward_narrow_ms: f64,
     pub backward_narrow_ms: f64,
     pub forward_tflops: f64,
     pub forward_mma_tflops: f64,
     pub backward_tflops: f64,
     pub backward_deterministic_tflops: f64,
+    pub forward_narrow_tflops: f64,
     pub backward_narrow_tflops: f64,
 }
 
@@ -740,7 +742,10 @@ pub fn bench_attention(
     let backward_ms = median_ms(device, 1, reps, || {
         attention_bwd(&dout, &q, &k, &v, &o, &lse, &batch, hd, scale).map(drop)
     })?;
-    let narrow = batch_of(AttnKernel::NarrowBackward)?;
+    let narrow = batch_of(AttnKernel::Narrow)?;
+    let forward_narrow_ms = median_ms(device, 1, reps, || {
+        attention_fwd(&q, &k, &v, &narrow, hd, scale).map(drop)
+    })?;
     let backward_narrow_ms = median_ms(device, 1, reps, || {
         attention_bwd(&dout, &q, &k, &v, &o, &lse, &narrow, hd, scale).map(drop)
     })?;
@@ -756,12 +761,14 @@ pub fn bench_attention(
         forward_ms,
         backward_ms,
         backward_deterministic_ms,
+        forward_narrow_ms,
         backward_narrow_ms,
         forward_mma_ms,
         forward_tflops: flops / (forward_ms * 1e-3) / 1e12,
         forward_mma_tflops: flops / (forward_mma_ms * 1e-3) / 1e12,
         backward_tflops: 2.5 * flops / (backward_ms * 1e-3) / 1e12,
         backward_deterministic_tflops: 2.5 * flops / (backward_deterministic_ms * 1e-3) / 1e12,
+        forward_narrow_tflops: flops / (forward_narrow_ms * 1e-3) / 1e12,
         backward_narrow_tflops: 2.5 * flops / (backward_narrow_ms * 1e-3) / 1e12,
     })
 }

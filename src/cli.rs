@@ -793,23 +793,26 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             );
             println!(
                 "fwd: the default forward (wgmma on Hopper); mma: the mma.sync forward; bwd: dQ by \
-                 atomics (the default); k64: bwd with Hopper dK/dV blocks of 64 keys instead of \
-                 128 (RLHF_ATTENTION=narrow-bwd); det: the deterministic backward (--deterministic)"
+                 atomics (the default); nfwd, nbwd: fwd and bwd on Hopper blocks of one warpgroup \
+                 instead of two (RLHF_ATTENTION=narrow); det: the deterministic backward \
+                 (--deterministic)"
             );
             println!(
-                "{:>6} {:>6} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11} {:>11} {:>11} {:>11}",
+                "{:>6} {:>6} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12}",
                 "T",
                 "batch",
                 "D",
                 "fwd ms",
                 "mma ms",
+                "nfwd ms",
                 "bwd ms",
-                "k64 ms",
+                "nbwd ms",
                 "det ms",
                 "fwd TFLOP/s",
                 "mma TFLOP/s",
+                "nfwd TFLOP/s",
                 "bwd TFLOP/s",
-                "k64 TFLOP/s",
+                "nbwd TFLOP/s",
                 "det TFLOP/s"
             );
             for &d in &head_dims {
@@ -817,17 +820,19 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     let seqs = (tokens / t).max(1);
                     let r = bench::bench_attention(&device, seqs, t, 2048 / d, 2048 / d, d, reps)?;
                     println!(
-                        "{:>6} {:>6} {:>5} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>11.2} {:>11.2} {:>11.2} {:>11.2} {:>11.2}",
+                        "{:>6} {:>6} {:>5} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>12.2} {:>12.2} {:>12.2} {:>12.2} {:>12.2} {:>12.2}",
                         t,
                         seqs,
                         d,
                         r.forward_ms,
                         r.forward_mma_ms,
+                        r.forward_narrow_ms,
                         r.backward_ms,
                         r.backward_narrow_ms,
                         r.backward_deterministic_ms,
                         r.forward_tflops,
                         r.forward_mma_tflops,
+                        r.forward_narrow_tflops,
                         r.backward_tflops,
                         r.backward_narrow_tflops,
                         r.backward_deterministic_tflops

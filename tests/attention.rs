@@ -237,12 +237,12 @@ fn kernel_names_parse_and_unknown_ones_do_not() {
     for (name, kernel) in [
         ("auto", AttnKernel::Auto),
         ("mma", AttnKernel::Mma),
-        ("narrow-bwd", AttnKernel::NarrowBackward),
+        ("narrow", AttnKernel::Narrow),
         ("simple", AttnKernel::Simple),
     ] {
         assert_eq!(AttnKernel::parse(name), Some(kernel));
     }
-    for bad in ["", "MMA", "narrow", "flash"] {
+    for bad in ["", "MMA", "narrow-bwd", "flash"] {
         assert_eq!(AttnKernel::parse(bad), None, "{bad:?}");
     }
 }
@@ -424,17 +424,17 @@ fn check_cuda(
             .flat_map(|&r| x[r * width..][..width].to_vec())
             .collect()
     };
-    // On a Hopper GPU, Auto runs the wgmma kernels (NarrowBackward too, with one-warpgroup dK/dV
-    // blocks) and Mma the mma.sync ones.
+    // On a Hopper GPU, Auto runs the wgmma kernels (Narrow too, on one-warpgroup blocks) and Mma the
+    // mma.sync ones.
     for (kernel, deterministic) in [
         (AttnKernel::Auto, false),
         (AttnKernel::Auto, true),
-        (AttnKernel::NarrowBackward, false),
+        (AttnKernel::Narrow, false),
         (AttnKernel::Mma, false),
         (AttnKernel::Simple, true),
     ] {
         if dtype != DType::BF16
-            && (!deterministic || matches!(kernel, AttnKernel::Mma | AttnKernel::NarrowBackward))
+            && (!deterministic || matches!(kernel, AttnKernel::Mma | AttnKernel::Narrow))
         {
             continue; // f32 runs neither the flash kernels nor their fast backward
         }
@@ -591,8 +591,8 @@ cuda_test! {
             for (kernel, deterministic) in [
                 (AttnKernel::Auto, false),
                 (AttnKernel::Auto, true),
-                (AttnKernel::NarrowBackward, false),
-                (AttnKernel::NarrowBackward, true),
+                (AttnKernel::Narrow, false),
+                (AttnKernel::Narrow, true),
                 (AttnKernel::Mma, false),
                 (AttnKernel::Mma, true),
             ] {

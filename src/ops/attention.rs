@@ -70,16 +70,15 @@ const FLASH_PAD: usize = 8;
 /// The CUDA attention kernels. `Auto` runs the decode kernels for KV-cache batches they fit
 /// (`AttnBatch::decode_split`), the tensor-core flash kernels for bf16 with head_dim 64 or 128 (the
 /// forward on wgmma on Hopper GPUs, on mma.sync elsewhere), and the simple kernels otherwise (f32,
-/// other head sizes). `Mma` is `Auto` with the mma.sync kernels on Hopper too; `NarrowBackward` is
-/// `Auto` with the Hopper dK/dV kernels on blocks of 64 keys (one warpgroup) instead of 128 (two);
-/// `Simple` always runs the simple kernels. The last three are for comparison
-/// (`RLHF_ATTENTION=mma`, `narrow-bwd` or `simple` makes one the default), `Simple` also as a
-/// fallback.
+/// other head sizes). `Mma` is `Auto` with the mma.sync kernels on Hopper too; `Narrow` is `Auto`
+/// with the Hopper forward and dK/dV kernels on blocks of one warpgroup (64 query rows or keys)
+/// instead of two (128); `Simple` always runs the simple kernels. The last three are for comparison
+/// (`RLHF_ATTENTION=mma`, `narrow` or `simple` makes one the default), `Simple` also as a fallback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttnKernel {
     Auto,
     Mma,
-    NarrowBackward,
+    Narrow,
     Simple,
 }
 
@@ -91,7 +90,7 @@ impl AttnKernel {
                 static WARNED: std::sync::Once = std::sync::Once::new();
                 WARNED.call_once(|| {
                     eprintln!(
-                        "note: RLHF_ATTENTION={v:?} is not one of auto, mma, narrow-bwd, simple; \
+                        "note: RLHF_ATTENTION={v:?} is not one of auto, mma, narrow, simple; \
                          using auto"
                     )
                 });
@@ -105,7 +104,7 @@ impl AttnKernel {
         Some(match name {
             "auto" => AttnKernel::Auto,
             "mma" => AttnKernel::Mma,
-            "narrow-bwd" => AttnKernel::NarrowBackward,
+            "narrow" => AttnKernel::Narrow,
             "simple" => AttnKernel::Simple,
             _ => return None,
         })
@@ -113,7 +112,7 @@ impl AttnKernel {
 
     /// Whether a Hopper GPU runs the wgmma flash kernels for this choice.
     fn wgmma(self) -> bool {
-        matches!(self, AttnKernel::Auto | AttnKernel::NarrowBackward)
+        matches!(self, AttnKernel::Auto | AttnKernel::Narrow)
     }
 
     fn flash(self, dtype: DType, head_dim: usize) -> bool {
@@ -909,8 +908,9 @@ enum Flash {
     DkvDq,
     BwdHopper,
     DkvHopper,
-    BwdHopperK64,
-    DkvHopperK64,
+    FwdHopperNarrow,
+    BwdHopperNarrow,
+    DkvHopperNarrow,
     DqHopper,
 }
 
@@ -925,10 +925,17 @@ impl Flash {
             Flash::DkvDq => ("flash_bwd_dkv_dq_d64", "flash_bwd_dkv_dq_d128"),
             Flash::BwdHopper => ("flash_bwd_hopper_d64", "flash_bwd_hopper_d128"),
             Flash::DkvHopper => ("flash_bwd_dkv_hopper_d64", "flash_bwd_dkv_hopper_d128"),
-            Flash::BwdHopperK64 => ("flash_bwd_hopper_k64_d64", "flash_bwd_hopper_k64_d128"),
-            Flash::DkvHopperK64 => (
-                "flash_bwd_dkv_hopper_k64_d64",
-                "flash_bwd_dkv_hopper_k64_d128",
+            Flash::FwdHopperNarrow => (
+                "flash_fwd_hopper_narrow_d64",
+                "flash_fwd_hopper_narrow_d128",
+            ),
+            Flash::BwdHopperNarrow => (
+                "flash_bwd_hopper_narrow_d64",
+                "flash_bwd_hopper_narrow_d128",
+            ),
+            Flash::DkvHopperNarrow => (
+                "flash_bwd_dkv_hopper_narrow_d64",
+                "flash_bwd_dkv_hopper_narrow_d128",
             ),
             Flash::DqHopper => ("flash_bwd_dq_hopper_d64", "flash_bwd_dq_hopper_d128"),
         };
@@ -969,16 +976,25 @@ fn flash_fwd_cuda(
     let tables = batch.device_tables(OP_FWD)?;
     let (cu, ks, kl) = (&tables.cu_q, &tables.k_start, &tables.k_len);
     let hopper = dev.is_hopper() && batch.kernel.wgmma();
-    let tiles = batch.device_tiles(OP_FWD, hopper)?;
+    let wide = hopper && batch.kernel != AttnKernel::Narrow;
+    let tiles = batch.device_tiles(OP_FWD, wide)?;
     let (h, kv) = (hd.heads as i32, hd.kv_heads as i32);
-    let (name, smem, blocks, threads) = if hopper {
-        // A Q tile per warpgroup and two stages of K and V, unpadded (swizzled), and 1 KiB to
-        // align them to 1,024 bytes.
+    // The Hopper kernels: a Q tile per warpgroup and two stages of K and V, unpadded (swizzled),
+    // and 1 KiB to align them to 1,024 bytes.
+    let hopper_smem = |wgs: usize| (wgs + 4) * FLASH_TILE * hd.head_dim * 2 + 1024;
+    let (name, smem, blocks, threads) = if wide {
         (
             Flash::FwdHopper.name(hd.head_dim),
-            (HOPPER_ROWS / FLASH_TILE + 4) * FLASH_TILE * hd.head_dim * 2 + 1024,
+            hopper_smem(HOPPER_ROWS / FLASH_TILE),
             batch.wide_tile_count(),
             HOPPER_THREADS,
+        )
+    } else if hopper {
+        (
+            Flash::FwdHopperNarrow.name(hd.head_dim),
+            hopper_smem(1),
+            batch.tile_count(),
+            FLASH_THREADS,
         )
     } else {
         (
@@ -1042,18 +1058,18 @@ fn flash_bwd_cuda(
     // dSᵀ block for each (unused by the deterministic kernel), two stages of 64 scaled lse and
     // delta values. dQ: Q, dO, two stages of (K, V).
     let hopper_tile = FLASH_TILE * hd.head_dim * 2;
-    let narrow = batch.kernel == AttnKernel::NarrowBackward;
+    let narrow = batch.kernel == AttnKernel::Narrow;
     let wgs = if narrow { 1 } else { HOPPER_ROWS / FLASH_TILE };
     let hopper_dkv_smem =
         (2 * wgs + 4) * hopper_tile + wgs * FLASH_TILE * 64 * 2 + 4 * FLASH_TILE * 4 + 1024;
     let (name, smem) = match (batch.deterministic, hopper) {
-        (false, true) if narrow => (Flash::BwdHopperK64.name(hd.head_dim), hopper_dkv_smem),
+        (false, true) if narrow => (Flash::BwdHopperNarrow.name(hd.head_dim), hopper_dkv_smem),
         (false, true) => (Flash::BwdHopper.name(hd.head_dim), hopper_dkv_smem),
         (false, false) => (
             Flash::DkvDq.name(hd.head_dim),
             dkv_smem + FLASH_TILE * (FLASH_BWD_QTILE + FLASH_PAD) * 2,
         ),
-        (true, true) if narrow => (Flash::DkvHopperK64.name(hd.head_dim), hopper_dkv_smem),
+        (true, true) if narrow => (Flash::DkvHopperNarrow.name(hd.head_dim), hopper_dkv_smem),
         (true, true) => (Flash::DkvHopper.name(hd.head_dim), hopper_dkv_smem),
         (true, false) => (Flash::Dkv.name(hd.head_dim), dkv_smem),
     };
