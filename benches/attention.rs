@@ -36,42 +36,27 @@ fn run(c: &mut Criterion, device: &Device, label: &str, seqs: usize, t: usize, h
     ));
     g.sample_size(10);
     g.throughput(Throughput::Elements(fwd_flops as u64));
-    g.bench_function("fwd", |b| {
-        b.iter_custom(|iters| {
-            time_iters(device, iters, || {
-                drop(black_box(
-                    attention_fwd(&q, &k, &v, &batch, hd, scale).unwrap(),
-                ))
+    let default = batch.kernel;
+    for (name, kernel) in [
+        ("fwd", default),
+        ("fwd_mma", AttnKernel::Mma),
+        ("fwd_narrow", AttnKernel::Narrow),
+    ] {
+        let batch = AttnBatch::packed(&vec![t; seqs], device)
+            .unwrap()
+            .with_kernel(kernel);
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                time_iters(device, iters, || {
+                    drop(black_box(
+                        attention_fwd(&q, &k, &v, &batch, hd, scale).unwrap(),
+                    ))
+                })
             })
-        })
-    });
-    let mma = AttnBatch::packed(&vec![t; seqs], device)
-        .unwrap()
-        .with_kernel(AttnKernel::Mma);
-    g.bench_function("fwd_mma", |b| {
-        b.iter_custom(|iters| {
-            time_iters(device, iters, || {
-                drop(black_box(
-                    attention_fwd(&q, &k, &v, &mma, hd, scale).unwrap(),
-                ))
-            })
-        })
-    });
-    let narrow = AttnBatch::packed(&vec![t; seqs], device)
-        .unwrap()
-        .with_kernel(AttnKernel::Narrow);
-    g.bench_function("fwd_narrow", |b| {
-        b.iter_custom(|iters| {
-            time_iters(device, iters, || {
-                drop(black_box(
-                    attention_fwd(&q, &k, &v, &narrow, hd, scale).unwrap(),
-                ))
-            })
-        })
-    });
+        });
+    }
     let (o, lse) = attention_fwd(&q, &k, &v, &batch, hd, scale).unwrap();
     g.throughput(Throughput::Elements((2.5 * fwd_flops) as u64));
-    let default = AttnBatch::packed(&vec![t; seqs], device).unwrap().kernel;
     for (name, kernel, deterministic) in [
         ("bwd", default, false),
         ("bwd_narrow", AttnKernel::Narrow, false),
