@@ -238,8 +238,8 @@ ATTENTION_INSTANTIATE(bf16, bf16)
 // an f32 buffer with atomics (FlashAttention-2's schedule). On Hopper both modes run wgmma twins
 // (after the Hopper forward): flash_bwd_hopper, and flash_bwd_dkv_hopper with flash_bwd_dq_hopper.
 // Work is cut into 64-row tiles listed by the host (`tiles`: sequence, first local row; 128-row
-// ones for the Hopper forward and dK/dV kernels, whose blocks are two warpgroups) so that packed
-// variable-length batches pay nothing for padding.
+// ones for the Hopper kernels, whose blocks are two warpgroups) so that packed variable-length
+// batches pay nothing for padding.
 //
 // Smem rows are padded by 16 bytes so that the 8 row addresses of an ldmatrix fall in distinct banks.
 
@@ -1004,7 +1004,7 @@ FLASH_INSTANTIATE(128)
 // 128-byte swizzle (16-byte chunk c of row r at chunk c ^ (r % 8)), each block 1024-byte aligned.
 // Every other architecture runs flash_fwd.
 
-// Warpgroups a block of the Hopper forward (64 query rows each) and dK/dV kernels (64 keys each).
+// Warpgroups a block of the Hopper kernels (64 query rows, or 64 keys in the dK/dV kernels, each).
 // The `_narrow` kernels have one: smaller blocks fit more to an SM (the forward's at head_dim 64:
 // three instead of one), so short sequences, whose blocks spend much of their time loading their
 // first tiles, may run better on them, at twice the L2 traffic a FLOP. Kept to measure which wins
@@ -1499,12 +1499,12 @@ __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, f
 #endif
 }
 
-// The deterministic mode's dQ on wgmma: a block (one warpgroup) owns 64 query rows of one head and
-// loops over the 64-key tiles they see: S = Q·Kᵀ and dP = dO·Vᵀ from shared memory, dS in registers,
-// dQ += dS·K with dS as the register operand and K read MN-major. Every dQ row is written by one
-// block, so with flash_bwd_dkv_hopper (the dK/dV kernel without its dQ part) the backward has no
-// atomics.
-template <int D>
+// The deterministic mode's dQ on wgmma: a block of WGS warpgroups owns 64 query rows of one head a
+// warpgroup and loops over the 64-key tiles they see, K and V tiles shared as in the forward: S =
+// Q·Kᵀ and dP = dO·Vᵀ from shared memory, dS in registers, dQ += dS·K with dS as the register
+// operand and K read MN-major. Every dQ row is written by one block, so with flash_bwd_dkv_hopper
+// (the dK/dV kernel without its dQ part) the backward has no atomics.
+template <int D, int WGS>
 __device__ void flash_bwd_dq_hopper(bf16* __restrict__ dq, const bf16* __restrict__ q, const bf16* __restrict__ k,
                                     const bf16* __restrict__ v, const bf16* __restrict__ dout,
                                     const float* __restrict__ lse, const float* __restrict__ delta,
@@ -1512,19 +1512,25 @@ __device__ void flash_bwd_dq_hopper(bf16* __restrict__ dq, const bf16* __restric
                                     float scale) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int NT = FLASH_TILE / 8, DT = D / 8, TILE_BYTES = FLASH_TILE * D * 2;
+    constexpr int ROWS = FLASH_TILE * WGS, THREADS = FLASH_THREADS * WGS;
     extern __shared__ __align__(16) unsigned char flash_smem[];
-    // Q, dO, then two stages of (K, V).
+    // Q (a tile per warpgroup), dO (the same), then two stages of (K, V).
     const uint32_t base = hopper_smem_base(flash_smem);
-    const uint32_t qs = base, dos = base + TILE_BYTES;
-    auto ks = [&](int stage) { return base + (2 + 2 * stage) * TILE_BYTES; };
-    auto vs = [&](int stage) { return base + (3 + 2 * stage) * TILE_BYTES; };
-    const FlashFwdTile ft = flash_fwd_tile<D>(k, v, cu_q, nullptr, nullptr, tiles, H, KV);
-    const int iq0 = ft.iq0, h = ft.h, q_begin = ft.q_begin, len = ft.len_q, rows = ft.rows;
-    const int n_keys = ft.n_keys, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int wg = __shfl_sync(0xffffffffu, threadIdx.x / FLASH_THREADS, 0), wt = threadIdx.x % FLASH_THREADS;
+    const uint32_t qs = base + wg * TILE_BYTES, dos = base + (WGS + wg) * TILE_BYTES;
+    auto ks = [&](int stage) { return base + (2 * WGS + 2 * stage) * TILE_BYTES; };
+    auto vs = [&](int stage) { return base + (2 * WGS + 1 + 2 * stage) * TILE_BYTES; };
+    const FlashFwdTile ft = flash_fwd_tile<D, ROWS>(k, v, cu_q, nullptr, nullptr, tiles, H, KV);
+    const int h = ft.h, q_begin = ft.q_begin, len = ft.len_q;
+    const int warp = wt >> 5, lane = wt & 31;
     const size_t kv_stride = (size_t)KV * D, q_stride = (size_t)H * D;
     const bf16 *kg = ft.kg, *vg = ft.vg;
     const float scale_log2 = scale * FLASH_LOG2E;
-    const int n_tiles = (n_keys + FLASH_TILE - 1) / FLASH_TILE;
+    // The block loads every key tile one of its rows sees; this warpgroup computes over its own.
+    const int n_tiles = (ft.n_keys + FLASH_TILE - 1) / FLASH_TILE;
+    const int iq0 = ft.iq0 + wg * FLASH_TILE, rows = max(0, min(FLASH_TILE, len - iq0));
+    const int n_keys = rows > 0 ? iq0 + rows : 0;  // a packed batch: row i sees keys 0 .. i
+    const int my_tiles = (n_keys + FLASH_TILE - 1) / FLASH_TILE;
 
     const int row_a = iq0 + warp * 16 + (lane >> 2);
     float lse2[2], dlt[2];
@@ -1536,27 +1542,31 @@ __device__ void flash_bwd_dq_hopper(bf16* __restrict__ dq, const bf16* __restric
         dlt[i] = ok ? delta[(size_t)(q_begin + row) * H + h] : 0.0f;
     }
     auto load_kv = [&](int t) {
-        const int nv = min(FLASH_TILE, n_keys - t * FLASH_TILE);
-        hopper_load_tile<D>(ks(t & 1), kg, kv_stride, t * FLASH_TILE, nv);
-        hopper_load_tile<D>(vs(t & 1), vg, kv_stride, t * FLASH_TILE, nv);
+        const int nv = min(FLASH_TILE, ft.n_keys - t * FLASH_TILE);
+        hopper_load_tile<D, FLASH_TILE, THREADS>(ks(t & 1), kg, kv_stride, t * FLASH_TILE, nv);
+        hopper_load_tile<D, FLASH_TILE, THREADS>(vs(t & 1), vg, kv_stride, t * FLASH_TILE, nv);
     };
-    hopper_load_tile<D>(qs, q + (size_t)q_begin * q_stride + h * D, q_stride, iq0, rows);
-    hopper_load_tile<D>(dos, dout + (size_t)q_begin * q_stride + h * D, q_stride, iq0, rows);
-    load_kv(0);
+    hopper_load_tile<D, ROWS, THREADS>(base, q + (size_t)q_begin * q_stride + h * D, q_stride, ft.iq0, ft.rows);
+    hopper_load_tile<D, ROWS, THREADS>(base + WGS * TILE_BYTES, dout + (size_t)q_begin * q_stride + h * D, q_stride,
+                                       ft.iq0, ft.rows);
+    if (n_tiles > 0) load_kv(0);
     cp_async_commit();
 
+    // Tile t landed; every thread is past iteration t - 1, whose stage tile t + 1 reuses. A
+    // warpgroup out of tiles still takes part.
+    auto sync_and_load = [&](int t) {
+        cp_async_wait<0>();
+        fence_proxy_async();
+        block_barrier();
+        if (t + 1 < n_tiles) load_kv(t + 1);
+        cp_async_commit();
+    };
     float acc[DT][4];
 #pragma unroll
     for (int i = 0; i < DT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
-    for (int t = 0; t < n_tiles; ++t) {
+    for (int t = 0; t < my_tiles; ++t) {
         const int n0 = t * FLASH_TILE;
-        // Tile t landed; every thread is past iteration t - 1, whose stage tile t + 1 reuses.
-        cp_async_wait<0>();
-        fence_proxy_async();
-        __syncthreads();
-        if (t + 1 < n_tiles) load_kv(t + 1);
-        cp_async_commit();
-
+        sync_and_load(t);
         float s[NT][4], dp[NT][4];
         wgmma_fence();
 #pragma unroll
@@ -1582,8 +1592,9 @@ __device__ void flash_bwd_dq_hopper(bf16* __restrict__ dq, const bf16* __restric
         wgmma_wait_all();
         wgmma_fence_regs(acc);
     }
+    for (int t = my_tiles; t < n_tiles; ++t) sync_and_load(t);
     cp_async_wait<0>();
-    flash_rows_store<D>(dq, acc, row_a, len, q_begin, H, h, lane, scale);
+    if (rows > 0) flash_rows_store<D>(dq, acc, row_a, len, q_begin, H, h, lane, scale);
 #else
     // Only sm_90a has wgmma; the host launches these kernels on compute capability 9.0 alone, so
     // reaching this is a dispatch bug, and it must not pass for a result.
@@ -1609,17 +1620,17 @@ __device__ void flash_bwd_dq_hopper(bf16* __restrict__ dq, const bf16* __restric
                                             const bf16* dout, const float* lse, const float* delta,                \
                                             const int* cu_q, const int* tiles, int H, int KV, float scale) {       \
         flash_bwd_hopper<D, false, WGS>(dk, dv, nullptr, q, k, v, dout, lse, delta, cu_q, tiles, H, KV, scale);    \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS * WGS, 1)                                           \
+        flash_bwd_dq_hopper##SUFFIX##_d##D(bf16* dq, const bf16* q, const bf16* k, const bf16* v,                  \
+                                           const bf16* dout, const float* lse, const float* delta,                 \
+                                           const int* cu_q, const int* tiles, int H, int KV, float scale) {        \
+        flash_bwd_dq_hopper<D, WGS>(dq, q, k, v, dout, lse, delta, cu_q, tiles, H, KV, scale);                     \
     }
 
 #define HOPPER_INSTANTIATE(D)                                                                                      \
     HOPPER_WIDTH_INSTANTIATE(D, HOPPER_WGS, )                                                                      \
-    HOPPER_WIDTH_INSTANTIATE(D, 1, _narrow)                                                                        \
-    extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 1)                                                 \
-        flash_bwd_dq_hopper_d##D(bf16* dq, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,          \
-                                 const float* lse, const float* delta, const int* cu_q, const int* tiles, int H,   \
-                                 int KV, float scale) {                                                            \
-        flash_bwd_dq_hopper<D>(dq, q, k, v, dout, lse, delta, cu_q, tiles, H, KV, scale);                          \
-    }
+    HOPPER_WIDTH_INSTANTIATE(D, 1, _narrow)
 
 HOPPER_INSTANTIATE(64)
 HOPPER_INSTANTIATE(128)

@@ -39,8 +39,7 @@ pub struct AttnBatch {
     /// `[tiles, 2]` (sequence, first local query row) of every 64-row query tile, for the flash
     /// kernels: packed batches of any lengths cost no padding beyond each sequence's last tile.
     tiles: Vec<i32>,
-    /// The same for 128-row tiles, the blocks of the Hopper forward and dK/dV kernels (empty on
-    /// other devices).
+    /// The same for 128-row tiles, the blocks of the Hopper kernels (empty on other devices).
     wide_tiles: Vec<i32>,
     dev: Option<DeviceTables>,
 }
@@ -58,8 +57,8 @@ struct DeviceTables {
 /// Query rows (and, in the backward, key rows) per flash-kernel block.
 const FLASH_TILE: usize = 64;
 const FLASH_THREADS: u32 = 128;
-/// Query rows (keys in the backward) and threads per block of the Hopper flash forward and dK/dV
-/// kernels: two warpgroups of 64 rows.
+/// Query rows (keys in the dK/dV kernels) and threads per block of the Hopper flash kernels: two
+/// warpgroups of 64 rows.
 const HOPPER_ROWS: usize = 128;
 const HOPPER_THREADS: u32 = 256;
 /// Query rows per inner tile of the flash dK/dV kernel and keys per inner tile of its dQ kernel.
@@ -68,11 +67,11 @@ const FLASH_BWD_QTILE: usize = 32;
 const FLASH_PAD: usize = 8;
 
 /// The CUDA attention kernels. `Auto` runs the decode kernels for KV-cache batches they fit
-/// (`AttnBatch::decode_split`), the tensor-core flash kernels for bf16 with head_dim 64 or 128 (the
-/// forward on wgmma on Hopper GPUs, on mma.sync elsewhere), and the simple kernels otherwise (f32,
-/// other head sizes). `Mma` is `Auto` with the mma.sync kernels on Hopper too; `Narrow` is `Auto`
-/// with the Hopper forward and dK/dV kernels on blocks of one warpgroup (64 query rows or keys)
-/// instead of two (128); `Simple` always runs the simple kernels. The last three are for comparison
+/// (`AttnBatch::decode_split`), the tensor-core flash kernels for bf16 with head_dim 64 or 128 (on
+/// wgmma on Hopper GPUs, on mma.sync elsewhere), and the simple kernels otherwise (f32, other head
+/// sizes). `Mma` is `Auto` with the mma.sync kernels on Hopper too; `Narrow` is `Auto` with the
+/// Hopper kernels on blocks of one warpgroup (64 query rows, or keys in dK/dV) instead of two
+/// (128); `Simple` always runs the simple kernels. The last three are for comparison
 /// (`RLHF_ATTENTION=mma`, `narrow` or `simple` makes one the default), `Simple` also as a fallback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttnKernel {
@@ -911,6 +910,7 @@ enum Flash {
     FwdHopperNarrow,
     BwdHopperNarrow,
     DkvHopperNarrow,
+    DqHopperNarrow,
     DqHopper,
 }
 
@@ -936,6 +936,10 @@ impl Flash {
             Flash::DkvHopperNarrow => (
                 "flash_bwd_dkv_hopper_narrow_d64",
                 "flash_bwd_dkv_hopper_narrow_d128",
+            ),
+            Flash::DqHopperNarrow => (
+                "flash_bwd_dq_hopper_narrow_d64",
+                "flash_bwd_dq_hopper_narrow_d128",
             ),
             Flash::DqHopper => ("flash_bwd_dq_hopper_d64", "flash_bwd_dq_hopper_d128"),
         };
@@ -1046,7 +1050,6 @@ fn flash_bwd_cuda(
     let dev = device.as_cuda(OP_BWD)?;
     let cu = &batch.device_tables(OP_BWD)?.cu_q;
     let hopper = dev.is_hopper() && batch.kernel.wgmma();
-    let tiles = batch.device_tiles(OP_BWD, false)?;
     let (h, kv) = (hd.heads as i32, hd.kv_heads as i32);
     let row_bytes = (hd.head_dim + FLASH_PAD) * 2;
 
@@ -1079,7 +1082,7 @@ fn flash_bwd_cuda(
         .then(|| Tensor::zeros(q.shape(), DType::F32, device))
         .transpose()?;
     let wide = hopper && !narrow;
-    let dkv_tiles = batch.device_tiles(OP_BWD, wide)?;
+    let tiles = batch.device_tiles(OP_BWD, wide)?;
     let f = dev.function_with_shared("attention", name, smem, 0)?;
     let mut l = dev.stream().launch_builder(&f);
     l.arg(bf16::slice_mut(dk, OP_BWD)?)
@@ -1094,7 +1097,7 @@ fn flash_bwd_cuda(
         .arg(lse.cuda_f32(OP_BWD)?)
         .arg(delta.cuda_f32(OP_BWD)?)
         .arg(cu.cuda_i32(OP_BWD)?)
-        .arg(dkv_tiles.cuda_i32(OP_BWD)?)
+        .arg(tiles.cuda_i32(OP_BWD)?)
         .arg(&h)
         .arg(&kv)
         .arg(&scale);
@@ -1115,11 +1118,17 @@ fn flash_bwd_cuda(
 
     let mut dq = Tensor::empty(q.shape(), DType::BF16, device)?;
     // mma.sync: two stages of (K tile, V tile), FLASH_BWD_QTILE rows each; Q and dO are staged
-    // through the first.
-    let (name, smem) = if hopper {
-        (Flash::DqHopper.name(hd.head_dim), 6 * hopper_tile + 1024)
-    } else {
-        (Flash::Dq.name(hd.head_dim), 4 * FLASH_BWD_QTILE * row_bytes)
+    // through the first. Hopper: Q and dO tiles for each warpgroup, two stages of (K, V).
+    let (name, smem) = match (hopper, narrow) {
+        (true, false) => (
+            Flash::DqHopper.name(hd.head_dim),
+            (2 * wgs + 4) * hopper_tile + 1024,
+        ),
+        (true, true) => (
+            Flash::DqHopperNarrow.name(hd.head_dim),
+            6 * hopper_tile + 1024,
+        ),
+        (false, _) => (Flash::Dq.name(hd.head_dim), 4 * FLASH_BWD_QTILE * row_bytes),
     };
     let f = dev.function_with_shared("attention", name, smem, 0)?;
     let mut l = dev.stream().launch_builder(&f);
@@ -1136,15 +1145,8 @@ fn flash_bwd_cuda(
         .arg(&kv)
         .arg(&scale);
     // SAFETY: as above (the Hopper kernel aligns its tiles inside the extra KiB); one block per
-    // (query tile, head), each writing only its own rows of dq.
-    unsafe {
-        l.launch(flash_config(
-            OP_BWD,
-            batch.tile_count(),
-            hd.heads,
-            smem,
-            FLASH_THREADS,
-        )?)
-    }?;
+    // (query tile, head), each writing only its own rows of dq; the same tiles and block size as
+    // the dK/dV kernel.
+    unsafe { l.launch(flash_config(OP_BWD, blocks, hd.heads, smem, threads)?) }?;
     Ok(dq)
 }
