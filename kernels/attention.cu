@@ -1449,14 +1449,21 @@ __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, f
         wgmma_commit();
 
         if constexpr (ATOMIC_DQ) {
-            fence_proxy_async();
-            __syncthreads();  // every warpgroup's dSᵀ block written
             // dQ 64 columns at a time (registers): where the column blocks split evenly over the
             // warpgroups, each takes its share over every warpgroup's keys (one atomic a dQ element
             // a block); else (head_dim 64, two warpgroups) each all of them over its own keys.
             constexpr int COL_BLOCKS = D / 64;
             constexpr bool SPLIT = COL_BLOCKS % WGS == 0;
             constexpr int MINE = SPLIT ? COL_BLOCKS / WGS : 1, BLOCKS = SPLIT ? WGS : 1;
+            fence_proxy_async();
+            // The dSᵀ blocks the product reads are written: every warpgroup's when it splits the
+            // columns, else only its own, so a warpgroup waits for its own four warps and the two
+            // are not held in step a second time a tile.
+            if constexpr (SPLIT) {
+                __syncthreads();
+            } else {
+                asm volatile("bar.sync %0, %1;\n" ::"r"(1 + wg), "n"(FLASH_THREADS) : "memory");
+            }
 #pragma unroll
             for (int ci = 0; ci < MINE; ++ci) {
                 const int col0 = SPLIT ? (wg + ci * WGS) * 64 : 0;
