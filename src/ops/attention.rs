@@ -39,8 +39,6 @@ pub struct AttnBatch {
     /// `[tiles, 2]` (sequence, first local query row) of every 64-row query tile, for the flash
     /// kernels: packed batches of any lengths cost no padding beyond each sequence's last tile.
     tiles: Vec<i32>,
-    /// The same for 128-row tiles, the blocks of the Hopper kernels (empty on other devices).
-    wide_tiles: Vec<i32>,
     dev: Option<DeviceTables>,
 }
 
@@ -51,7 +49,9 @@ struct DeviceTables {
     k_len: Tensor,
     /// Absent when the batch has no query rows (the launchers return before needing it).
     tiles: Option<Tensor>,
-    wide_tiles: Option<Tensor>,
+    /// The same for 128-row tiles, the blocks of the Hopper kernels: copied on the first launch
+    /// that needs them, so batches that never run one (decode steps, other GPUs) skip the copy.
+    wide_tiles: std::sync::OnceLock<Tensor>,
 }
 
 /// Query rows (and, in the backward, key rows) per flash-kernel block.
@@ -231,23 +231,16 @@ impl AttnBatch {
         device: &Device,
     ) -> Result<AttnBatch> {
         let tiles = query_tiles(&cu_q, FLASH_TILE);
-        let wide_tiles = match device {
-            Device::Cuda(dev) if dev.is_hopper() => query_tiles(&cu_q, HOPPER_ROWS),
-            _ => Vec::new(),
-        };
-        let on_device = |t: &Vec<i32>| {
-            (!t.is_empty())
-                .then(|| Tensor::from_i32(&[t.len()], t.clone(), device))
-                .transpose()
-        };
         let dev = match device {
             Device::Cpu => None,
             Device::Cuda(_) => Some(DeviceTables {
                 cu_q: Tensor::from_i32(&[cu_q.len()], cu_q.clone(), device)?,
                 k_start: Tensor::from_i32(&[k_start.len()], k_start.clone(), device)?,
                 k_len: Tensor::from_i32(&[k_len.len()], k_len.clone(), device)?,
-                tiles: on_device(&tiles)?,
-                wide_tiles: on_device(&wide_tiles)?,
+                tiles: (!tiles.is_empty())
+                    .then(|| Tensor::from_i32(&[tiles.len()], tiles.clone(), device))
+                    .transpose()?,
+                wide_tiles: std::sync::OnceLock::new(),
             }),
         };
         Ok(AttnBatch {
@@ -258,7 +251,6 @@ impl AttnBatch {
             kernel: AttnKernel::default_choice(),
             deterministic: deterministic(),
             tiles,
-            wide_tiles,
             dev,
         })
     }
@@ -275,16 +267,19 @@ impl AttnBatch {
     /// launch.
     fn device_tiles(&self, op: &'static str, wide: bool) -> Result<&Tensor> {
         let tables = self.device_tables(op)?;
-        if wide {
-            &tables.wide_tiles
-        } else {
-            &tables.tiles
-        }
-        .as_ref()
-        .ok_or_else(|| Error::Unsupported {
+        let narrow = tables.tiles.as_ref().ok_or_else(|| Error::Unsupported {
             op,
             detail: "a batch with no query rows has no tiles to launch".into(),
-        })
+        })?;
+        if !wide {
+            return Ok(narrow);
+        }
+        if let Some(t) = tables.wide_tiles.get() {
+            return Ok(t);
+        }
+        let wide = query_tiles(&self.cu_q, HOPPER_ROWS);
+        let t = Tensor::from_i32(&[wide.len()], wide, narrow.device())?;
+        Ok(tables.wide_tiles.get_or_init(|| t))
     }
 
     /// The same batch run by `kernel` on CUDA.
@@ -319,7 +314,10 @@ impl AttnBatch {
     }
 
     fn wide_tile_count(&self) -> usize {
-        self.wide_tiles.len() / 2
+        self.cu_q
+            .windows(2)
+            .map(|w| ((w[1] - w[0]) as usize).div_ceil(HOPPER_ROWS))
+            .sum()
     }
 
     pub fn sequences(&self) -> usize {
