@@ -132,8 +132,8 @@ pub struct Activations {
     attn: AttnBatch,
     /// The input of every layer (and of the final norm, last).
     inputs: Vec<Tensor>,
-    /// Each layer's residual stream after attention, `h = x + o(attention)`, and its saved state;
-    /// both `None` when the model recomputes layers in the backward.
+    /// Each layer's residual stream after attention, `h = x + o(attention)`, and (next) its saved
+    /// state: `None`, both, when the model recomputes layers in the backward.
     mids: Vec<Option<Tensor>>,
     layers: Vec<Option<LayerActs>>,
     rstd_final: Tensor,
