@@ -1055,9 +1055,9 @@ fn flash_bwd_cuda(
     // the tile's dSᵀ, [64][FLASH_BWD_QTILE + FLASH_PAD] bf16.
     let dkv_smem = (2 * FLASH_TILE + 4 * FLASH_BWD_QTILE) * row_bytes + 4 * FLASH_BWD_QTILE * 4;
     // The wgmma tiles are unpadded (swizzled) and 1 KiB more lets the kernels align them to 1,024
-    // bytes. dK/dV (a block of two warpgroups): K and V tiles for each, two stages of (Q, dO), a
+    // bytes. dK/dV (`wgs` warpgroups a block): K and V tiles for each, two stages of (Q, dO), a
     // dSᵀ block for each (unused by the deterministic kernel), two stages of 64 scaled lse and
-    // delta values. dQ: Q, dO, two stages of (K, V).
+    // delta values. dQ: below.
     let hopper_tile = FLASH_TILE * hd.head_dim * 2;
     let narrow = batch.kernel == AttnKernel::Narrow;
     let wgs = if narrow { 1 } else { HOPPER_ROWS / FLASH_TILE };
