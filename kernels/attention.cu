@@ -1029,50 +1029,71 @@ __device__ __forceinline__ uint32_t hopper_smem_base(const unsigned char* smem) 
 }
 
 // The 128-byte-swizzled address of 16-byte chunk `chunk` (of D / 8) in row `row` of a [64][D] tile.
-__device__ __forceinline__ uint32_t hopper_swizzle(int row, int chunk) {
+// (Host-callable, like the descriptors below, so tests/host/attention_layout_check.cu can check
+// them against the wgmma layouts.)
+__host__ __device__ __forceinline__ uint32_t hopper_swizzle(int row, int chunk) {
     return (chunk >> 3) * HOPPER_BLOCK_BYTES + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
 }
 
+// The address lane `lane` of warp `warp` gives ldmatrix.x4 for k-step kk of a swizzled [64][D]
+// tile, so that the four 8x8 matrices arrive in the mma.sync (and wgmma) A layout of the warp's 16
+// rows: lane i gives row i % 8 of matrix i / 8; matrices 1 and 3 are rows 8 to 15, matrices 2 and 3
+// columns 8 to 15 of the k-step.
+__host__ __device__ __forceinline__ uint32_t hopper_a_frag_offset(int warp, int lane, int kk) {
+    return hopper_swizzle(warp * 16 + (lane & 15), 2 * kk + (lane >> 4));
+}
+
+// Where hopper_load_tile's copies go: a block of THREADS threads fills swizzled [64][D] tiles.
+template <int D, int THREADS>
+struct HopperLoad {
+    static constexpr int CHUNKS = D / 8, ROW_STEP = THREADS / CHUNKS, TILE_BYTES = FLASH_TILE * D * 2;
+    static_assert(ROW_STEP % 8 == 0 && FLASH_TILE % ROW_STEP == 0, "rows must keep their swizzle phase");
+    // Thread tid's j-th copy, row tid / CHUNKS + j * ROW_STEP (counted from the first tile's) and
+    // 16-byte chunk tid % CHUNKS, lands at first(tid) + step(j) from the first tile. Rows step by a
+    // multiple of 8, so the swizzled chunk is the same in every row; tid / CHUNKS < ROW_STEP, which
+    // divides 64, so row tid / CHUNKS + r stays in tile r / 64.
+    __host__ __device__ static uint32_t first(int tid) { return hopper_swizzle(tid / CHUNKS, tid % CHUNKS); }
+    __host__ __device__ static constexpr uint32_t step(int j) {
+        return (j * ROW_STEP / FLASH_TILE) * TILE_BYTES + (j * ROW_STEP % FLASH_TILE) * 128;
+    }
+};
+
 // Rows row0 .. row0 + ROWS of a [*, row_stride] bf16 matrix into swizzled [64][D] tiles from `tile`
 // on (rows 64 .. 127 in the next tile), by a block of THREADS threads; rows at or past n_valid are
-// zero-filled. A thread's rows step by a multiple of 8, so its swizzled chunk is the same in every
-// row.
+// zero-filled.
 template <int D, int ROWS = FLASH_TILE, int THREADS = FLASH_THREADS>
 __device__ __forceinline__ void hopper_load_tile(uint32_t tile, const bf16* g, size_t row_stride, int row0,
                                                  int n_valid) {
-    constexpr int CHUNKS = D / 8, ROW_STEP = THREADS / CHUNKS, TILE_BYTES = FLASH_TILE * D * 2;
-    static_assert(ROW_STEP % 8 == 0 && FLASH_TILE % ROW_STEP == 0 && ROWS % ROW_STEP == 0,
-                  "rows must keep their swizzle phase and tile");
-    const int r0 = threadIdx.x / CHUNKS, c = threadIdx.x % CHUNKS;
+    using L = HopperLoad<D, THREADS>;
+    static_assert(ROWS % L::ROW_STEP == 0, "rows must split evenly over the block");
+    const int r0 = threadIdx.x / L::CHUNKS, c = threadIdx.x % L::CHUNKS;
     const bf16* src = g + (size_t)(row0 + r0) * row_stride + c * 8;
-    const uint32_t dst = tile + hopper_swizzle(r0, c);
-    const size_t src_step = (size_t)ROW_STEP * row_stride;
+    const uint32_t dst = tile + L::first(threadIdx.x);
+    const size_t src_step = (size_t)L::ROW_STEP * row_stride;
 #pragma unroll
-    for (int j = 0; j < ROWS / ROW_STEP; ++j) {
-        const int r = j * ROW_STEP;  // r0 < ROW_STEP, which divides 64: r0 + r stays in tile r / 64
-        const bool ok = r0 + r < n_valid;
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst + (r / FLASH_TILE) * TILE_BYTES +
-                                                                              (r % FLASH_TILE) * 128),
+    for (int j = 0; j < ROWS / L::ROW_STEP; ++j) {
+        const bool ok = r0 + j * L::ROW_STEP < n_valid;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst + L::step(j)),
                      "l"(ok ? src + j * src_step : g), "r"(ok ? 16 : 0));
     }
 }
 
 // A wgmma shared-memory descriptor for the 128-byte swizzle: start address, leading and stride
 // byte offsets (16-byte units), swizzle mode 1 in bits 62-63.
-__device__ __forceinline__ uint64_t hopper_desc(uint32_t addr, uint32_t leading, uint32_t stride) {
+__host__ __device__ __forceinline__ uint64_t hopper_desc(uint32_t addr, uint32_t leading, uint32_t stride) {
     return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(leading >> 4) << 16) | ((uint64_t)(stride >> 4) << 32) |
            (1ull << 62);
 }
 
 // K-major operand (Q as A, K as B) at k-step kk (16 columns): 32 bytes into the row within a
 // 64-column block, the next block every four steps; 8-row groups 1024 bytes apart.
-__device__ __forceinline__ uint64_t hopper_desc_k(uint32_t tile, int kk) {
+__host__ __device__ __forceinline__ uint64_t hopper_desc_k(uint32_t tile, int kk) {
     return hopper_desc(tile + (kk >> 2) * HOPPER_BLOCK_BYTES + (kk & 3) * 32, 16, 1024);
 }
 
 // MN-major operand (V as B, N = head_dim contiguous) at k-step kk (16 keys): 16 rows of 128 bytes
 // on; 64-column blocks HOPPER_BLOCK_BYTES apart (leading), 8-key groups 1024 bytes apart (stride).
-__device__ __forceinline__ uint64_t hopper_desc_mn(uint32_t tile, int kk) {
+__host__ __device__ __forceinline__ uint64_t hopper_desc_mn(uint32_t tile, int kk) {
     return hopper_desc(tile + kk * 16 * 128, HOPPER_BLOCK_BYTES, 1024);
 }
 
@@ -1277,12 +1298,8 @@ __device__ void flash_fwd_hopper(bf16* __restrict__ out, float* __restrict__ lse
         block_barrier();
     }
     if (my_tiles > 0) {
-        // This warp's 16 rows of the warpgroup's Q tile in the mma.sync A layout, as flash_load_a
-        // reads them: lane i gives row i % 8 of 8x8 matrix i / 8, matrices 1 and 3 being rows 8 to
-        // 15 and matrices 2 and 3 columns 8 to 15 of the k-step.
-        const int q_row = warp * 16 + (lane & 15), q_half = lane >> 4;
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) ldsm_x4(qa[kk], qs + hopper_swizzle(q_row, 2 * kk + q_half));
+        for (int kk = 0; kk < D / 16; ++kk) ldsm_x4(qa[kk], qs + hopper_a_frag_offset(warp, lane, kk));
         float s[NT][4], alpha[2];
         issue_s(s, 0);
         wgmma_wait_all();

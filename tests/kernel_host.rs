@@ -1,7 +1,8 @@
 //! The loss kernels' per-thread arithmetic, compiled for the CPU and checked against
-//! double-precision loops (tests/host/kernel_check.cu says what it covers). This runs on every
-//! machine with nvcc, GPU or not, so a logic error in a kernel's row split, rescaling or masking
-//! shows up in CI rather than on the next GPU session.
+//! double-precision loops (tests/host/kernel_check.cu says what it covers), and the Hopper attention
+//! kernels' shared-memory layouts against the wgmma layouts (tests/host/attention_layout_check.cu).
+//! These run on every machine with nvcc, GPU or not, so a logic error in a kernel's row split,
+//! rescaling, masking or tile addressing shows up in CI rather than on the next GPU session.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,8 +17,9 @@ fn wheel_lib_dir(nvcc: &Path) -> Option<PathBuf> {
     lib.join("libcudart_static.a").is_file().then_some(lib)
 }
 
-#[test]
-fn loss_kernel_arithmetic_matches_f64_loops_on_the_host() {
+/// Builds tests/host/`file` with nvcc for the host and runs it with `args`; its output must end in
+/// " 0 failed". Skips (with a note) where no nvcc is here, unless RLHF_REQUIRE_KERNELS=1.
+fn build_and_run(file: &str, args: &[String]) {
     // The executable may run on another machine than the one that built it (scripts/gpu-bundle).
     let Some(nvcc) = NVCC.map(Path::new).filter(|p| p.is_file()) else {
         assert!(
@@ -28,27 +30,40 @@ fn loss_kernel_arithmetic_matches_f64_loops_on_the_host() {
         return;
     };
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let exe = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernel_check");
+    let exe = Path::new(env!("CARGO_TARGET_TMPDIR")).join(file.trim_end_matches(".cu"));
     let mut cmd = Command::new(nvcc);
     cmd.args(["-std=c++17", "-O2", "-arch=sm_80", "-o"])
         .arg(&exe)
-        .arg(manifest.join("tests/host/kernel_check.cu"));
+        .arg(manifest.join("tests/host").join(file));
     if let Some(lib) = wheel_lib_dir(nvcc) {
         cmd.arg("-L").arg(lib);
     }
     let built = cmd.output().expect("run nvcc");
     assert!(
         built.status.success(),
-        "nvcc could not build tests/host/kernel_check.cu:\n{}",
+        "nvcc could not build tests/host/{file}:\n{}",
         String::from_utf8_lossy(&built.stderr)
     );
-    let seed = fresh_seed("kernel host check") as u32;
     let run = Command::new(&exe)
-        .arg(seed.to_string())
+        .args(args)
         .output()
-        .expect("run kernel_check");
+        .expect("run the check");
     let out = String::from_utf8_lossy(&run.stdout);
     println!("{out}");
-    assert!(run.status.success(), "kernel_check failed:\n{out}");
+    assert!(run.status.success(), "{file} failed:\n{out}");
     assert!(out.contains(" 0 failed"), "{out}");
+}
+
+#[test]
+fn loss_kernel_arithmetic_matches_f64_loops_on_the_host() {
+    let seed = fresh_seed("kernel host check") as u32;
+    build_and_run("kernel_check.cu", &[seed.to_string()]);
+}
+
+/// The Hopper attention kernels' tile loads and wgmma descriptors against PTX's 128-byte-swizzle
+/// layouts (tests/host/attention_layout_check.cu): every operand element read where the kernels
+/// stored it, every tile row written once.
+#[test]
+fn hopper_attention_layouts_match_the_wgmma_canonical_layouts() {
+    build_and_run("attention_layout_check.cu", &[]);
 }
