@@ -1015,6 +1015,27 @@ FLASH_INSTANTIATE(128)
 // places of the code (a warpgroup out of work waits at its own; PTX's non-.aligned form).
 __device__ __forceinline__ void block_barrier() { asm volatile("barrier.sync 0;\n" ::: "memory"); }
 
+// The thread's warpgroup, through a shuffle, which the compiler knows to be the same across a warp:
+// computed from threadIdx.x alone, it cannot prove the wgmma branches warp-uniform and guards each
+// with a WARPSYNC.
+__device__ __forceinline__ int warpgroup_index() { return __shfl_sync(0xffffffffu, threadIdx.x / FLASH_THREADS, 0); }
+
+// A warpgroup's 64 of a query block's rows and the keys they see. The block loads every key tile
+// one of its rows sees; a warpgroup computes over its own (in a causal sequence, the first one
+// tile fewer), and one past the sequence's end over none.
+struct FlashRowShare {
+    int iq0, rows, n_keys, tiles;
+};
+
+__device__ __forceinline__ FlashRowShare flash_row_share(const FlashFwdTile& ft, int wg) {
+    FlashRowShare r;
+    r.iq0 = ft.iq0 + wg * FLASH_TILE;
+    r.rows = max(0, min(FLASH_TILE, ft.len_q - r.iq0));
+    r.n_keys = r.rows > 0 ? max(0, min(ft.offset + ft.len_q, ft.offset + r.iq0 + r.rows)) : 0;
+    r.tiles = (r.n_keys + FLASH_TILE - 1) / FLASH_TILE;
+    return r;
+}
+
 #define HOPPER_BLOCK_BYTES (FLASH_TILE * 128)
 
 template <bool B>
@@ -1220,9 +1241,7 @@ __device__ void flash_fwd_hopper(bf16* __restrict__ out, float* __restrict__ lse
     extern __shared__ __align__(16) unsigned char flash_smem[];
     // One Q tile per warpgroup, then two stages of (K, V) that the warpgroups share.
     const uint32_t base = hopper_smem_base(flash_smem);
-    // The warpgroup index through a shuffle, which the compiler knows to be the same across a warp:
-    // else it cannot prove the wgmma branches below warp-uniform and guards each with a WARPSYNC.
-    const int wg = __shfl_sync(0xffffffffu, threadIdx.x / FLASH_THREADS, 0), wt = threadIdx.x % FLASH_THREADS;
+    const int wg = warpgroup_index(), wt = threadIdx.x % FLASH_THREADS;
     const uint32_t qs = base + wg * TILE_BYTES;
     auto ks = [&](int stage) { return base + (WGS + 2 * stage) * TILE_BYTES; };
     auto vs = [&](int stage) { return base + (WGS + 1 + 2 * stage) * TILE_BYTES; };
@@ -1232,12 +1251,9 @@ __device__ void flash_fwd_hopper(bf16* __restrict__ out, float* __restrict__ lse
     const size_t kv_stride = (size_t)KV * D, q_stride = (size_t)H * D;
     const bf16 *kg = ft.kg, *vg = ft.vg;
     const float scale_log2 = scale * FLASH_LOG2E;
-    // The block loads every key tile that one of its rows sees; this warpgroup computes over those
-    // its own 64 rows see (in a causal sequence, one tile fewer for the first warpgroup).
     const int n_tiles = (ft.n_keys + FLASH_TILE - 1) / FLASH_TILE;
-    const int iq0 = ft.iq0 + wg * FLASH_TILE, rows = max(0, min(FLASH_TILE, len_q - iq0));
-    const int n_keys = rows > 0 ? max(0, min(offset + len_q, offset + iq0 + rows)) : 0;
-    const int my_tiles = (n_keys + FLASH_TILE - 1) / FLASH_TILE;
+    const FlashRowShare share = flash_row_share(ft, wg);
+    const int iq0 = share.iq0, rows = share.rows, n_keys = share.n_keys, my_tiles = share.tiles;
 
     float o[DT][4];
 #pragma unroll
@@ -1373,7 +1389,7 @@ __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, f
     // K (a tile per warpgroup), V (the same), two stages of (Q, dO), dSᵀ (a [64][64] block per
     // warpgroup), then two stages of scaled lse and delta.
     const uint32_t base = hopper_smem_base(flash_smem);
-    const int wg = __shfl_sync(0xffffffffu, threadIdx.x / FLASH_THREADS, 0), wt = threadIdx.x % FLASH_THREADS;
+    const int wg = warpgroup_index(), wt = threadIdx.x % FLASH_THREADS;
     auto k_tile = [&](int w) { return base + w * TILE_BYTES; };
     auto ds_block = [&](int w) { return base + (2 * WGS + 4) * TILE_BYTES + w * HOPPER_BLOCK_BYTES; };
     const uint32_t ks = k_tile(wg), vs = base + (WGS + wg) * TILE_BYTES, dss = ds_block(wg);
@@ -1540,7 +1556,7 @@ __device__ void flash_bwd_dq_hopper(bf16* __restrict__ dq, const bf16* __restric
     extern __shared__ __align__(16) unsigned char flash_smem[];
     // Q (a tile per warpgroup), dO (the same), then two stages of (K, V).
     const uint32_t base = hopper_smem_base(flash_smem);
-    const int wg = __shfl_sync(0xffffffffu, threadIdx.x / FLASH_THREADS, 0), wt = threadIdx.x % FLASH_THREADS;
+    const int wg = warpgroup_index(), wt = threadIdx.x % FLASH_THREADS;
     const uint32_t qs = base + wg * TILE_BYTES, dos = base + (WGS + wg) * TILE_BYTES;
     auto ks = [&](int stage) { return base + (2 * WGS + 2 * stage) * TILE_BYTES; };
     auto vs = [&](int stage) { return base + (2 * WGS + 1 + 2 * stage) * TILE_BYTES; };
@@ -1550,11 +1566,9 @@ __device__ void flash_bwd_dq_hopper(bf16* __restrict__ dq, const bf16* __restric
     const size_t kv_stride = (size_t)KV * D, q_stride = (size_t)H * D;
     const bf16 *kg = ft.kg, *vg = ft.vg;
     const float scale_log2 = scale * FLASH_LOG2E;
-    // The block loads every key tile one of its rows sees; this warpgroup computes over its own.
     const int n_tiles = (ft.n_keys + FLASH_TILE - 1) / FLASH_TILE;
-    const int iq0 = ft.iq0 + wg * FLASH_TILE, rows = max(0, min(FLASH_TILE, len - iq0));
-    const int n_keys = rows > 0 ? iq0 + rows : 0;  // a packed batch: row i sees keys 0 .. i
-    const int my_tiles = (n_keys + FLASH_TILE - 1) / FLASH_TILE;
+    const FlashRowShare share = flash_row_share(ft, wg);
+    const int iq0 = share.iq0, rows = share.rows, n_keys = share.n_keys, my_tiles = share.tiles;
 
     const int row_a = iq0 + warp * 16 + (lane >> 2);
     float lse2[2], dlt[2];
