@@ -1117,16 +1117,15 @@ fn flash_bwd_cuda(
     let mut dq = Tensor::empty(q.shape(), DType::BF16, device)?;
     // mma.sync: two stages of (K tile, V tile), FLASH_BWD_QTILE rows each; Q and dO are staged
     // through the first. Hopper: Q and dO tiles for each warpgroup, two stages of (K, V).
-    let (name, smem) = match (hopper, narrow) {
-        (true, false) => (
-            Flash::DqHopper.name(hd.head_dim),
-            (2 * wgs + 4) * hopper_tile + 1024,
-        ),
-        (true, true) => (
-            Flash::DqHopperNarrow.name(hd.head_dim),
-            6 * hopper_tile + 1024,
-        ),
-        (false, _) => (Flash::Dq.name(hd.head_dim), 4 * FLASH_BWD_QTILE * row_bytes),
+    let (name, smem) = if hopper {
+        let kernel = if narrow {
+            Flash::DqHopperNarrow
+        } else {
+            Flash::DqHopper
+        };
+        (kernel.name(hd.head_dim), (2 * wgs + 4) * hopper_tile + 1024)
+    } else {
+        (Flash::Dq.name(hd.head_dim), 4 * FLASH_BWD_QTILE * row_bytes)
     };
     let f = dev.function_with_shared("attention", name, smem, 0)?;
     let mut l = dev.stream().launch_builder(&f);
