@@ -55,7 +55,7 @@ __device__ void attention_fwd(T* __restrict__ out, float* __restrict__ lse, cons
                               int D, float scale) {
     __shared__ float s[ATTN_CHUNK];
     __shared__ float scratch[32];
-    extern __shared__ float qs[];  // [D]
+    DYNAMIC_SMEM(float, qs);  // [D]
     const int row = blockIdx.x, h = blockIdx.y, g = h / (H / KV);
     const SeqMap m = seq_of(cu_q, k_start, k_len, B, row);
     const T* qr = q + ((size_t)row * H + h) * D;
@@ -111,7 +111,7 @@ __device__ void attention_bwd_dq(T* __restrict__ dq, const T* __restrict__ q, co
                                  const int* __restrict__ k_start, const int* __restrict__ k_len, int B, int H, int KV,
                                  int D, float scale) {
     __shared__ float ds[ATTN_CHUNK];
-    extern __shared__ float sh[];  // q [D], dO [D]
+    DYNAMIC_SMEM(float, sh);  // q [D], dO [D]
     float* qs = sh;
     float* dos = sh + D;
     const int row = blockIdx.x, h = blockIdx.y, g = h / (H / KV);
@@ -147,7 +147,7 @@ __device__ void attention_bwd_dkv(T* __restrict__ dk, T* __restrict__ dv, const 
                                   const int* __restrict__ cu_q, int B, int H, int KV, int D, float scale) {
     __shared__ float ps[ATTN_CHUNK];
     __shared__ float ds[ATTN_CHUNK];
-    extern __shared__ float sh[];  // k [D], v [D]
+    DYNAMIC_SMEM(float, sh);  // k [D], v [D]
     float* ks = sh;
     float* vs = sh + D;
     const int j = blockIdx.x, g = blockIdx.y, group = H / KV;
@@ -250,28 +250,46 @@ ATTENTION_INSTANTIATE(bf16, bf16)
 #define FLASH_LOG2E 1.4426950408889634f
 #define FLASH_LN2 0.6931471805599453f
 
+// wgmma exists on sm_90a alone, and in the CPU emulation (tests/host/emulation.h), where every
+// inline-PTX operation below goes to a function of the emulator instead.
+#if (defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)) || defined(RLHF_EMULATION)
+#define HOPPER_WGMMA 1
+#endif
+
 __device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
 
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t smem_addr) {
+#ifdef RLHF_EMULATION
+    emu::ldmatrix_x4(r, smem_addr, false);
+#else
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(smem_addr));
+#endif
 }
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const bf16* p) { ldsm_x4(r, smem_u32(p)); }
 
 __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const bf16* p) {
+#ifdef RLHF_EMULATION
+    emu::ldmatrix_x4(r, smem_u32(p), true);
+#else
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(smem_u32(p)));
+#endif
 }
 
 // c += a · b for one m16n8k16 tile, bf16 operands, f32 accumulators.
 __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef RLHF_EMULATION
+    emu::mma_16816(c, a, b0, b1);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
@@ -280,12 +298,30 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
 }
 
 // 16 bytes global -> shared, asynchronously; `valid` false writes zeros and reads nothing.
-__device__ __forceinline__ void cp_async16(bf16* smem, const bf16* gmem, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem),
-                 "r"(valid ? 16 : 0));
+__device__ __forceinline__ void cp_async16(uint32_t smem_addr, const bf16* gmem, bool valid) {
+#ifdef RLHF_EMULATION
+    emu::cp_async16(smem_addr, gmem, valid ? 16 : 0);
+#else
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem), "r"(valid ? 16 : 0));
+#endif
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+__device__ __forceinline__ void cp_async16(bf16* smem, const bf16* gmem, bool valid) {
+    cp_async16(smem_u32(smem), gmem, valid);
+}
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef RLHF_EMULATION
+    emu::cp_async_commit();
+#else
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+#ifdef RLHF_EMULATION
+    emu::cp_async_wait(N);
+#else
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
 
 // Rows row0 .. row0 + ROWS of a [*, row_stride] bf16 matrix (columns 0 .. D of `g`) into smem rows of
 // D + FLASH_PAD; rows at or past `n_valid` (counted from row0) are zero-filled. Each thread owns one
@@ -568,7 +604,7 @@ __device__ void flash_fwd(bf16* __restrict__ out, float* __restrict__ lse, const
                           const int* __restrict__ k_start, const int* __restrict__ k_len,
                           const int* __restrict__ tiles, int H, int KV, float scale) {
     constexpr int STRIDE = D + FLASH_PAD, NT = FLASH_TILE / 8, DT = D / 8;
-    extern __shared__ __align__(16) unsigned char flash_smem[];
+    DYNAMIC_SMEM(unsigned char, flash_smem);
     bf16* ks = reinterpret_cast<bf16*>(flash_smem);
     bf16* vs = ks + FLASH_TILE * STRIDE;
     const FlashFwdTile ft = flash_fwd_tile<D>(k, v, cu_q, k_start, k_len, tiles, H, KV);
@@ -715,7 +751,7 @@ __device__ void flash_bwd_dq(bf16* __restrict__ dq, const bf16* __restrict__ q, 
                              const int* __restrict__ cu_q, const int* __restrict__ tiles, int H, int KV,
                              float scale) {
     constexpr int STRIDE = D + FLASH_PAD, KT = FLASH_BWD_QTILE, NT = KT / 8, DT = D / 8;
-    extern __shared__ __align__(16) unsigned char flash_smem[];
+    DYNAMIC_SMEM(unsigned char, flash_smem);
     // Two stages of [K tile; V tile], each [KT][STRIDE]: the next stage loads while this one is used.
     constexpr int STAGE = 2 * KT * STRIDE;
     bf16* ks = reinterpret_cast<bf16*>(flash_smem);
@@ -824,7 +860,7 @@ __device__ void flash_bwd_dkv(bf16* __restrict__ dk, bf16* __restrict__ dv, floa
                               const float* __restrict__ delta, const int* __restrict__ cu_q,
                               const int* __restrict__ tiles, int H, int KV, float scale) {
     constexpr int STRIDE = D + FLASH_PAD, QT = FLASH_BWD_QTILE, NT = QT / 8, DT = D / 8;
-    extern __shared__ __align__(16) unsigned char flash_smem[];
+    DYNAMIC_SMEM(unsigned char, flash_smem);
     bf16* ks = reinterpret_cast<bf16*>(flash_smem);  // [64][STRIDE]
     bf16* vs = ks + FLASH_TILE * STRIDE;             // [64][STRIDE]
     // Two stages of [Q tile; dO tile] ([QT][STRIDE] each) and of the tile's scaled lse and delta: the
@@ -1013,7 +1049,31 @@ FLASH_INSTANTIATE(128)
 
 // A barrier for every thread of the block that, unlike __syncthreads, may be reached at different
 // places of the code (a warpgroup out of work waits at its own; PTX's non-.aligned form).
-__device__ __forceinline__ void block_barrier() { asm volatile("barrier.sync 0;\n" ::: "memory"); }
+__device__ __forceinline__ void block_barrier() {
+#ifdef RLHF_EMULATION
+    emu::bar_sync(0, emu::block_threads());
+#else
+    asm volatile("barrier.sync 0;\n" ::: "memory");
+#endif
+}
+
+// Named barrier `id` (1 .. 15) for COUNT threads, whole warps.
+template <int COUNT>
+__device__ __forceinline__ void named_barrier(int id) {
+#ifdef RLHF_EMULATION
+    emu::bar_sync(id, COUNT);
+#else
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(COUNT) : "memory");
+#endif
+}
+
+__device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t value) {
+#ifdef RLHF_EMULATION
+    emu::st_shared_u32(addr, value);
+#else
+    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(value));
+#endif
+}
 
 // The thread's warpgroup, through a shuffle, which the compiler knows to be the same across a warp:
 // computed from threadIdx.x alone, it cannot prove the wgmma branches warp-uniform and guards each
@@ -1094,8 +1154,7 @@ __device__ __forceinline__ void hopper_load_tile(uint32_t tile, const bf16* g, s
 #pragma unroll
     for (int j = 0; j < ROWS / L::ROW_STEP; ++j) {
         const bool ok = r0 + j * L::ROW_STEP < n_valid;
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst + L::step(j)),
-                     "l"(ok ? src + j * src_step : g), "r"(ok ? 16 : 0));
+        cp_async16(dst + L::step(j), ok ? src + j * src_step : g, ok);
     }
 }
 
@@ -1119,18 +1178,38 @@ __host__ __device__ __forceinline__ uint64_t hopper_desc_mn(uint32_t tile, int k
 }
 
 __device__ __forceinline__ void wgmma_fence() {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#ifdef RLHF_EMULATION
+    emu::wgmma_fence();
+#elif defined(HOPPER_WGMMA)
     asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #endif
 }
 __device__ __forceinline__ void wgmma_commit() {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#ifdef RLHF_EMULATION
+    emu::wgmma_commit();
+#elif defined(HOPPER_WGMMA)
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 #endif
 }
-__device__ __forceinline__ void wgmma_wait_all() {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+// Waits until at most N of the warpgroup's committed wgmma groups are still running.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+#ifdef RLHF_EMULATION
+    emu::wgmma_wait(N);
+#elif defined(HOPPER_WGMMA)
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_wait_all() { wgmma_wait<0>(); }
+// The compiler must assume `x` changes here (it is the same register on both sides).
+__device__ __forceinline__ void compiler_fence(float& x) {
+#ifndef RLHF_EMULATION
+    asm volatile("" : "+f"(x)::"memory");
+#endif
+}
+__device__ __forceinline__ void compiler_fence(uint32_t& x) {
+#ifndef RLHF_EMULATION
+    asm volatile("" : "+r"(x)::"memory");
 #endif
 }
 // Ties accumulators to the point after a wgmma wait, so the compiler reads none of them before it.
@@ -1139,7 +1218,7 @@ __device__ __forceinline__ void wgmma_fence_regs(float (&d)[N][4]) {
 #pragma unroll
     for (int i = 0; i < N; ++i)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][e])::"memory");
+        for (int e = 0; e < 4; ++e) compiler_fence(d[i][e]);
 }
 // The same for register operands: their producing instructions stay before the wgmma fence.
 template <int N>
@@ -1147,11 +1226,13 @@ __device__ __forceinline__ void wgmma_fence_regs(uint32_t (&a)[N][4]) {
 #pragma unroll
     for (int i = 0; i < N; ++i)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[i][e])::"memory");
+        for (int e = 0; e < 4; ++e) compiler_fence(a[i][e]);
 }
 // cp.async writes through the generic proxy; wgmma reads through the async proxy.
 __device__ __forceinline__ void fence_proxy_async() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#ifdef RLHF_EMULATION
+    emu::fence_proxy_async();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif
 }
@@ -1184,7 +1265,9 @@ __device__ __forceinline__ void fence_proxy_async() {
 // K-major. `accumulate` 0 overwrites d.
 template <int TA, int TB>
 __device__ __forceinline__ void wgmma_m64n64_ss(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#ifdef RLHF_EMULATION
+    emu::wgmma(&d[0][0], 64, nullptr, desc_a, desc_b, accumulate, TA, TB);
+#elif defined(HOPPER_WGMMA)
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WGMMA_REGS_32
                  ", %32, %33, p, 1, 1, %35, %36;\n}\n"
@@ -1198,7 +1281,9 @@ __device__ __forceinline__ void wgmma_m64n64_ss(float (&d)[8][4], uint64_t desc_
 template <int TB>
 __device__ __forceinline__ void wgmma_m64n64_rs(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b,
                                                 int accumulate) {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#ifdef RLHF_EMULATION
+    emu::wgmma(&d[0][0], 64, a, 0, desc_b, accumulate, 0, TB);
+#elif defined(HOPPER_WGMMA)
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WGMMA_REGS_32
                  ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
@@ -1214,7 +1299,9 @@ __device__ __forceinline__ void wgmma_m64n64_rs_bt(float (&d)[8][4], const uint3
 }
 
 __device__ __forceinline__ void wgmma_m64n128_rs_bt(float (&d)[16][4], const uint32_t (&a)[4], uint64_t desc_b) {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#ifdef RLHF_EMULATION
+    emu::wgmma(&d[0][0], 128, a, 0, desc_b, 1, 0, 1);
+#elif defined(HOPPER_WGMMA)
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " WGMMA_REGS_64
                  ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
@@ -1235,10 +1322,10 @@ __device__ void flash_fwd_hopper(bf16* __restrict__ out, float* __restrict__ lse
                                  const int* __restrict__ cu_q, const int* __restrict__ k_start,
                                  const int* __restrict__ k_len, const int* __restrict__ tiles, int H, int KV,
                                  float scale) {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#ifdef HOPPER_WGMMA
     constexpr int NT = FLASH_TILE / 8, DT = D / 8, TILE_BYTES = FLASH_TILE * D * 2;
     constexpr int ROWS = FLASH_TILE * WGS, THREADS = FLASH_THREADS * WGS;
-    extern __shared__ __align__(16) unsigned char flash_smem[];
+    DYNAMIC_SMEM(unsigned char, flash_smem);
     // One Q tile per warpgroup, then two stages of (K, V) that the warpgroups share.
     const uint32_t base = hopper_smem_base(flash_smem);
     const int wg = warpgroup_index(), wt = threadIdx.x % FLASH_THREADS;
@@ -1338,7 +1425,7 @@ __device__ void flash_fwd_hopper(bf16* __restrict__ out, float* __restrict__ lse
         for (int kk = 0; kk < FLASH_TILE / 16; ++kk) wgmma_pv<D>(o, pa[kk], hopper_desc_mn(vs(t & 1), kk));
         wgmma_commit();
         if constexpr (NEXT) {
-            asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // S_{t+1} done
+            wgmma_wait<1>();  // S_{t+1} done
             wgmma_fence_regs(s);
             softmax(s, alpha, t + 1);
         }
@@ -1382,10 +1469,10 @@ __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, f
                                  const bf16* __restrict__ dout, const float* __restrict__ lse,
                                  const float* __restrict__ delta, const int* __restrict__ cu_q,
                                  const int* __restrict__ tiles, int H, int KV, float scale) {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#ifdef HOPPER_WGMMA
     constexpr int QT = FLASH_TILE, NT = QT / 8, DT = D / 8, TILE_BYTES = FLASH_TILE * D * 2;
     constexpr int KEYS = FLASH_TILE * WGS, THREADS = FLASH_THREADS * WGS;
-    extern __shared__ __align__(16) unsigned char flash_smem[];
+    DYNAMIC_SMEM(unsigned char, flash_smem);
     // K (a tile per warpgroup), V (the same), two stages of (Q, dO), dSᵀ (a [64][64] block per
     // warpgroup), then two stages of scaled lse and delta.
     const uint32_t base = hopper_smem_base(flash_smem);
@@ -1460,8 +1547,7 @@ __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, f
                 for (int i = 0; i < 2; ++i) {
                     const int row = warp * 16 + (lane >> 2) + 8 * i, col = nt * 8 + 2 * (lane & 3);
                     const uint32_t at = dss + hopper_swizzle(row, col >> 3) + (col & 7) * 2;
-                    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at),
-                                 "r"(pack_bf16x2(dp[nt][2 * i] * scale, dp[nt][2 * i + 1] * scale)));
+                    st_shared_u32(at, pack_bf16x2(dp[nt][2 * i] * scale, dp[nt][2 * i + 1] * scale));
                 }
         }
         uint32_t pa[QT / 16][4], da[QT / 16][4];
@@ -1495,7 +1581,7 @@ __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, f
             if constexpr (SPLIT) {
                 __syncthreads();
             } else {
-                asm volatile("bar.sync %0, %1;\n" ::"r"(1 + wg), "n"(FLASH_THREADS) : "memory");
+                named_barrier<FLASH_THREADS>(1 + wg);
             }
 #pragma unroll
             for (int ci = 0; ci < MINE; ++ci) {
@@ -1550,10 +1636,10 @@ __device__ void flash_bwd_dq_hopper(bf16* __restrict__ dq, const bf16* __restric
                                     const float* __restrict__ lse, const float* __restrict__ delta,
                                     const int* __restrict__ cu_q, const int* __restrict__ tiles, int H, int KV,
                                     float scale) {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#ifdef HOPPER_WGMMA
     constexpr int NT = FLASH_TILE / 8, DT = D / 8, TILE_BYTES = FLASH_TILE * D * 2;
     constexpr int ROWS = FLASH_TILE * WGS, THREADS = FLASH_THREADS * WGS;
-    extern __shared__ __align__(16) unsigned char flash_smem[];
+    DYNAMIC_SMEM(unsigned char, flash_smem);
     // Q (a tile per warpgroup), dO (the same), then two stages of (K, V).
     const uint32_t base = hopper_smem_base(flash_smem);
     const int wg = warpgroup_index(), wt = threadIdx.x % FLASH_THREADS;

@@ -10,6 +10,14 @@
 
 typedef __nv_bfloat16 bf16;
 
+// A kernel's dynamic shared memory as `name`, a T array. (tests/host/emulation.h, which runs the
+// kernels on the CPU, gives each block its own.)
+#ifdef RLHF_EMULATION
+#define DYNAMIC_SMEM(T, name) T* const name = reinterpret_cast<T*>(::emu::dynamic_smem())
+#else
+#define DYNAMIC_SMEM(T, name) extern __shared__ __align__(16) T name[]
+#endif
+
 // Helpers marked __host__ as well also compile for the CPU: scripts/kernel-host-check runs the
 // kernels' per-thread arithmetic there against double-precision loops.
 __host__ __device__ __forceinline__ float to_f32(float x) { return x; }

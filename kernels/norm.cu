@@ -175,7 +175,7 @@ __device__ void rms_norm_bwd(T* __restrict__ dx,                // [rows, cols]
                              const float* __restrict__ rstd,    // [rows]
                              const T* __restrict__ dres,        // [rows, cols], RES only
                              int rows, int cols) {
-    extern __shared__ float dw_acc[];  // [cols], scalar path only
+    DYNAMIC_SMEM(float, dw_acc);  // [cols], scalar path only
     __shared__ float scratch[32];
     if (norm_vector_path<T>(cols)) {
         rms_norm_bwd_vec<T, RES>(dx, dw_partial, dy, x, weight, rstd, dres, rows, cols, scratch);

@@ -1,8 +1,10 @@
 //! The loss kernels' per-thread arithmetic, compiled for the CPU and checked against
-//! double-precision loops (tests/host/kernel_check.cu says what it covers), and the Hopper attention
-//! kernels' shared-memory layouts against the wgmma layouts (tests/host/attention_layout_check.cu).
-//! These run on every machine with nvcc, GPU or not, so a logic error in a kernel's row split,
-//! rescaling, masking or tile addressing shows up in CI rather than on the next GPU session.
+//! double-precision loops (tests/host/kernel_check.cu says what it covers), the Hopper attention
+//! kernels' shared-memory layouts against the wgmma layouts (tests/host/attention_layout_check.cu),
+//! and every attention kernel run whole on a CPU emulator of CUDA blocks (tests/host/emulation.h,
+//! tests/host/attention_emulation.cpp). These run on every machine with nvcc, GPU or not, so a logic
+//! error in a kernel's row split, rescaling, masking, tile addressing or synchronisation shows up in
+//! CI rather than on the next GPU session.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,7 +19,8 @@ fn wheel_lib_dir(nvcc: &Path) -> Option<PathBuf> {
     lib.join("libcudart_static.a").is_file().then_some(lib)
 }
 
-/// Builds tests/host/`file` with nvcc for the host and runs it with `args`; its output must end in
+/// Builds tests/host/`file` with nvcc for the host (a `.cpp` file as plain C++ with CUDA's headers)
+/// and runs it with `args`; its output must end in
 /// " 0 failed". Skips (with a note) where no nvcc is here, unless RLHF_REQUIRE_KERNELS=1.
 fn build_and_run(file: &str, args: &[String]) {
     // The executable may run on another machine than the one that built it (scripts/gpu-bundle).
@@ -30,7 +33,8 @@ fn build_and_run(file: &str, args: &[String]) {
         return;
     };
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let exe = Path::new(env!("CARGO_TARGET_TMPDIR")).join(file.trim_end_matches(".cu"));
+    let stem = file.trim_end_matches(".cu").trim_end_matches(".cpp");
+    let exe = Path::new(env!("CARGO_TARGET_TMPDIR")).join(stem);
     let mut cmd = Command::new(nvcc);
     cmd.args(["-std=c++17", "-O2", "-arch=sm_80", "-o"])
         .arg(&exe)
@@ -66,4 +70,14 @@ fn loss_kernel_arithmetic_matches_f64_loops_on_the_host() {
 #[test]
 fn hopper_attention_layouts_match_the_wgmma_canonical_layouts() {
     build_and_run("attention_layout_check.cu", &[]);
+}
+
+/// Every kernel of kernels/attention.cu (simple, mma.sync flash, Hopper wgmma in both block widths,
+/// fast and deterministic backward, decode) run on the CPU emulator against f64 loops, each launch
+/// in two schedules that must agree bit for bit, with the emulator checking barriers, cp.async
+/// waits, wgmma waits and fences, and shared-memory bounds (tests/host/emulation.h says how).
+#[test]
+fn attention_kernels_match_f64_loops_on_the_cuda_emulator() {
+    let seed = fresh_seed("attention emulation") as u32;
+    build_and_run("attention_emulation.cpp", &[seed.to_string()]);
 }
