@@ -467,8 +467,11 @@ cuda_test! {
             let lc = lm_loss(&cpu, &b, &w, Some(&mut gc));
             // f32 on the GPU computes what the CPU computes, up to summation order: a tight bound
             // that any indexing or formula error breaks. bf16 stores every activation with 8 bits of
-            // mantissa through two layers and their backward; its bound only catches gross errors.
-            for (dtype, bound) in [(DType::F32, 1e-4), (DType::BF16, 6e-2)] {
+            // mantissa through two layers and their backward; its bound only catches gross errors
+            // (those are of order one). On 10 tokens the largest parameter error of a run ranged
+            // from 2e-2 to 9e-2 over 17 runs on the emulated GPU (scripts/emulated-gpu), the simple
+            // attention kernels' included, so 6e-2, the bound before, failed about one run in ten.
+            for (dtype, bound) in [(DType::F32, 1e-4), (DType::BF16, 0.15)] {
                 let gpu = Model::new(cfg.clone(), cpu.params.convert(&cfg, &dev, dtype).unwrap(), dev.clone()).unwrap();
                 let mut gg = Params::zeros(&cfg, &dev, DType::F32).unwrap();
                 let lg = lm_loss(&gpu, &b, &w, Some(&mut gg));

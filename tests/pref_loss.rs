@@ -305,10 +305,15 @@ cuda_test! {
             for kind in every_loss() {
                 let (plain, got, want) = (run(&kind, &b, &Device::Cpu), run(&kind, &b, &dev), exact(&kind, &b));
                 let case = format!("{kind:?} {pairs}x{cols}");
-                check_against_exact("pref_loss.loss", &case, &[got.0 as f32], &[plain.0 as f32], &[want.0], DType::F32, 1e-5, 1e-4);
-                check_against_exact("pref_loss.per_sequence", &case, &got.1, &plain.1, &want.1, DType::F32, 1e-5, 1e-4);
-                check_against_exact("pref_loss.rewards", &case, &got.2, &plain.2, &want.2, DType::F32, 1e-5, 1e-4);
-                check_against_exact("pref_loss.grad", &case, &got.3, &plain.3, &want.3, DType::F32, 1e-7, 1e-4);
+                // A 4,097-token sequence's log-prob, a sum near 2e4 in size, carries about 1e-3 of
+                // f32 rounding in any order of summation; the nonlinear losses (EXO's above all)
+                // turn that into gradient errors near 1e-3 relative, in the plain CPU loop as in
+                // the kernel. Logic errors are of order one.
+                let rtol = if cols > 1024 { 1e-3 } else { 1e-4 };
+                check_against_exact("pref_loss.loss", &case, &[got.0 as f32], &[plain.0 as f32], &[want.0], DType::F32, 1e-5, rtol);
+                check_against_exact("pref_loss.per_sequence", &case, &got.1, &plain.1, &want.1, DType::F32, 1e-5, rtol);
+                check_against_exact("pref_loss.rewards", &case, &got.2, &plain.2, &want.2, DType::F32, 1e-5, rtol);
+                check_against_exact("pref_loss.grad", &case, &got.3, &plain.3, &want.3, DType::F32, 1e-7, rtol);
             }
         }
     }

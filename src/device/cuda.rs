@@ -85,6 +85,12 @@ impl CudaDevice {
                  synchronisation (could not raise the memory pool's release threshold: {e})"
             );
         }
+        if ctx.name().is_ok_and(|n| n.starts_with("emulated GPU")) {
+            eprintln!(
+                "note: cuda:{ordinal} is an emulated GPU (scripts/emulated-gpu): its kernels run on a CPU \
+                 emulator, for checking them; its timings measure the emulator, not a GPU"
+            );
+        }
         let stream = ctx.default_stream();
         let compute_capability = ctx.compute_capability()?;
         let dev = Arc::new(CudaDevice {

@@ -45,9 +45,11 @@
 #include <cstring>
 #include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 template <typename A, typename B>
@@ -87,9 +89,10 @@ struct Stamp {
 // elsewhere ucontext.
 #if defined(__x86_64__)
 extern "C" void emu_switch_stack(void** save_sp, void* load_sp);
+// Weak, so that every translation unit of a library may include this header.
 asm(R"(
     .text
-    .globl emu_switch_stack
+    .weak emu_switch_stack
     .type emu_switch_stack, @function
 emu_switch_stack:
     pushq %rbp
@@ -189,7 +192,7 @@ struct State {
     std::vector<Stamp> stamps = std::vector<Stamp>(kWindowBytes);
     std::function<void()> body;
     std::string error;
-    std::vector<std::pair<const unsigned char*, size_t>> globals;
+    std::map<const unsigned char*, size_t> globals;  // start -> bytes
     alignas(4096) unsigned char window[kWindowBytes];
 };
 
@@ -252,14 +255,18 @@ inline void meet(Meeting& m, int expected, const char* kind, Last&& last) {
 // ----- memory -----
 
 inline void register_global(const void* p, size_t bytes) {
-    st().globals.emplace_back(static_cast<const unsigned char*>(p), bytes);
+    st().globals[static_cast<const unsigned char*>(p)] = bytes;
 }
+inline void unregister_global(const void* p) { st().globals.erase(static_cast<const unsigned char*>(p)); }
 inline void clear_globals() { st().globals.clear(); }
 
 inline void check_global(const void* p, size_t bytes, const char* what) {
     const unsigned char* c = static_cast<const unsigned char*>(p);
-    for (auto& [base, n] : st().globals)
-        if (c >= base && c + bytes <= base + n) return;
+    auto it = st().globals.upper_bound(c);
+    if (it != st().globals.begin()) {
+        --it;
+        if (c + bytes <= it->first + it->second) return;
+    }
     fail(std::string(what) + " reads outside every buffer given to the kernel");
 }
 
@@ -405,21 +412,22 @@ inline const uint32_t* warp_op(unsigned mask, const char* kind, const uint32_t* 
     return w.out[lane];
 }
 
-template <typename T>
-inline T shfl_generic(unsigned mask, T v, int arg, int width, bool xor_mode) {
-    static_assert(sizeof(T) == 4, "32-bit shuffles only");
+// A shuffle of a 4- or 8-byte value: lane l takes the value of lane source(l, its argument).
+template <typename T, typename Source>
+inline T shuffle(unsigned mask, T v, uint32_t arg, int width, const char* kind, Source source) {
+    static_assert(sizeof(T) == 4 || sizeof(T) == 8, "32- and 64-bit shuffles only");
     if (width != 32) fail("shuffles narrower than a warp are not emulated");
-    uint32_t in[2];
-    std::memcpy(&in[0], &v, 4);
-    in[1] = (uint32_t)arg;
-    const uint32_t* out = warp_op(mask, xor_mode ? "shfl.bfly" : "shfl.idx", in, 2, [&](auto& i, auto& o) {
+    uint32_t in[3] = {0, 0, arg};
+    std::memcpy(in, &v, sizeof(T));
+    const uint32_t* out = warp_op(mask, kind, in, 3, [&](auto& i, auto& o) {
         for (int l = 0; l < 32; ++l) {
-            const int src = xor_mode ? (l ^ (int)i[l][1]) & 31 : (int)i[l][1] & 31;
+            const int src = source(l, i[l][2]);
             o[l][0] = i[src][0];
+            o[l][1] = i[src][1];
         }
     });
     T r;
-    std::memcpy(&r, out, 4);
+    std::memcpy(&r, out, sizeof(T));
     return r;
 }
 
@@ -729,6 +737,25 @@ inline bool launch(dim3 grid, dim3 block, size_t dynamic_bytes, Mode mode, std::
 
 inline const std::string& last_error() { return st().error; }
 
+// Kernels by name, for an emulated driver's cuModuleGetFunction and cuLaunchKernel: each calls its
+// kernel with the arguments cuLaunchKernel's parameter array points to.
+using Invoker = std::function<void(void**)>;
+inline std::map<std::string, Invoker>& kernels() {
+    static std::map<std::string, Invoker>* k = new std::map<std::string, Invoker>();
+    return *k;
+}
+template <typename... A, size_t... I>
+inline void invoke(void (*f)(A...), void** params, std::index_sequence<I...>) {
+    f(*static_cast<std::remove_reference_t<A>*>(params[I])...);
+}
+struct Registrar {
+    template <typename... A>
+    Registrar(const char* name, void (*f)(A...)) {
+        kernels()[name] = [f](void** params) { invoke(f, params, std::index_sequence_for<A...>{}); };
+    }
+};
+#define EMU_KERNEL(name) static ::emu::Registrar emu_registrar_##name(#name, &name);
+
 }  // namespace emu
 
 // ----- the CUDA names kernels use -----
@@ -741,11 +768,17 @@ inline const std::string& last_error() { return st().error; }
 inline void __syncthreads() { emu::bar_sync(0, emu::block_threads()); }
 template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
-    return emu::shfl_generic(mask, v, lane_mask, width, true);
+    return emu::shuffle(mask, v, (uint32_t)lane_mask, width, "shfl.bfly",
+                        [](int l, uint32_t m) { return (l ^ (int)m) & 31; });
 }
 template <typename T>
 inline T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
-    return emu::shfl_generic(mask, v, src, width, false);
+    return emu::shuffle(mask, v, (uint32_t)src, width, "shfl.idx", [](int, uint32_t s) { return (int)s & 31; });
+}
+// Lane l takes lane l - delta's value, its own where that is below 0.
+template <typename T>
+inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+    return emu::shuffle(mask, v, delta, width, "shfl.up", [](int l, uint32_t d) { return l >= (int)d ? l - (int)d : l; });
 }
 inline int __any_sync(unsigned mask, int pred) {
     uint32_t in[1] = {(uint32_t)(pred != 0)};
@@ -756,11 +789,27 @@ inline int __any_sync(unsigned mask, int pred) {
     });
     return (int)out[0];
 }
-inline float atomicAdd(float* p, float v) {
-    const float old = *p;
+// Threads run one at a time, so a read-modify-write is atomic.
+template <typename T>
+inline T atomicAdd(T* p, T v) {
+    const T old = *p;
     *p = old + v;
     return old;
 }
+template <typename T>
+inline T atomicMin(T* p, T v) {
+    const T old = *p;
+    *p = v < old ? v : old;
+    return old;
+}
+template <typename T>
+inline T atomicMax(T* p, T v) {
+    const T old = *p;
+    *p = v > old ? v : old;
+    return old;
+}
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __fdividef(float x, float y) { return x / y; }
 template <typename T>
 inline T __ldg(const T* p) {
     return *p;
