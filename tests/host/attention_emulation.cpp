@@ -260,6 +260,23 @@ std::vector<std::vector<double>> both_modes(const std::string& what, Run run, st
     return first;
 }
 
+// The shared-memory accesses of what ran since `before` are free of bank conflicts: every ldmatrix
+// matrix and every warp's st.shared served in one wavefront (the padded rows of the mma.sync kernels
+// and the 128-byte swizzle of the Hopper ones are there for this).
+void check_banks(const std::string& what, const emu::Stats& before) {
+    const emu::Stats& now = emu::stats();
+    const uint64_t phases = now.ldmatrix_phases - before.ldmatrix_phases,
+                   waves = now.ldmatrix_wavefronts - before.ldmatrix_wavefronts,
+                   stores = now.st_shared - before.st_shared,
+                   store_waves = now.st_shared_wavefronts - before.st_shared_wavefronts;
+    char msg[256];
+    std::snprintf(msg, sizeof msg,
+                  "%s: bank conflicts: ldmatrix %llu wavefronts for %llu matrices, st.shared %llu for %llu stores",
+                  what.c_str(), (unsigned long long)waves, (unsigned long long)phases,
+                  (unsigned long long)store_waves, (unsigned long long)stores);
+    check(waves == phases && store_waves == stores, msg);
+}
+
 bool launched(const std::string& what, bool ok) {
     check(ok, what + ": " + (ok ? std::string() : emu::last_error()));
     return ok;
@@ -313,6 +330,7 @@ void check_forward(const Problem& p, Fwd kind) {
     const int D = p.D, H = p.H, KV = p.KV, B = (int)b.k_len.size();
     const std::string what = p.name + " forward " + fwd_name(kind);
     if (!selected(what)) return;
+    const emu::Stats banks = emu::stats();
     auto outs = both_modes(what, [&](emu::Mode mode) -> std::vector<std::vector<double>> {
         std::vector<bf16> out((size_t)b.nq * H * D);
         std::vector<float> lse((size_t)b.nq * H);
@@ -343,6 +361,7 @@ void check_forward(const Problem& p, Fwd kind) {
         return {widen(out), widen(lse)};
     });
     if (outs.empty()) return;
+    check_banks(what, banks);
     compare(what + " out", outs[0], p.out, 1e-2);
     compare(what + " lse", outs[1], p.lse, 2e-3, true);
 }
@@ -373,6 +392,7 @@ void check_backward(const Problem& p, Bwd kind) {
     for (size_t i = 0; i < p.out.size(); ++i) out_bf16[i] = __float2bfloat16_rn((float)p.out[i]);
     std::vector<float> lse(p.lse.begin(), p.lse.end());
     const bool fast = kind == Bwd::MmaFast || kind == Bwd::HopperFast || kind == Bwd::NarrowFast;
+    const emu::Stats banks = emu::stats();
     auto outs = both_modes(
         what,
         [&](emu::Mode mode) -> std::vector<std::vector<double>> {
@@ -445,6 +465,7 @@ void check_backward(const Problem& p, Bwd kind) {
         },
         {false, false, false, fast});
     if (outs.empty()) return;
+    check_banks(what, banks);
     // delta from the bf16-rounded output against the reference's exact one.
     compare(what + " delta", outs[0], p.delta, 1e-2);
     compare(what + " dk", outs[1], p.dk, 2e-2);

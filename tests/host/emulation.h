@@ -19,7 +19,8 @@
 //   - cp.async, ldmatrix, wgmma operands and st.shared stay inside the block's dynamic shared memory
 //     (which starts poisoned with NaNs), with the alignment PTX requires; cp.async reads only from
 //     buffers the harness registered; wgmma's descriptors and flags agree across the warpgroup.
-// Not modelled: timing, bank conflicts, the memory model beyond the above, partial-warp masks.
+// It also counts shared-memory bank conflicts of ldmatrix and st.shared (emu::stats()).
+// Not modelled: timing, the memory model beyond the above, partial-warp masks.
 //
 // The kernels see RLHF_EMULATION and route each inline-PTX operation to the functions below.
 #pragma once
@@ -168,6 +169,13 @@ struct WarpgroupSlots {
     std::deque<std::vector<WgmmaOp>> groups;
 };
 
+// Shared-memory accesses in wavefronts (one per 128 bytes served without a bank conflict): an access
+// whose wavefronts exceed its ideal count has bank conflicts.
+struct Stats {
+    uint64_t ldmatrix_phases = 0, ldmatrix_wavefronts = 0;  // a phase: one 8x8 matrix
+    uint64_t st_shared = 0, st_shared_wavefronts = 0;       // a warp's 32 four-byte stores
+};
+
 struct Mode {
     bool late = true;      // copies and wgmma complete at their wait (else at their issue)
     bool reverse = false;  // threads scheduled from the last
@@ -193,6 +201,7 @@ struct State {
     std::function<void()> body;
     std::string error;
     std::map<const unsigned char*, size_t> globals;  // start -> bytes
+    Stats stats;
     alignas(4096) unsigned char window[kWindowBytes];
 };
 
@@ -367,10 +376,23 @@ inline void cp_async_wait(int newest_left) {
     }
 }
 
-inline void st_shared_u32(uint32_t addr, uint32_t value) {
-    std::memcpy(smem_at(addr, 4, 4, "st.shared"), &value, 4);
-    stamp_write(addr, 4, warp_of_current());
+// Wavefronts to serve a set of 4-byte words: the most distinct words any one of the 32 banks holds.
+inline int wavefronts(const uint32_t* word_addrs, int n) {
+    int most = 1;
+    for (int i = 0; i < n; ++i) {
+        int same_bank = 0;
+        for (int j = 0; j < n; ++j) {
+            if ((word_addrs[j] / 4) % 32 != (word_addrs[i] / 4) % 32) continue;
+            bool first = true;  // count each distinct word of the bank once
+            for (int k = 0; k < j; ++k) first = first && word_addrs[k] != word_addrs[j];
+            same_bank += first;
+        }
+        most = std::max(most, same_bank);
+    }
+    return most;
 }
+
+inline Stats& stats() { return st().stats; }
 
 // ----- barriers and warp operations -----
 
@@ -438,6 +460,13 @@ inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr, bool trans) {
     smem_at(addr, 16, 16, "ldmatrix row");
     check_read(addr, 16, st().clocks[warp_of_current()], warp_of_current(), false, "ldmatrix");
     const uint32_t* out = warp_op(0xffffffffu, trans ? "ldmatrix.trans" : "ldmatrix", in, 1, [&](auto& i, auto& o) {
+        for (int m = 0; m < 4; ++m) {
+            uint32_t words[32];
+            for (int r = 0; r < 8; ++r)
+                for (int j = 0; j < 4; ++j) words[4 * r + j] = i[8 * m + r][0] + 4 * j;
+            stats().ldmatrix_phases += 1;
+            stats().ldmatrix_wavefronts += wavefronts(words, 32);
+        }
         auto elem = [&](int m, int row, int col) {
             uint16_t v;
             std::memcpy(&v, st().window + i[8 * m + row][0] + 2 * col, 2);
@@ -450,6 +479,19 @@ inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr, bool trans) {
             }
     });
     for (int m = 0; m < 4; ++m) r[m] = out[m];
+}
+
+// A warp-wide store (the kernels store a warp at a time), so that its bank conflicts can be counted.
+inline void st_shared_u32(uint32_t addr, uint32_t value) {
+    std::memcpy(smem_at(addr, 4, 4, "st.shared"), &value, 4);
+    stamp_write(addr, 4, warp_of_current());
+    const uint32_t in[1] = {addr};
+    warp_op(0xffffffffu, "st.shared", in, 1, [](auto& i, auto&) {
+        uint32_t words[32];
+        for (int l = 0; l < 32; ++l) words[l] = i[l][0];
+        stats().st_shared += 1;
+        stats().st_shared_wavefronts += wavefronts(words, 32);
+    });
 }
 
 inline float lo_bf16(uint32_t w) {
