@@ -22,6 +22,7 @@ namespace {
 int checks = 0;
 int failures = 0;
 const char* only = nullptr;  // run only the launches whose description contains this
+bool intensity = false;      // print each launch's tensor-core FLOPs per byte cp.async brought in
 
 bool selected(const std::string& what) { return only == nullptr || what.find(only) != std::string::npos; }
 
@@ -275,6 +276,13 @@ void check_banks(const std::string& what, const emu::Stats& before) {
                   what.c_str(), (unsigned long long)waves, (unsigned long long)phases,
                   (unsigned long long)store_waves, (unsigned long long)stores);
     check(waves == phases && store_waves == stores, msg);
+    if (intensity) {
+        // Both schedules ran the same operations: halve.
+        const double flops = (now.mma_flops - before.mma_flops) / 2.0, bytes = (now.copy_bytes - before.copy_bytes) / 2.0,
+                     atomic = (now.atomic_bytes - before.atomic_bytes) / 2.0;
+        std::printf("INTENSITY|%s|%.4g tensor FLOPs|%.4g bytes by cp.async|%.1f FLOPs a byte|%.4g bytes by atomics\n",
+                    what.c_str(), flops, bytes, flops / bytes, atomic);
+    }
 }
 
 bool launched(const std::string& what, bool ok) {
@@ -532,12 +540,25 @@ void check_decode(const Problem& p) {
 
 int main(int argc, char** argv) {
     // Arguments: the seed of the random inputs; optionally a filter (say "hopper_narrow fast", ""
-    // for all) and "large", which adds the long sequences (minutes rather than seconds).
+    // for all) and "large", which adds the long sequences (minutes rather than seconds), or
+    // "intensity", which runs the flash kernels at T = 2,048 alone and prints, for each, the
+    // tensor-core FLOPs per byte its cp.async copies read from global memory (L2).
     const unsigned seed = argc > 1 ? (unsigned)std::strtoul(argv[1], nullptr, 10) : 1u;
     if (argc > 2 && argv[2][0] != '\0') only = argv[2];
     const bool large = argc > 3 && std::string(argv[3]) == "large";
+    intensity = argc > 3 && std::string(argv[3]) == "intensity";
     std::printf("seed %u\n", seed);
     std::mt19937 rng(seed);
+    if (intensity) {
+        for (int D : {64, 128}) {
+            const Problem p = make(rng, "T=[2048] H1/KV1", packed({2048}), 1, 1, D);
+            for (Fwd k : {Fwd::Mma, Fwd::Hopper, Fwd::HopperNarrow}) check_forward(p, k);
+            for (Bwd k : {Bwd::MmaFast, Bwd::MmaDet, Bwd::HopperFast, Bwd::HopperDet, Bwd::NarrowFast, Bwd::NarrowDet})
+                check_backward(p, k);
+        }
+        std::printf("%d checks, %d failed\n", checks, failures);
+        return failures == 0 ? 0 : 1;
+    }
     for (int D : {64, 128}) {
         // Packed training batches: a single row, a ragged batch with a partial tile and one past a
         // 128-row block, GQA groups of 3 and 9.

@@ -174,6 +174,9 @@ struct WarpgroupSlots {
 struct Stats {
     uint64_t ldmatrix_phases = 0, ldmatrix_wavefronts = 0;  // a phase: one 8x8 matrix
     uint64_t st_shared = 0, st_shared_wavefronts = 0;       // a warp's 32 four-byte stores
+    uint64_t copy_bytes = 0;   // global bytes read by cp.async (zero-filled ones not counted)
+    uint64_t mma_flops = 0;    // 2·m·n·k of every mma.sync and wgmma
+    uint64_t atomic_bytes = 0; // bytes updated by atomics
 };
 
 struct Mode {
@@ -360,6 +363,7 @@ inline void cp_async16(uint32_t dst, const void* src, int src_bytes) {
         check_global(src, src_bytes, "cp.async");
     }
     const Copy c{d, static_cast<const unsigned char*>(src), 16, src_bytes, warp_of_current()};
+    st().stats.copy_bytes += src_bytes;
     if (st().mode.late) cur().open_copies.push_back(c);
     else apply(c);
 }
@@ -513,6 +517,7 @@ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32
     in[5] = b1;
     std::memcpy(in + 6, c, 16);
     const uint32_t* out = warp_op(0xffffffffu, "mma.m16n8k16", in, 10, [&](auto& i, auto& o) {
+        st().stats.mma_flops += 2 * 16 * 8 * 16;
         float A[16][16], B[16][8], C[16][8];
         for (int l = 0; l < 32; ++l) {
             const int g = l / 4, t = l % 4;
@@ -618,6 +623,7 @@ inline void wgmma(float* d, int n, const uint32_t* a, uint64_t desc_a, uint64_t 
     p.d[t] = d;
     p.a[t] = a;
     meet(g.meeting, 128, "wgmma.mma_async", [&] {
+        st().stats.mma_flops += 2ull * 64 * n * 16;
         // What all four warps know of each writer; a warp's own writes precede its own issue but
         // not the other three's.
         const int first = linear_tid() / 128 * 4;
@@ -834,6 +840,7 @@ inline int __any_sync(unsigned mask, int pred) {
 // Threads run one at a time, so a read-modify-write is atomic.
 template <typename T>
 inline T atomicAdd(T* p, T v) {
+    emu::stats().atomic_bytes += sizeof(T);
     const T old = *p;
     *p = old + v;
     return old;
