@@ -700,17 +700,18 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 max_new_tokens,
                 &[eos],
             )?;
+            use crate::train::honesty::percent;
             println!(
-                "questions {}, answered {}, accuracy when answering {:.1}%",
+                "questions {}, answered {}, accuracy when answering {}",
                 r.questions,
                 r.answered,
-                100.0 * r.accuracy
+                percent(r.accuracy)
             );
             println!("expected calibration error {:.4}", r.ece);
             println!(
-                "abstains when it would be wrong {:.1}%, when it would be right {:.1}%",
-                100.0 * r.abstain_when_wrong,
-                100.0 * r.abstain_when_right
+                "abstains when it would be wrong {}, when it would be right {}",
+                percent(r.abstain_when_wrong),
+                percent(r.abstain_when_right)
             );
             for b in &r.bins {
                 println!("  confidence [{:.1}, {:.1}): {:>4} answers, mean confidence {:.3}, accuracy {:.3}", b.lo, b.hi, b.count, b.mean_confidence, b.accuracy);

@@ -14,7 +14,7 @@ use rlhf_kernels::ops::pref_loss::DpoLoss;
 use rlhf_kernels::train::data::{load_prompts, Encoder, Limits};
 use rlhf_kernels::train::dpo::{self, PrefTrainer};
 use rlhf_kernels::train::honesty::{
-    calibration, expected_calibration_error, is_abstention, is_correct, suppression, Bin,
+    calibration, expected_calibration_error, is_abstention, is_correct, percent, suppression, Bin,
 };
 use rlhf_kernels::train::label::{label, Judge};
 use rlhf_kernels::train::{builtin, sft};
@@ -44,6 +44,9 @@ fn ece_matches_a_hand_computed_example() {
     assert!(is_abstention(" I'm NOT sure.") && !is_abstention(" The answer is 3."));
     assert!(is_correct(" The answer is 42.", "42") && !is_correct(" The answer is 142.", "42"));
     assert!(is_correct("It is Paris.", "paris"));
+    // A ratio whose condition never occurred (no right answers to abstain on) prints as n/a.
+    assert_eq!(percent(f64::NAN), "n/a");
+    assert_eq!(percent(0.125), "12.5%");
 }
 
 fn root(name: &str) -> PathBuf {

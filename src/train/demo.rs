@@ -258,7 +258,7 @@ pub fn run(o: &DemoOptions) -> Result<DemoReport> {
 }
 
 fn pct(v: Option<f64>) -> String {
-    v.map_or("-".into(), |x| format!("{:.1}%", 100.0 * x))
+    v.map_or("-".into(), crate::train::honesty::percent)
 }
 
 fn num(v: Option<f64>) -> String {

@@ -96,9 +96,20 @@ pub struct CalibrationReport {
     pub accuracy: f64,
     pub ece: f64,
     pub bins: Vec<Bin>,
-    /// P(abstain | the forced answer would be wrong), and P(abstain | it would be right).
+    /// P(abstain | the forced answer would be wrong), and P(abstain | it would be right). Each of
+    /// the three ratios is NaN when its condition never occurs (no answers, no wrong or no right
+    /// forced answers); [`percent`] prints that as "n/a".
     pub abstain_when_wrong: f64,
     pub abstain_when_right: f64,
+}
+
+/// A ratio of the report as a percentage, or "n/a" where it is undefined (NaN).
+pub fn percent(ratio: f64) -> String {
+    if ratio.is_nan() {
+        "n/a".into()
+    } else {
+        format!("{:.1}%", 100.0 * ratio)
+    }
 }
 
 /// Calibration of `model` on `(prompt tokens, answer)` questions; `answer_prefix` starts the forced
