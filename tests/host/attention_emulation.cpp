@@ -17,19 +17,15 @@
 
 #include <random>
 
+#include "tally.h"
+
 namespace {
 
-int checks = 0;
-int failures = 0;
+using tally::check;
 const char* only = nullptr;  // run only the launches whose description contains this
 bool intensity = false;      // print each launch's tensor-core FLOPs per byte cp.async brought in
 
 bool selected(const std::string& what) { return only == nullptr || what.find(only) != std::string::npos; }
-
-void check(bool ok, const std::string& what) {
-    ++checks;
-    if (!ok && ++failures <= 40) std::printf("FAIL %s\n", what.c_str());
-}
 
 // src/ops/attention.rs's constants.
 constexpr int kFlashTile = 64, kFlashThreads = 128, kFlashPad = 8, kBwdQTile = 32, kHopperRows = 128;
@@ -556,8 +552,7 @@ int main(int argc, char** argv) {
             for (Bwd k : {Bwd::MmaFast, Bwd::MmaDet, Bwd::HopperFast, Bwd::HopperDet, Bwd::NarrowFast, Bwd::NarrowDet})
                 check_backward(p, k);
         }
-        std::printf("%d checks, %d failed\n", checks, failures);
-        return failures == 0 ? 0 : 1;
+        return tally::finish();
     }
     for (int D : {64, 128}) {
         // Packed training batches: a single row, a ragged batch with a partial tile and one past a
@@ -587,6 +582,5 @@ int main(int argc, char** argv) {
         check_forward(decode, Fwd::Mma);
         check_forward(decode, Fwd::Hopper);
     }
-    std::printf("%d checks, %d failed\n", checks, failures);
-    return failures == 0 ? 0 : 1;
+    return tally::finish();
 }

@@ -1,16 +1,7 @@
 // The Hopper attention kernels' shared-memory layouts on the CPU: where hopper_load_tile puts each
 // row and 16-byte chunk, which rows ldmatrix gathers into Q's register fragments, and where wgmma
 // reads each operand element through the descriptors the kernels build (hopper_desc_k,
-// hopper_desc_mn), against a model of PTX's canonical 128-byte-swizzle layouts written from the
-// ISA's definitions:
-//   - a descriptor holds the start address, the leading and the stride byte offsets (16-byte units,
-//     bits 0-13, 16-29, 32-45) and the swizzle mode (bits 62-63, 1 = 128 bytes);
-//   - the 128-byte swizzle XORs address bits 4-6 (the 16-byte chunk) with bits 7-9 (the row within
-//     eight 128-byte rows), on the absolute shared-memory address;
-//   - K-major: element (mn, k) of a k16 step at start + (mn % 8) * 128 + (mn / 8) * SBO + 2k (the
-//     leading offset unused);
-//   - MN-major: element (mn, k) at start + (mn % 64) * 2 + (mn / 64) * LBO + (k % 8) * 128 +
-//     (k / 8) * SBO.
+// hopper_desc_mn), against the model of PTX's canonical 128-byte-swizzle layouts in wgmma_layout.h.
 // It checks the index arithmetic only, not the instructions. tests/kernel_host.rs compiles and runs
 // it; it prints one line per failure and exits non-zero if there was any.
 #include <cstdint>
@@ -20,35 +11,13 @@
 #include <utility>
 
 #include "../../kernels/attention.cu"
+#include "tally.h"
+#include "wgmma_layout.h"
 
 namespace {
 
-int checks = 0;
-int failures = 0;
-
-void check(bool ok, const std::string& what) {
-    ++checks;
-    if (!ok && ++failures <= 30) std::printf("FAIL %s\n", what.c_str());
-}
-
-struct Desc {
-    uint32_t start, leading, stride, swizzle;
-};
-
-Desc decode(uint64_t d) {
-    return Desc{(uint32_t)(d & 0x3FFF) << 4, (uint32_t)((d >> 16) & 0x3FFF) << 4,
-                (uint32_t)((d >> 32) & 0x3FFF) << 4, (uint32_t)(d >> 62)};
-}
-
-uint32_t swizzle128(uint32_t addr) { return addr ^ (((addr >> 7) & 7) << 4); }
-
-// Byte address wgmma reads for element (mn, k) of one k16 step.
-uint32_t read_k_major(const Desc& d, int mn, int k) {
-    return swizzle128(d.start + (mn % 8) * 128 + (mn / 8) * d.stride + 2 * k);
-}
-uint32_t read_mn_major(const Desc& d, int mn, int k) {
-    return swizzle128(d.start + (mn % 64) * 2 + (mn / 64) * d.leading + (k % 8) * 128 + (k / 8) * d.stride);
-}
+using tally::check;
+using namespace wgmma_layout;
 
 // Where the kernels store element (row, col) of a [64][D] tile at `tile`.
 uint32_t stored(uint32_t tile, int row, int col) { return tile + hopper_swizzle(row, col / 8) + (col % 8) * 2; }
@@ -149,6 +118,5 @@ int main() {
     check_loads<128, 128, 64>();
     check_loads<128, 256, 64>();
     check_loads<128, 256, 128>();
-    std::printf("attention layouts: %d checks, %d failed\n", checks, failures);
-    return failures == 0 ? 0 : 1;
+    return tally::finish("attention layouts: ");
 }

@@ -33,11 +33,12 @@ struct Event {
     double ms = 0.0;
 };
 
-int cc_major() { return std::atoi(std::getenv("RLHF_EMULATED_CC") ? std::getenv("RLHF_EMULATED_CC") : "9"); }
-int cc_minor() {
+// RLHF_EMULATED_CC as (major, minor); 9.0 when unset.
+std::pair<int, int> compute_capability() {
     const char* cc = std::getenv("RLHF_EMULATED_CC");
-    const char* dot = cc ? std::strchr(cc, '.') : nullptr;
-    return dot ? std::atoi(dot + 1) : 0;
+    if (!cc) return {9, 0};
+    const char* dot = std::strchr(cc, '.');
+    return {std::atoi(cc), dot ? std::atoi(dot + 1) : 0};
 }
 
 // One lock for the emulator's state: tests launch from several threads at once.
@@ -104,7 +105,8 @@ CUresult cuDeviceGet(int* d, int ordinal) {
     return kSuccess;
 }
 CUresult cuDeviceGetName(char* name, int len, int) {
-    std::snprintf(name, len, "emulated GPU (CPU emulator, compute capability %d.%d)", cc_major(), cc_minor());
+    const auto [major, minor] = compute_capability();
+    std::snprintf(name, len, "emulated GPU (CPU emulator, compute capability %d.%d)", major, minor);
     return kSuccess;
 }
 CUresult cuDeviceTotalMem_v2(size_t* bytes, int) {
@@ -119,8 +121,8 @@ CUresult cuDeviceGetAttribute(int* value, int attribute, int) {
         case 8: *value = 48 * 1024; break;       // shared memory per block
         case 10: *value = 32; break;             // warp size
         case 16: *value = 132; break;            // multiprocessors
-        case 75: *value = cc_major(); break;
-        case 76: *value = cc_minor(); break;
+        case 75: *value = compute_capability().first; break;
+        case 76: *value = compute_capability().second; break;
         case 97: *value = 227 * 1024; break;     // max shared memory per block (opt-in)
         case 115: *value = 1; break;             // memory pools
         default: *value = 0;

@@ -38,6 +38,8 @@
 #endif
 #include <vector_types.h>
 
+#include "wgmma_layout.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -547,18 +549,11 @@ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32
 
 // ----- wgmma -----
 
-inline uint32_t swizzle128(uint32_t addr) { return addr ^ (((addr >> 7) & 7) << 4); }
-
-// Where wgmma reads element (mn, k) of a k16 step through descriptor `desc` (128-byte swizzle):
-// K-major at start + (mn % 8)·128 + (mn / 8)·stride + 2k; MN-major at start + (mn % 64)·2 +
-// (mn / 64)·leading + (k % 8)·128 + (k / 8)·stride; the swizzle on the absolute address.
+// Where wgmma reads element (mn, k) of a k16 step through descriptor `desc` (wgmma_layout.h).
 inline uint32_t operand_address(uint64_t desc, bool mn_major, int mn, int k) {
-    const uint32_t start = (uint32_t)(desc & 0x3FFF) << 4, leading = (uint32_t)((desc >> 16) & 0x3FFF) << 4,
-                   stride = (uint32_t)((desc >> 32) & 0x3FFF) << 4;
-    if ((desc >> 62) != 1) fail("a wgmma descriptor without the 128-byte swizzle is not emulated");
-    const uint32_t raw = mn_major ? start + (mn % 64) * 2 + (mn / 64) * leading + (k % 8) * 128 + (k / 8) * stride
-                                  : start + (mn % 8) * 128 + (mn / 8) * stride + 2 * k;
-    return swizzle128(raw);
+    const wgmma_layout::Desc d = wgmma_layout::decode(desc);
+    if (d.swizzle != 1) fail("a wgmma descriptor without the 128-byte swizzle is not emulated");
+    return mn_major ? wgmma_layout::read_mn_major(d, mn, k) : wgmma_layout::read_k_major(d, mn, k);
 }
 
 inline float operand_at(const WgmmaOp& op, uint64_t desc, bool mn_major, int mn, int k) {
@@ -606,18 +601,17 @@ inline void wgmma(float* d, int n, const uint32_t* a, uint64_t desc_a, uint64_t 
     const int t = linear_tid() % 128;
     // Uniform fields from the first thread to arrive; the others must agree.
     WgmmaOp& p = g.pending;
-    const WgmmaOp mine{n, desc_a, desc_b, a != nullptr, accumulate != 0, trans_a, trans_b, {}, {}};
+    const bool regs = a != nullptr, acc = accumulate != 0;
     if (g.meeting.arrived == 0) {
-        p.n = mine.n;
-        p.desc_a = mine.desc_a;
-        p.desc_b = mine.desc_b;
-        p.a_in_registers = mine.a_in_registers;
-        p.accumulate = mine.accumulate;
-        p.trans_a = mine.trans_a;
-        p.trans_b = mine.trans_b;
-    } else if (p.n != n || (!mine.a_in_registers && p.desc_a != desc_a) || p.desc_b != desc_b ||
-               p.a_in_registers != mine.a_in_registers || p.accumulate != mine.accumulate || p.trans_a != trans_a ||
-               p.trans_b != trans_b) {
+        p.n = n;
+        p.desc_a = desc_a;
+        p.desc_b = desc_b;
+        p.a_in_registers = regs;
+        p.accumulate = acc;
+        p.trans_a = trans_a;
+        p.trans_b = trans_b;
+    } else if (p.n != n || p.a_in_registers != regs || (!regs && p.desc_a != desc_a) || p.desc_b != desc_b ||
+               p.accumulate != acc || p.trans_a != trans_a || p.trans_b != trans_b) {
         fail("wgmma operands or flags differ across the warpgroup");
     }
     p.d[t] = d;
