@@ -1238,10 +1238,12 @@ __device__ __forceinline__ void fence_proxy_async() {
 }
 
 // Operand lists of the wgmma wrappers: the accumulators of an m64nN tile, N / 8 groups of four.
-#define WGMMA_ACC_N64(d) \
+#define WGMMA_ACC_N32(d) \
     "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), \
     "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), \
-    "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), \
+    "+f"(d[3][2]), "+f"(d[3][3])
+#define WGMMA_ACC_N64(d) \
+    WGMMA_ACC_N32(d), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), \
     "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), \
     "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
 #define WGMMA_ACC_N128(d) \
@@ -1251,6 +1253,7 @@ __device__ __forceinline__ void fence_proxy_async() {
     "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), \
     "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), \
     "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+#define WGMMA_REGS_16 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
 #define WGMMA_REGS_32 \
     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
@@ -1272,6 +1275,20 @@ __device__ __forceinline__ void wgmma_m64n64_ss(float (&d)[8][4], uint64_t desc_
                  "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WGMMA_REGS_32
                  ", %32, %33, p, 1, 1, %35, %36;\n}\n"
                  : WGMMA_ACC_N64(d)
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TA), "n"(TB));
+#endif
+}
+
+// The same for m64n32k16.
+template <int TA, int TB>
+__device__ __forceinline__ void wgmma_m64n32_ss(float (&d)[4][4], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+#ifdef RLHF_EMULATION
+    emu::wgmma(&d[0][0], 32, nullptr, desc_a, desc_b, accumulate, TA, TB);
+#elif defined(HOPPER_WGMMA)
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 " WGMMA_REGS_16
+                 ", %16, %17, p, 1, 1, %19, %20;\n}\n"
+                 : WGMMA_ACC_N32(d)
                  : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TA), "n"(TB));
 #endif
 }
@@ -1450,15 +1467,31 @@ __device__ void flash_fwd_hopper(bf16* __restrict__ out, float* __restrict__ lse
 #endif
 }
 
+// Adds a warpgroup's dQ tile (`COLS` columns from col0, accumulators in the mma.sync m16n8 layout,
+// `row` the thread's first row in the sequence) into the f32 dq_acc, two floats an atomic.
+template <int COLS>
+__device__ __forceinline__ void flash_dq_atomics(float* dq_acc, const float (&dqa)[COLS / 8][4], int row, int len,
+                                                 int q_begin, size_t q_stride, int h, int D, int col0, int lane) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        if (row + 8 * i >= len) continue;
+        float* drow = dq_acc + (size_t)(q_begin + row + 8 * i) * q_stride + h * D + col0 + 2 * (lane & 3);
+#pragma unroll
+        for (int dt = 0; dt < COLS / 8; ++dt) atomic_add2(drow + dt * 8, dqa[dt][2 * i], dqa[dt][2 * i + 1]);
+    }
+}
+
 // Hopper backward (sm_90a), the fast mode's schedule on wgmma: a block (two warpgroups) owns 128
 // keys of one kv head, 64 a warpgroup, and loops over the query heads of its group and the 64-row
 // query tiles that see them; both warpgroups read each Q and dO tile, which halves that L2 traffic
 // against blocks of 64 keys. Per tile, each warpgroup: Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ (shared-memory
 // operands), Pᵀ and dSᵀ in registers, dV += Pᵀ·dO and dK += dSᵀ·Q (Pᵀ and dSᵀ from registers, dO
 // and Q read MN-major). Then scale·dSᵀ goes to shared memory and dQ = dS·K (both operands MN-major)
-// is added into the f32 dq_acc with atomics: at head_dim 128 each warpgroup takes 64 of dQ's
-// columns over the block's 128 keys, so a dQ element gets one atomic a block rather than two; at 64
-// each warpgroup adds its own keys' part. In a causal sequence the second warpgroup's first query
+// is added into the f32 dq_acc with atomics: each warpgroup takes D / WGS of dQ's columns over
+// the block's 128 keys, so a dQ element gets one atomic a block rather than two. At head_dim 128 a
+// warpgroup's 64 columns are one swizzled column block of the K tiles, read MN-major; at 64 its 32
+// would start half-way into the K tiles' 128-byte rows, so the block first writes a K-major copy
+// of Kᵀ ([64 d][128 keys]) whose 32-row halves are whole swizzle atoms. In a causal sequence the second warpgroup's first query
 // tile is wholly masked; it runs it anyway (P = 0) so that every wgmma stays unconditional.
 // The two warpgroups meet at two barriers a tile, so their phases (products, then the elementwise
 // dS) line up, where two one-warpgroup blocks on an SM drift apart and overlap each other's phases:
@@ -1474,7 +1507,10 @@ __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, f
     constexpr int KEYS = FLASH_TILE * WGS, THREADS = FLASH_THREADS * WGS;
     DYNAMIC_SMEM(unsigned char, flash_smem);
     // K (a tile per warpgroup), V (the same), two stages of (Q, dO), dSᵀ (a [64][64] block per
-    // warpgroup), then two stages of scaled lse and delta.
+    // warpgroup), Kᵀ where KT_COPY (a [64 d][64 keys] block per warpgroup), then two stages of
+    // scaled lse and delta.
+    constexpr bool KT_COPY = ATOMIC_DQ && (D / 64) % WGS != 0;
+    static_assert(!KT_COPY || D == 64, "the Kᵀ copy is laid out for head_dim 64");
     const uint32_t base = hopper_smem_base(flash_smem);
     const int wg = warpgroup_index(), wt = threadIdx.x % FLASH_THREADS;
     auto k_tile = [&](int w) { return base + w * TILE_BYTES; };
@@ -1482,7 +1518,8 @@ __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, f
     const uint32_t ks = k_tile(wg), vs = base + (WGS + wg) * TILE_BYTES, dss = ds_block(wg);
     auto qs = [&](int stage) { return base + (2 * WGS + 2 * stage) * TILE_BYTES; };
     auto dos = [&](int stage) { return base + (2 * WGS + 1 + 2 * stage) * TILE_BYTES; };
-    float* lse2s0 = reinterpret_cast<float*>(flash_smem + (ds_block(WGS) - smem_u32(flash_smem)));
+    auto kt_block = [&](int w) { return ds_block(WGS) + w * HOPPER_BLOCK_BYTES; };
+    float* lse2s0 = reinterpret_cast<float*>(flash_smem + (kt_block(KT_COPY ? WGS : 0) - smem_u32(flash_smem)));
     float* dlts0 = lse2s0 + 2 * QT;
     const FlashBwdTile bt = flash_bwd_tile<KEYS>(cu_q, tiles, H, KV);
     const int j0 = bt.j0, g = bt.g, group = bt.group, q_begin = bt.q_begin, len = bt.len, nk = bt.nk;
@@ -1522,6 +1559,22 @@ __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, f
         __syncthreads();
         if (it + 1 < steps) load_q(it + 1);
         cp_async_commit();
+        if constexpr (KT_COPY) {
+            // Once, the K tiles having landed: Kᵀ two keys a store, a warp a 128-byte row (no bank
+            // conflicts on the stores; the reads, once a block, may conflict). The dQ product's
+            // fence and barrier below order it before wgmma reads it.
+            if (it == 0) {
+                for (int e = threadIdx.x; e < KEYS * D / 2; e += THREADS) {
+                    const int w = e / (FLASH_TILE * D / 2), d = e / (FLASH_TILE / 2) % D, kp = e % (FLASH_TILE / 2);
+                    auto at = [&](int key) {
+                        const uint32_t a = k_tile(w) + hopper_swizzle(key, d >> 3) + (d & 7) * 2;
+                        return *reinterpret_cast<const unsigned short*>(flash_smem + (a - smem_u32(flash_smem)));
+                    };
+                    const uint32_t pair = at(2 * kp) | (uint32_t)at(2 * kp + 1) << 16;
+                    st_shared_u32(kt_block(w) + hopper_swizzle(d, kp >> 2) + (kp & 3) * 4, pair);
+                }
+            }
+        }
         const float* lse2s = lse2s0 + stage * QT;
         const float* dlts = dlts0 + stage * QT;
 
@@ -1568,46 +1621,47 @@ __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, f
         wgmma_commit();
 
         if constexpr (ATOMIC_DQ) {
-            // dQ 64 columns at a time (registers): where the column blocks split evenly over the
-            // warpgroups, each takes its share over every warpgroup's keys (one atomic a dQ element
-            // a block); else (head_dim 64, two warpgroups) each all of them over its own keys.
-            constexpr int COL_BLOCKS = D / 64;
-            constexpr bool SPLIT = COL_BLOCKS % WGS == 0;
-            constexpr int MINE = SPLIT ? COL_BLOCKS / WGS : 1, BLOCKS = SPLIT ? WGS : 1;
+            // dQ, each warpgroup D / WGS columns over every warpgroup's keys: one atomic a dQ
+            // element a block. The dSᵀ blocks (and Kᵀ) the product reads are written by both
+            // warpgroups.
             fence_proxy_async();
-            // The dSᵀ blocks the product reads are written: every warpgroup's when it splits the
-            // columns, else only its own, so a warpgroup waits for its own four warps and the two
-            // are not held in step a second time a tile.
-            if constexpr (SPLIT) {
-                __syncthreads();
-            } else {
-                named_barrier<FLASH_THREADS>(1 + wg);
-            }
-#pragma unroll
-            for (int ci = 0; ci < MINE; ++ci) {
-                const int col0 = SPLIT ? (wg + ci * WGS) * 64 : 0;
-                float dqa[8][4];
+            __syncthreads();
+            if constexpr (KT_COPY) {
+                constexpr int COLS = D / WGS;
+                static_assert(COLS == 32, "m64n32 products");
+                const int col0 = wg * COLS;
+                float dqa[4][4];
                 wgmma_fence();
 #pragma unroll
-                for (int b = 0; b < BLOCKS; ++b) {
-                    const int w = SPLIT ? b : wg;
-                    const uint32_t k_cols = k_tile(w) + (col0 / 64) * HOPPER_BLOCK_BYTES;
-#pragma unroll
-                    for (int kk = 0; kk < FLASH_TILE / 16; ++kk)
-                        wgmma_m64n64_ss<1, 1>(dqa, hopper_desc_mn(ds_block(w), kk), hopper_desc_mn(k_cols, kk),
-                                              b > 0 || kk > 0);
-                }
+                for (int kk = 0; kk < KEYS / 16; ++kk)
+                    wgmma_m64n32_ss<1, 0>(dqa, hopper_desc_mn(ds_block(kk / 4), kk % 4),
+                                          hopper_desc_k(kt_block(0) + col0 * 128, kk), kk > 0);
                 wgmma_commit();
                 wgmma_wait_all();
                 wgmma_fence_regs(dqa);
+                flash_dq_atomics<COLS>(dq_acc, dqa, i0 + warp * 16 + (lane >> 2), len, q_begin, q_stride, h, D,
+                                       col0, lane);
+            } else {
+                // 64 columns at a time (registers): a column block of the K tiles, MN-major.
+                constexpr int MINE = D / 64 / WGS;
 #pragma unroll
-                for (int i = 0; i < 2; ++i) {
-                    const int row = i0 + warp * 16 + (lane >> 2) + 8 * i;
-                    if (row >= len) continue;
-                    float* drow = dq_acc + (size_t)(q_begin + row) * q_stride + h * D + col0 + 2 * (lane & 3);
+                for (int ci = 0; ci < MINE; ++ci) {
+                    const int col0 = (wg + ci * WGS) * 64;
+                    float dqa[8][4];
+                    wgmma_fence();
 #pragma unroll
-                    for (int dt = 0; dt < 8; ++dt)
-                        atomic_add2(drow + dt * 8, dqa[dt][2 * i], dqa[dt][2 * i + 1]);
+                    for (int w = 0; w < WGS; ++w) {
+                        const uint32_t k_cols = k_tile(w) + (col0 / 64) * HOPPER_BLOCK_BYTES;
+#pragma unroll
+                        for (int kk = 0; kk < FLASH_TILE / 16; ++kk)
+                            wgmma_m64n64_ss<1, 1>(dqa, hopper_desc_mn(ds_block(w), kk), hopper_desc_mn(k_cols, kk),
+                                                  w > 0 || kk > 0);
+                    }
+                    wgmma_commit();
+                    wgmma_wait_all();
+                    wgmma_fence_regs(dqa);
+                    flash_dq_atomics<64>(dq_acc, dqa, i0 + warp * 16 + (lane >> 2), len, q_begin, q_stride, h, D,
+                                         col0, lane);
                 }
             }
         } else {

@@ -1056,13 +1056,22 @@ fn flash_bwd_cuda(
     let dkv_smem = (2 * FLASH_TILE + 4 * FLASH_BWD_QTILE) * row_bytes + 4 * FLASH_BWD_QTILE * 4;
     // The wgmma tiles are unpadded (swizzled) and 1 KiB more lets the kernels align them to 1,024
     // bytes. dK/dV (`wgs` warpgroups a block): K and V tiles for each, two stages of (Q, dO), a
-    // dSᵀ block for each (unused by the deterministic kernel), two stages of 64 scaled lse and
-    // delta values. dQ: below.
+    // dSᵀ block for each (unused by the deterministic kernel), where dQ's 64-column blocks do not
+    // split over the warpgroups (head_dim 64, two) a K-major copy of Kᵀ, two stages of 64 scaled
+    // lse and delta values. dQ: below.
     let hopper_tile = FLASH_TILE * hd.head_dim * 2;
     let narrow = batch.kernel == AttnKernel::Narrow;
     let wgs = if narrow { 1 } else { HOPPER_ROWS / FLASH_TILE };
-    let hopper_dkv_smem =
-        (2 * wgs + 4) * hopper_tile + wgs * FLASH_TILE * 64 * 2 + 4 * FLASH_TILE * 4 + 1024;
+    let kt_copy = if (hd.head_dim / 64) % wgs != 0 {
+        wgs * hopper_tile
+    } else {
+        0
+    };
+    let hopper_dkv_smem = (2 * wgs + 4) * hopper_tile
+        + wgs * FLASH_TILE * 64 * 2
+        + kt_copy
+        + 4 * FLASH_TILE * 4
+        + 1024;
     let (name, smem) = match (batch.deterministic, hopper) {
         (false, true) if narrow => (Flash::BwdHopperNarrow.name(hd.head_dim), hopper_dkv_smem),
         (false, true) => (Flash::BwdHopper.name(hd.head_dim), hopper_dkv_smem),

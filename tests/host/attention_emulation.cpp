@@ -422,8 +422,9 @@ void check_backward(const Problem& p, Bwd kind) {
             const bool narrow = kind == Bwd::NarrowFast || kind == Bwd::NarrowDet;
             const bool hopper = narrow || kind == Bwd::HopperFast || kind == Bwd::HopperDet;
             const int wgs = narrow ? 1 : kHopperRows / kFlashTile;
+            const int kt_copy = (D / 64) % wgs != 0 ? wgs * hopper_tile : 0;
             const int hopper_dkv_smem =
-                (2 * wgs + 4) * hopper_tile + wgs * kFlashTile * 64 * 2 + 4 * kFlashTile * 4 + 1024;
+                (2 * wgs + 4) * hopper_tile + wgs * kFlashTile * 64 * 2 + kt_copy + 4 * kFlashTile * 4 + 1024;
             const bool wide = hopper && !narrow;
             const std::vector<int>& tiles = wide ? t.tiles128 : t.tiles64;
             const dim3 kv_grid((unsigned)tiles.size() / 2, KV), q_grid((unsigned)tiles.size() / 2, H);
