@@ -1062,7 +1062,7 @@ fn flash_bwd_cuda(
     let hopper_tile = FLASH_TILE * hd.head_dim * 2;
     let narrow = batch.kernel == AttnKernel::Narrow;
     let wgs = if narrow { 1 } else { HOPPER_ROWS / FLASH_TILE };
-    let kt_copy = if (hd.head_dim / 64) % wgs != 0 {
+    let kt_copy = if !(hd.head_dim / 64).is_multiple_of(wgs) {
         wgs * hopper_tile
     } else {
         0
