@@ -391,3 +391,100 @@ fn demo_runs_and_plots() {
     );
     std::fs::remove_dir_all(&root).ok();
 }
+
+/// ORPO's NLL as LOSSES.md and TRL define it: the token mean of −log p over the chosen rows' prompts
+/// (every token after the first) and responses, over the whole accumulated step (micro-batches of
+/// one pair here), checked against a log-softmax of the model's logits computed here; the step's
+/// loss is that NLL plus the pair mean of the odds-ratio term.
+#[test]
+fn orpo_nll_covers_prompts_and_responses_over_the_whole_step() {
+    use rlhf_kernels::device::{DType, Device};
+    use rlhf_kernels::model::{Batch, Params};
+    use rlhf_kernels::ops::pref_loss::PrefLoss;
+    use rlhf_kernels::train::data::PairExample;
+    use rlhf_kernels::train::dpo::{PrefObjective, Reference};
+    use rlhf_kernels::train::Objective;
+
+    let root = setup("orpo_nll", 8);
+    let model = Model::load(&root.join("base"), &Device::Cpu).unwrap();
+    let seed = rlhf_kernels::testing::fresh_seed("orpo_nll");
+    let mut rng = rlhf_kernels::rng::Rng::new(seed);
+    let v = model.cfg.vocab_size;
+    let mut draw = |n: usize| -> Vec<i32> { (0..n).map(|_| rng.below(v) as i32).collect() };
+    // Prompts and responses of different lengths, so a per-micro-batch mean would differ.
+    let pairs: Vec<PairExample> = [(3, 2, 5), (9, 7, 1), (1, 4, 4)]
+        .iter()
+        .map(|&(p, c, r)| PairExample {
+            prompt: draw(p),
+            chosen: draw(c),
+            rejected: draw(r),
+            margin: 0.0,
+        })
+        .collect();
+
+    // −Σ log p of every token after the first of prompt + chosen, by hand.
+    let mut nll_sum = 0.0f64;
+    let mut nll_tokens = 0usize;
+    for p in &pairs {
+        let seq: Vec<i32> = p.prompt.iter().chain(&p.chosen).copied().collect();
+        let hidden = model
+            .forward_frozen(&Batch::new(std::slice::from_ref(&seq)))
+            .unwrap();
+        let rows: Vec<usize> = (0..seq.len() - 1).collect();
+        let logits = model.logits_rows(&hidden, &rows).unwrap();
+        for (j, row) in logits.chunks(v).enumerate() {
+            let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+            let lse = max
+                + row
+                    .iter()
+                    .map(|&x| (x as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
+            nll_sum -= row[seq[j + 1] as usize] as f64 - lse;
+            nll_tokens += 1;
+        }
+    }
+    let expected_nll = nll_sum / nll_tokens as f64;
+
+    let mut obj = PrefObjective {
+        pairs: pairs.clone(),
+        kind: PrefLoss::Orpo { beta: 0.1 },
+        reference: Reference::None,
+    };
+    let mut grads = Params::zeros(&model.cfg, &Device::Cpu, DType::F32).unwrap();
+    let m = obj.step(&model, &[0, 1, 2], 1, &mut grads).unwrap();
+    let nll = m["nll_loss"];
+    println!("seed {seed}: nll {nll:.6}, by hand {expected_nll:.6} over {nll_tokens} tokens");
+    assert!(
+        (nll - expected_nll).abs() <= 1e-4 * expected_nll.abs(),
+        "ORPO's NLL {nll} against {expected_nll} by hand (seed {seed})"
+    );
+    // The same step in one micro-batch: the NLL, the loss and the gradient agree.
+    let mut grads1 = Params::zeros(&model.cfg, &Device::Cpu, DType::F32).unwrap();
+    let m1 = obj.step(&model, &[0, 1, 2], 3, &mut grads1).unwrap();
+    for k in ["nll_loss", "loss", "log_odds_ratio"] {
+        assert!(
+            (m[k] - m1[k]).abs() <= 1e-5 * m1[k].abs().max(1.0),
+            "{k}: {} with micro-batches of one against {} in one (seed {seed})",
+            m[k],
+            m1[k]
+        );
+    }
+    let flat = |p: &Params| -> Vec<f32> {
+        p.named()
+            .iter()
+            .flat_map(|t| t.to_f32_vec().unwrap())
+            .collect()
+    };
+    let (g, g1) = (flat(&grads), flat(&grads1));
+    let scale = g1.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let worst = g
+        .iter()
+        .zip(&g1)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        scale > 0.0 && worst <= 1e-4 * scale,
+        "gradients differ by {worst} (largest {scale}) between accumulation and one batch (seed {seed})"
+    );
+    std::fs::remove_dir_all(&root).ok();
+}

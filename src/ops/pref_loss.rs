@@ -176,6 +176,19 @@ impl PrefOut {
             / self.chosen_rewards.len().max(1) as f64;
         (c, r, c - r, acc)
     }
+
+    /// ORPO's logged log-odds metrics as TRL names them: `log_odds_ratio`, the mean of
+    /// logσ(log_odds), and `log_odds_chosen`, the mean log odds ratio.
+    pub fn log_odds_metrics(&self) -> (f64, f64) {
+        let n = self.log_odds.len().max(1) as f64;
+        let ratio = self
+            .log_odds
+            .iter()
+            .map(|&x| super::stable::log_sigmoid(x as f64))
+            .sum::<f64>();
+        let chosen = self.log_odds.iter().map(|&x| x as f64).sum::<f64>();
+        (ratio / n, chosen / n)
+    }
 }
 
 /// One pair's loss, its derivatives with respect to the chosen and rejected sequence values as the loss

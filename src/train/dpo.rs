@@ -5,7 +5,8 @@
 //! The reference is a frozen copy of the starting model on the same device, or with `precompute_ref`
 //! its sequence log-probs computed in one pass before training, after which it is dropped. Gradient
 //! accumulation weights each micro-batch by its share of the step's pairs, so the step's loss is the
-//! mean over all of its pairs.
+//! mean over all of its pairs (ORPO's NLL term: by its share of the step's NLL tokens, so that term
+//! is the token mean over the whole step).
 
 use super::data::{self, Encoder, PairExample};
 use super::{
@@ -31,8 +32,9 @@ pub struct PrefObjective {
     pub reference: Reference,
 }
 
-/// The 2B sequences of a chunk of pairs: chosen first, then rejected, as TRL lays them out.
-fn scored_batch(pairs: &[PairExample], chunk: &[usize]) -> ScoredBatch {
+/// The 2B sequences of a chunk of pairs: chosen first, then rejected, as TRL lays them out. With
+/// `score_chosen_prompts` (ORPO's NLL) the chosen rows' prompts are scored too.
+fn scored_batch(pairs: &[PairExample], chunk: &[usize], score_chosen_prompts: bool) -> ScoredBatch {
     let mut seqs: Vec<(&[i32], &[i32])> = chunk
         .iter()
         .map(|&i| (pairs[i].prompt.as_slice(), pairs[i].chosen.as_slice()))
@@ -42,7 +44,13 @@ fn scored_batch(pairs: &[PairExample], chunk: &[usize]) -> ScoredBatch {
             .iter()
             .map(|&i| (pairs[i].prompt.as_slice(), pairs[i].rejected.as_slice())),
     );
-    ScoredBatch::new(&seqs)
+    let scored = vec![score_chosen_prompts; chunk.len()];
+    ScoredBatch::with_prompts_scored(&seqs, &scored)
+}
+
+/// ORPO's NLL tokens in a chosen sequence: every token after the first, prompt and response.
+fn nll_tokens(p: &PairExample) -> usize {
+    (p.prompt.len() + p.chosen.len()).saturating_sub(1)
 }
 
 /// Sequence log-probs of a model for every pair: (chosen, rejected).
@@ -50,7 +58,7 @@ pub fn pair_logps(model: &Model, pairs: &[PairExample], micro: usize) -> Result<
     let idx: Vec<usize> = (0..pairs.len()).collect();
     let mut out = Vec::with_capacity(pairs.len());
     for chunk in idx.chunks(micro.max(1)) {
-        let sb = scored_batch(pairs, chunk);
+        let sb = scored_batch(pairs, chunk, false);
         let sums = super::sequence_sums(&sb, &frozen_logps(model, &sb)?);
         let b = chunk.len();
         out.extend((0..b).map(|k| (sums[k] as f32, sums[b + k] as f32)));
@@ -96,12 +104,15 @@ impl Objective for PrefObjective {
         grads: &mut Params,
     ) -> Result<Metrics> {
         let total = examples.len() as f64;
+        let orpo = matches!(self.kind, PrefLoss::Orpo { .. });
+        // ORPO's NLL is a token mean over the whole step, its odds-ratio term a pair mean.
+        let nll_total: usize = examples.iter().map(|&i| nll_tokens(&self.pairs[i])).sum();
         let mut m = Metrics::new();
         let mut add = |k: &str, v: f64, w: f64| *m.entry(k.to_owned()).or_insert(0.0) += v * w;
         for chunk in examples.chunks(micro) {
             let b = chunk.len();
             let w = b as f64 / total;
-            let sb = scored_batch(&self.pairs, chunk);
+            let sb = scored_batch(&self.pairs, chunk, orpo);
             let s = score(model, &sb)?;
             let (lp, mask, t) = sb.padded(&s.per_token);
             let reference = self.reference(&sb, chunk, t)?;
@@ -112,29 +123,40 @@ impl Objective for PrefObjective {
             let ref_t = reference
                 .map(|r| Tensor::from_f32(&shape, r, dev))
                 .transpose()?;
-            // ORPO's NLL runs over the chosen completions.
-            let nll: Vec<f32> = mask
-                .iter()
-                .enumerate()
-                .map(|(i, &v)| if i < b * t { v } else { 0.0 })
-                .collect();
-            let nll_t = Tensor::from_f32(&shape, nll, dev)?;
+            // ORPO's NLL runs over the chosen rows' prompts and responses, as TRL's.
+            let nll = sb.scored_mask(0..b, t);
+            let nll_micro: f32 = nll.iter().sum();
+            let nll_t = Tensor::from_f32(&shape, nll.clone(), dev)?;
             let ex = PrefExtras {
                 ref_logps: ref_t.as_ref(),
                 nll_mask: Some(&nll_t),
                 ..Default::default()
             };
             let out = pref_loss(&self.kind, &lp_t, &mask_t, &ex)?;
+            // The op's NLL is this micro-batch's token mean (gradient -1/nll_micro a token); the
+            // step's weights it by the micro-batch's share of the step's tokens instead.
+            let nll_w = if orpo && nll_total > 0 {
+                nll_micro as f64 / nll_total as f64
+            } else {
+                0.0
+            };
+            let nll_fix = if orpo && nll_micro > 0.0 {
+                -(nll_w - w) as f32 / nll_micro
+            } else {
+                0.0
+            };
             let grad: Vec<f32> = out
                 .grad_policy_logps
                 .to_f32_vec()?
                 .iter()
-                .map(|g| g * w as f32)
+                .zip(&nll)
+                .map(|(g, &n)| g * w as f32 + nll_fix * n)
                 .collect();
             score_backward(model, &s, sb.unpad(&grad, t), grads)?;
             let (c, r, margin, acc) = out.metrics();
             let sums = super::sequence_sums(&sb, &s.per_token);
-            add("loss", out.loss, w);
+            add("loss", out.loss - out.nll_loss, w);
+            add("loss", out.nll_loss, nll_w);
             add("rewards/chosen", c, w);
             add("rewards/rejected", r, w);
             add("rewards/margins", margin, w);
@@ -145,8 +167,11 @@ impl Objective for PrefObjective {
                 sums[b..].iter().sum::<f64>() / b as f64,
                 w,
             );
-            if matches!(self.kind, PrefLoss::Orpo { .. }) {
-                add("nll_loss", out.nll_loss, w);
+            if orpo {
+                add("nll_loss", out.nll_loss, nll_w);
+                let (ratio, chosen) = out.log_odds_metrics();
+                add("log_odds_ratio", ratio, w);
+                add("log_odds_chosen", chosen, w);
             }
         }
         Ok(m)

@@ -772,33 +772,51 @@ fn model_source(_tok: &TextTokenizer) -> PathBuf {
     PathBuf::from("tokenizer_config.json")
 }
 
-/// Sequences of prompt + completion, packed, with next-token targets on the completion only.
+/// Sequences of prompt + completion, packed, with next-token targets on the completion (and, for
+/// the sequences that ask for it, on the prompt after its first token too).
 pub struct ScoredBatch {
     pub batch: Batch,
-    /// `[N]`: the next token for rows that predict a completion token, else -100.
+    /// `[N]`: the next token for rows that predict a scored token, else -100.
     pub targets: Vec<i32>,
     /// Per sequence: the packed rows whose log-probs score its completion.
     pub spans: Vec<std::ops::Range<usize>>,
+    /// Per sequence: the packed rows that predict its prompt's tokens after the first, where the
+    /// prompt is scored too (ORPO's NLL), else empty.
+    pub prompt_spans: Vec<std::ops::Range<usize>>,
 }
 
 impl ScoredBatch {
     pub fn new(seqs: &[(&[i32], &[i32])]) -> ScoredBatch {
+        Self::with_prompts_scored(seqs, &[])
+    }
+
+    /// As `new`, and sequence `i`'s prompt is scored too where `prompt_scored[i]` (missing entries
+    /// are false).
+    pub fn with_prompts_scored(seqs: &[(&[i32], &[i32])], prompt_scored: &[bool]) -> ScoredBatch {
         let mut tokens = Vec::new();
         let mut seq_lens = Vec::new();
         let mut targets = Vec::new();
         let mut spans = Vec::new();
-        for (p, c) in seqs {
+        let mut prompt_spans = Vec::new();
+        for (i, (p, c)) in seqs.iter().enumerate() {
             let base = tokens.len();
             let full: Vec<i32> = p.iter().chain(c.iter()).copied().collect();
+            // Row j predicts token j + 1: the completion's tokens are predicted by rows p-1 .. L-2,
+            // the prompt's after the first by rows 0 .. p-2.
+            let first = if prompt_scored.get(i).copied().unwrap_or(false) {
+                0
+            } else {
+                p.len().max(1) - 1
+            };
             for j in 0..full.len() {
-                targets.push(if j + 1 >= p.len() && j + 1 < full.len() {
+                targets.push(if j >= first && j + 1 < full.len() {
                     full[j + 1]
                 } else {
                     -100
                 });
             }
-            // Row j predicts token j + 1: the completion's tokens are predicted by rows p-1 .. L-2.
             let start = base + p.len().max(1) - 1;
+            prompt_spans.push(base + first..start);
             spans.push(start..base + full.len() - 1);
             seq_lens.push(full.len());
             tokens.extend(full);
@@ -807,28 +825,51 @@ impl ScoredBatch {
             batch: Batch { tokens, seq_lens },
             targets,
             spans,
+            prompt_spans,
         }
     }
 
-    /// Completion log-probs `[R, T]` (T = the longest completion) and their mask.
+    /// Each sequence's scored rows, prompt first: the columns of `padded`.
+    fn scored_rows(&self, r: usize) -> impl Iterator<Item = usize> {
+        self.prompt_spans[r].clone().chain(self.spans[r].clone())
+    }
+
+    /// The scored log-probs `[R, T]` (a row's scored prompt rows first, then its completion's; T =
+    /// the longest row) and the completion's mask.
     pub fn padded(&self, per_token: &[f32]) -> (Vec<f32>, Vec<f32>, usize) {
-        let t = self.spans.iter().map(|s| s.len()).max().unwrap_or(0).max(1);
+        let t = (0..self.spans.len())
+            .map(|r| self.prompt_spans[r].len() + self.spans[r].len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
         let mut lp = vec![0.0; self.spans.len() * t];
         let mut mask = vec![0.0; self.spans.len() * t];
-        for (r, s) in self.spans.iter().enumerate() {
-            for (c, row) in s.clone().enumerate() {
+        for r in 0..self.spans.len() {
+            let skip = self.prompt_spans[r].len();
+            for (c, row) in self.scored_rows(r).enumerate() {
                 lp[r * t + c] = per_token[row];
-                mask[r * t + c] = 1.0;
+                mask[r * t + c] = if c >= skip { 1.0 } else { 0.0 };
             }
         }
         (lp, mask, t)
     }
 
+    /// `[R, T]` in `padded`'s layout: 1 on every scored column (prompt and completion) of the rows
+    /// `rows`, else 0.
+    pub fn scored_mask(&self, rows: std::ops::Range<usize>, t: usize) -> Vec<f32> {
+        let mut m = vec![0.0; self.spans.len() * t];
+        for r in rows {
+            let n = self.prompt_spans[r].len() + self.spans[r].len();
+            m[r * t..r * t + n].fill(1.0);
+        }
+        m
+    }
+
     /// The inverse of `padded` for a gradient: `[R, T]` back to packed rows `[N]`.
     pub fn unpad(&self, grad: &[f32], t: usize) -> Vec<f32> {
         let mut g = vec![0.0; self.batch.len()];
-        for (r, s) in self.spans.iter().enumerate() {
-            for (c, row) in s.clone().enumerate() {
+        for r in 0..self.spans.len() {
+            for (c, row) in self.scored_rows(r).enumerate() {
                 g[row] = grad[r * t + c];
             }
         }
