@@ -396,3 +396,85 @@ fn grpo_token_gradient_matches_finite_differences() {
         fd_check("grpo", f, &new, &g, 1e-3, 1e-3).unwrap();
     }
 }
+
+/// PPO sampling at temperature 0.7: the training forward scores softmax(logits / 0.7) too, so the
+/// sampling and training log-probs agree (TRL's convention); responses cut at the length limit
+/// without EOS lose --missing-eos-penalty from their score, and the logged score is after it.
+#[test]
+fn ppo_at_a_temperature_and_the_missing_eos_penalty() {
+    let r = root("ppo_temp");
+    let (sft, rm) = sft_and_reward_model(&r);
+    let mut p = ppo::PpoArgs::new(
+        online_args(&sft, &r.join("data/prompts.jsonl"), &r.join("ppo"), 1e-4),
+        rm,
+    );
+    p.iterations = 1;
+    p.rollout_batch = 16;
+    p.minibatch = 8;
+    p.ppo_epochs = 1;
+    // Short enough that some responses are cut before their EOS.
+    p.max_new_tokens = 4;
+    p.temperature = 0.7;
+    p.missing_eos_penalty = 2.0;
+    let m = ppo::train(&p).unwrap().last;
+    println!("{m:?}");
+    assert!(
+        m["logprob_mismatch"] < 1e-3,
+        "sampling and training log-probs disagree at temperature 0.7: {}",
+        m["logprob_mismatch"]
+    );
+    let cut = 1.0 - m["eos_fraction"];
+    assert!(cut > 0.0, "no response hit the length limit");
+    let penalty = m["score_raw"] - m["score"];
+    assert!(
+        (penalty - 2.0 * cut).abs() < 1e-4,
+        "score drops by {penalty}, expected 2 x {cut} cut"
+    );
+    std::fs::remove_dir_all(&r).ok();
+}
+
+/// Bad online options are errors naming the flag, before any rollout.
+#[test]
+fn online_options_out_of_range_are_refused() {
+    let r = root("options");
+    let (sft, rm) = sft_and_reward_model(&r);
+    let base = || {
+        ppo::PpoArgs::new(
+            online_args(&sft, &r.join("data/prompts.jsonl"), &r.join("o"), 1e-4),
+            rm.clone(),
+        )
+    };
+    type Setter = Box<dyn Fn(&mut ppo::PpoArgs)>;
+    let cases: Vec<(Setter, &str)> = vec![
+        (Box::new(|p| p.gamma = 2.0), "--gamma"),
+        (Box::new(|p| p.lam = -0.1), "--lam"),
+        (Box::new(|p| p.cliprange = 0.0), "--cliprange"),
+        (Box::new(|p| p.kl_coef = f64::NAN), "--kl-coef"),
+        (Box::new(|p| p.temperature = 0.0), "--temperature"),
+        (Box::new(|p| p.ppo_epochs = 0), "--ppo-epochs"),
+        (Box::new(|p| p.target_kl = Some(0.0)), "--target-kl"),
+    ];
+    for (set, flag) in cases {
+        let mut p = base();
+        set(&mut p);
+        let err = ppo::train(&p).err().unwrap().to_string();
+        assert!(err.contains(flag), "{flag}: {err}");
+    }
+    let g = |set: &dyn Fn(&mut grpo::GrpoArgs)| {
+        let mut a = grpo::GrpoArgs::new(
+            online_args(&sft, &r.join("data/prompts.jsonl"), &r.join("g"), 1e-4),
+            RewardRule::Exact,
+        );
+        set(&mut a);
+        grpo::train(&a).err().unwrap().to_string()
+    };
+    for (err, flag) in [
+        (g(&|a| a.epsilon = -1.0), "--epsilon"),
+        (g(&|a| a.epsilon_high = Some(f64::NAN)), "--epsilon-high"),
+        (g(&|a| a.beta = -1.0), "--beta"),
+        (g(&|a| a.prompts_per_step = 0), "--prompts-per-step"),
+    ] {
+        assert!(err.contains(flag), "{flag}: {err}");
+    }
+    std::fs::remove_dir_all(&r).ok();
+}

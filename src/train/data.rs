@@ -94,6 +94,14 @@ impl LoadReport {
         }
         s
     }
+
+    /// Prints the summary unless `quiet`; skipped or truncated lines are printed even then, since
+    /// nothing may be dropped or cut without a word.
+    pub fn print(&self, path: &Path, quiet: bool) {
+        if !quiet || !self.skipped.is_empty() || self.truncated > 0 {
+            eprintln!("{}", self.summary(path));
+        }
+    }
 }
 
 struct Ctx<'a> {
@@ -113,22 +121,27 @@ enum Text {
     Chat(Vec<Message>),
 }
 
+/// The roles chat templates render; any other is a typo the template would drop or misrender.
+const CHAT_ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
+
 fn parse_messages(ctx: &Ctx, field: &str, v: &Value) -> Result<Vec<Message>> {
-    let list = v.as_array().ok_or_else(|| {
-        ctx.err(format!(
-            "field `{field}` must be a string or a list of messages"
-        ))
-    })?;
+    let list = v
+        .as_array()
+        .ok_or_else(|| ctx.err(format!("field `{field}` must be a list of messages")))?;
     list.iter()
         .enumerate()
         .map(|(i, m)| {
             let role = m.get("role").and_then(Value::as_str);
             let content = m.get("content").and_then(Value::as_str);
             match (role, content) {
-                (Some(r), Some(c)) => Ok(Message {
+                (Some(r), Some(c)) if CHAT_ROLES.contains(&r) => Ok(Message {
                     role: r.to_owned(),
                     content: c.to_owned(),
                 }),
+                (Some(r), Some(_)) => Err(ctx.err(format!(
+                    "field `{field}`[{i}] has role `{r}`; chat templates know {}",
+                    CHAT_ROLES.join(", ")
+                ))),
                 _ => Err(ctx.err(format!(
                     "field `{field}`[{i}] must be an object with string `role` and `content`"
                 ))),
@@ -174,6 +187,13 @@ impl Encoder<'_> {
                 if c.is_empty() || c.iter().all(|m| m.content.trim().is_empty()) {
                     return Err(ctx.err(format!("field `{field}` is empty")));
                 }
+                // Only the model's own turns are trained as its completion.
+                if let Some(m) = c.iter().find(|m| m.role != "assistant") {
+                    return Err(ctx.err(format!(
+                        "field `{field}`: the completion holds a `{}` turn; only assistant turns may follow the prompt",
+                        m.role
+                    )));
+                }
                 let prompt_text = self.tok.apply_chat_template(p, true)?;
                 let full = self
                     .tok
@@ -192,8 +212,20 @@ impl Encoder<'_> {
                 )))
             }
         };
-        if c.last() != Some(&self.eos) {
+        // Plain completions end with EOS, as TRL appends it; a chat template closes the turn itself
+        // (with EOS, as SmolLM2's <|im_end|>, and perhaps a newline after it), so EOS is added only
+        // where the rendered turn holds none.
+        let ends = match completion {
+            Text::Plain(_) => c.last() == Some(&self.eos),
+            Text::Chat(_) => c.contains(&self.eos),
+        };
+        if !ends {
             c.push(self.eos);
+        }
+        if p.is_empty() {
+            return Err(ctx.err(
+                "field `prompt` is empty: no token comes before the completion's first, so it could not be scored",
+            ));
         }
         Ok((p, c))
     }
@@ -301,10 +333,17 @@ pub fn load_pairs(
         let (_, mut r) = enc.encode(ctx, &prompt, &text_field(ctx, o, "rejected")?, "rejected")?;
         let margin = match o.get("margin") {
             None | Some(Value::Null) => 0.0,
-            Some(v) => v
-                .as_f64()
-                .ok_or_else(|| ctx.err("field `margin` must be a number"))?
-                as f32,
+            Some(v) => {
+                let m = v
+                    .as_f64()
+                    .ok_or_else(|| ctx.err("field `margin` must be a number"))?;
+                if !(m as f32).is_finite() {
+                    return Err(
+                        ctx.err(format!("field `margin` is {m:e}, beyond what an f32 holds"))
+                    );
+                }
+                m as f32
+            }
         };
         let mut p = p;
         let cut = enc.truncate(&mut p, &mut [&mut c, &mut r]);
@@ -401,6 +440,9 @@ pub fn load_prompts(
         }
         let answer = match o.get("answer") {
             None | Some(Value::Null) => None,
+            Some(Value::String(s)) if s.trim().is_empty() => {
+                return Err(ctx.err("field `answer` is empty"))
+            }
             Some(Value::String(s)) => Some(s.clone()),
             Some(v) if v.is_number() => Some(v.to_string()),
             Some(_) => return Err(ctx.err("field `answer` must be a string or a number")),

@@ -49,6 +49,18 @@ fn say(quiet: bool, msg: &str) {
 
 pub fn run(o: &DemoOptions) -> Result<DemoReport> {
     std::fs::create_dir_all(&o.out).map_err(|e| Error::io(&o.out, e))?;
+    // The trainers refuse to write over a run; the demo's own stages from an earlier demo in the
+    // same folder are replaced, and said so.
+    for stage in ["sft", "rm", "dpo", "cal-sft", "cal-dpo"] {
+        let dir = o.out.join(stage);
+        if dir.exists() {
+            say(
+                o.quiet,
+                &format!("replacing the earlier demo's {}", dir.display()),
+            );
+            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
+    }
     let data_dir = o.out.join("data");
     builtin::write_synthetic_task(&data_dir, o.examples, o.seed)?;
     // Learning rates: the tiny model from scratch needs large steps for SFT; DPO moves it far from

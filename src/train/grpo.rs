@@ -9,8 +9,9 @@ use std::time::Instant;
 use super::data::{self, Encoder};
 use super::reward::sequence_rewards;
 use super::{
-    eos_id, frozen_logps, load_model, restore, save_checkpoint, score, score_backward, Metrics,
-    OnlineProgress, Optimizer, RunSummary, ScoredBatch, TrainArgs,
+    check_finite, check_non_negative, check_positive, eos_id, frozen_logps_at, iteration_bar,
+    load_model, restore, save_checkpoint, score_at, score_backward, Metrics, OnlineProgress,
+    Optimizer, RunSummary, ScoredBatch, TrainArgs,
 };
 use crate::device::DType;
 use crate::error::{Error, Result};
@@ -195,6 +196,32 @@ pub fn train(a: &GrpoArgs) -> Result<RunSummary> {
                 .into(),
         });
     }
+    if a.iterations == 0
+        || a.prompts_per_step == 0
+        || a.updates_per_rollout == 0
+        || a.max_new_tokens == 0
+    {
+        return Err(Error::Unsupported {
+            op: "grpo",
+            detail: "--iterations, --prompts-per-step, --updates-per-rollout and --max-new-tokens must be at least 1".into(),
+        });
+    }
+    // The ratio needs a stochastic policy: log-probs of softmax(logits / T) for T > 0.
+    check_positive("grpo", "--temperature", a.temperature as f64)?;
+    check_non_negative("grpo", "--epsilon", a.epsilon)?;
+    if let Some(high) = a.epsilon_high {
+        check_non_negative("grpo", "--epsilon-high", high)?;
+    }
+    if a.epsilon >= 1.0 {
+        return Err(Error::Unsupported {
+            op: "grpo",
+            detail: format!(
+                "--epsilon must be below 1 (the ratio's lower clip bound is 1 - epsilon), got {}",
+                a.epsilon
+            ),
+        });
+    }
+    check_non_negative("grpo", "--beta", a.beta)?;
     let (mut policy, tok) = load_model(t)?;
     let device = policy.device.clone();
     let scorer = match (&a.reward_model, a.reward_rule) {
@@ -219,9 +246,7 @@ pub fn train(a: &GrpoArgs) -> Result<RunSummary> {
         eos,
     };
     let (prompts, report) = data::load_prompts(&t.data, &enc, t.skip_invalid)?;
-    if !t.quiet {
-        eprintln!("{}", report.summary(&t.data));
-    }
+    report.print(&t.data, t.quiet);
     if matches!(scorer, Scorer::Rule(RewardRule::Exact, _))
         && prompts.iter().any(|p| p.answer.is_none())
     {
@@ -238,15 +263,12 @@ pub fn train(a: &GrpoArgs) -> Result<RunSummary> {
             ..AdamWConfig::default()
         },
     )?;
-    let mut metrics = super::MetricsLog::open(&t.out)?;
-    let bar = if t.quiet {
-        indicatif::ProgressBar::hidden()
-    } else {
-        indicatif::ProgressBar::new(a.iterations as u64)
-    };
+    let bar = iteration_bar(t.quiet, "grpo", a.iterations);
     let (eps_low, eps_high) = (a.epsilon, a.epsilon_high.unwrap_or(a.epsilon));
     let mut progress =
         OnlineProgress::begin(t, "grpo", a.iterations, prompts.len(), a.prompts_per_step)?;
+    // Opened once `begin` has checked that --out holds no other run.
+    let mut metrics = super::MetricsLog::open(&t.out)?;
     if let Some((dir, _)) = &progress.resumed {
         restore(&mut policy, &mut opt, dir)?;
     }
@@ -301,17 +323,17 @@ pub fn train(a: &GrpoArgs) -> Result<RunSummary> {
             .map(|(p, r)| (p.as_slice(), r.as_slice()))
             .collect();
         let sb = ScoredBatch::new(&seqs);
-        let old = frozen_logps(&policy, &sb)?;
+        let old = frozen_logps_at(&policy, &sb, a.temperature)?;
         let ref_lp = reference
             .as_ref()
-            .map(|r| frozen_logps(r, &sb))
+            .map(|r| frozen_logps_at(r, &sb, a.temperature))
             .transpose()?;
         let total_tokens: usize = sb.spans.iter().map(|s| s.len()).sum();
         let n = sb.spans.len();
         let t_train = Instant::now();
         let (mut loss, mut clipped) = (0.0, 0usize);
         for _ in 0..a.updates_per_rollout {
-            let s = score(&policy, &sb)?;
+            let s = score_at(&policy, &sb, a.temperature)?;
             let mut upstream = vec![0.0f32; sb.batch.len()];
             loss = 0.0;
             clipped = 0;
@@ -337,7 +359,9 @@ pub fn train(a: &GrpoArgs) -> Result<RunSummary> {
             }
             let mut grads = Params::zeros(&policy.cfg, &device, DType::F32)?;
             score_backward(&policy, &s, upstream, &mut grads)?;
+            check_finite("grpo", it + 1, "loss", loss)?;
             let norm = global_grad_norm(&grads.named())?;
+            check_finite("grpo", it + 1, "gradient norm", norm)?;
             let lr = super::learning_rate(t.lr, opt.step as usize, t.warmup_steps, total_updates);
             opt.update(
                 &mut policy,
@@ -376,7 +400,10 @@ pub fn train(a: &GrpoArgs) -> Result<RunSummary> {
         ]);
         metrics.write(&m)?;
         bar.set_position((it + 1) as u64);
-        bar.set_message(format!("reward {mean_reward:.3}"));
+        bar.set_message(format!(
+            "reward {mean_reward:.3} clip {:.3} len {:.1}",
+            m["clip_fraction"], m["response_length"]
+        ));
         last = m;
         done += 1;
         if progress.interrupted() {

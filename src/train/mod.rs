@@ -157,6 +157,23 @@ impl TrainArgs {
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return bad(format!("--lr must be positive, got {}", self.lr));
         }
+        if self.epochs == 0 {
+            return bad("--epochs must be at least 1".into());
+        }
+        for (flag, v) in [
+            ("--max-steps", self.max_steps),
+            ("--stop-after", self.stop_after),
+        ] {
+            if v == Some(0) {
+                return bad(format!("{flag} must be at least 1"));
+            }
+        }
+        check_non_negative("train", "--weight-decay", self.weight_decay)?;
+        // 0 is documented as "no clipping".
+        check_non_negative("train", "--max-grad-norm", self.max_grad_norm)?;
+        if self.max_prompt_len == 0 {
+            return bad("--max-prompt-len must be at least 1".into());
+        }
         if !(0.0..1.0).contains(&self.eval_fraction) {
             return bad(format!(
                 "--eval-fraction must be in [0, 1), got {}",
@@ -168,6 +185,105 @@ impl TrainArgs {
         }
         Ok(())
     }
+}
+
+/// An option that must be a finite number at least 0: an error naming it otherwise.
+pub fn check_non_negative(op: &'static str, flag: &str, v: f64) -> Result<()> {
+    if v >= 0.0 && v.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::Unsupported {
+            op,
+            detail: format!("{flag} must be a finite number at least 0, got {v}"),
+        })
+    }
+}
+
+/// An option that must be a finite number above 0: an error naming it otherwise.
+pub fn check_positive(op: &'static str, flag: &str, v: f64) -> Result<()> {
+    if v > 0.0 && v.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::Unsupported {
+            op,
+            detail: format!("{flag} must be a finite number above 0, got {v}"),
+        })
+    }
+}
+
+/// An option that must lie in [lo, hi]: an error naming it otherwise.
+pub fn check_range(op: &'static str, flag: &str, v: f64, lo: f64, hi: f64) -> Result<()> {
+    if (lo..=hi).contains(&v) {
+        Ok(())
+    } else {
+        Err(Error::Unsupported {
+            op,
+            detail: format!("{flag} must be in [{lo}, {hi}], got {v}"),
+        })
+    }
+}
+
+/// A new run must not write into a folder that holds another run's metrics or checkpoints: its
+/// metrics would be appended to theirs and its checkpoints would replace theirs.
+pub fn refuse_existing_run(out: &Path) -> Result<()> {
+    let metrics = out.join("metrics.jsonl");
+    let has_checkpoint = std::fs::read_dir(out)
+        .map(|entries| {
+            entries.flatten().any(|e| {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                name.starts_with("checkpoint-") || name == "final"
+            })
+        })
+        .unwrap_or(false);
+    if metrics.exists() || has_checkpoint {
+        return Err(Error::file(
+            out,
+            "already holds a run (metrics.jsonl or checkpoints): continue it with --resume, or choose another --out",
+        ));
+    }
+    Ok(())
+}
+
+/// A checkpoint's trainer_state.json, checked against the invocation that resumes it: the same
+/// trainer, and the same value of every field in `same` (those that fix the data order and the
+/// meaning of a step).
+fn resumed_state(
+    dir: &Path,
+    trainer: &str,
+    same: &[(&str, &str, u64)],
+) -> Result<(PathBuf, serde_json::Value)> {
+    let path = dir.join("trainer_state.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let state: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::file(&path, e.to_string()))?;
+    if state["trainer"] != trainer {
+        return Err(Error::file(
+            &path,
+            format!("`trainer` is {}, not {trainer}", state["trainer"]),
+        ));
+    }
+    for &(key, what, now) in same {
+        let was = state_integer(&path, &state, key)?;
+        if was != now {
+            return Err(Error::file(
+                &path,
+                format!(
+                    "the run used {what} {was}, this invocation {now}: resume with the same {what}"
+                ),
+            ));
+        }
+    }
+    Ok((path, state))
+}
+
+/// An integer field of a trainer_state.json (written as a number, or as a string where it may
+/// pass 2^53).
+fn state_integer(path: &Path, state: &serde_json::Value, key: &str) -> Result<u64> {
+    state[key]
+        .as_u64()
+        .or_else(|| state[key].as_str()?.parse().ok())
+        .ok_or_else(|| Error::file(path, format!("no integer `{key}`")))
 }
 
 /// A learning rate: linear warmup from 0, then cosine decay to 0 at `total`.
@@ -418,6 +534,9 @@ pub fn run(
     name: &str,
 ) -> Result<RunSummary> {
     args.check()?;
+    if !args.resume {
+        refuse_existing_run(&args.out)?;
+    }
     install_ctrl_c();
     INTERRUPTED.store(false, Ordering::SeqCst);
     std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
@@ -437,6 +556,16 @@ pub fn run(
     let mut start = 0usize;
     if args.resume {
         let (step, dir) = resume_checkpoint(&args.out)?;
+        resumed_state(
+            &dir,
+            name,
+            &[
+                ("seed", "--seed", args.seed),
+                ("batch_size", "--batch-size", args.batch_size as u64),
+                ("grad_accum", "--grad-accum", args.grad_accum as u64),
+                ("examples", "a data file of examples numbering", n as u64),
+            ],
+        )?;
         restore(model, &mut opt, &dir)?;
         start = step;
         if !args.quiet {
@@ -583,9 +712,7 @@ pub fn load_split<T: Clone>(
     loader: data::Loader<T>,
 ) -> Result<(Vec<T>, Vec<T>)> {
     let (items, report) = loader(&args.data, enc, args.skip_invalid)?;
-    if !args.quiet {
-        eprintln!("{}", report.summary(&args.data));
-    }
+    report.print(&args.data, args.quiet);
     Ok(data::split(&items, args.eval_fraction, args.seed))
 }
 
@@ -637,6 +764,9 @@ impl OnlineProgress {
         prompts: usize,
         per_iteration: usize,
     ) -> Result<OnlineProgress> {
+        if !args.resume {
+            refuse_existing_run(&args.out)?;
+        }
         install_ctrl_c();
         INTERRUPTED.store(false, Ordering::SeqCst);
         let mut p = OnlineProgress {
@@ -651,34 +781,9 @@ impl OnlineProgress {
         };
         if args.resume {
             let (_, dir) = resume_checkpoint(&args.out)?;
-            let path = dir.join("trainer_state.json");
-            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-            let state: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| Error::file(&path, e.to_string()))?;
-            if state["trainer"] != trainer {
-                return Err(Error::file(
-                    &path,
-                    format!("`trainer` is {}, not {trainer}", state["trainer"]),
-                ));
-            }
-            let field = |key: &str| {
-                state[key]
-                    .as_u64()
-                    .or_else(|| state[key].as_str()?.parse().ok())
-                    .ok_or_else(|| Error::file(&path, format!("no integer `{key}`")))
-            };
-            p.start = field("iteration")? as usize;
-            if field("seed")? != args.seed {
-                return Err(Error::file(
-                    &path,
-                    format!(
-                        "the run used --seed {}, this invocation {}: resume with the same seed",
-                        field("seed")?,
-                        args.seed
-                    ),
-                ));
-            }
-            p.rng = Rng::from_state(field("rng_state")?);
+            let (path, state) = resumed_state(&dir, trainer, &[("seed", "--seed", args.seed)])?;
+            p.start = state_integer(&path, &state, "iteration")? as usize;
+            p.rng = Rng::from_state(state_integer(&path, &state, "rng_state")?);
             // The prompt order is a function of how many prompts were taken, so replaying the
             // takes restores it exactly.
             for _ in 0..p.start {
@@ -884,30 +989,75 @@ pub struct Scored {
     pub(crate) targets: Tensor,
     /// Per packed row, log p(target) (0 where there is none).
     pub per_token: Vec<f32>,
+    /// The log-probs are of softmax(logits / temperature).
+    pub temperature: f32,
 }
 
 /// Forward + completion log-probs through the fused LM head.
 pub fn score(model: &Model, sb: &ScoredBatch) -> Result<Scored> {
+    score_at(model, sb, 1.0)
+}
+
+/// `score` under softmax(logits / temperature): the policy the online trainers sample from, whose
+/// log-probs their ratios need (TRL divides the logits by the sampling temperature too).
+pub fn score_at(model: &Model, sb: &ScoredBatch, temperature: f32) -> Result<Scored> {
     let acts = model.forward(&sb.batch)?;
     let targets = Tensor::from_i32(&[sb.batch.len()], sb.targets.clone(), &model.device)?;
-    let out = linear_logprob_fwd(&acts.hidden, model.lm_head(), &targets, 1.0)?;
+    let out = linear_logprob_fwd(&acts.hidden, model.lm_head(), &targets, temperature)?;
     let per_token = out.logp.to_f32_vec()?;
     Ok(Scored {
         acts,
         out,
         targets,
         per_token,
+        temperature,
     })
 }
 
 /// `score`'s per-token log-probs for a model that is not being trained (a reference, or the policy
 /// where no gradient flows): nothing is kept for a backward.
 pub fn frozen_logps(model: &Model, sb: &ScoredBatch) -> Result<Vec<f32>> {
+    frozen_logps_at(model, sb, 1.0)
+}
+
+/// `frozen_logps` under softmax(logits / temperature), as `score_at`.
+pub fn frozen_logps_at(model: &Model, sb: &ScoredBatch, temperature: f32) -> Result<Vec<f32>> {
     let hidden = model.forward_frozen(&sb.batch)?;
     let targets = Tensor::from_i32(&[sb.batch.len()], sb.targets.clone(), &model.device)?;
-    linear_logprob_fwd(&hidden, model.lm_head(), &targets, 1.0)?
+    linear_logprob_fwd(&hidden, model.lm_head(), &targets, temperature)?
         .logp
         .to_f32_vec()
+}
+
+/// The online trainers' progress bar: iterations with elapsed time, ETA and the trainer's message.
+pub fn iteration_bar(quiet: bool, trainer: &str, iterations: usize) -> indicatif::ProgressBar {
+    if quiet {
+        return indicatif::ProgressBar::hidden();
+    }
+    let b = indicatif::ProgressBar::new(iterations as u64);
+    b.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} iterations [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    b.set_prefix(trainer.to_owned());
+    b
+}
+
+/// The online trainers stop on a non-finite loss or gradient, as the offline loop does, before the
+/// update would write it into the weights.
+pub fn check_finite(trainer: &'static str, iteration: usize, what: &str, v: f64) -> Result<()> {
+    if v.is_finite() {
+        return Ok(());
+    }
+    Err(Error::Unsupported {
+        op: trainer,
+        detail: format!(
+            "iteration {iteration}: the {what} is {v}; stopping before the weights are ruined"
+        ),
+    })
 }
 
 /// Backward of `Σ upstream[row]·logp[row]`, accumulating into `grads`.
@@ -927,7 +1077,7 @@ pub fn score_backward(
         &s.out,
         &g,
         &zero,
-        1.0,
+        s.temperature,
         grads.lm_head_mut(),
     )?;
     model.backward(&s.acts, &dh, grads)

@@ -15,7 +15,8 @@ use super::data::{self, Encoder};
 use super::eval::response_logps;
 use super::reward::sequence_rewards;
 use super::{
-    eos_id, frozen_logps, load_model, restore, save_checkpoint, save_checkpoint_with, score,
+    check_finite, check_non_negative, check_positive, check_range, eos_id, frozen_logps_at,
+    iteration_bar, load_model, restore, save_checkpoint, save_checkpoint_with, score_at,
     score_backward, Metrics, OnlineProgress, Optimizer, RunSummary, ScoredBatch, TrainArgs,
 };
 use crate::device::{DType, Tensor};
@@ -242,12 +243,37 @@ fn values(model: &Model, sb: &ScoredBatch) -> Result<(crate::model::Activations,
 pub fn train(a: &PpoArgs) -> Result<RunSummary> {
     let t = &a.train;
     super::reject_offline_options(t, "ppo")?;
-    if a.minibatch == 0 || a.rollout_batch == 0 || a.max_new_tokens == 0 {
+    if a.minibatch == 0
+        || a.rollout_batch == 0
+        || a.max_new_tokens == 0
+        || a.ppo_epochs == 0
+        || a.iterations == 0
+    {
         return Err(Error::Unsupported {
             op: "ppo",
-            detail: "--rollout-batch, --minibatch and --max-new-tokens must be at least 1".into(),
+            detail: "--iterations, --rollout-batch, --minibatch, --ppo-epochs and --max-new-tokens must be at least 1".into(),
         });
     }
+    // The ratio needs a stochastic policy: log-probs of softmax(logits / T) for T > 0.
+    check_positive("ppo", "--temperature", a.temperature as f64)?;
+    check_range("ppo", "--top-p", a.top_p as f64, f64::MIN_POSITIVE, 1.0)?;
+    check_non_negative("ppo", "--kl-coef", a.kl_coef)?;
+    check_positive("ppo", "--kl-horizon", a.kl_horizon)?;
+    if let Some(target) = a.target_kl {
+        check_positive("ppo", "--target-kl", target)?;
+    }
+    check_range(
+        "ppo",
+        "--missing-eos-penalty",
+        a.missing_eos_penalty,
+        f64::MIN,
+        f64::MAX,
+    )?;
+    check_range("ppo", "--gamma", a.gamma, 0.0, 1.0)?;
+    check_range("ppo", "--lam", a.lam, 0.0, 1.0)?;
+    check_positive("ppo", "--cliprange", a.cliprange)?;
+    check_positive("ppo", "--cliprange-value", a.cliprange_value)?;
+    check_non_negative("ppo", "--vf-coef", a.vf_coef)?;
     let (mut policy, tok) = load_model(t)?;
     let device = policy.device.clone();
     let reference = Model::load(&t.model, &device)?;
@@ -283,9 +309,7 @@ pub fn train(a: &PpoArgs) -> Result<RunSummary> {
         eos,
     };
     let (prompts, report) = data::load_prompts(&t.data, &enc, t.skip_invalid)?;
-    if !t.quiet {
-        eprintln!("{}", report.summary(&t.data));
-    }
+    report.print(&t.data, t.quiet);
     std::fs::create_dir_all(&t.out).map_err(|e| Error::io(&t.out, e))?;
     let adam = AdamWConfig {
         weight_decay: t.weight_decay,
@@ -301,14 +325,11 @@ pub fn train(a: &PpoArgs) -> Result<RunSummary> {
         cliprange_value: a.cliprange_value,
         vf_coef: a.vf_coef,
     };
-    let mut metrics = super::MetricsLog::open(&t.out)?;
-    let bar = if t.quiet {
-        indicatif::ProgressBar::hidden()
-    } else {
-        indicatif::ProgressBar::new(a.iterations as u64)
-    };
+    let bar = iteration_bar(t.quiet, "ppo", a.iterations);
     let mut progress =
         OnlineProgress::begin(t, "ppo", a.iterations, prompts.len(), a.rollout_batch)?;
+    // Opened once `begin` has checked that --out holds no other run.
+    let mut metrics = super::MetricsLog::open(&t.out)?;
     if let Some((dir, state)) = &progress.resumed {
         restore(&mut policy, &mut opt_p, dir)?;
         match &mut critic {
@@ -380,10 +401,10 @@ pub fn train(a: &PpoArgs) -> Result<RunSummary> {
         let sb = ScoredBatch::new(&seqs);
         let t_train = Instant::now();
         // 3. Old log-probs (training forward), reference log-probs, values, scores.
-        let old = score(&policy, &sb)?;
+        let old = score_at(&policy, &sb, a.temperature)?;
         let (old_lp, mask, tt) = sb.padded(&old.per_token);
         let entropy = old.out.entropy.to_f32_vec()?;
-        let (ref_lp, _, _) = sb.padded(&frozen_logps(&reference, &sb)?);
+        let (ref_lp, _, _) = sb.padded(&frozen_logps_at(&reference, &sb, a.temperature)?);
         let old_v = match &critic {
             Critic::Separate(value, _) => values(value, &sb)?.1,
             Critic::Shared(head) => {
@@ -427,7 +448,7 @@ pub fn train(a: &PpoArgs) -> Result<RunSummary> {
             for mb in idx.chunks(a.minibatch) {
                 let mseqs: Vec<(&[i32], &[i32])> = mb.iter().map(|&i| seqs[i]).collect();
                 let msb = ScoredBatch::new(&mseqs);
-                let s = score(&policy, &msb)?;
+                let s = score_at(&policy, &msb, a.temperature)?;
                 let (new_lp, _, mt) = msb.padded(&s.per_token);
                 let (vacts, new_v) = match &critic {
                     Critic::Separate(value, _) => {
@@ -495,7 +516,7 @@ pub fn train(a: &PpoArgs) -> Result<RunSummary> {
                             &s.out,
                             &g,
                             &zero,
-                            1.0,
+                            s.temperature,
                             gp.lm_head_mut(),
                         )?;
                         let mut dw = Tensor::zeros(head.w.shape(), DType::F32, &device)?;
@@ -505,7 +526,10 @@ pub fn train(a: &PpoArgs) -> Result<RunSummary> {
                         head.update(&dw, lr, clip_coefficient(hnorm, t.max_grad_norm))?;
                     }
                 }
+                check_finite("ppo", it + 1, "policy loss", l.pg_loss)?;
+                check_finite("ppo", it + 1, "value loss", l.vf_loss)?;
                 let norm = global_grad_norm(&gp.named())?;
+                check_finite("ppo", it + 1, "policy's gradient norm", norm)?;
                 opt_p.update(
                     &mut policy,
                     &gp,
@@ -520,11 +544,20 @@ pub fn train(a: &PpoArgs) -> Result<RunSummary> {
             }
         }
         let train_secs = t_train.elapsed().as_secs_f64();
-        // 5. Logging and the KL controller.
+        // 5. Logging and the KL controller, with the estimator the penalty uses (as TRL logs it).
         let per_seq_kl: Vec<f64> = (0..b)
             .map(|r| {
                 (0..tt)
-                    .map(|c| (mask[r * tt + c] * (old_lp[r * tt + c] - ref_lp[r * tt + c])) as f64)
+                    .map(|c| {
+                        let i = r * tt + c;
+                        let logr = (ref_lp[i] - old_lp[i]) as f64;
+                        let k = match a.kl_estimator {
+                            KlEstimator::K1 => -logr,
+                            KlEstimator::K2 => 0.5 * logr * logr,
+                            KlEstimator::K3 => logr.exp_m1() - logr,
+                        };
+                        mask[i] as f64 * k
+                    })
                     .sum()
             })
             .collect();
@@ -554,8 +587,14 @@ pub fn train(a: &PpoArgs) -> Result<RunSummary> {
             / n_tok;
         let m = Metrics::from([
             ("iteration".into(), (it + 1) as f64),
+            // After the missing-EOS penalty, as TRL's objective/scores; the reward model's own
+            // beside it.
             (
                 "score".into(),
+                scores.iter().map(|&s| s as f64).sum::<f64>() / b as f64,
+            ),
+            (
+                "score_raw".into(),
                 raw_scores.iter().map(|&s| s as f64).sum::<f64>() / b as f64,
             ),
             ("kl".into(), kl),
