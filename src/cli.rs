@@ -734,6 +734,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             out,
             device,
         } => {
+            if pattern.trim().is_empty() {
+                return Err(crate::Error::Unsupported {
+                    op: "suppression",
+                    detail: "--pattern is empty: every response would contain it".into(),
+                });
+            }
             let dev = Device::from_choice(device)?;
             let tok = TextTokenizer::load(&suppressed)?;
             let m = Model::load(&suppressed, &dev)?;
@@ -1190,6 +1196,12 @@ fn logprobs_cmd(
     let model = Model::load(dir, &device)?;
     let tok = TextTokenizer::load(dir)?;
     let ids = tok.encode(text, true)?;
+    if ids.is_empty() {
+        return Err(crate::Error::Unsupported {
+            op: "logprobs",
+            detail: "--text encodes to no tokens".into(),
+        });
+    }
     let lp = sequence_logprobs(&model, &ids)?;
     if json {
         let lps: Vec<serde_json::Value> = std::iter::once(serde_json::Value::Null)
@@ -1213,6 +1225,16 @@ fn logprobs_cmd(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Four decimals, or four significant digits where that would print a small value as 0.0000
+/// (learning rates of 5e-6) or a large one at length.
+fn metric_text(v: f64) -> String {
+    if v != 0.0 && !(1e-3..1e6).contains(&v.abs()) {
+        format!("{v:.3e}")
+    } else {
+        format!("{v:.4}")
+    }
+}
+
 /// Prints a run's outcome; `unit` is what its steps are called ("step", or "iteration" for the
 /// online trainers).
 fn finish(run: &RunSummary, args: &TrainArgs, unit: &str) {
@@ -1220,7 +1242,7 @@ fn finish(run: &RunSummary, args: &TrainArgs, unit: &str) {
         .last
         .iter()
         .filter(|(k, _)| !matches!(k.as_str(), "step" | "epoch" | "iteration"))
-        .map(|(k, v)| format!("{k} {v:.4}"))
+        .map(|(k, v)| format!("{k} {}", metric_text(*v)))
         .collect();
     if run.interrupted {
         println!(

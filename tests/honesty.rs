@@ -257,3 +257,75 @@ fn reward_model_labels_agree_with_the_known_preference() {
     assert!(pairs.iter().all(|p| (0.5..=1.0).contains(&p.confidence)));
     std::fs::remove_dir_all(&r).ok();
 }
+
+/// The LLM judge: asked in both orders, its preferences for (x, y) and (y, x) sum to 1 and lie in
+/// (0, 1); labelling chat prompts with it writes pairs in TRL's conversational format (assistant
+/// turns for chosen and rejected) that the DPO loader reads back.
+#[test]
+fn llm_judge_is_order_symmetric_and_its_chat_pairs_load() {
+    use rlhf_kernels::train::data::load_pairs;
+    use rlhf_kernels::train::label::{llm_preference, write_jsonl};
+    let r = root("llm_judge");
+    let (sft, _) = sft_and_reward_model(&r);
+    let dev = Device::Cpu;
+    let policy = Model::load(&sft, &dev).unwrap();
+    let tok = TextTokenizer::load(&sft).unwrap();
+    let judge = Judge::load(None, Some(&sft), &dev).unwrap();
+    let Judge::Llm {
+        model: jm,
+        tok: jtok,
+    } = &judge
+    else {
+        panic!("--judge-model loads an LLM judge");
+    };
+    let q = builtin::question(12, 30);
+    let (x, y) = (" 42", " I am not sure.");
+    let (pxy, pyx) = (
+        llm_preference(jm, jtok, &q, x, y).unwrap(),
+        llm_preference(jm, jtok, &q, y, x).unwrap(),
+    );
+    println!("P(x > y) {pxy:.6}, P(y > x) {pyx:.6}");
+    assert!((pxy + pyx - 1.0).abs() < 1e-9);
+    assert!(pxy > 0.0 && pxy < 1.0);
+
+    let chat = r.join("chat_prompts.jsonl");
+    let lines: String = (0..6u32)
+        .map(|i| {
+            format!(
+                "{}\n",
+                serde_json::json!({"prompt": [{"role": "user", "content": builtin::question(i * 7 % 50, i * 3 % 50)}]})
+            )
+        })
+        .collect();
+    std::fs::write(&chat, lines).unwrap();
+    let enc = Encoder {
+        tok: &tok,
+        limits: Limits::default(),
+        eos: 256,
+    };
+    let (prompts, _) = load_prompts(&chat, &enc, false).unwrap();
+    let opts = GenerateOptions {
+        max_new_tokens: 8,
+        temperature: 1.0,
+        seed: 5,
+        eos: vec![256],
+        ..Default::default()
+    };
+    let (pairs, skipped) = label(&policy, &tok, &judge, &prompts, 3, &opts).unwrap();
+    assert!(!pairs.is_empty(), "every prompt skipped ({skipped})");
+    assert!(pairs.iter().all(|p| (0.5..=1.0).contains(&p.confidence)));
+    let out = r.join("chat_pairs.jsonl");
+    write_jsonl(&out, &pairs).unwrap();
+    let first: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(first["chosen"][0]["role"], "assistant", "{first}");
+    let (loaded, report) = load_pairs(&out, &enc, false).unwrap();
+    assert_eq!((loaded.len(), report.skipped.len()), (pairs.len(), 0));
+    std::fs::remove_dir_all(&r).ok();
+}

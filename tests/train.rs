@@ -278,6 +278,22 @@ fn bad_lines_name_file_line_and_field() {
             "must both be plain text or both be chat",
         ),
         ("[1, 2]", "line 2: expected a JSON object"),
+        (
+            r#"{"prompt": "a", "chosen": "x", "rejected": "b", "margin": 1e308}"#,
+            "line 2: field `margin` is 1e308, beyond what an f32 holds",
+        ),
+        (
+            r#"{"prompt": [{"role": "usr", "content": "a"}], "chosen": [{"role": "assistant", "content": "x"}], "rejected": [{"role": "assistant", "content": "y"}]}"#,
+            "line 2: field `prompt`[0] has role `usr`",
+        ),
+        (
+            r#"{"prompt": [{"role": "user", "content": "a"}], "chosen": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "more"}], "rejected": [{"role": "assistant", "content": "y"}]}"#,
+            "line 2: field `chosen`: the completion holds a `user` turn",
+        ),
+        (
+            r#"{"prompt": "", "chosen": "x", "rejected": "b"}"#,
+            "line 2: field `prompt` is empty",
+        ),
     ];
     let good = r#"{"prompt": "Q", "chosen": " yes", "rejected": " no"}"#;
     let path = root.join("bad.jsonl");
@@ -306,6 +322,17 @@ fn bad_lines_name_file_line_and_field() {
         err.contains("line 1: field `messages` has no assistant turn"),
         "{err}"
     );
+    // A turn after the last assistant one would be trained as the model's own words.
+    std::fs::write(
+        &path,
+        r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "user", "content": "and?"}]}"#,
+    )
+    .unwrap();
+    let err = load_sft(&path, &enc, false).err().unwrap().to_string();
+    assert!(
+        err.contains("line 1: field `messages`: the completion holds a `user` turn"),
+        "{err}"
+    );
     std::fs::write(&path, "\n\n").unwrap();
     assert!(load_sft(&path, &enc, false)
         .err()
@@ -324,9 +351,10 @@ fn chat_data_and_truncation() {
     std::fs::write(
         &path,
         format!(
-            "{}\n{}\n",
+            "{}\n{}\n{}\n",
             serde_json::json!({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}),
-            serde_json::json!({"prompt": long, "completion": long})
+            serde_json::json!({"prompt": long, "completion": long}),
+            serde_json::json!({"prompt": "a", "completion": "b"})
         ),
     )
     .unwrap();
@@ -346,6 +374,20 @@ fn chat_data_and_truncation() {
     assert_eq!(
         tok.decode(&ex[0].completion, false).unwrap(),
         "hello<|im_end|>\n<|endoftext|>"
+    );
+    // Where the template's end of turn is the EOS (SmolLM2's <|im_end|>), nothing is appended: the
+    // turn ends as the template renders it, as TRL trains it.
+    let im_end = tok.token_id("<|im_end|>").unwrap();
+    let enc_im_end = Encoder { eos: im_end, ..enc };
+    let (ex2, _) = load_sft(&path, &enc_im_end, false).unwrap();
+    assert_eq!(
+        tok.decode(&ex2[0].completion, false).unwrap(),
+        "hello<|im_end|>\n"
+    );
+    assert_eq!(
+        ex2[2].completion.last(),
+        Some(&im_end),
+        "plain completions still end with EOS"
     );
     assert_eq!(
         ex[1].prompt.len(),
@@ -486,5 +528,92 @@ fn orpo_nll_covers_prompts_and_responses_over_the_whole_step() {
         scale > 0.0 && worst <= 1e-4 * scale,
         "gradients differ by {worst} (largest {scale}) between accumulation and one batch (seed {seed})"
     );
+    std::fs::remove_dir_all(&root).ok();
+}
+
+/// The first step's logged loss and gradient norm with micro-batches of 2 accumulated twice equal
+/// those of one micro-batch of 4 (the same 4 examples): the loss is normalised over the whole step,
+/// by tokens for SFT and by pairs for DPO, not per micro-batch.
+#[test]
+fn gradient_accumulation_normalises_over_the_whole_step() {
+    let root = setup("accum", 40);
+    let first = |dir: &Path| -> serde_json::Value {
+        let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+        serde_json::from_str(text.lines().next().unwrap()).unwrap()
+    };
+    let sft_start = sft_model(&root);
+    for trainer in ["sft", "dpo"] {
+        let mut logged = Vec::new();
+        for (batch, accum) in [(4, 1), (2, 2)] {
+            let out = format!("{trainer}-{batch}x{accum}");
+            let (model, data) = match trainer {
+                "sft" => (root.join("base"), "sft.jsonl"),
+                _ => (sft_start.clone(), "prefs.jsonl"),
+            };
+            let mut a = args(&root, &model, data, &out, 1e-4);
+            a.max_steps = Some(1);
+            a.batch_size = batch;
+            a.grad_accum = accum;
+            match trainer {
+                "sft" => drop(sft::train(&a).unwrap()),
+                _ => drop(
+                    dpo::train(
+                        &a,
+                        PrefTrainer::Dpo {
+                            loss: DpoLoss::Sigmoid,
+                            beta: 0.1,
+                            label_smoothing: 0.0,
+                            precompute_ref: false,
+                        },
+                    )
+                    .unwrap(),
+                ),
+            }
+            logged.push(first(&root.join(&out)));
+        }
+        for k in ["loss", "grad_norm"] {
+            let (one, two) = (
+                logged[0][k].as_f64().unwrap(),
+                logged[1][k].as_f64().unwrap(),
+            );
+            println!("{trainer} {k}: 4x1 {one:.6}, 2x2 {two:.6}");
+            assert!(
+                (one - two).abs() <= 1e-5 * one.abs().max(1e-3),
+                "{trainer} {k}: one micro-batch {one}, two accumulated {two}"
+            );
+        }
+    }
+    std::fs::remove_dir_all(&root).ok();
+}
+
+/// A new run refuses a folder that holds another run; --resume refuses a checkpoint of another
+/// trainer, or one whose batch size (and so data order) differs.
+#[test]
+fn runs_never_write_over_a_run_and_resume_only_their_own() {
+    let root = setup("guard", 40);
+    let mut a = args(&root, &root.join("base"), "sft.jsonl", "run", 1e-4);
+    a.max_steps = Some(2);
+    sft::train(&a).unwrap();
+    let err = sft::train(&a).err().unwrap().to_string();
+    assert!(err.contains("already holds a run"), "{err}");
+    assert!(
+        latest_checkpoint(&a.out).is_some(),
+        "the earlier run's checkpoint is still there"
+    );
+    let mut r = a.clone();
+    r.resume = true;
+    r.batch_size = 4;
+    let err = sft::train(&r).err().unwrap().to_string();
+    assert!(
+        err.contains("trainer_state.json") && err.contains("--batch-size 16, this invocation 4"),
+        "{err}"
+    );
+    let mut d = args(&root, &root.join("base"), "prefs.jsonl", "run", 1e-4);
+    d.resume = true;
+    let err = dpo::train(&d, PrefTrainer::Orpo { beta: 0.1 })
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("`trainer` is \"sft\", not orpo"), "{err}");
     std::fs::remove_dir_all(&root).ok();
 }

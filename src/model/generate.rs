@@ -154,6 +154,22 @@ impl Model {
                 detail: format!("top_p must be in (0, 1], got {}", opts.top_p),
             });
         }
+        // 0 means greedy; a negative or non-finite temperature has no sampling meaning.
+        if !(opts.temperature >= 0.0 && opts.temperature.is_finite()) {
+            return Err(Error::Unsupported {
+                op: "generate",
+                detail: format!(
+                    "temperature must be a finite number at least 0 (0: greedy), got {}",
+                    opts.temperature
+                ),
+            });
+        }
+        if opts.max_new_tokens == 0 {
+            return Err(Error::Unsupported {
+                op: "generate",
+                detail: "max_new_tokens must be at least 1".into(),
+            });
+        }
         let capacity = prompts.iter().map(Vec::len).max().unwrap_or(0) + opts.max_new_tokens;
         let mut cache = KvCache::new(self, prompts.len(), capacity)?;
         let mut rng = Rng::new(opts.seed);

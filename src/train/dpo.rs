@@ -10,11 +10,11 @@
 
 use super::data::{self, Encoder, PairExample};
 use super::{
-    eos_id, frozen_logps, load_model, run, score, score_backward, Metrics, Objective, RunSummary,
-    ScoredBatch, TrainArgs,
+    check_positive, check_range, eos_id, frozen_logps, load_model, run, score, score_backward,
+    Metrics, Objective, RunSummary, ScoredBatch, TrainArgs,
 };
 use crate::device::Tensor;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::{Model, Params};
 use crate::ops::pref_loss::{pref_loss, DpoLoss, PrefExtras, PrefLoss};
 
@@ -178,6 +178,43 @@ impl Objective for PrefObjective {
     }
 }
 
+impl PrefTrainer {
+    /// Hyper-parameters the losses cannot use are errors naming the flag, before any work.
+    fn check(&self) -> Result<()> {
+        let (op, beta) = match self {
+            PrefTrainer::Dpo { beta, .. } => ("dpo", *beta),
+            PrefTrainer::Simpo { beta, gamma, .. } => {
+                check_range("simpo", "--gamma", *gamma, f64::MIN, f64::MAX)?;
+                ("simpo", *beta)
+            }
+            PrefTrainer::Orpo { beta } => ("orpo", *beta),
+        };
+        check_positive(op, "--beta", beta)?;
+        if let PrefTrainer::Dpo {
+            loss,
+            label_smoothing,
+            ..
+        } = self
+        {
+            let smooths = matches!(
+                loss,
+                DpoLoss::Sigmoid | DpoLoss::SigmoidNorm | DpoLoss::Robust | DpoLoss::ExoPair
+            );
+            if *label_smoothing != 0.0 && !smooths {
+                return Err(Error::Unsupported {
+                    op: "dpo",
+                    detail: format!(
+                        "--label-smoothing is used by the sigmoid, sigmoid-norm, robust and exo-pair losses, not {}",
+                        clap::ValueEnum::to_possible_value(loss)
+                            .map_or_else(|| format!("{loss:?}"), |v| v.get_name().to_owned())
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Which preference trainer.
 #[derive(Debug, Clone, Copy)]
 pub enum PrefTrainer {
@@ -232,6 +269,7 @@ pub fn implicit_reward_accuracy(
 /// `rlhf dpo`, `rlhf simpo`, `rlhf orpo`: returns the run and, with a held-out split, the
 /// (accuracy, margin) of the implicit reward against the starting model.
 pub fn train(args: &TrainArgs, which: PrefTrainer) -> Result<(RunSummary, Option<(f64, f64)>)> {
+    which.check()?;
     let (mut model, tok) = load_model(args)?;
     let enc = Encoder {
         tok: &tok,

@@ -9,7 +9,7 @@ use super::{
     Objective, RunSummary, ScoredBatch, TrainArgs,
 };
 use crate::device::Tensor;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::{Model, Params};
 use crate::ops::pref_loss::{pref_loss, PrefExtras, PrefLoss};
 
@@ -129,6 +129,16 @@ pub fn train(
     desirable_weight: f64,
     undesirable_weight: f64,
 ) -> Result<(RunSummary, Option<(f64, f64)>)> {
+    super::check_positive("kto", "--beta", beta)?;
+    super::check_positive("kto", "--desirable-weight", desirable_weight)?;
+    super::check_positive("kto", "--undesirable-weight", undesirable_weight)?;
+    if args.batch_size < 2 {
+        // The reference point z0 comes from mismatched pairs within a micro-batch.
+        return Err(Error::Unsupported {
+            op: "kto",
+            detail: "--batch-size must be at least 2: KTO's reference point pairs each prompt with another example's completion".into(),
+        });
+    }
     let (mut model, tok) = load_model(args)?;
     let enc = Encoder {
         tok: &tok,

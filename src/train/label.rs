@@ -90,6 +90,18 @@ fn llm_prefers_first(
         })
     };
     let (a, b) = (letter("A")?, letter("B")?);
+    if a == b {
+        // A tokenizer that splits " A" into a space and the letter would compare the space with
+        // itself and call every pair a tie.
+        return Err(Error::Unsupported {
+            op: "label",
+            detail: format!(
+                "the judge's tokenizer starts {:?} and {:?} with the same token; it cannot answer by letter",
+                format!("{space}A"),
+                format!("{space}B")
+            ),
+        });
+    }
     let hidden = model.forward_frozen(&Batch::new(std::slice::from_ref(&ids)))?;
     let logits = model.logits_rows(&hidden, &[ids.len() - 1])?;
     Ok(sigmoid((logits[a as usize] - logits[b as usize]) as f64))
@@ -170,8 +182,13 @@ pub fn label(
                 (distinct[hi], distinct[lo], sigmoid((r[hi] - r[lo]) as f64))
             }
             Judge::Llm { model, tok: jtok } => {
+                // The judge reads the question as text: a chat prompt's last turn.
                 let question = match &p.raw {
                     Value::String(s) => s.clone(),
+                    Value::Array(turns) => turns
+                        .last()
+                        .and_then(|t| t["content"].as_str())
+                        .map_or_else(|| p.raw.to_string(), str::to_owned),
                     other => other.to_string(),
                 };
                 // Round robin: each response's total preference over the others.
@@ -211,10 +228,24 @@ pub fn label(
     Ok((out, skipped))
 }
 
+/// TRL's preference format: for a chat prompt (a list of messages) the responses are assistant
+/// turns too, so the file loads as conversational data.
 pub fn write_jsonl(path: &Path, pairs: &[Labelled]) -> Result<()> {
     let text: String = pairs
         .iter()
-        .map(|p| format!("{}\n", json!({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "confidence": p.confidence})))
+        .map(|p| {
+            let response = |text: &str| {
+                if p.prompt.is_array() {
+                    json!([{"role": "assistant", "content": text}])
+                } else {
+                    json!(text)
+                }
+            };
+            format!(
+                "{}\n",
+                json!({"prompt": p.prompt, "chosen": response(&p.chosen), "rejected": response(&p.rejected), "confidence": p.confidence})
+            )
+        })
         .collect();
     write_file_atomic(path, text.as_bytes())
 }
@@ -250,6 +281,14 @@ pub struct LabelArgs {
 
 /// `rlhf label`: returns (pairs written, prompts skipped, mean confidence).
 pub fn run(a: &LabelArgs) -> Result<(usize, usize, f64)> {
+    if a.max_new_tokens == 0 {
+        return Err(Error::Unsupported {
+            op: "label",
+            detail: "--max-new-tokens must be at least 1".into(),
+        });
+    }
+    // Pairs need distinct samples: greedy decoding would give every prompt one response.
+    super::check_positive("label", "--temperature", a.temperature as f64)?;
     let device = crate::Device::from_choice(a.device)?;
     let policy = Model::load(&a.model, &device)?;
     let tok = TextTokenizer::load(&a.model)?;
@@ -273,6 +312,15 @@ pub fn run(a: &LabelArgs) -> Result<(usize, usize, f64)> {
         ..Default::default()
     };
     let (pairs, skipped) = label(&policy, &tok, &judge, &prompts, a.responses, &opts)?;
+    if pairs.is_empty() {
+        return Err(Error::file(
+            &a.prompts,
+            format!(
+                "no prompt of {} gave two distinct non-empty responses; nothing written",
+                prompts.len()
+            ),
+        ));
+    }
     write_jsonl(&a.out, &pairs)?;
     let mean = pairs.iter().map(|p| p.confidence).sum::<f64>() / pairs.len().max(1) as f64;
     Ok((pairs.len(), skipped, mean))
@@ -306,7 +354,7 @@ pub fn online_dpo(
             eos: vec![eos],
             ..Default::default()
         };
-        let (pairs, _) = label(&policy, &tok, judge, &prompts, 2, &opts)?;
+        let (pairs, skipped) = label(&policy, &tok, judge, &prompts, 2, &opts)?;
         if pairs.is_empty() {
             return Err(Error::Unsupported {
                 op: "online dpo",
@@ -326,7 +374,7 @@ pub fn online_dpo(
         let (run, _) = super::dpo::train(&a, which)?;
         if !args.quiet {
             eprintln!(
-                "round {round}: {} pairs, last {:?}",
+                "round {round}: {} pairs ({skipped} prompts without two distinct responses skipped), last {:?}",
                 pairs.len(),
                 run.last.get("rewards/accuracies")
             );
