@@ -84,7 +84,8 @@ pub enum Command {
         precompute_ref: bool,
         /// Online (iterative) DPO: this many rounds of labelling the policy's own samples with a
         /// judge, then DPO on them from the current policy. --data then holds `prompt` lines.
-        #[arg(long, default_value_t = 0)]
+        /// `--online` alone runs 3 rounds.
+        #[arg(long, visible_alias = "online", default_value_t = 0, num_args = 0..=1, default_missing_value = "3")]
         online_rounds: usize,
         /// The judge for --online-rounds: a reward model ...
         #[arg(long)]

@@ -617,3 +617,40 @@ fn runs_never_write_over_a_run_and_resume_only_their_own() {
     assert!(err.contains("`trainer` is \"sft\", not orpo"), "{err}");
     std::fs::remove_dir_all(&root).ok();
 }
+
+/// The loop's options out of range are errors naming the flag, before any work.
+#[test]
+fn loop_options_out_of_range_are_refused() {
+    let root = setup("loop_opts", 10);
+    let base = args(&root, &root.join("base"), "sft.jsonl", "o", 1e-4);
+    let cases: [(&dyn Fn(&mut TrainArgs), &str); 7] = [
+        (&|a| a.epochs = 0, "--epochs"),
+        (&|a| a.max_steps = Some(0), "--max-steps"),
+        (&|a| a.stop_after = Some(0), "--stop-after"),
+        (&|a| a.weight_decay = -5.0, "--weight-decay"),
+        (&|a| a.max_grad_norm = f64::NAN, "--max-grad-norm"),
+        (&|a| a.max_prompt_len = 0, "--max-prompt-len"),
+        (&|a| a.batch_size = 0, "--batch-size"),
+    ];
+    for (set, flag) in cases {
+        let mut a = base.clone();
+        set(&mut a);
+        let err = sft::train(&a).err().unwrap().to_string();
+        assert!(err.contains(flag), "{flag}: {err}");
+    }
+    let mut a = base.clone();
+    a.batch_size = 1;
+    let err = kto::train(&a, 0.1, 1.0, 1.0).err().unwrap().to_string();
+    assert!(err.contains("--batch-size must be at least 2"), "{err}");
+    let dpo_err = |which| dpo::train(&base, which).err().unwrap().to_string();
+    let err = dpo_err(PrefTrainer::Dpo {
+        loss: DpoLoss::Hinge,
+        beta: 0.1,
+        label_smoothing: 0.1,
+        precompute_ref: true,
+    });
+    assert!(err.contains("--label-smoothing"), "{err}");
+    let err = dpo_err(PrefTrainer::Orpo { beta: 0.0 });
+    assert!(err.contains("--beta"), "{err}");
+    std::fs::remove_dir_all(&root).ok();
+}
