@@ -48,6 +48,13 @@ fn say(quiet: bool, msg: &str) {
 }
 
 pub fn run(o: &DemoOptions) -> Result<DemoReport> {
+    if o.examples < 2 {
+        // Fewer leave a stage with no example after the held-out split.
+        return Err(Error::Unsupported {
+            op: "demo",
+            detail: format!("--examples must be at least 2, got {}", o.examples),
+        });
+    }
     std::fs::create_dir_all(&o.out).map_err(|e| Error::io(&o.out, e))?;
     // The trainers refuse to write over a run; the demo's own stages from an earlier demo in the
     // same folder are replaced, and said so.
