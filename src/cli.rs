@@ -352,6 +352,38 @@ pub enum BenchCommand {
     },
 }
 
+/// The offline loop's options, which ppo and grpo size differently (iterations of rollouts): given
+/// on their command line at all, even at the default value, they are errors rather than ignored.
+const OFFLINE_ONLY: [(&str, &str); 5] = [
+    ("max_steps", "--max-steps"),
+    ("epochs", "--epochs"),
+    ("batch_size", "--batch-size"),
+    ("grad_accum", "--grad-accum"),
+    ("eval_fraction", "--eval-fraction"),
+];
+
+/// Parses the process's command line and runs it (usage errors exit as clap prints them).
+pub fn parse_and_run() -> Result<ExitCode> {
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::command().get_matches();
+    for trainer in ["ppo", "grpo"] {
+        let Some(m) = matches.subcommand_matches(trainer) else {
+            continue;
+        };
+        for (id, flag) in OFFLINE_ONLY {
+            if m.value_source(id) == Some(clap::parser::ValueSource::CommandLine) {
+                return Err(crate::Error::Unsupported {
+                    op: if trainer == "ppo" { "ppo" } else { "grpo" },
+                    detail: format!(
+                        "{flag} does not apply to {trainer} (it runs --iterations of rollouts and updates)"
+                    ),
+                });
+            }
+        }
+    }
+    run(Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit()))
+}
+
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Doctor => {

@@ -1,10 +1,7 @@
 use std::process::ExitCode;
 
-use clap::Parser;
-
 fn main() -> ExitCode {
-    let cli = rlhf_kernels::cli::Cli::parse();
-    match rlhf_kernels::cli::run(cli) {
+    match rlhf_kernels::cli::parse_and_run() {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");

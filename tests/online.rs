@@ -478,3 +478,33 @@ fn online_options_out_of_range_are_refused() {
     }
     std::fs::remove_dir_all(&r).ok();
 }
+
+/// ppo and grpo refuse the offline loop's options when given at all, even at their default value
+/// (which the trainers alone cannot tell from absent).
+#[test]
+fn offline_options_on_the_command_line_are_refused() {
+    for (trainer, extra) in [("ppo", "--reward-model"), ("grpo", "--reward-model")] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"))
+            .args([
+                trainer,
+                "--model",
+                "m",
+                "--data",
+                "d",
+                "--out",
+                "o",
+                extra,
+                "rm",
+                "--batch-size",
+                "8",
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains(&format!("--batch-size does not apply to {trainer}")),
+            "{err}"
+        );
+    }
+}
