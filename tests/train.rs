@@ -623,7 +623,8 @@ fn runs_never_write_over_a_run_and_resume_only_their_own() {
 fn loop_options_out_of_range_are_refused() {
     let root = setup("loop_opts", 10);
     let base = args(&root, &root.join("base"), "sft.jsonl", "o", 1e-4);
-    let cases: [(&dyn Fn(&mut TrainArgs), &str); 7] = [
+    type Setter<'a> = &'a dyn Fn(&mut TrainArgs);
+    let cases: [(Setter, &str); 7] = [
         (&|a| a.epochs = 0, "--epochs"),
         (&|a| a.max_steps = Some(0), "--max-steps"),
         (&|a| a.stop_after = Some(0), "--stop-after"),
