@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use crate::device::{DType, Device, Tensor};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ops::adamw::{adamw_step, AdamWConfig};
 use crate::ops::elementwise::add;
 use crate::ops::kl::{kl_full_bwd, kl_full_fwd};
@@ -61,6 +61,12 @@ pub fn median_ms(
     reps: usize,
     mut f: impl FnMut() -> Result<()>,
 ) -> Result<f64> {
+    if reps == 0 {
+        return Err(Error::Unsupported {
+            op: "bench",
+            detail: "no repetitions to take the median of (reps must be at least 1)".into(),
+        });
+    }
     for _ in 0..warmup {
         f()?;
     }
@@ -102,6 +108,72 @@ pub fn profile_once(device: &Device, mut f: impl FnMut() -> Result<()>) -> Resul
     profile::enable(false);
     run?;
     Ok(Profile { rows: rows?, ms })
+}
+
+/// Rejects a command's size flag below `min`: a zero leaves nothing to time (an empty batch, no
+/// repetitions to take the median of) and would fail deep inside with no flag named.
+fn at_least(command: &'static str, flag: &str, value: usize, min: usize) -> Result<()> {
+    if value >= min {
+        return Ok(());
+    }
+    Err(Error::Unsupported {
+        op: command,
+        detail: format!("{flag} {value}: must be at least {min}"),
+    })
+}
+
+/// The flags of `rlhf bench attention`, checked before it measures anything: the command derives
+/// the batch as `--tokens / T` and the heads as 2,048 / D from them.
+pub fn check_attention_flags(
+    lens: &[usize],
+    tokens: usize,
+    head_dims: &[usize],
+    decode_lens: &[usize],
+    decode_batch: usize,
+    reps: usize,
+) -> Result<()> {
+    const CMD: &str = "bench attention";
+    for &t in lens {
+        at_least(CMD, "--lens", t, 1)?;
+    }
+    at_least(CMD, "--tokens", tokens, 1)?;
+    for &d in head_dims {
+        at_least(CMD, "--head-dims", d, 1)?;
+        if d > 2048 {
+            return Err(Error::Unsupported {
+                op: CMD,
+                detail: format!("--head-dims {d}: above 2,048, H = 2,048 / D leaves no head"),
+            });
+        }
+    }
+    for &t in decode_lens {
+        at_least(CMD, "--decode-lens", t, 1)?;
+    }
+    if !decode_lens.is_empty() {
+        at_least(CMD, "--decode-batch", decode_batch, 1)?;
+    }
+    at_least(CMD, "--reps", reps, 1)
+}
+
+/// Head counts that attention can run: at least one of each, whole groups of query heads per KV
+/// head.
+fn check_heads(
+    command: &'static str,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+) -> Result<()> {
+    at_least(command, "--head-dims", head_dim, 1)?;
+    if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        return Err(Error::Unsupported {
+            op: command,
+            detail: format!(
+                "{heads} query heads over {kv_heads} KV heads (head dim {head_dim}): need at \
+                 least one of each and a whole number of query heads per KV head"
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn random(
@@ -520,6 +592,9 @@ pub fn bench_model(
     profile: bool,
 ) -> Result<ModelBench> {
     use crate::model::{Batch, Model, Params};
+    at_least("bench model", "--batch", seqs, 1)?;
+    at_least("bench model", "--seq-len", len, 1)?;
+    at_least("bench model", "--reps", reps, 1)?;
     let model = Model::random(cfg, 1, device)?;
     let mut rng = Rng::new(3);
     let seq_tokens: Vec<Vec<i32>> = (0..seqs)
@@ -596,6 +671,10 @@ pub fn bench_dpo_step(
     use crate::model::{Model, Params};
     use crate::ops::pref_loss::{pref_loss, DpoLoss, PrefExtras, PrefLoss};
     use crate::train::{frozen_logps, score, score_backward, ScoredBatch};
+    at_least("bench train", "--pairs", pairs, 1)?;
+    // Half prompt, half completion: each needs a token.
+    at_least("bench train", "--seq-len", len, 2)?;
+    at_least("bench train", "--reps", reps, 1)?;
     let policy = Model::random(cfg, 1, device)?;
     let reference = Model::random(cfg, 1, device)?;
     let mut rng = Rng::new(5);
@@ -711,6 +790,11 @@ pub fn bench_attention(
     reps: usize,
 ) -> Result<AttentionBench> {
     use crate::ops::attention::{attention_bwd, attention_fwd, AttnBatch, AttnKernel, Heads};
+    const CMD: &str = "bench attention";
+    at_least(CMD, "--lens", len, 1)?;
+    at_least(CMD, "batch (--tokens / T)", seqs, 1)?;
+    at_least(CMD, "--reps", reps, 1)?;
+    check_heads(CMD, heads, kv_heads, head_dim)?;
     let dtype = device.compute_dtype();
     let n = seqs * len;
     let hd = Heads {
@@ -791,6 +875,11 @@ pub fn bench_decode(
     reps: usize,
 ) -> Result<DecodeBench> {
     use crate::ops::attention::{attention_fwd, AttnBatch};
+    const CMD: &str = "bench attention";
+    at_least(CMD, "--decode-batch", seqs, 1)?;
+    at_least(CMD, "--decode-lens", cache_len, 1)?;
+    at_least(CMD, "--reps", reps, 1)?;
+    check_heads(CMD, hd.heads, hd.kv_heads, hd.head_dim)?;
     let dtype = device.compute_dtype();
     let mut rng = Rng::new(3);
     let rows = seqs * cache_len;
@@ -845,6 +934,17 @@ pub fn bench_online(
     use crate::model::generate::GenerateOptions;
     use crate::model::{Model, Params};
     use crate::train::{frozen_logps, score, score_backward, ScoredBatch};
+    // The command asks for --pairs × 4 prompts of --seq-len / 2 tokens, and as many new ones.
+    at_least("bench train", "--pairs", prompts, 1)?;
+    if prompt_len == 0 || new_tokens == 0 {
+        return Err(Error::Unsupported {
+            op: "bench train",
+            detail: format!(
+                "--seq-len must be at least 2: half prompt ({prompt_len} tokens here), half \
+                 generated ({new_tokens})"
+            ),
+        });
+    }
     let policy = Model::random(cfg, 1, device)?;
     let reference = Model::random(cfg, 2, device)?;
     let mut vcfg = cfg.clone();

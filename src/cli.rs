@@ -824,6 +824,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             reps,
             device,
         }) => {
+            bench::check_attention_flags(
+                &lens,
+                tokens,
+                &head_dims,
+                &decode_lens,
+                decode_batch,
+                reps,
+            )?;
             let device = Device::from_choice(device)?;
             eprintln!("measuring the copy and GEMM ceilings ...");
             let ceil = bench::measure_ceilings(&device, BenchSize::Full)?;
@@ -1155,6 +1163,18 @@ pub fn eos_ids(model: &Model, tok: &TextTokenizer) -> Vec<i32> {
     eos
 }
 
+/// A model that generates or is evaluated as a policy: a reward model (scalar head) is refused.
+fn load_causal_lm(dir: &std::path::Path, device: &Device) -> Result<Model> {
+    let model = Model::load(dir, device)?;
+    if model.cfg.scalar_head {
+        return Err(crate::Error::file(
+            dir.join("config.json"),
+            "is a reward model (a scalar head, ForSequenceClassification), not a causal language model",
+        ));
+    }
+    Ok(model)
+}
+
 fn generate_cmd(
     dir: &std::path::Path,
     prompt: &str,
@@ -1164,7 +1184,7 @@ fn generate_cmd(
 ) -> Result<ExitCode> {
     use std::io::Write;
     let device = Device::from_choice(choice)?;
-    let model = Model::load(dir, &device)?;
+    let model = load_causal_lm(dir, &device)?;
     let tok = TextTokenizer::load(dir)?;
     opts.eos = eos_ids(&model, &tok);
     let ids = prompt_tokens(&tok, prompt, chat)?;
@@ -1346,7 +1366,7 @@ fn eval_cmd(
     choice: DeviceChoice,
 ) -> Result<ExitCode> {
     let device = Device::from_choice(choice)?;
-    let policy = Model::load(dir, &device)?;
+    let policy = load_causal_lm(dir, &device)?;
     let tok = TextTokenizer::load(dir)?;
     let eos = crate::train::eos_id(&policy, &tok)?;
     let enc = crate::train::data::Encoder {

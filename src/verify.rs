@@ -99,21 +99,138 @@ fn compare(name: &str, got: &[f64], want: &[f32], tol: &Tol) -> Check {
     }
 }
 
+/// Kernel families with no reader for their reference files yet: such a file is skipped and named,
+/// where a family nobody knows is an error.
+const UNVERIFIED_FAMILIES: [&str; 8] = [
+    "norm",
+    "rope",
+    "mlp",
+    "embed",
+    "adamw",
+    "matmul",
+    "sample",
+    "elementwise",
+];
+
+/// Every tensor a family's file may hold: its inputs, its optional inputs and the outputs and
+/// gradients it compares.
+fn family_tensors(family: &str) -> Option<&'static [&'static str]> {
+    Some(match family {
+        "logprob" => &[
+            "logits",
+            "target",
+            "upstream_logp",
+            "upstream_entropy",
+            "logp",
+            "logsumexp",
+            "entropy",
+            "grad_logits",
+        ],
+        "kl" => &[
+            "policy_logits",
+            "ref_logits",
+            "upstream",
+            "sampled_policy_logp",
+            "sampled_ref_logp",
+            "kl_full",
+            "grad_policy_logits",
+            "k1",
+            "k2",
+            "k3",
+            "grad_sampled_policy_logp",
+        ],
+        "dpo" | "simpo" | "orpo" | "kto" => &[
+            "policy_logps",
+            "mask",
+            "ref_logps",
+            "nll_mask",
+            "label",
+            "kl",
+            "loss",
+            "grad_policy_logps",
+            "per_sequence_loss",
+            "chosen_rewards",
+            "rejected_rewards",
+            "log_odds",
+            "nll_loss",
+        ],
+        "ppo" => &[
+            "mask",
+            "old_logps",
+            "ref_logps",
+            "old_values",
+            "new_logps",
+            "new_values",
+            "scores",
+            "rewards",
+            "advantages",
+            "returns",
+            "whitened_advantages",
+            "pg_loss",
+            "vf_loss",
+            "loss",
+            "grad_new_logps",
+            "grad_new_values",
+        ],
+        "attention" => &[
+            "q", "k", "v", "grad_out", "out", "lse", "grad_q", "grad_k", "grad_v",
+        ],
+        _ => return None,
+    })
+}
+
+/// Optional outputs are compared only when present, so a misspelt one would go unchecked while
+/// the file reports PASS.
+fn reject_stray_tensors(g: &Golden, family: &str, known: &[&str]) -> Result<()> {
+    let mut stray: Vec<&String> = g
+        .tensors
+        .keys()
+        .filter(|n| !known.contains(&n.as_str()))
+        .collect();
+    stray.sort();
+    match stray.first() {
+        None => Ok(()),
+        Some(name) => Err(Error::file(
+            &g.path,
+            format!(
+                "tensor `{name}` is not one the {family} family reads or checks (it reads: {})",
+                known.join(", ")
+            ),
+        )),
+    }
+}
+
 /// Checks every file; errors only when a file cannot be read or is malformed.
 pub fn verify_file(path: &Path, device: &Device) -> Result<FileReport> {
     let g = Golden::open(path)?;
     let family = g.meta("family")?.to_owned();
+    if let Some(known) = family_tensors(&family) {
+        reject_stray_tensors(&g, &family, known)?;
+    }
     let outputs = match family.as_str() {
         "logprob" => logprob(&g, device)?,
         "kl" => kl(&g, device)?,
         "dpo" | "simpo" | "orpo" | "kto" => preference(&g, &family, device)?,
         "ppo" => ppo(&g, device)?,
         "attention" => attention(&g, device)?,
-        other => {
+        other if UNVERIFIED_FAMILIES.contains(&other) => {
             return Ok(FileReport {
                 family: family.clone(),
-                outcome: Outcome::Skipped(format!("no `{other}` op in this build yet")),
+                outcome: Outcome::Skipped(format!(
+                    "no reader for `{other}` files in this build yet"
+                )),
             })
+        }
+        // A typo in the family would otherwise read as a file we merely cannot check yet.
+        other => {
+            return Err(Error::file(
+                &g.path,
+                format!(
+                    "metadata `family` = `{other}` is not a kernel family (verify reads logprob, \
+                     kl, dpo, simpo, orpo, kto, ppo and attention; {} have no reader yet)",
+                    UNVERIFIED_FAMILIES.join(", ")
+                ),
+            ))
         }
     };
     let tol = if device.is_cuda() {
@@ -142,19 +259,67 @@ fn upload(g: &Golden, name: &str, device: &Device) -> Result<Tensor> {
     Tensor::from_f32(&t.shape, t.data.clone(), device)
 }
 
-fn dims2(g: &Golden, name: &str) -> Result<(usize, usize)> {
-    match g.tensor(name)?.shape.as_slice() {
-        &[r, c] => Ok((r, c)),
-        s => Err(Error::file(
+/// The shape of a primary input, which sets every other tensor's: `rank` dims, none of them zero
+/// (an empty row or head would divide by zero in the references).
+fn primary_shape(g: &Golden, name: &str, rank: usize, layout: &str) -> Result<Vec<usize>> {
+    let shape = &g.tensor(name)?.shape;
+    if shape.len() != rank || shape.contains(&0) {
+        return Err(Error::file(
             &g.path,
-            format!("`{name}` has shape {s:?}; expected 2 dims"),
+            format!("tensor `{name}` has shape {shape:?}; expected {layout}, every dim at least 1"),
+        ));
+    }
+    Ok(shape.clone())
+}
+
+fn dims2(g: &Golden, name: &str) -> Result<(usize, usize)> {
+    let s = primary_shape(g, name, 2, "[rows, cols]")?;
+    Ok((s[0], s[1]))
+}
+
+/// Checks an input, expected output or gradient against the shape the primary inputs imply, when
+/// the file has it (a missing one is named where it is read): the references index by the primary
+/// shapes and would panic, or compare a prefix, on a shorter tensor. `why` names the source.
+fn expect_shape(g: &Golden, name: &str, want: &[usize], why: &str) -> Result<()> {
+    match g.tensors.get(name) {
+        Some(t) if t.shape != want => Err(Error::file(
+            &g.path,
+            format!(
+                "tensor `{name}` has shape {:?}, expected {want:?} ({why})",
+                t.shape
+            ),
         )),
+        _ => Ok(()),
+    }
+}
+
+fn expect_scalar(g: &Golden, name: &str) -> Result<()> {
+    match g.tensors.get(name) {
+        Some(t) if t.data.len() != 1 => Err(Error::file(
+            &g.path,
+            format!(
+                "tensor `{name}` has shape {:?}, expected a scalar ([1])",
+                t.shape
+            ),
+        )),
+        _ => Ok(()),
     }
 }
 
 fn logprob(g: &Golden, device: &Device) -> Result<Named> {
     let (n, vocab) = dims2(g, "logits")?;
-    let targets: Vec<i32> = g.tensor("target")?.data.iter().map(|&t| t as i32).collect();
+    for name in [
+        "target",
+        "upstream_logp",
+        "upstream_entropy",
+        "logp",
+        "logsumexp",
+        "entropy",
+    ] {
+        expect_shape(g, name, &[n], "one per row of `logits`")?;
+    }
+    expect_shape(g, "grad_logits", &[n, vocab], "as `logits`")?;
+    let targets = token_ids(g, "target", vocab)?;
     if let Device::Cpu = device {
         let x = f64s(&g.tensor("logits")?.data);
         let (mut lp, mut lse, mut ent) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
@@ -192,6 +357,28 @@ fn logprob(g: &Golden, device: &Device) -> Result<Named> {
     ])
 }
 
+/// Target ids stored as floats: whole numbers below `vocab`; negative ones are ignored rows, as
+/// PyTorch's ignore_index.
+fn token_ids(g: &Golden, name: &str, vocab: usize) -> Result<Vec<i32>> {
+    g.tensor(name)?
+        .data
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| {
+            if t.fract() == 0.0 && t < vocab as f32 && t >= i32::MIN as f32 {
+                Ok(t as i32)
+            } else {
+                Err(Error::file(
+                    &g.path,
+                    format!(
+                        "tensor `{name}`[{i}] = {t} is not a token id below the {vocab} columns of `logits`"
+                    ),
+                ))
+            }
+        })
+        .collect()
+}
+
 const ESTIMATORS: [(KlEstimator, &str, f64); 3] = [
     (KlEstimator::K1, "k1", 1.0),
     (KlEstimator::K2, "k2", 2.0),
@@ -200,6 +387,22 @@ const ESTIMATORS: [(KlEstimator, &str, f64); 3] = [
 
 fn kl(g: &Golden, device: &Device) -> Result<Named> {
     let (n, vocab) = dims2(g, "policy_logits")?;
+    for name in ["ref_logits", "grad_policy_logits"] {
+        expect_shape(g, name, &[n, vocab], "as `policy_logits`")?;
+    }
+    for name in ["upstream", "kl_full"] {
+        expect_shape(g, name, &[n], "one per row of `policy_logits`")?;
+    }
+    let sampled = primary_shape(g, "sampled_policy_logp", 1, "[samples]")?;
+    for name in [
+        "sampled_ref_logp",
+        "k1",
+        "k2",
+        "k3",
+        "grad_sampled_policy_logp",
+    ] {
+        expect_shape(g, name, &sampled, "as `sampled_policy_logp`")?;
+    }
     let mut out: Named = Vec::new();
     // The file's sampled gradient is of sum(k1) + 2 sum(k2) + 3 sum(k3).
     if let Device::Cpu = device {
@@ -302,7 +505,8 @@ fn pref_kind(g: &Golden, family: &str) -> Result<PrefLoss> {
 
 fn preference(g: &Golden, family: &str, device: &Device) -> Result<Named> {
     let kind = pref_kind(g, family)?;
-    let (_, cols) = dims2(g, "policy_logps")?;
+    let (rows, cols) = dims2(g, "policy_logps")?;
+    check_preference_shapes(g, family, rows, cols)?;
     let opt = |name: &str| {
         g.tensors
             .contains_key(name)
@@ -376,6 +580,55 @@ fn preference(g: &Golden, family: &str, device: &Device) -> Result<Named> {
     Ok(out)
 }
 
+/// The CPU reference trusts its inputs; the kernel's launcher checks these same rules.
+fn check_preference_shapes(g: &Golden, family: &str, rows: usize, cols: usize) -> Result<()> {
+    let kto = family == "kto";
+    if !kto && !rows.is_multiple_of(2) {
+        return Err(Error::file(
+            &g.path,
+            format!(
+                "tensor `policy_logps` has {rows} rows; a paired loss needs the chosen rows, then \
+                 as many rejected"
+            ),
+        ));
+    }
+    // Optional to the CPU reference, which without them would assume a zero reference, skip
+    // ORPO's NLL term or panic for want of KTO's labels.
+    let required: &[&str] = match family {
+        "dpo" => &["ref_logps"],
+        "kto" => &["ref_logps", "label"],
+        "orpo" => &["nll_mask"],
+        _ => &[],
+    };
+    for name in required {
+        g.tensor(name)?;
+    }
+    for name in ["mask", "ref_logps", "nll_mask", "grad_policy_logps"] {
+        expect_shape(g, name, &[rows, cols], "as `policy_logps`")?;
+    }
+    expect_shape(g, "label", &[rows], "one per row of `policy_logps`")?;
+    let (per_seq, why) = if kto {
+        (rows, "one per row of `policy_logps`".to_owned())
+    } else {
+        (
+            rows / 2,
+            format!("one per pair of the {rows} rows of `policy_logps`"),
+        )
+    };
+    for name in [
+        "per_sequence_loss",
+        "chosen_rewards",
+        "rejected_rewards",
+        "log_odds",
+    ] {
+        expect_shape(g, name, &[per_seq], &why)?;
+    }
+    for name in ["kl", "loss", "nll_loss"] {
+        expect_scalar(g, name)?;
+    }
+    Ok(())
+}
+
 fn ppo(g: &Golden, device: &Device) -> Result<Named> {
     let cfg = PpoConfig {
         kl_coef: g.meta_f64("kl_coef")?,
@@ -386,7 +639,26 @@ fn ppo(g: &Golden, device: &Device) -> Result<Named> {
         cliprange_value: g.meta_f64("cliprange_value")?,
         vf_coef: g.meta_f64("vf_coef")?,
     };
-    let (_, cols) = dims2(g, "mask")?;
+    let (rows, cols) = dims2(g, "mask")?;
+    for name in [
+        "old_logps",
+        "ref_logps",
+        "old_values",
+        "new_logps",
+        "new_values",
+        "rewards",
+        "advantages",
+        "returns",
+        "whitened_advantages",
+        "grad_new_logps",
+        "grad_new_values",
+    ] {
+        expect_shape(g, name, &[rows, cols], "as `mask`")?;
+    }
+    expect_shape(g, "scores", &[rows], "one per row of `mask`")?;
+    for name in ["pg_loss", "vf_loss", "loss"] {
+        expect_scalar(g, name)?;
+    }
     if let Device::Cpu = device {
         let t = |name: &str| g.tensor(name).map(|t| f64s(&t.data));
         let mask = t("mask")?;
@@ -485,15 +757,24 @@ fn from_rows(x: &[f64], b: usize, h: usize, t: usize, d: usize) -> Vec<f64> {
 }
 
 fn attention(g: &Golden, device: &Device) -> Result<Named> {
-    let shape = |name: &str| -> Result<[usize; 4]> {
-        g.tensor(name)?
-            .shape
-            .clone()
-            .try_into()
-            .map_err(|_| Error::file(&g.path, format!("`{name}` must be [B, H, T, D]")))
-    };
-    let [b, h, t, d] = shape("q")?;
-    let [_, kvh, _, _] = shape("k")?;
+    let q = primary_shape(g, "q", 4, "[B, H, T, D]")?;
+    let (b, h, t, d) = (q[0], q[1], q[2], q[3]);
+    let kvh = primary_shape(g, "k", 4, "[B, KVH, T, D]")?[1];
+    let (q_shape, kv_shape) = ([b, h, t, d], [b, kvh, t, d]);
+    expect_shape(g, "k", &kv_shape, "as `q` but for its KV heads")?;
+    if !h.is_multiple_of(kvh) {
+        return Err(Error::file(
+            &g.path,
+            format!("tensor `q` has {h} heads, not a multiple of the {kvh} KV heads of `k`"),
+        ));
+    }
+    for name in ["grad_out", "out", "grad_q"] {
+        expect_shape(g, name, &q_shape, "as `q`")?;
+    }
+    for name in ["v", "grad_k", "grad_v"] {
+        expect_shape(g, name, &kv_shape, "as `k`")?;
+    }
+    expect_shape(g, "lse", &[b, h, t], "one per query row of `q`")?;
     let hd = Heads {
         heads: h,
         kv_heads: kvh,

@@ -72,10 +72,14 @@ fn reward_model_and_dpo_reach_90_percent_held_out() {
     let sft = sft_model(&root);
     let mut a = args(&root, &sft, "prefs.jsonl", "rm", 1e-3);
     a.eval_fraction = 0.2;
-    let (_, held) = reward::train(&a).unwrap();
+    let (rm_run, held) = reward::train(&a).unwrap();
     let (acc, margin) = held.unwrap();
     println!("reward model held-out accuracy {acc}, margin {margin}");
     assert!(acc >= 0.9 && margin > 0.0);
+    // A reward model is no policy: the trainers that generate or score text refuse it.
+    let b = args(&root, &rm_run.final_dir, "sft.jsonl", "sft-on-rm", 1e-4);
+    let err = sft::train(&b).err().unwrap().to_string();
+    assert!(err.contains("is a reward model"), "{err}");
     for precompute_ref in [false, true] {
         let mut a = args(
             &root,

@@ -86,6 +86,45 @@ fn usize_field(obj: &Map<String, Value>, path: &Path, key: &str) -> Result<usize
         })
 }
 
+/// A size that must be at least 1: a zero would divide by zero or build an empty model.
+fn positive_usize(obj: &Map<String, Value>, path: &Path, key: &str) -> Result<usize> {
+    match usize_field(obj, path, key)? {
+        0 => Err(Error::file(
+            path,
+            format!("field `{key}` = 0 must be at least 1"),
+        )),
+        v => Ok(v),
+    }
+}
+
+/// A number that must be positive and finite (an epsilon, a frequency base, a scaling factor);
+/// `key` is the name shown in errors.
+fn check_positive(path: &Path, key: &str, v: f64) -> Result<f64> {
+    if v.is_finite() && v > 0.0 {
+        Ok(v)
+    } else {
+        Err(Error::file(
+            path,
+            format!("field `{key}` = {v} must be a positive, finite number"),
+        ))
+    }
+}
+
+/// A token id, which must name a row of the embedding.
+fn token_id(path: &Path, key: &str, v: &Value, vocab_size: usize) -> Result<u32> {
+    match v.as_u64() {
+        Some(id) if id < vocab_size as u64 => Ok(id as u32),
+        Some(id) => Err(Error::file(
+            path,
+            format!("field `{key}` = {id} is outside the vocabulary (vocab_size = {vocab_size})"),
+        )),
+        None => Err(Error::file(
+            path,
+            format!("field `{key}` must hold non-negative integers, got {v}"),
+        )),
+    }
+}
+
 fn opt_usize(obj: &Map<String, Value>, path: &Path, key: &str) -> Result<Option<usize>> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
@@ -131,7 +170,9 @@ impl LlamaConfig {
         let obj = value
             .as_object()
             .ok_or_else(|| Error::file(path, "expected a JSON object"))?;
-        let model_type = field(obj, path, "model_type")?.as_str().unwrap_or("");
+        let model_type = field(obj, path, "model_type")?
+            .as_str()
+            .ok_or_else(|| Error::file(path, "field `model_type` must be a string"))?;
         let arch = match model_type {
             "llama" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
@@ -144,17 +185,27 @@ impl LlamaConfig {
             }
         };
         let mut scalar_head = false;
-        if let Some(archs) = obj.get("architectures").and_then(Value::as_array) {
-            for a in archs.iter().filter_map(Value::as_str) {
-                if a.ends_with("ForSequenceClassification") || a.ends_with("ForTokenClassification")
-                {
-                    scalar_head = true;
-                } else if !a.ends_with("ForCausalLM") && !a.ends_with("Model") {
-                    return Err(Error::file(
-                        path,
-                        format!("architecture `{a}` is not supported"),
-                    ));
-                }
+        let archs = match obj.get("architectures") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(a)) if a.iter().all(Value::is_string) => {
+                a.iter().filter_map(Value::as_str).collect()
+            }
+            // Read past, a lone string would hide a reward model's head.
+            Some(_) => {
+                return Err(Error::file(
+                    path,
+                    "field `architectures` must be a list of strings",
+                ))
+            }
+        };
+        for a in archs {
+            if a.ends_with("ForSequenceClassification") || a.ends_with("ForTokenClassification") {
+                scalar_head = true;
+            } else if !a.ends_with("ForCausalLM") && !a.ends_with("Model") {
+                return Err(Error::file(
+                    path,
+                    format!("architecture `{a}` is not supported"),
+                ));
             }
         }
         if scalar_head {
@@ -189,19 +240,20 @@ impl LlamaConfig {
                 ));
             }
         }
-        let hidden_size = usize_field(obj, path, "hidden_size")?;
-        let num_heads = usize_field(obj, path, "num_attention_heads")?;
+        let hidden_size = positive_usize(obj, path, "hidden_size")?;
+        let num_heads = positive_usize(obj, path, "num_attention_heads")?;
         let num_kv_heads = opt_usize(obj, path, "num_key_value_heads")?.unwrap_or(num_heads);
         if num_heads == 0 || num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
             return Err(Error::file(path, format!("num_attention_heads = {num_heads} must be a positive multiple of num_key_value_heads = {num_kv_heads}")));
         }
         let head_dim = opt_usize(obj, path, "head_dim")?.unwrap_or(hidden_size / num_heads);
-        if head_dim % 2 != 0 {
+        if head_dim == 0 || head_dim % 2 != 0 {
             return Err(Error::file(
                 path,
-                format!("head_dim = {head_dim} must be even for rotary embeddings"),
+                format!("head_dim = {head_dim} must be even and at least 2 for rotary embeddings (hidden_size / num_attention_heads when absent)"),
             ));
         }
+        let vocab_size = positive_usize(obj, path, "vocab_size")?;
         let rope_scaling = match obj.get("rope_scaling") {
             None | Some(Value::Null) => None,
             Some(Value::Object(rs)) => {
@@ -210,22 +262,37 @@ impl LlamaConfig {
                     .or_else(|| rs.get("type"))
                     .and_then(Value::as_str)
                     .unwrap_or("");
+                // Each is a divisor of a frequency or a wavelength.
                 let num = |k: &str| {
-                    rs.get(k).and_then(Value::as_f64).ok_or_else(|| {
+                    let v = rs.get(k).and_then(Value::as_f64).ok_or_else(|| {
                         Error::file(path, format!("rope_scaling needs a number `{k}`"))
-                    })
+                    })?;
+                    check_positive(path, &format!("rope_scaling.{k}"), v)
                 };
                 match kind {
                     "default" => None,
                     "linear" => Some(RopeScaling::Linear {
                         factor: num("factor")?,
                     }),
-                    "llama3" => Some(RopeScaling::Llama3 {
-                        factor: num("factor")?,
-                        low_freq_factor: num("low_freq_factor")?,
-                        high_freq_factor: num("high_freq_factor")?,
-                        original_max_position_embeddings: num("original_max_position_embeddings")?,
-                    }),
+                    "llama3" => {
+                        let (low_freq_factor, high_freq_factor) =
+                            (num("low_freq_factor")?, num("high_freq_factor")?);
+                        // The band between them is interpolated over their difference.
+                        if high_freq_factor <= low_freq_factor {
+                            return Err(Error::file(
+                                path,
+                                format!("rope_scaling.high_freq_factor = {high_freq_factor} must exceed rope_scaling.low_freq_factor = {low_freq_factor}"),
+                            ));
+                        }
+                        Some(RopeScaling::Llama3 {
+                            factor: num("factor")?,
+                            low_freq_factor,
+                            high_freq_factor,
+                            original_max_position_embeddings: num(
+                                "original_max_position_embeddings",
+                            )?,
+                        })
+                    }
                     other => {
                         return Err(Error::file(
                             path,
@@ -242,32 +309,41 @@ impl LlamaConfig {
             None | Some(Value::Null) => Vec::new(),
             Some(Value::Array(a)) => a
                 .iter()
-                .filter_map(Value::as_u64)
-                .map(|v| v as u32)
-                .collect(),
-            Some(v) => v
-                .as_u64()
-                .map(|v| vec![v as u32])
-                .ok_or_else(|| Error::file(path, "eos_token_id must be an integer or a list"))?,
+                .map(|v| token_id(path, "eos_token_id", v, vocab_size))
+                .collect::<Result<_>>()?,
+            Some(v @ Value::Number(_)) => vec![token_id(path, "eos_token_id", v, vocab_size)?],
+            Some(_) => {
+                return Err(Error::file(
+                    path,
+                    "field `eos_token_id` must be an integer or a list of integers",
+                ))
+            }
+        };
+        let bos_token_id = match obj.get("bos_token_id") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(token_id(path, "bos_token_id", v, vocab_size)?),
+        };
+        let positive_f64 = |key: &str, default: f64| -> Result<f64> {
+            check_positive(path, key, opt_f64(obj, path, key)?.unwrap_or(default))
         };
         Ok(LlamaConfig {
             arch,
-            vocab_size: usize_field(obj, path, "vocab_size")?,
+            vocab_size,
             hidden_size,
-            intermediate_size: usize_field(obj, path, "intermediate_size")?,
-            num_layers: usize_field(obj, path, "num_hidden_layers")?,
+            intermediate_size: positive_usize(obj, path, "intermediate_size")?,
+            num_layers: positive_usize(obj, path, "num_hidden_layers")?,
             num_heads,
             num_kv_heads,
             head_dim,
-            rope_theta: opt_f64(obj, path, "rope_theta")?.unwrap_or(10_000.0),
+            rope_theta: positive_f64("rope_theta", 10_000.0)?,
             rope_scaling,
-            rms_norm_eps: opt_f64(obj, path, "rms_norm_eps")?.unwrap_or(1e-6),
+            rms_norm_eps: positive_f64("rms_norm_eps", 1e-6)?,
             tie_word_embeddings: opt_bool(obj, path, "tie_word_embeddings")?.unwrap_or(false),
             qkv_bias: arch == Arch::Qwen2
                 || opt_bool(obj, path, "attention_bias")?.unwrap_or(false),
             max_position_embeddings: opt_usize(obj, path, "max_position_embeddings")?
                 .unwrap_or(2048),
-            bos_token_id: opt_usize(obj, path, "bos_token_id")?.map(|v| v as u32),
+            bos_token_id,
             eos_token_ids,
             scalar_head,
         })

@@ -49,6 +49,19 @@ impl MetaValue {
     }
 }
 
+/// As an error message shows it: the value, not the enum.
+impl std::fmt::Display for MetaValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MetaValue::Int(i) => write!(f, "{i}"),
+            MetaValue::Float(x) => write!(f, "{x}"),
+            MetaValue::Bool(b) => write!(f, "{b}"),
+            MetaValue::Str(s) => write!(f, "{s:?}"),
+            MetaValue::Array(a) => write!(f, "an array of {}", a.len()),
+        }
+    }
+}
+
 pub struct TensorInfo {
     pub name: String,
     /// ggml order: dims[0] is the fastest-varying (a row's length).
@@ -233,12 +246,19 @@ impl Gguf {
             meta.insert(key, r.value(ty)?);
         }
         let mut tensors = Vec::new();
+        let mut names = std::collections::HashSet::new();
         for _ in 0..n_tensors {
             let name = r.string()?;
             let nd = r.u32()? as usize;
             let dims = (0..nd).map(|_| r.u64()).collect::<Result<Vec<_>>>()?;
             let ggml_type = r.u32()?;
             let offset = r.u64()?;
+            if !names.insert(name.clone()) {
+                return Err(Error::file(
+                    path,
+                    format!("tensor `{name}` appears twice; which one is meant?"),
+                ));
+            }
             tensors.push(TensorInfo {
                 name,
                 dims,
@@ -246,11 +266,25 @@ impl Gguf {
                 offset,
             });
         }
-        let align = meta
-            .get("general.alignment")
-            .and_then(MetaValue::as_u64)
-            .unwrap_or(32) as usize;
-        let data_start = r.pos.next_multiple_of(align);
+        let align = match meta.get("general.alignment") {
+            None => 32,
+            Some(v) => v
+                .as_u64()
+                .filter(|&a| a > 0)
+                .and_then(|a| usize::try_from(a).ok())
+                .ok_or_else(|| {
+                    Error::file(
+                        path,
+                        format!("`general.alignment` = {v} must be a positive integer"),
+                    )
+                })?,
+        };
+        let data_start = r.pos.checked_next_multiple_of(align).ok_or_else(|| {
+            Error::file(
+                path,
+                format!("`general.alignment` = {align} puts the tensor data past any file"),
+            )
+        })?;
         Ok(Gguf {
             meta,
             tensors,
@@ -260,10 +294,42 @@ impl Gguf {
     }
 
     fn meta_u64(&self, path: &Path, key: &str) -> Result<u64> {
+        self.opt_meta_u64(path, key)?
+            .ok_or_else(|| Error::file(path, format!("missing integer `{key}`")))
+    }
+
+    /// An optional integer key: absent is None, present with another type is an error.
+    fn opt_meta_u64(&self, path: &Path, key: &str) -> Result<Option<u64>> {
+        match self.meta.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+                Error::file(
+                    path,
+                    format!("`{key}` = {v} must be a non-negative integer"),
+                )
+            }),
+        }
+    }
+
+    /// An optional number key that must be positive and finite (a frequency base, an epsilon).
+    fn opt_meta_positive(&self, path: &Path, key: &str) -> Result<Option<f64>> {
+        match self.meta.get(key) {
+            None => Ok(None),
+            Some(v) => match v.as_f64() {
+                Some(x) if x.is_finite() && x > 0.0 => Ok(Some(x)),
+                _ => Err(Error::file(
+                    path,
+                    format!("`{key}` = {v} must be a positive, finite number"),
+                )),
+            },
+        }
+    }
+
+    fn meta_str(&self, path: &Path, key: &str) -> Result<&str> {
         self.meta
             .get(key)
-            .and_then(MetaValue::as_u64)
-            .ok_or_else(|| Error::file(path, format!("missing integer `{key}`")))
+            .and_then(MetaValue::as_str)
+            .ok_or_else(|| Error::file(path, format!("missing string `{key}`")))
     }
 
     fn meta_strings(&self, path: &Path, key: &str) -> Result<Vec<String>> {
@@ -287,7 +353,23 @@ impl Gguf {
             .iter()
             .find(|t| t.name == name)
             .ok_or_else(|| Error::file(path, format!("no tensor `{name}`")))?;
-        let n: usize = t.dims.iter().product::<u64>() as usize;
+        let too_big = || {
+            Error::file(
+                path,
+                format!(
+                    "tensor `{name}` has dims {:?}, too large for this file",
+                    t.dims
+                ),
+            )
+        };
+        let n = t
+            .dims
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+            .and_then(|n| usize::try_from(n).ok())
+            // No stored type takes under half a byte an element.
+            .filter(|&n| n / 2 <= self.data.len())
+            .ok_or_else(too_big)?;
         let bytes = stored_bytes(t.ggml_type, n).ok_or_else(|| {
             Error::file(
                 path,
@@ -303,8 +385,11 @@ impl Gguf {
                 format!("tensor `{name}` has {n} elements, not whole blocks of 32"),
             ));
         }
-        let start = self.data_start + t.offset as usize;
-        let b = self.data.get(start..start + bytes).ok_or_else(|| {
+        let start = usize::try_from(t.offset)
+            .ok()
+            .and_then(|o| o.checked_add(self.data_start));
+        let range = start.and_then(|s| Some(s..s.checked_add(bytes)?));
+        let b = range.and_then(|r| self.data.get(r)).ok_or_else(|| {
             Error::file(
                 path,
                 format!("tensor `{name}` runs past the end of the file"),
@@ -338,48 +423,73 @@ fn unpermute(w: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
 /// Converts a GGUF file into a Hugging Face folder at `out_dir`; returns the model's config.
 pub fn import_gguf(path: &Path, out_dir: &Path) -> Result<LlamaConfig> {
     let g = Gguf::open(path)?;
-    let arch = g
-        .meta
-        .get("general.architecture")
-        .and_then(MetaValue::as_str)
-        .unwrap_or("");
+    let arch = g.meta_str(path, "general.architecture")?;
     if arch != "llama" {
         return Err(Error::file(
             path,
             format!("architecture `{arch}` is not supported (llama is)"),
         ));
     }
-    let tok_model = g
-        .meta
-        .get("tokenizer.ggml.model")
-        .and_then(MetaValue::as_str)
-        .unwrap_or("");
+    let tok_model = g.meta_str(path, "tokenizer.ggml.model")?;
     if tok_model != "gpt2" {
         return Err(Error::file(
             path,
             format!("tokenizer model `{tok_model}` is not supported (gpt2-style BPE is)"),
         ));
     }
-    let u = |k: &str| g.meta_u64(path, &format!("llama.{k}")).map(|v| v as usize);
+    // The config checks these too, but under its own field names; a GGUF user needs the key.
+    let positive = |k: &str| -> Result<usize> {
+        let key = format!("llama.{k}");
+        match g.meta_u64(path, &key)? {
+            0 => Err(Error::file(path, format!("`{key}` = 0 must be at least 1"))),
+            v => Ok(v as usize),
+        }
+    };
+    let opt_positive = |k: &str| -> Result<Option<usize>> {
+        let key = format!("llama.{k}");
+        match g.opt_meta_u64(path, &key)? {
+            Some(0) => Err(Error::file(path, format!("`{key}` = 0 must be at least 1"))),
+            v => Ok(v.map(|v| v as usize)),
+        }
+    };
     let tokens = g.meta_strings(path, "tokenizer.ggml.tokens")?;
-    let (hidden, heads) = (u("embedding_length")?, u("attention.head_count")?);
-    let kv_heads = u("attention.head_count_kv").unwrap_or(heads);
+    if tokens.is_empty() {
+        return Err(Error::file(path, "`tokenizer.ggml.tokens` is empty"));
+    }
+    let (hidden, heads) = (
+        positive("embedding_length")?,
+        positive("attention.head_count")?,
+    );
+    let kv_heads = opt_positive("attention.head_count_kv")?.unwrap_or(heads);
+    let head_dim = opt_positive("rope.dimension_count")?.unwrap_or_else(|| hidden / heads);
     let has_output = g.tensors.iter().any(|t| t.name == "output.weight");
-    let eos = g.meta_u64(path, "tokenizer.ggml.eos_token_id").ok();
-    let bos = g.meta_u64(path, "tokenizer.ggml.bos_token_id").ok();
+    let token_id = |key: &str| -> Result<Option<u64>> {
+        match g.opt_meta_u64(path, key)? {
+            Some(id) if id >= tokens.len() as u64 => Err(Error::file(
+                path,
+                format!(
+                    "`{key}` = {id} is outside the vocabulary of {} tokens",
+                    tokens.len()
+                ),
+            )),
+            id => Ok(id),
+        }
+    };
+    let eos = token_id("tokenizer.ggml.eos_token_id")?;
+    let bos = token_id("tokenizer.ggml.bos_token_id")?;
     let cfg_json = json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": tokens.len(),
         "hidden_size": hidden,
-        "intermediate_size": u("feed_forward_length")?,
-        "num_hidden_layers": u("block_count")?,
+        "intermediate_size": positive("feed_forward_length")?,
+        "num_hidden_layers": positive("block_count")?,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
-        "head_dim": u("rope.dimension_count").unwrap_or(hidden / heads),
-        "rope_theta": g.meta.get("llama.rope.freq_base").and_then(MetaValue::as_f64).unwrap_or(10_000.0),
-        "rms_norm_eps": g.meta.get("llama.attention.layer_norm_rms_epsilon").and_then(MetaValue::as_f64).unwrap_or(1e-5),
-        "max_position_embeddings": u("context_length").unwrap_or(2048),
+        "head_dim": head_dim,
+        "rope_theta": g.opt_meta_positive(path, "llama.rope.freq_base")?.unwrap_or(10_000.0),
+        "rms_norm_eps": g.opt_meta_positive(path, "llama.attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5),
+        "max_position_embeddings": opt_positive("context_length")?.unwrap_or(2048),
         "tie_word_embeddings": !has_output,
         "hidden_act": "silu",
         "bos_token_id": bos,

@@ -210,15 +210,25 @@ impl Params {
                         ),
                     )
                 })?;
-                host.insert(name, (view.shape().to_vec(), data, file.clone()));
+                let entry = (view.shape().to_vec(), data, file.clone());
+                if let Some((_, _, first)) = host.insert(name.clone(), entry) {
+                    return Err(Error::file(
+                        file,
+                        format!(
+                            "tensor `{name}` is also in {}; which copy is meant?",
+                            first.display()
+                        ),
+                    ));
+                }
             }
         }
+        drop_tied_lm_head(cfg, &mut host)?;
         let shown = files
             .iter()
             .map(|f| f.display().to_string())
             .collect::<Vec<_>>()
             .join(", ");
-        Params::build(cfg, |name, shape| {
+        let params = Params::build(cfg, |name, shape| {
             let (got, data, file) = host
                 .remove(name)
                 .ok_or_else(|| Error::file(dir, format!("no tensor `{name}` in {shown}")))?;
@@ -229,7 +239,9 @@ impl Params {
                 ));
             }
             Tensor::from_f32_as(shape, &data, dtype, device)
-        })
+        })?;
+        reject_unused(cfg, &host)?;
+        Ok(params)
     }
 
     /// Writes `model.safetensors` into `dir` (f32, or bf16 when `dtype` says so), atomically.
@@ -274,6 +286,75 @@ impl Params {
         }
         Ok(())
     }
+}
+
+type HostTensors = HashMap<String, (Vec<usize>, Vec<f32>, PathBuf)>;
+
+/// Some checkpoints of tied models also store the output projection; it must be the embedding, or
+/// the config's tie would silently drop a trained head.
+fn drop_tied_lm_head(cfg: &LlamaConfig, host: &mut HostTensors) -> Result<()> {
+    if !cfg.tie_word_embeddings {
+        return Ok(());
+    }
+    let (Some(head), Some(embed)) = (
+        host.get("lm_head.weight"),
+        host.get("model.embed_tokens.weight"),
+    ) else {
+        return Ok(());
+    };
+    if head.0 != embed.0 || head.1 != embed.1 {
+        return Err(Error::file(
+            &head.2,
+            "tensor `lm_head.weight` differs from `model.embed_tokens.weight`, but the config has \
+             tie_word_embeddings = true",
+        ));
+    }
+    host.remove("lm_head.weight");
+    Ok(())
+}
+
+/// What is left after loading must be nothing the model should have used: a layer past the
+/// config's count or a stray head means the config and the weights disagree. Only the rotary
+/// inverse frequencies that older checkpoints store (a buffer we recompute) are ignored.
+fn reject_unused(cfg: &LlamaConfig, host: &HostTensors) -> Result<()> {
+    let mut left: Vec<(&String, &PathBuf)> = host
+        .iter()
+        .filter(|(name, _)| !name.ends_with("rotary_emb.inv_freq"))
+        .map(|(name, (_, _, file))| (name, file))
+        .collect();
+    left.sort();
+    let Some(&(name, file)) = left.first() else {
+        return Ok(());
+    };
+    let layer = name
+        .strip_prefix("model.layers.")
+        .and_then(|rest| rest.split('.').next())
+        .and_then(|l| l.parse::<usize>().ok());
+    let why = match layer {
+        Some(l) if l >= cfg.num_layers => format!(
+            "it is for layer {l}, but the config has num_hidden_layers = {}",
+            cfg.num_layers
+        ),
+        _ if name.contains("self_attn.") && name.ends_with("_proj.bias") => {
+            "the config has no attention biases (attention_bias = false)".to_owned()
+        }
+        _ if name == "lm_head.weight" => {
+            "the config's model has a scalar head (ForSequenceClassification), not an LM head"
+                .to_owned()
+        }
+        _ if name == "score.weight" => {
+            "the config's architectures name no ForSequenceClassification model".to_owned()
+        }
+        _ => "the model has no such parameter".to_owned(),
+    };
+    let more = match left.len() - 1 {
+        0 => String::new(),
+        n => format!(" ({n} more unused tensors)"),
+    };
+    Err(Error::file(
+        file,
+        format!("tensor `{name}` is not used: {why}{more}"),
+    ))
 }
 
 /// Writes through `write(tmp)` then renames over `path`, so a reader never sees half a file and an

@@ -10,7 +10,7 @@
 
 use super::data::{self, Encoder, PairExample};
 use super::{
-    check_positive, check_range, eos_id, frozen_logps, load_model, run, score, score_backward,
+    check_positive, check_range, eos_id, frozen_logps, load_policy, run, score, score_backward,
     Metrics, Objective, RunSummary, ScoredBatch, TrainArgs,
 };
 use crate::device::Tensor;
@@ -270,7 +270,7 @@ pub fn implicit_reward_accuracy(
 /// (accuracy, margin) of the implicit reward against the starting model.
 pub fn train(args: &TrainArgs, which: PrefTrainer) -> Result<(RunSummary, Option<(f64, f64)>)> {
     which.check()?;
-    let (mut model, tok) = load_model(args)?;
+    let (mut model, tok) = load_policy(args)?;
     let enc = Encoder {
         tok: &tok,
         limits: args.limits(),

@@ -10,7 +10,7 @@ use super::data::{self, Encoder};
 use super::reward::sequence_rewards;
 use super::{
     check_finite, check_non_negative, check_positive, eos_id, frozen_logps_at, iteration_bar,
-    load_model, restore, save_checkpoint, score_at, score_backward, Metrics, OnlineProgress,
+    load_policy, restore, save_checkpoint, score_at, score_backward, Metrics, OnlineProgress,
     Optimizer, RunSummary, ScoredBatch, TrainArgs,
 };
 use crate::device::DType;
@@ -222,7 +222,7 @@ pub fn train(a: &GrpoArgs) -> Result<RunSummary> {
         });
     }
     check_non_negative("grpo", "--beta", a.beta)?;
-    let (mut policy, tok) = load_model(t)?;
+    let (mut policy, tok) = load_policy(t)?;
     let device = policy.device.clone();
     let scorer = match (&a.reward_model, a.reward_rule) {
         (Some(dir), None) => Scorer::Model(Box::new(Model::load(dir, &device)?)),

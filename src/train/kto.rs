@@ -5,7 +5,7 @@
 
 use super::data::{self, Encoder, KtoExample};
 use super::{
-    eos_id, frozen_logps, load_model, run, score, score_backward, sequence_sums, Metrics,
+    eos_id, frozen_logps, load_policy, run, score, score_backward, sequence_sums, Metrics,
     Objective, RunSummary, ScoredBatch, TrainArgs,
 };
 use crate::device::Tensor;
@@ -139,7 +139,7 @@ pub fn train(
             detail: "--batch-size must be at least 2: KTO's reference point pairs each prompt with another example's completion".into(),
         });
     }
-    let (mut model, tok) = load_model(args)?;
+    let (mut model, tok) = load_policy(args)?;
     let enc = Encoder {
         tok: &tok,
         limits: args.limits(),

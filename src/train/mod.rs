@@ -848,7 +848,21 @@ impl PromptCycler {
     }
 }
 
-/// Loads the policy for a trainer from `args`.
+/// Loads a causal language model to train as a policy: a reward model (a scalar head in place of
+/// the LM head's role) would train and generate through its tied embeddings as if it were one.
+pub fn load_policy(args: &TrainArgs) -> Result<(Model, TextTokenizer)> {
+    let (model, tok) = load_model(args)?;
+    if model.cfg.scalar_head {
+        return Err(Error::file(
+            args.model.join("config.json"),
+            "is a reward model (a scalar head, ForSequenceClassification); --model needs a causal language model",
+        ));
+    }
+    Ok((model, tok))
+}
+
+/// Loads the model a trainer starts from (`load_policy` for the trainers that generate or score
+/// text with it).
 pub fn load_model(args: &TrainArgs) -> Result<(Model, TextTokenizer)> {
     if args.deterministic {
         crate::ops::attention::set_deterministic(true);

@@ -16,7 +16,7 @@ use super::eval::response_logps;
 use super::reward::sequence_rewards;
 use super::{
     check_finite, check_non_negative, check_positive, check_range, eos_id, frozen_logps_at,
-    iteration_bar, load_model, restore, save_checkpoint, save_checkpoint_with, score_at,
+    iteration_bar, load_policy, restore, save_checkpoint, save_checkpoint_with, score_at,
     score_backward, Metrics, OnlineProgress, Optimizer, RunSummary, ScoredBatch, TrainArgs,
 };
 use crate::device::{DType, Tensor};
@@ -274,7 +274,7 @@ pub fn train(a: &PpoArgs) -> Result<RunSummary> {
     check_positive("ppo", "--cliprange", a.cliprange)?;
     check_positive("ppo", "--cliprange-value", a.cliprange_value)?;
     check_non_negative("ppo", "--vf-coef", a.vf_coef)?;
-    let (mut policy, tok) = load_model(t)?;
+    let (mut policy, tok) = load_policy(t)?;
     let device = policy.device.clone();
     let reference = Model::load(&t.model, &device)?;
     let reward = Model::load(&a.reward_model, &device)?;

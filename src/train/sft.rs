@@ -3,7 +3,7 @@
 
 use super::data::{self, Encoder, Example};
 use super::{
-    eos_id, load_model, run, score, score_backward, Metrics, Objective, RunSummary, ScoredBatch,
+    eos_id, load_policy, run, score, score_backward, Metrics, Objective, RunSummary, ScoredBatch,
     TrainArgs,
 };
 use crate::error::Result;
@@ -89,7 +89,7 @@ pub fn eval_loss(model: &Model, examples: &[Example], micro: usize) -> Result<f6
 
 /// `rlhf sft`.
 pub fn train(args: &TrainArgs) -> Result<(RunSummary, Option<f64>)> {
-    let (mut model, tok) = load_model(args)?;
+    let (mut model, tok) = load_policy(args)?;
     let enc = Encoder {
         tok: &tok,
         limits: args.limits(),
