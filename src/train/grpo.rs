@@ -196,16 +196,15 @@ pub fn train(a: &GrpoArgs) -> Result<RunSummary> {
                 .into(),
         });
     }
-    if a.iterations == 0
-        || a.prompts_per_step == 0
-        || a.updates_per_rollout == 0
-        || a.max_new_tokens == 0
-    {
-        return Err(Error::Unsupported {
-            op: "grpo",
-            detail: "--iterations, --prompts-per-step, --updates-per-rollout and --max-new-tokens must be at least 1".into(),
-        });
-    }
+    super::check_counts(
+        "grpo",
+        &[
+            ("--iterations", a.iterations),
+            ("--prompts-per-step", a.prompts_per_step),
+            ("--updates-per-rollout", a.updates_per_rollout),
+            ("--max-new-tokens", a.max_new_tokens),
+        ],
+    )?;
     // The ratio needs a stochastic policy: log-probs of softmax(logits / T) for T > 0.
     check_positive("grpo", "--temperature", a.temperature as f64)?;
     check_non_negative("grpo", "--epsilon", a.epsilon)?;

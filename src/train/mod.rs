@@ -187,6 +187,17 @@ impl TrainArgs {
     }
 }
 
+/// Counts that must be at least 1: an error naming the first that is 0.
+pub fn check_counts(op: &'static str, counts: &[(&str, usize)]) -> Result<()> {
+    match counts.iter().find(|(_, n)| *n == 0) {
+        Some((flag, _)) => Err(Error::Unsupported {
+            op,
+            detail: format!("{flag} must be at least 1"),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// An option that must be a finite number at least 0: an error naming it otherwise.
 pub fn check_non_negative(op: &'static str, flag: &str, v: f64) -> Result<()> {
     if v >= 0.0 && v.is_finite() {

@@ -243,17 +243,16 @@ fn values(model: &Model, sb: &ScoredBatch) -> Result<(crate::model::Activations,
 pub fn train(a: &PpoArgs) -> Result<RunSummary> {
     let t = &a.train;
     super::reject_offline_options(t, "ppo")?;
-    if a.minibatch == 0
-        || a.rollout_batch == 0
-        || a.max_new_tokens == 0
-        || a.ppo_epochs == 0
-        || a.iterations == 0
-    {
-        return Err(Error::Unsupported {
-            op: "ppo",
-            detail: "--iterations, --rollout-batch, --minibatch, --ppo-epochs and --max-new-tokens must be at least 1".into(),
-        });
-    }
+    super::check_counts(
+        "ppo",
+        &[
+            ("--iterations", a.iterations),
+            ("--rollout-batch", a.rollout_batch),
+            ("--minibatch", a.minibatch),
+            ("--ppo-epochs", a.ppo_epochs),
+            ("--max-new-tokens", a.max_new_tokens),
+        ],
+    )?;
     // The ratio needs a stochastic policy: log-probs of softmax(logits / T) for T > 0.
     check_positive("ppo", "--temperature", a.temperature as f64)?;
     check_range("ppo", "--top-p", a.top_p as f64, f64::MIN_POSITIVE, 1.0)?;
