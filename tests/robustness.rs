@@ -466,6 +466,49 @@ fn gguf_import_names_the_bad_key() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// What a GGUF carries beyond the model it imports is refused, not dropped: a block past
+/// block_count, Llama 3.1's per-frequency rope factors, a rope scaling kind config.json cannot hold;
+/// linear rope scaling carries over.
+#[test]
+fn gguf_import_refuses_what_it_would_drop_and_keeps_linear_rope_scaling() {
+    let dir = scratch("gguf-extra");
+    let path = dir.join("extra.gguf");
+    tiny_gguf_with(
+        &path,
+        |_| {},
+        |t| t.push(("blk.1.attn_norm.weight".into(), vec![16])),
+    );
+    let e = import_gguf(&path, &dir.join("extra"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("tensor `blk.1.attn_norm.weight` is not part of the imported model"),
+        "{e}"
+    );
+    let path = dir.join("freqs.gguf");
+    tiny_gguf_with(
+        &path,
+        |_| {},
+        |t| t.push(("rope_freqs.weight".into(), vec![4])),
+    );
+    let e = import_gguf(&path, &dir.join("freqs"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`rope_freqs.weight`"), "{e}");
+    let e = import_error(&dir, "yarn", |m| {
+        m.insert("llama.rope.scaling.type", Meta::Str("yarn"));
+    });
+    assert!(e.contains("`llama.rope.scaling.type` = \"yarn\""), "{e}");
+    let path = dir.join("linear.gguf");
+    tiny_gguf(&path, |m| {
+        m.insert("llama.rope.scaling.type", Meta::Str("linear"));
+        m.insert("llama.rope.scaling.factor", Meta::F32(4.0));
+    });
+    let cfg = import_gguf(&path, &dir.join("linear")).unwrap();
+    assert_eq!(cfg.to_json()["rope_scaling"]["factor"], 4.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 // ---- config.json ----
 
 fn config_error(cfg: &serde_json::Value) -> String {

@@ -477,6 +477,38 @@ pub fn import_gguf(path: &Path, out_dir: &Path) -> Result<LlamaConfig> {
     };
     let eos = token_id("tokenizer.ggml.eos_token_id")?;
     let bos = token_id("tokenizer.ggml.bos_token_id")?;
+    // Rope scaling: linear maps onto config.json's; any other kind (yarn, or Llama 3.1's
+    // per-frequency factors in `rope_freqs.weight`) would be dropped, leaving a model wrong past
+    // its original context, so it is refused.
+    let rope_scaling = match g.meta.get("llama.rope.scaling.type") {
+        None => serde_json::Value::Null,
+        Some(_) => match g.meta_str(path, "llama.rope.scaling.type")? {
+            "none" => serde_json::Value::Null,
+            "linear" => {
+                let factor = g
+                    .opt_meta_positive(path, "llama.rope.scaling.factor")?
+                    .ok_or_else(|| {
+                        Error::file(
+                            path,
+                            "linear rope scaling without `llama.rope.scaling.factor`",
+                        )
+                    })?;
+                json!({"rope_type": "linear", "factor": factor})
+            }
+            other => return Err(Error::file(
+                path,
+                format!(
+                    "`llama.rope.scaling.type` = {other:?} is not imported (none and linear are)"
+                ),
+            )),
+        },
+    };
+    if g.tensors.iter().any(|t| t.name == "rope_freqs.weight") {
+        return Err(Error::file(
+            path,
+            "tensor `rope_freqs.weight` (per-frequency rope factors, as Llama 3.1's) is not imported",
+        ));
+    }
     let cfg_json = json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -491,15 +523,18 @@ pub fn import_gguf(path: &Path, out_dir: &Path) -> Result<LlamaConfig> {
         "rms_norm_eps": g.opt_meta_positive(path, "llama.attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5),
         "max_position_embeddings": opt_positive("context_length")?.unwrap_or(2048),
         "tie_word_embeddings": !has_output,
+        "rope_scaling": rope_scaling,
         "hidden_act": "silu",
         "bos_token_id": bos,
         "eos_token_id": eos,
     });
     let cfg = LlamaConfig::from_json(&cfg_json, path)?;
     let hd = cfg.head_dim;
+    let mut used = std::collections::HashSet::new();
     let params = Params::build(&cfg, |name, shape| {
         let gguf_name = hf_to_gguf(name)
             .ok_or_else(|| Error::file(path, format!("no GGUF name for `{name}`")))?;
+        used.insert(gguf_name.clone());
         let (got, mut data) = g.tensor(path, &gguf_name)?;
         if got != shape {
             return Err(Error::file(
@@ -514,6 +549,17 @@ pub fn import_gguf(path: &Path, out_dir: &Path) -> Result<LlamaConfig> {
         }
         Tensor::from_f32(shape, data, &Device::Cpu)
     })?;
+    // A tensor the model does not take (a layer past block_count, an unknown part) would be
+    // dropped without a word.
+    if let Some(t) = g.tensors.iter().find(|t| !used.contains(&t.name)) {
+        return Err(Error::file(
+            path,
+            format!(
+                "tensor `{}` is not part of the imported model (llama.block_count = {})",
+                t.name, cfg.num_layers
+            ),
+        ));
+    }
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
     params.save(&cfg, out_dir, DType::F32)?;
     write_file_atomic(
