@@ -114,6 +114,11 @@ pub fn percent(ratio: f64) -> String {
 
 /// Calibration of `model` on `(prompt tokens, answer)` questions; `answer_prefix` starts the forced
 /// answer (e.g. " The answer is").
+///
+/// An answered question's confidence is the length-normalised probability of the model's own greedy
+/// answer, exp(mean log p) over its tokens (EOS included: stopping is part of the answer). The
+/// product of the token probabilities would rank a long correct answer below a short wrong one,
+/// and picking out an "answer span" would need a format the free response need not follow.
 pub fn calibration(
     model: &Model,
     tok: &TextTokenizer,
