@@ -659,3 +659,56 @@ fn loop_options_out_of_range_are_refused() {
     assert!(err.contains("--beta"), "{err}");
     std::fs::remove_dir_all(&root).ok();
 }
+
+/// KTO's logged rewards are class means over the whole step, so micro-batches that hold one class
+/// each log what one batch of both does (against a reference that differs from the policy).
+#[test]
+fn kto_rewards_are_class_means_over_the_whole_step() {
+    use rlhf_kernels::device::{DType, Device};
+    use rlhf_kernels::model::Params;
+    use rlhf_kernels::train::data::KtoExample;
+    use rlhf_kernels::train::kto::KtoObjective;
+    use rlhf_kernels::train::Objective;
+    let root = setup("kto_means", 8);
+    builtin::write_tiny_model(&root.join("other"), 7).unwrap();
+    let policy = Model::load(&root.join("base"), &Device::Cpu).unwrap();
+    let seed = rlhf_kernels::testing::fresh_seed("kto_means");
+    let mut rng = rlhf_kernels::rng::Rng::new(seed);
+    let v = policy.cfg.vocab_size;
+    let mut draw = |n: usize| -> Vec<i32> { (0..n).map(|_| rng.below(v) as i32).collect() };
+    // Desirable, desirable, undesirable, undesirable: micro-batches of 2 hold one class each.
+    let examples: Vec<KtoExample> = [true, true, false, false]
+        .iter()
+        .enumerate()
+        .map(|(i, &desirable)| KtoExample {
+            prompt: draw(2 + i),
+            completion: draw(3 + 2 * i),
+            desirable,
+        })
+        .collect();
+    let mut obj = KtoObjective {
+        examples,
+        reference: Model::load(&root.join("other"), &Device::Cpu).unwrap(),
+        beta: 0.1,
+        desirable_weight: 1.0,
+        undesirable_weight: 1.0,
+    };
+    let mut logged = Vec::new();
+    for micro in [2, 4] {
+        let mut g = Params::zeros(&policy.cfg, &Device::Cpu, DType::F32).unwrap();
+        logged.push(obj.step(&policy, &[0, 1, 2, 3], micro, &mut g).unwrap());
+    }
+    for k in ["rewards/chosen", "rewards/rejected"] {
+        let (split, whole) = (logged[0][k], logged[1][k]);
+        println!("{k}: micro-batches {split:.6}, one batch {whole:.6} (seed {seed})");
+        assert!(
+            whole != 0.0,
+            "{k}: the reference differs, so rewards do too"
+        );
+        assert!(
+            (split - whole).abs() <= 1e-5 * whole.abs(),
+            "{k}: {split} in class-pure micro-batches, {whole} in one (seed {seed})"
+        );
+    }
+    std::fs::remove_dir_all(&root).ok();
+}

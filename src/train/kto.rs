@@ -39,6 +39,8 @@ impl Objective for KtoObjective {
     ) -> Result<Metrics> {
         let total = examples.len() as f64;
         let mut m = Metrics::new();
+        // Desirable and undesirable implicit rewards: (sum, count) over the step.
+        let (mut des, mut und) = ((0.0f64, 0usize), (0.0f64, 0usize));
         let ex = &self.examples;
         for chunk in examples.chunks(micro) {
             let w = chunk.len() as f64 / total;
@@ -104,17 +106,16 @@ impl Objective for KtoObjective {
             score_backward(model, &s, sb.unpad(&grad, t), grads)?;
             *m.entry("loss".into()).or_insert(0.0) += out.loss * w;
             *m.entry("kl".into()).or_insert(0.0) += z0 * w;
-            let (mut des, mut und) = ((0.0, 0usize), (0.0, 0usize));
             for (r, &l) in out.chosen_rewards.iter().zip(&labels) {
                 let acc = if l > 0.0 { &mut des } else { &mut und };
                 acc.0 += *r as f64;
                 acc.1 += 1;
             }
-            if des.1 > 0 {
-                *m.entry("rewards/chosen".into()).or_insert(0.0) += des.0 / des.1 as f64 * w;
-            }
-            if und.1 > 0 {
-                *m.entry("rewards/rejected".into()).or_insert(0.0) += und.0 / und.1 as f64 * w;
+        }
+        // Class means over the whole step: a micro-batch may hold one class only.
+        for (key, (sum, n)) in [("rewards/chosen", des), ("rewards/rejected", und)] {
+            if n > 0 {
+                m.insert(key.into(), sum / n as f64);
             }
         }
         Ok(m)
