@@ -609,7 +609,8 @@ fn runs_never_write_over_a_run_and_resume_only_their_own() {
     r.batch_size = 4;
     let err = sft::train(&r).err().unwrap().to_string();
     assert!(
-        err.contains("trainer_state.json") && err.contains("--batch-size 16, this invocation 4"),
+        err.contains("trainer_state.json")
+            && err.contains("`batch_size` is 16 there but 4 now: --batch-size must match"),
         "{err}"
     );
     let mut d = args(&root, &root.join("base"), "prefs.jsonl", "run", 1e-4);

@@ -495,12 +495,14 @@ pub fn import_gguf(path: &Path, out_dir: &Path) -> Result<LlamaConfig> {
                     })?;
                 json!({"rope_type": "linear", "factor": factor})
             }
-            other => return Err(Error::file(
-                path,
-                format!(
+            other => {
+                return Err(Error::file(
+                    path,
+                    format!(
                     "`llama.rope.scaling.type` = {other:?} is not imported (none and linear are)"
                 ),
-            )),
+                ))
+            }
         },
     };
     if g.tensors.iter().any(|t| t.name == "rope_freqs.weight") {

@@ -280,7 +280,7 @@ fn resumed_state(
             return Err(Error::file(
                 &path,
                 format!(
-                    "the run used {what} {was}, this invocation {now}: resume with the same {what}"
+                    "`{key}` is {was} there but {now} now: {what} must match to continue the run"
                 ),
             ));
         }
@@ -574,7 +574,11 @@ pub fn run(
                 ("seed", "--seed", args.seed),
                 ("batch_size", "--batch-size", args.batch_size as u64),
                 ("grad_accum", "--grad-accum", args.grad_accum as u64),
-                ("examples", "a data file of examples numbering", n as u64),
+                (
+                    "examples",
+                    "the training examples (data and --eval-fraction)",
+                    n as u64,
+                ),
             ],
         )?;
         restore(model, &mut opt, &dir)?;
