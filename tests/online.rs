@@ -508,3 +508,34 @@ fn offline_options_on_the_command_line_are_refused() {
         );
     }
 }
+
+/// Generating past the model's max_position_embeddings is allowed (rotary positions extrapolate, as
+/// in transformers) but said on stderr.
+#[test]
+fn generation_past_the_context_is_warned_of() {
+    let r = root("context");
+    let dir = r.join("base");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let limit = cfg["max_position_embeddings"].as_u64().unwrap();
+    let run = |new_tokens: u64| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"))
+            .args([
+                "generate",
+                "--model",
+                dir.to_str().unwrap(),
+                "--device",
+                "cpu",
+            ])
+            .args(["--prompt", "12 plus 30", "--max-new-tokens"])
+            .arg(new_tokens.to_string())
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stderr)
+            .contains("runs past this model's max_position_embeddings")
+    };
+    assert!(!run(8), "8 new tokens stay inside {limit}");
+    assert!(run(limit + 8), "{} new tokens run past {limit}", limit + 8);
+    std::fs::remove_dir_all(&r).ok();
+}

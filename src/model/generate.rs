@@ -171,6 +171,7 @@ impl Model {
             });
         }
         let capacity = prompts.iter().map(Vec::len).max().unwrap_or(0) + opts.max_new_tokens;
+        self.warn_past_context(capacity);
         let mut cache = KvCache::new(self, prompts.len(), capacity)?;
         let mut rng = Rng::new(opts.seed);
         let mut out: Vec<Generated> = prompts

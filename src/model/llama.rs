@@ -430,12 +430,25 @@ impl Model {
     /// Token ids, positions and the attention layout of a packed batch on the device.
     fn batch_inputs(&self, batch: &Batch) -> Result<(Tensor, Tensor, AttnBatch)> {
         self.check_tokens(&batch.tokens)?;
+        self.warn_past_context(batch.seq_lens.iter().copied().max().unwrap_or(0));
         let n = batch.len();
         Ok((
             Tensor::from_i32(&[n], batch.tokens.clone(), &self.device)?,
             Tensor::from_i32(&[n], batch.positions(), &self.device)?,
             AttnBatch::packed(&batch.seq_lens, &self.device)?,
         ))
+    }
+
+    /// Rotary positions extrapolate past the context the model was trained on, with no error and
+    /// worse outputs (as in transformers); say so once a process rather than not at all.
+    pub(crate) fn warn_past_context(&self, longest: usize) {
+        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        let limit = self.cfg.max_position_embeddings;
+        if longest > limit && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            eprintln!(
+                "warning: a sequence of {longest} tokens runs past this model's max_position_embeddings = {limit}; positions beyond it extrapolate (lower --max-len to stay inside)"
+            );
+        }
     }
 
     /// The final normalised hidden state `[N, d]` of a packed batch, keeping nothing for a backward:
