@@ -8,7 +8,7 @@ use rlhf_kernels::ops::kl::{
     kl_sampled_ref, KlEstimator,
 };
 use rlhf_kernels::testing::{
-    check_against_exact, check_output, fd_check, fresh_seed, round_bf16, Rng,
+    check_against_exact, check_output, fd_check, fresh_seed, report, round_bf16, Rng,
 };
 
 fn to64(v: &[f32]) -> Vec<f64> {
@@ -127,6 +127,40 @@ fn check_cuda(
         1e-5,
         1e-4,
     );
+    if dtype == DType::F32 {
+        // dx = g·p·(x − lse_p − y + lse_q − kl): the bracket cancels terms of a few units, so a
+        // kernel whose lse differs from the plain loop's by its last bit (another summation order)
+        // is off by g·p·ε·(those terms), which can pass twice the plain loop's worst element. Each
+        // element is allowed 8 roundings of the terms it cancels.
+        let eps = f32::EPSILON as f64;
+        let mut max_err = 0.0f64;
+        for r in 0..n {
+            for v in 0..vocab {
+                let i = r * vocab + v;
+                if dx[i] == 0.0 && got_dx[i] == 0.0 {
+                    continue;
+                }
+                let p = (x64[i] - lp[r]).exp();
+                let terms = x64[i].abs() + lp[r].abs() + y64[i].abs() + lq[r].abs() + kl[r].abs();
+                let allowed = 1e-7 + 1e-4 * dx[i].abs() + 8.0 * eps * g64[r].abs() * p * terms;
+                let err = (got_dx[i] as f64 - dx[i]).abs();
+                max_err = max_err.max(err);
+                assert!(
+                    err <= allowed,
+                    "kl_full_bwd {case}: [{i}] got {:e}, exact {:e}, error {err:e} over {allowed:e}",
+                    got_dx[i],
+                    dx[i]
+                );
+            }
+        }
+        report(
+            "kl_full_bwd",
+            &case,
+            max_err,
+            "1e-7 + 1e-4|exact| + 8 eps g p |terms|",
+        );
+        return;
+    }
     check_against_exact(
         "kl_full_bwd",
         &case,
