@@ -372,12 +372,7 @@ pub fn parse_and_run() -> Result<ExitCode> {
         };
         for (id, flag) in OFFLINE_ONLY {
             if m.value_source(id) == Some(clap::parser::ValueSource::CommandLine) {
-                return Err(crate::Error::Unsupported {
-                    op: if trainer == "ppo" { "ppo" } else { "grpo" },
-                    detail: format!(
-                        "{flag} does not apply to {trainer} (it runs --iterations of rollouts and updates)"
-                    ),
-                });
+                return Err(crate::train::offline_option_error(flag, trainer));
             }
         }
     }
@@ -1166,12 +1161,7 @@ pub fn eos_ids(model: &Model, tok: &TextTokenizer) -> Vec<i32> {
 /// A model that generates or is evaluated as a policy: a reward model (scalar head) is refused.
 fn load_causal_lm(dir: &std::path::Path, device: &Device) -> Result<Model> {
     let model = Model::load(dir, device)?;
-    if model.cfg.scalar_head {
-        return Err(crate::Error::file(
-            dir.join("config.json"),
-            "is a reward model (a scalar head, ForSequenceClassification), not a causal language model",
-        ));
-    }
+    crate::train::refuse_reward_model(&model, dir)?;
     Ok(model)
 }
 

@@ -709,13 +709,18 @@ pub fn reject_offline_options(args: &TrainArgs, trainer: &'static str) -> Result
         ),
     ];
     match unused.iter().find(|(_, set)| *set) {
-        Some((flag, _)) => Err(Error::Unsupported {
-            op: trainer,
-            detail: format!(
-                "{flag} does not apply to {trainer} (it runs --iterations of rollouts and updates)"
-            ),
-        }),
+        Some((flag, _)) => Err(offline_option_error(flag, trainer)),
         None => Ok(()),
+    }
+}
+
+/// The error for an offline loop option given to an online trainer.
+pub fn offline_option_error(flag: &str, trainer: &'static str) -> Error {
+    Error::Unsupported {
+        op: trainer,
+        detail: format!(
+            "{flag} does not apply to {trainer} (it runs --iterations of rollouts and updates)"
+        ),
     }
 }
 
@@ -867,13 +872,19 @@ impl PromptCycler {
 /// the LM head's role) would train and generate through its tied embeddings as if it were one.
 pub fn load_policy(args: &TrainArgs) -> Result<(Model, TextTokenizer)> {
     let (model, tok) = load_model(args)?;
+    refuse_reward_model(&model, &args.model)?;
+    Ok((model, tok))
+}
+
+/// `model`, loaded from `dir`, is to generate or be scored as a policy: a reward model is refused.
+pub fn refuse_reward_model(model: &Model, dir: &Path) -> Result<()> {
     if model.cfg.scalar_head {
         return Err(Error::file(
-            args.model.join("config.json"),
-            "is a reward model (a scalar head, ForSequenceClassification); --model needs a causal language model",
+            dir.join("config.json"),
+            "is a reward model (a scalar head, ForSequenceClassification), not a causal language model",
         ));
     }
-    Ok((model, tok))
+    Ok(())
 }
 
 /// Loads the model a trainer starts from (`load_policy` for the trainers that generate or score
