@@ -54,6 +54,16 @@ fn batch() -> Batch {
 /// Loss Σ w_t·logp_t of next-token targets (the last token of each sequence has none); returns the
 /// loss and, when `grads` is given, accumulates the gradient.
 fn lm_loss(model: &Model, b: &Batch, weights: &[f32], grads: Option<&mut Params>) -> f64 {
+    lm_loss_and_logps(model, b, weights, grads).0
+}
+
+/// [`lm_loss`] with the per-token log-probs it summed (0 where a token has no target).
+fn lm_loss_and_logps(
+    model: &Model,
+    b: &Batch,
+    weights: &[f32],
+    grads: Option<&mut Params>,
+) -> (f64, Vec<f32>) {
     let acts = model.forward(b).unwrap();
     let offsets = b.offsets();
     let mut targets = vec![-100i32; b.len()];
@@ -83,7 +93,7 @@ fn lm_loss(model: &Model, b: &Batch, weights: &[f32], grads: Option<&mut Params>
         .unwrap();
         model.backward(&acts, &dh, g).unwrap();
     }
-    loss
+    (loss, lp)
 }
 
 /// Directional finite differences per parameter tensor against ⟨∇L, u⟩ for a random unit direction
@@ -464,24 +474,40 @@ cuda_test! {
             let b = batch();
             let w = rng.normal_vec(b.len(), 1.0);
             let mut gc = Params::zeros(&cfg, &Device::Cpu, DType::F32).unwrap();
-            let lc = lm_loss(&cpu, &b, &w, Some(&mut gc));
+            let (lc, lpc) = lm_loss_and_logps(&cpu, &b, &w, Some(&mut gc));
             // f32 on the GPU computes what the CPU computes, up to summation order: a tight bound
-            // that any indexing or formula error breaks. bf16 stores every activation with 8 bits of
-            // mantissa through two layers and their backward; its bound only catches gross errors
-            // (those are of order one). On 10 tokens the largest parameter error of a run ranged
-            // from 2e-2 to 9e-2 over 17 runs on the emulated GPU (scripts/emulated-gpu), the simple
-            // attention kernels' included, so 6e-2, the bound before, failed about one run in ten.
-            for (dtype, bound) in [(DType::F32, 1e-4), (DType::BF16, 0.15)] {
+            // (1e-4 per tensor) that any indexing or formula error breaks. bf16 stores every
+            // activation with 8 bits of mantissa through two layers and their backward, and the
+            // attention scores' gradients cancel (a softmax row's dS sums to zero), so q and k
+            // projections have heavy tails. Over 120 bf16 models on the emulated GPU the per-tensor
+            // relative L2 error had median 1.5e-2, but reached 0.155 (k_proj.weight) and 0.45
+            // (k_proj.bias, whose gradient would be exactly zero without RoPE); the median over a
+            // model's tensors never passed 4.3e-2. So bf16 checks the median against 0.1 (a
+            // systematic error) and each tensor against 0.75, which a missing gradient (1.0) or a
+            // flipped sign (2.0) breaks. The forward is checked token by token, relative to
+            // max(1, |logp|): the weighted loss Σ w·logp with random-signed w can cancel to near
+            // zero, and a bound relative to it failed (seed 1795806278731546905: 0.239 against
+            // 0.285, every token within 1.6e-2). Over 80 bf16 models the worst token was 1.7e-2.
+            for (dtype, bound, median_bound, token_bound) in
+                [(DType::F32, 1e-4, 1e-4, 1e-5), (DType::BF16, 0.75, 0.1, 5e-2)]
+            {
                 let gpu = Model::new(cfg.clone(), cpu.params.convert(&cfg, &dev, dtype).unwrap(), dev.clone()).unwrap();
                 let mut gg = Params::zeros(&cfg, &dev, DType::F32).unwrap();
-                let lg = lm_loss(&gpu, &b, &w, Some(&mut gg));
-                let loss_bound = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
-                assert!((lc - lg).abs() <= loss_bound * lc.abs().max(1.0), "{} loss {lg} vs {lc}", dtype.name());
+                let (lg, lpg) = lm_loss_and_logps(&gpu, &b, &w, Some(&mut gg));
+                for (t, (c, g)) in lpc.iter().zip(&lpg).enumerate() {
+                    let e = (c - g).abs() / c.abs().max(1.0);
+                    assert!(e <= token_bound, "{} token {t}: logp {g} vs {c} (loss {lg} vs {lc})", dtype.name());
+                }
+                let mut errors = Vec::new();
                 for ((name, _), (a, c)) in parameter_shapes(&cfg).iter().zip(gg.named().iter().zip(gc.named())) {
                     let e = rel_l2(&a.to_f32_vec().unwrap(), &c.to_f32_vec().unwrap());
                     assert!(e <= bound, "{} {name}: relative L2 error {e:e}", dtype.name());
                     rlhf_kernels::testing::report("model.grad", &format!("{} {name}", dtype.name()), e, &format!("rel L2 <= {bound:e}"));
+                    errors.push(e);
                 }
+                errors.sort_by(f64::total_cmp);
+                let median = errors[errors.len() / 2];
+                assert!(median <= median_bound, "{}: median relative L2 error over the tensors {median:e}", dtype.name());
             }
         }
     }

@@ -219,7 +219,9 @@ fn check_cuda(dev: &Device, rng: &mut Rng, rows: usize, cols: usize, dtype: DTyp
 cuda_test! {
     fn cuda_matches_cpu_on_random_shapes(dev) {
         let mut rng = Rng::new(fresh_seed("cuda_matches_cpu_on_random_shapes"));
-        for &(rows, cols) in &[(1, 1), (37, 576), (7, 1000), (3, 4097), (1000, 2048), (8192, 4096), (5, 12288)] {
+        // (2000, 4096) gives each backward block of the vector path about 16 rows in f32 (128
+        // partial rows) and 8 in bf16 (256), unevenly; more rows only cost emulator time.
+        for &(rows, cols) in &[(1, 1), (37, 576), (7, 1000), (3, 4097), (1000, 2048), (2000, 4096), (5, 12288)] {
             for dtype in [DType::F32, DType::BF16] {
                 check_cuda(&dev, &mut rng, rows, cols, dtype);
             }
