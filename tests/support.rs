@@ -105,6 +105,60 @@ fn cpu_gemm_matches_naive_loops_for_every_transpose() {
     }
 }
 
+/// The CPU GEMM's three routes (dot products for a few rows against a `[n, k]` weight, one thread
+/// or several; the library with swapped operands for m < n; the library as called) against f64
+/// loops, with alpha and beta: beta = 0 must ignore a NaN in c, beta = 1 must add to it.
+#[test]
+fn cpu_gemm_routes_match_f64_loops() {
+    let mut rng = Rng::new(rlhf_kernels::testing::fresh_seed(
+        "cpu_gemm_routes_match_f64_loops",
+    ));
+    // (1, 1000, 600) and (3, 700, 601) split over threads; (9, 40, 13) and (40, 9, 13) take the
+    // library with and without the swap.
+    let shapes = [
+        (1, 7, 5),
+        (4, 33, 17),
+        (1, 1000, 600),
+        (3, 700, 601),
+        (5, 40, 13),
+        (9, 40, 13),
+        (40, 9, 13),
+    ];
+    for (m, n, k) in shapes {
+        let a = rng.normal_vec(m * k, 1.0);
+        let b = rng.normal_vec(n * k, 1.0); // [n, k]: used transposed
+        let c0 = rng.normal_vec(m * n, 1.0);
+        let (alpha, beta) = (0.75f32, 1.0f32);
+        let exact = |i: usize, j: usize| -> f64 {
+            (0..k)
+                .map(|p| a[i * k + p] as f64 * b[j * k + p] as f64)
+                .sum()
+        };
+        let mut want = vec![0.0f32; m * n];
+        let mut want_acc = vec![0.0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                want[i * n + j] = (alpha as f64 * exact(i, j)) as f32;
+                want_acc[i * n + j] =
+                    (alpha as f64 * exact(i, j) + beta as f64 * c0[i * n + j] as f64) as f32;
+            }
+        }
+        let tol = 1e-5 * (k as f64).sqrt();
+        let mut c = vec![f32::NAN; m * n];
+        gemm_ref(&mut c, &a, Trans::N, &b, Trans::T, m, n, k, alpha, 0.0);
+        rlhf_kernels::testing::assert_close(&format!("m{m} n{n} k{k} beta 0"), &c, &want, tol, tol);
+        let mut c = c0.clone();
+        gemm_ref(&mut c, &a, Trans::N, &b, Trans::T, m, n, k, alpha, beta);
+        rlhf_kernels::testing::assert_close(
+            &format!("m{m} n{n} k{k} beta 1"),
+            &c,
+            &want_acc,
+            tol,
+            tol,
+        );
+    }
+}
+
 #[test]
 fn cuda_choice_without_a_gpu_is_a_clear_error_not_a_panic() {
     if rlhf_kernels::device::cuda::unavailable_reason().is_none() {

@@ -62,25 +62,142 @@ pub fn gemm_ref(
         c.iter_mut().for_each(|v| *v *= beta);
         return;
     }
+    if ta == Trans::N && tb == Trans::T && m <= DOT_ROWS {
+        gemm_rows_dot(c, a, b, m, n, k, alpha, beta);
+        return;
+    }
+    // With b stored [n, k] and m < n, the library is given cᵀ = op(b)ᵀ · op(a)ᵀ instead, the same
+    // buffers under swapped strides: it then packs b as its left operand, along b's rows, and splits
+    // its threads over n. 1536x576 weights on two cores: 2.4 ms against 1.2 at m = 30, 48 against
+    // 42 at m = 2,048; never slower in those measurements.
+    let swap = tb == Trans::T && m < n;
     // SAFETY: the strides describe buffers of m*k, k*n and m*n elements, which the caller checked.
     unsafe {
-        matrixmultiply::sgemm(
-            m,
-            k,
-            n,
-            alpha,
-            a.as_ptr(),
-            rsa,
-            csa,
-            b.as_ptr(),
-            rsb,
-            csb,
-            beta,
-            c.as_mut_ptr(),
-            n as isize,
-            1,
-        );
+        if swap {
+            matrixmultiply::sgemm(
+                n,
+                k,
+                m,
+                alpha,
+                b.as_ptr(),
+                csb,
+                rsb,
+                a.as_ptr(),
+                csa,
+                rsa,
+                beta,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+            );
+        } else {
+            matrixmultiply::sgemm(
+                m,
+                k,
+                n,
+                alpha,
+                a.as_ptr(),
+                rsa,
+                csa,
+                b.as_ptr(),
+                rsb,
+                csb,
+                beta,
+                c.as_mut_ptr(),
+                n as isize,
+                1,
+            );
+        }
     }
+}
+
+/// Rows of `a` up to which `a · bᵀ` (a weight `b` stored `[n, k]`, as every linear layer multiplies)
+/// runs as dot products of contiguous rows instead of through `matrixmultiply`. That library packs
+/// all of `b` on every call, reading it down its columns, and splits its threads over `m`: at m = 1
+/// (a decode step) a 1536x576 product took 2.2 ms on two cores, the dot products 0.15 ms.
+/// Past four rows its blocking reuses each packed panel enough to win.
+const DOT_ROWS: usize = 4;
+
+/// Multiply-adds per thread below which another thread costs more than it saves.
+const DOT_MIN_WORK_PER_THREAD: usize = 1 << 18;
+
+/// `c[m, n] = alpha · a[m, k] · b[n, k]ᵀ + beta · c`, one dot product per output, split over
+/// threads by columns of c (rows of b), so each thread streams its own part of b once.
+#[allow(clippy::too_many_arguments)]
+fn gemm_rows_dot(
+    c: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    beta: f32,
+) {
+    let work = m * n * k;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .min(work / DOT_MIN_WORK_PER_THREAD)
+        .clamp(1, n);
+    let cols_per = n.div_ceil(threads);
+    // Each thread writes its columns of every row of c into its own buffer, copied back after:
+    // c's rows interleave the threads' columns, so they cannot take disjoint slices of it.
+    let run = |j0: usize, j1: usize| -> Vec<f32> {
+        let mut out = vec![0.0f32; m * (j1 - j0)];
+        for (jj, j) in (j0..j1).enumerate() {
+            let row_b = &b[j * k..(j + 1) * k];
+            for i in 0..m {
+                out[i * (j1 - j0) + jj] = dot(&a[i * k..(i + 1) * k], row_b);
+            }
+        }
+        out
+    };
+    let parts: Vec<(usize, usize)> = (0..threads)
+        .map(|t| (t * cols_per, ((t + 1) * cols_per).min(n)))
+        .filter(|(j0, j1)| j0 < j1)
+        .collect();
+    let results: Vec<Vec<f32>> = if parts.len() == 1 {
+        vec![run(0, n)]
+    } else {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = parts
+                .iter()
+                .map(|&(j0, j1)| s.spawn(move || run(j0, j1)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a GEMM thread panicked"))
+                .collect()
+        })
+    };
+    for (&(j0, j1), part) in parts.iter().zip(&results) {
+        let w = j1 - j0;
+        for i in 0..m {
+            for (jj, &v) in part[i * w..(i + 1) * w].iter().enumerate() {
+                let cij = &mut c[i * n + j0 + jj];
+                // BLAS convention: beta = 0 ignores c, NaN included.
+                *cij = if beta == 0.0 {
+                    alpha * v
+                } else {
+                    alpha * v + beta * *cij
+                };
+            }
+        }
+    }
+}
+
+/// Dot product over eight partial sums, which an optimising build turns into vector lanes.
+fn dot(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (xc, yc) = (x.chunks_exact(8), y.chunks_exact(8));
+    let (xr, yr) = (xc.remainder(), yc.remainder());
+    for (u, v) in xc.zip(yc) {
+        for l in 0..8 {
+            acc[l] += u[l] * v[l];
+        }
+    }
+    let tail: f32 = xr.iter().zip(yr).map(|(u, v)| u * v).sum();
+    acc.iter().sum::<f32>() + tail
 }
 
 /// `op(a) · op(b)` as a new tensor of a's dtype.
