@@ -711,5 +711,24 @@ fn kto_rewards_are_class_means_over_the_whole_step() {
             "{k}: {split} in class-pure micro-batches, {whole} in one (seed {seed})"
         );
     }
+    // A micro-batch of one pairs its prompt with its own completion for z0 (TRL's rotation), so
+    // swapping policy and reference negates the unclamped difference: one of the two logs it, the
+    // other logs 0. A z0 left at 0 for a singleton logs 0 both ways.
+    let kl_of = |policy: &Model, obj: &mut KtoObjective| {
+        let mut g = Params::zeros(&policy.cfg, &Device::Cpu, DType::F32).unwrap();
+        obj.step(policy, &[2], 1, &mut g).unwrap()["kl"]
+    };
+    let forward = kl_of(&policy, &mut obj);
+    let other = std::mem::replace(
+        &mut obj.reference,
+        Model::load(&root.join("base"), &Device::Cpu).unwrap(),
+    );
+    let backward = kl_of(&other, &mut obj);
+    println!("singleton z0: {forward} one way, {backward} the other (seed {seed})");
+    assert!(forward >= 0.0 && backward >= 0.0, "z0 is clamped at 0");
+    assert!(
+        (forward > 0.0) != (backward > 0.0),
+        "exactly one direction has a positive z0: {forward}, {backward} (seed {seed})"
+    );
     std::fs::remove_dir_all(&root).ok();
 }

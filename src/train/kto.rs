@@ -49,23 +49,21 @@ impl Objective for KtoObjective {
                 .map(|&i| (ex[i].prompt.as_slice(), ex[i].completion.as_slice()))
                 .collect();
             let sb = ScoredBatch::new(&seqs);
-            // z0 from mismatched pairs: prompt k with completion k + 1.
-            let z0 = if chunk.len() > 1 {
-                let mis: Vec<(&[i32], &[i32])> = (0..chunk.len())
-                    .map(|k| {
-                        (
-                            ex[chunk[k]].prompt.as_slice(),
-                            ex[chunk[(k + 1) % chunk.len()]].completion.as_slice(),
-                        )
-                    })
-                    .collect();
-                let msb = ScoredBatch::new(&mis);
-                let p = sequence_sums(&msb, &frozen_logps(model, &msb)?);
-                let r = sequence_sums(&msb, &frozen_logps(&self.reference, &msb)?);
-                (p.iter().zip(&r).map(|(a, b)| a - b).sum::<f64>() / p.len() as f64).max(0.0)
-            } else {
-                0.0
-            };
+            // z0 from mismatched pairs: prompt k with completion k + 1. A micro-batch of one (the
+            // last of an epoch whose size the batch does not divide) pairs the prompt with its own
+            // completion, as TRL's KL dataset, rotated within blocks of the batch size, does.
+            let mis: Vec<(&[i32], &[i32])> = (0..chunk.len())
+                .map(|k| {
+                    (
+                        ex[chunk[k]].prompt.as_slice(),
+                        ex[chunk[(k + 1) % chunk.len()]].completion.as_slice(),
+                    )
+                })
+                .collect();
+            let msb = ScoredBatch::new(&mis);
+            let p = sequence_sums(&msb, &frozen_logps(model, &msb)?);
+            let r = sequence_sums(&msb, &frozen_logps(&self.reference, &msb)?);
+            let z0 = (p.iter().zip(&r).map(|(a, b)| a - b).sum::<f64>() / p.len() as f64).max(0.0);
             let s = score(model, &sb)?;
             let (lp, mask, t) = sb.padded(&s.per_token);
             let (rp, _, _) = sb.padded(&frozen_logps(&self.reference, &sb)?);
