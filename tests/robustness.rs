@@ -448,6 +448,15 @@ fn gguf_import_names_the_bad_key() {
                 m.insert("llama.rope.freq_base", Meta::F32(f32::NAN));
             }),
         ),
+        (
+            "duptoken",
+            "lists \"t3\" twice (ids 3 and 7)",
+            Box::new(|m| {
+                let mut tokens: Vec<String> = (0..40).map(|t| format!("t{t}")).collect();
+                tokens[7] = "t3".into();
+                m.insert("tokenizer.ggml.tokens", Meta::Strs(tokens));
+            }),
+        ),
     ];
     let path = dir.join("dup.gguf");
     tiny_gguf_with(&path, |_| {}, |t| t.push(t[0].clone()));

@@ -456,6 +456,19 @@ pub fn import_gguf(path: &Path, out_dir: &Path) -> Result<LlamaConfig> {
     if tokens.is_empty() {
         return Err(Error::file(path, "`tokenizer.ggml.tokens` is empty"));
     }
+    // tokenizer.json maps each string to one id: a string listed twice would leave one of its ids
+    // impossible to encode or decode, so such a vocabulary is refused rather than half imported.
+    let mut first_id = HashMap::with_capacity(tokens.len());
+    for (i, t) in tokens.iter().enumerate() {
+        if let Some(first) = first_id.insert(t.as_str(), i) {
+            return Err(Error::file(
+                path,
+                format!(
+                    "`tokenizer.ggml.tokens` lists {t:?} twice (ids {first} and {i}); a byte-level BPE vocabulary needs each token once"
+                ),
+            ));
+        }
+    }
     let (hidden, heads) = (
         positive("embedding_length")?,
         positive("attention.head_count")?,
