@@ -12,15 +12,17 @@ use rlhf_kernels::device::{DType, Device, Tensor};
 use rlhf_kernels::ops::elementwise::add;
 use rlhf_kernels::ops::embed::{embed_bwd, embed_fwd, rows_store};
 use rlhf_kernels::ops::mlp::{swiglu_bwd, swiglu_fwd};
-use rlhf_kernels::ops::rope::{rope_bwd, rope_fwd};
+use rlhf_kernels::ops::rope::{rope_qk_bwd, rope_qk_fwd};
 use rlhf_kernels::testing::{time_iters, Rng};
 
-/// Token count, model width, heads, head_dim, MLP width and vocabulary of one bench shape.
+/// Token count, model width, query and key heads, head_dim, MLP width and vocabulary of one bench
+/// shape.
 #[derive(Clone, Copy)]
 struct Shape {
     tokens: usize,
     d: usize,
     heads: usize,
+    kv_heads: usize,
     head_dim: usize,
     ffn: usize,
     vocab: usize,
@@ -85,20 +87,25 @@ fn bench_device(c: &mut Criterion, device: &Device, label: &str, s: Shape, dtype
         rows_store(&mut cache, &dout, &rows).unwrap()
     });
 
-    // rope: read and write q-shaped activations.
-    let width = s.heads * s.head_dim;
-    let x = tensor(&mut rng, &[s.tokens, width], dtype);
+    // rope: a layer's queries and keys in one launch, each read and written once.
+    let (width, kv_width) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
+    let q = tensor(&mut rng, &[s.tokens, width], dtype);
+    let k = tensor(&mut rng, &[s.tokens, kv_width], dtype);
     let pos = ids(&mut rng, s.tokens, 4096);
     let inv_freq: Vec<f32> = (0..s.head_dim / 2)
         .map(|i| 10_000f32.powf(-2.0 * i as f32 / s.head_dim as f32))
         .collect();
     let inv_freq = Tensor::from_f32(&[s.head_dim / 2], inv_freq, device).unwrap();
-    let rope_bytes = 2 * s.tokens * width * el;
-    timed(&mut g, device, "rope_fwd", rope_bytes, || {
-        drop(black_box(rope_fwd(&x, &pos, &inv_freq, s.heads).unwrap()))
+    let rope_bytes = 2 * s.tokens * (width + kv_width) * el;
+    timed(&mut g, device, "rope_qk_fwd", rope_bytes, || {
+        drop(black_box(
+            rope_qk_fwd(&q, &k, &pos, &inv_freq, s.heads, s.kv_heads).unwrap(),
+        ))
     });
-    timed(&mut g, device, "rope_bwd", rope_bytes, || {
-        drop(black_box(rope_bwd(&x, &pos, &inv_freq, s.heads).unwrap()))
+    timed(&mut g, device, "rope_qk_bwd", rope_bytes, || {
+        drop(black_box(
+            rope_qk_bwd(&q, &k, &pos, &inv_freq, s.heads, s.kv_heads).unwrap(),
+        ))
     });
 
     // SwiGLU: forward reads gate and up, writes h; backward reads dh, gate, up, writes dgate, dup.
@@ -139,6 +146,7 @@ fn benches(c: &mut Criterion) {
         tokens: 256,
         d: 576,
         heads: 9,
+        kv_heads: 3,
         head_dim: 64,
         ffn: 1536,
         vocab: 4096,

@@ -9,7 +9,7 @@ use rlhf_kernels::ops::adamw::{
 use rlhf_kernels::ops::elementwise::{add, bias_add, bias_grad, cast};
 use rlhf_kernels::ops::embed::{embed_bwd, embed_fwd, rows_store};
 use rlhf_kernels::ops::mlp::{swiglu_bwd, swiglu_bwd_ref, swiglu_fwd, swiglu_fwd_ref};
-use rlhf_kernels::ops::rope::{rope_bwd, rope_fwd, rope_ref};
+use rlhf_kernels::ops::rope::{rope_bwd, rope_fwd, rope_qk_bwd, rope_qk_fwd, rope_ref};
 use rlhf_kernels::testing::{assert_close, check_output, fd_check, fresh_seed, round_bf16, Rng};
 
 fn to64(v: &[f32]) -> Vec<f64> {
@@ -64,11 +64,38 @@ fn rope_is_a_rotation_and_its_backward_the_transpose() {
     )
     .unwrap();
     let ids = Tensor::from_i32(&[n], pos.clone(), &Device::Cpu).unwrap();
-    let err = rope_fwd(&cpu(&[n, 7], vec![0.0; n * 7]), &ids, &cpu(&[4], f), heads)
+    let err = rope_fwd(
+        &cpu(&[n, 7], vec![0.0; n * 7]),
+        &ids,
+        &cpu(&[4], f.clone()),
+        heads,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("heads"), "{err}");
+    let (q, k) = (
+        cpu(&[n, heads * d], x.iter().map(|&v| v as f32).collect()),
+        cpu(&[n, 2 * d], vec![0.5; n * 2 * d]),
+    );
+    let fr = cpu(&[d / 2], f.clone());
+    let err = rope_qk_fwd(&q, &k, &ids, &fr, heads, 1)
         .err()
         .unwrap()
         .to_string();
-    assert!(err.contains("heads"), "{err}");
+    assert!(err.contains("k is [5, 16]"), "{err}");
+    let (yq, yk) = rope_qk_fwd(&q, &k, &ids, &fr, heads, 2).unwrap();
+    assert_eq!(
+        yq.to_f32_vec().unwrap(),
+        rope_fwd(&q, &ids, &fr, heads)
+            .unwrap()
+            .to_f32_vec()
+            .unwrap()
+    );
+    assert_eq!(
+        yk.to_f32_vec().unwrap(),
+        rope_fwd(&k, &ids, &fr, 2).unwrap().to_f32_vec().unwrap()
+    );
 }
 
 #[test]
@@ -206,30 +233,52 @@ cuda_test! {
         for dtype in [DType::F32, DType::BF16] {
             let round = |v: Vec<f32>| if dtype == DType::BF16 { round_bf16(&v) } else { v };
             let on = |d: &Device, shape: &[usize], v: &[f32]| Tensor::from_f32_as(shape, v, dtype, d).unwrap();
+            // The bf16 rule measures against the exact result: the CPU's f32 one from the same
+            // (bf16-valued) inputs, not the CPU's result rounded to bf16, which one rounding flipped
+            // by a last-bit difference in f32 would fail.
+            let exact_as = |d: &Device| if d.is_cuda() { dtype } else { DType::F32 };
             let tag = dtype.name();
-            // rope: head_dim 64 keeps each thread on one frequency across heads, 96 does not.
-            for (n, heads, d) in [(37, 9, 64), (5, 3, 96)] {
+            // rope, queries and keys in one launch: 16-byte runs of frequencies (head_dim 64, 96;
+            // 72 in f32), element by element where half a head is no multiple of the run (72 in
+            // bf16, 4); positions past 105,615 where the angle's reduction matters most.
+            for (n, heads, kv_heads, d, max_pos) in [
+                (37, 9, 3, 64, 8192),
+                (5, 3, 1, 96, 8192),
+                (7, 2, 2, 72, 400_000),
+                (9, 4, 2, 4, 1_000_000),
+            ] {
                 let x = round(rng.normal_vec(n * heads * d, 1.0));
-                let pos: Vec<i32> = (0..n).map(|_| rng.below(8192) as i32).collect();
+                let xk = round(rng.normal_vec(n * kv_heads * d, 1.0));
+                let pos: Vec<i32> = (0..n).map(|_| rng.below(max_pos) as i32).collect();
                 let f = inv_freq(d, 100_000.0);
                 let run = |dv: &Device| {
                     let p = Tensor::from_i32(&[n], pos.clone(), dv).unwrap();
                     let fr = Tensor::from_f32(&[d / 2], f.clone(), dv).unwrap();
-                    let y = rope_fwd(&on(dv, &[n, heads * d], &x), &p, &fr, heads).unwrap();
-                    let dx = rope_bwd(&on(dv, &[n, heads * d], &x), &p, &fr, heads).unwrap();
-                    (y.to_f32_vec().unwrap(), dx.to_f32_vec().unwrap())
+                    let on = |shape: &[usize], v: &[f32]| Tensor::from_f32_as(shape, v, exact_as(dv), dv).unwrap();
+                    let (q, k) = (on(&[n, heads * d], &x), on(&[n, kv_heads * d], &xk));
+                    let (yq, yk) = rope_qk_fwd(&q, &k, &p, &fr, heads, kv_heads).unwrap();
+                    let (dq, dk) = rope_qk_bwd(&q, &k, &p, &fr, heads, kv_heads).unwrap();
+                    let alone = rope_fwd(&q, &p, &fr, heads).unwrap();
+                    let alone_bwd = rope_bwd(&k, &p, &fr, kv_heads).unwrap();
+                    [yq, yk, dq, dk, alone, alone_bwd].map(|t| t.to_f32_vec().unwrap())
                 };
                 let (want, got) = (run(&cpu_dev), run(&dev));
-                check_output("rope_fwd", tag, &got.0, &want.0, dtype, 1e-5, 1e-4);
-                check_output("rope_bwd", tag, &got.1, &want.1, dtype, 1e-5, 1e-4);
+                let case = format!("{tag} n{n} heads{heads}/{kv_heads} d{d}");
+                for (i, name) in ["rope_qk_fwd.q", "rope_qk_fwd.k", "rope_qk_bwd.q", "rope_qk_bwd.k", "rope_fwd", "rope_bwd"]
+                    .into_iter()
+                    .enumerate()
+                {
+                    check_output(name, &case, &got[i], &want[i], dtype, 1e-5, 1e-4);
+                }
             }
             // swiglu: 16-byte vectors, then a 5-element tail
             let m = 1000 * 37 + 5;
             let (g, u, dh) = (round(rng.normal_vec(m, 2.0)), round(rng.normal_vec(m, 1.0)), round(rng.normal_vec(m, 1.0)));
             let run = |dv: &Device| {
-                let (gt, ut) = (on(dv, &[m], &g), on(dv, &[m], &u));
+                let on = |v: &[f32]| Tensor::from_f32_as(&[m], v, exact_as(dv), dv).unwrap();
+                let (gt, ut) = (on(&g), on(&u));
                 let h = swiglu_fwd(&gt, &ut).unwrap().to_f32_vec().unwrap();
-                let (dg, du) = swiglu_bwd(&on(dv, &[m], &dh), &gt, &ut).unwrap();
+                let (dg, du) = swiglu_bwd(&on(&dh), &gt, &ut).unwrap();
                 (h, dg.to_f32_vec().unwrap(), du.to_f32_vec().unwrap())
             };
             let (want, got) = (run(&cpu_dev), run(&dev));

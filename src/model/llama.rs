@@ -19,7 +19,7 @@ use crate::ops::mlp::{swiglu_bwd, swiglu_fwd};
 use crate::ops::norm::{
     add_rms_norm_fwd, rms_norm_bwd, rms_norm_bwd_add, rms_norm_fwd, RmsNormOut,
 };
-use crate::ops::rope::{rope_bwd, rope_fwd};
+use crate::ops::rope::{rope_qk_bwd, rope_qk_fwd};
 
 pub struct Model {
     pub cfg: LlamaConfig,
@@ -321,16 +321,12 @@ impl Model {
             y: xn1,
             rstd: rstd1,
         } = n1;
-        let q = rope_fwd(
+        let (q, k) = rope_qk_fwd(
             &linear(&xn1, &l.q, l.q_bias.as_ref())?,
-            positions,
-            &self.inv_freq,
-            heads.heads,
-        )?;
-        let k = rope_fwd(
             &linear(&xn1, &l.k, l.k_bias.as_ref())?,
             positions,
             &self.inv_freq,
+            heads.heads,
             heads.kv_heads,
         )?;
         let v = linear(&xn1, &l.v, l.v_bias.as_ref())?;
@@ -574,8 +570,14 @@ impl Model {
             heads,
             self.scale(),
         )?;
-        let dq = rope_bwd(&dq, positions, &self.inv_freq, heads.heads)?;
-        let dk = rope_bwd(&dk, positions, &self.inv_freq, heads.kv_heads)?;
+        let (dq, dk) = rope_qk_bwd(
+            &dq,
+            &dk,
+            positions,
+            &self.inv_freq,
+            heads.heads,
+            heads.kv_heads,
+        )?;
         let xn1 = kept_or(&a.xn1, || Ok(rms_norm_fwd(x, &l.attn_norm, self.eps())?.y))?;
         let xn1: &Tensor = &xn1;
         let mut dxn1 = linear_bwd(&dq, xn1, &l.q, &mut g.q, g.q_bias.as_mut())?;
