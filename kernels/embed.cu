@@ -4,7 +4,9 @@
 //   backward: dtable[ids[n], :] += dout[n, :]               (accumulated, f32, atomics: tokens that
 //             repeat add in an unspecified order, so the low bits of dtable may differ between runs)
 //   store:    dst[rows[n], :] = src[n, :]                   (every new key or value row of a decode
-//             step into its sequence's cache slot in one launch; rows must be distinct)
+//             step into its sequence's cache slot in one launch; rows must be distinct), and with a
+//             second pair, dst2[rows[n], :] = src2[n, :] in the same launch (a layer's keys and
+//             values: blockIdx.y picks the pair)
 //
 // Shapes: table [V, d] in T; ids [N] i32; out, dout [N, d] in T; dtable [V, d] f32. An id outside
 // [0, V) writes NaN (forward) or is skipped (backward); the host checks ids on the CPU path.
@@ -44,12 +46,15 @@ __device__ void embed_bwd(float* __restrict__ dtable, const T* __restrict__ dout
 }
 
 template <typename T>
-__device__ void rows_store(T* __restrict__ dst, const T* __restrict__ src, const int* __restrict__ rows, int R,
-                           int d) {
+__device__ void rows_store(T* __restrict__ dst, const T* __restrict__ src, T* __restrict__ dst2,
+                           const T* __restrict__ src2, const int* __restrict__ rows, int R, int d) {
     const size_t row = blockIdx.x;
     const int to = rows[row];
     if (to < 0 || to >= R) return;
-    copy_row(dst, src, (long long)to, (long long)row, d);
+    if (blockIdx.y == 0)
+        copy_row(dst, src, (long long)to, (long long)row, d);
+    else
+        copy_row(dst2, src2, (long long)to, (long long)row, d);
 }
 
 #define EMBED_INSTANTIATE(SUFFIX, T)                                                                       \
@@ -60,8 +65,9 @@ __device__ void rows_store(T* __restrict__ dst, const T* __restrict__ src, const
                                                   int d) {                                                 \
         embed_bwd<T>(dtable, dout, ids, V, d);                                                             \
     }                                                                                                      \
-    extern "C" __global__ void rows_store_##SUFFIX(T* dst, const T* src, const int* rows, int R, int d) { \
-        rows_store<T>(dst, src, rows, R, d);                                                               \
+    extern "C" __global__ void rows_store_##SUFFIX(T* dst, const T* src, T* dst2, const T* src2,          \
+                                                   const int* rows, int R, int d) {                        \
+        rows_store<T>(dst, src, dst2, src2, rows, R, d);                                                   \
     }
 
 EMBED_INSTANTIATE(f32, float)

@@ -7,7 +7,7 @@ use rlhf_kernels::ops::adamw::{
     adamw_ref, adamw_step, clip_coefficient, global_grad_norm, AdamWConfig,
 };
 use rlhf_kernels::ops::elementwise::{add, bias_add, bias_grad, cast};
-use rlhf_kernels::ops::embed::{embed_bwd, embed_fwd, rows_store};
+use rlhf_kernels::ops::embed::{embed_bwd, embed_fwd, rows_store, rows_store_pair};
 use rlhf_kernels::ops::mlp::{swiglu_bwd, swiglu_bwd_ref, swiglu_fwd, swiglu_fwd_ref};
 use rlhf_kernels::ops::rope::{rope_bwd, rope_fwd, rope_qk_bwd, rope_qk_fwd, rope_ref};
 use rlhf_kernels::testing::{assert_close, check_output, fd_check, fresh_seed, round_bf16, Rng};
@@ -153,6 +153,23 @@ fn embed_looks_up_and_scatters() {
     .unwrap()
     .to_string();
     assert!(err.contains("row 4 at position 1"), "{err}");
+    // The pair stores both sources with the same slots, and checks the second pair's shapes.
+    let (mut k, mut v) = (cpu(&[4, 2], vec![0.0; 8]), cpu(&[4, 2], vec![-1.0; 8]));
+    let src2 = cpu(&[2, 2], vec![5., 6., 7., 8.]);
+    rows_store_pair(&mut k, &src, &mut v, &src2, &slots).unwrap();
+    assert_eq!(
+        k.to_f32_vec().unwrap(),
+        vec![0., 0., 3., 4., 0., 0., 1., 2.]
+    );
+    assert_eq!(
+        v.to_f32_vec().unwrap(),
+        vec![-1., -1., 7., 8., -1., -1., 5., 6.]
+    );
+    let err = rows_store_pair(&mut k, &src, &mut cpu(&[3, 2], vec![0.0; 6]), &src2, &slots)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("dst2"), "{err}");
 }
 
 #[test]
@@ -306,14 +323,22 @@ cuda_test! {
                 slots.swap(i, rng.below(i + 1));
             }
             slots.truncate(toks);
+            // The pair: keys and values of a layer into their two caches in one launch.
+            let values = round(rng.normal_vec(toks * width, 1.0));
+            let value_cache = round(rng.normal_vec(vocab * width, 1.0));
             let run = |dv: &Device| {
                 let mut cache = on(dv, &[vocab, width], &table);
                 let rt = Tensor::from_i32(&[toks], slots.clone(), dv).unwrap();
-                rows_store(&mut cache, &on(dv, &[toks, width], &dout), &rt).unwrap();
-                cache.to_f32_vec().unwrap()
+                let src = on(dv, &[toks, width], &dout);
+                rows_store(&mut cache, &src, &rt).unwrap();
+                let (mut k, mut v) = (on(dv, &[vocab, width], &table), on(dv, &[vocab, width], &value_cache));
+                rows_store_pair(&mut k, &src, &mut v, &on(dv, &[toks, width], &values), &rt).unwrap();
+                [cache, k, v].map(|t| t.to_f32_vec().unwrap())
             };
             let (want, got) = (run(&cpu_dev), run(&dev));
-            check_output("rows_store", tag, &got, &want, DType::F32, 0.0, 0.0);
+            for (i, name) in ["rows_store", "rows_store_pair.1", "rows_store_pair.2"].into_iter().enumerate() {
+                check_output(name, tag, &got[i], &want[i], DType::F32, 0.0, 0.0);
+            }
             // elementwise
             let (r, c) = (129, 333);
             let (a, b, bias) = (round(rng.normal_vec(r * c, 1.0)), round(rng.normal_vec(r * c, 1.0)), round(rng.normal_vec(c, 1.0)));

@@ -13,7 +13,7 @@ use crate::device::{DType, Device, Tensor};
 use crate::error::{Error, Result};
 use crate::ops::attention::{attention_bwd, attention_fwd, AttnBatch, Heads};
 use crate::ops::elementwise::{bias_add, bias_grad, cast};
-use crate::ops::embed::{embed_bwd, embed_fwd, rows_store};
+use crate::ops::embed::{embed_bwd, embed_fwd, rows_store_pair};
 use crate::ops::matmul::{gemm, matmul, Trans};
 use crate::ops::mlp::{swiglu_bwd, swiglu_fwd};
 use crate::ops::norm::{
@@ -333,8 +333,7 @@ impl Model {
         let (a, lse) = match kv.as_mut() {
             None => attention_fwd(&q, &k, &v, attn, heads, self.scale())?,
             Some(c) => {
-                rows_store(c.k, &k, c.rows)?;
-                rows_store(c.v, &v, c.rows)?;
+                rows_store_pair(c.k, &k, c.v, &v, c.rows)?;
                 attention_fwd(&q, c.k, c.v, attn, heads, self.scale())?
             }
         };

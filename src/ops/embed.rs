@@ -1,5 +1,6 @@
 //! Token embedding, the twin of `kernels/embed.cu`: lookup forward, scatter-add backward into an f32
-//! gradient table; and `rows_store`, the row scatter the KV cache appends a decode step with.
+//! gradient table; and `rows_store`, the row scatter the KV cache appends a decode step with (a
+//! layer's keys and values in one launch: `rows_store_pair`).
 
 use cudarc::driver::PushKernelArg;
 use half::bf16;
@@ -103,23 +104,54 @@ pub fn embed_bwd(dtable: &mut Tensor, dout: &Tensor, ids: &Tensor) -> Result<()>
 /// `dst[rows[n], :] = src[n, :]`: dst [R, d], src [N, d] of the same dtype, rows [N] i32, distinct
 /// (a row written twice keeps either value).
 pub fn rows_store(dst: &mut Tensor, src: &Tensor, rows: &Tensor) -> Result<()> {
+    store(dst, src, None, rows)
+}
+
+/// `rows_store` of two pairs with the same rows in one launch: a layer's new keys and values into
+/// its KV cache. `dst2` has `dst`'s shape and dtype, `src2` `src`'s.
+pub fn rows_store_pair(
+    dst: &mut Tensor,
+    src: &Tensor,
+    dst2: &mut Tensor,
+    src2: &Tensor,
+    rows: &Tensor,
+) -> Result<()> {
+    store(dst, src, Some((dst2, src2)), rows)
+}
+
+fn store(
+    dst: &mut Tensor,
+    src: &Tensor,
+    mut second: Option<(&mut Tensor, &Tensor)>,
+    rows: &Tensor,
+) -> Result<()> {
     let device = same_device(OP_STORE, &[dst, src, rows])?.clone();
     let _profile = profile::scope(&device, OP_STORE);
     let (r, d) = dst.dims2(OP_STORE)?;
     let n = check_ids(OP_STORE, rows, r, ("row", "the destination's rows"))?;
     src.expect_shape(OP_STORE, "src", &[n, d])?;
     src.expect_dtype(OP_STORE, dst.dtype())?;
+    if let Some((dst2, src2)) = &second {
+        same_device(OP_STORE, &[dst, dst2, src2])?;
+        dst2.expect_shape(OP_STORE, "dst2", &[r, d])?;
+        dst2.expect_dtype(OP_STORE, dst.dtype())?;
+        src2.expect_shape(OP_STORE, "src2", &[n, d])?;
+        src2.expect_dtype(OP_STORE, dst.dtype())?;
+    }
     match &device {
         Device::Cpu => {
             let to = rows.cpu_i32(OP_STORE)?.to_vec();
             for (i, &row) in to.iter().enumerate() {
                 dst.copy_rows(row as usize, src, i, 1)?;
+                if let Some((dst2, src2)) = second.as_mut() {
+                    dst2.copy_rows(row as usize, src2, i, 1)?;
+                }
             }
             Ok(())
         }
         Device::Cuda(_) => match dst.dtype() {
-            DType::F32 => store_cuda::<f32>(dst, src, rows, n, r, d),
-            DType::BF16 => store_cuda::<bf16>(dst, src, rows, n, r, d),
+            DType::F32 => store_cuda::<f32>(dst, src, second, rows, n, r, d),
+            DType::BF16 => store_cuda::<bf16>(dst, src, second, rows, n, r, d),
             DType::I32 => Err(Error::DType {
                 op: OP_STORE,
                 dtype: "i32",
@@ -131,6 +163,7 @@ pub fn rows_store(dst: &mut Tensor, src: &Tensor, rows: &Tensor) -> Result<()> {
 fn store_cuda<T: CudaElem>(
     dst: &mut Tensor,
     src: &Tensor,
+    second: Option<(&mut Tensor, &Tensor)>,
     rows: &Tensor,
     n: usize,
     r: usize,
@@ -144,12 +177,26 @@ fn store_cuda<T: CudaElem>(
     let f = dev.function("embed", T::pick("rows_store_f32", "rows_store_bf16"))?;
     let mut b = dev.stream().launch_builder(&f);
     b.arg(T::slice_mut(dst, OP_STORE)?)
-        .arg(T::slice(src, OP_STORE)?)
-        .arg(rows.cuda_i32(OP_STORE)?)
-        .arg(&rr)
-        .arg(&dd);
-    // SAFETY: dst holds r*d elements, src n*d, rows n; rows are range-checked in the kernel.
-    unsafe { b.launch(per_row(OP_STORE, n, 128, 0)?) }?;
+        .arg(T::slice(src, OP_STORE)?);
+    // Without a second pair the kernel's blocks all take the first (gridDim.y 1): null pointers.
+    let null = 0u64;
+    let pairs = match second {
+        Some((dst2, src2)) => {
+            b.arg(T::slice_mut(dst2, OP_STORE)?)
+                .arg(T::slice(src2, OP_STORE)?);
+            2
+        }
+        None => {
+            b.arg(&null).arg(&null);
+            1
+        }
+    };
+    b.arg(rows.cuda_i32(OP_STORE)?).arg(&rr).arg(&dd);
+    let mut cfg = per_row(OP_STORE, n, 128, 0)?;
+    cfg.grid_dim.1 = pairs;
+    // SAFETY: dst (and dst2) hold r*d elements, src (and src2) n*d, rows n; rows are range-checked
+    // in the kernel; blockIdx.y reaches the second pair only when it is given.
+    unsafe { b.launch(cfg) }?;
     Ok(())
 }
 
