@@ -171,7 +171,7 @@ struct LayerOut {
 }
 
 /// A tensor the forward kept, or its value recomputed now (see `LayerActs`), living only as long as
-/// the caller needs it.
+/// the caller needs it; `gather_rows` returns its input or new rows the same way.
 enum Kept<'a> {
     Saved(&'a Tensor),
     Recomputed(Tensor),
@@ -600,12 +600,7 @@ impl Model {
 
     /// `logits_rows` left on the model's device, in its dtype.
     pub fn logits_rows_tensor(&self, hidden: &Tensor, rows: &[usize]) -> Result<Tensor> {
-        let ids = Tensor::from_i32(
-            &[rows.len()],
-            rows.iter().map(|&r| r as i32).collect(),
-            &self.device,
-        )?;
-        let h = embed_fwd(hidden, &ids)?;
+        let h = gather_rows(hidden, rows, &self.device)?;
         matmul(&h, Trans::N, self.lm_head(), Trans::T)
     }
 
@@ -636,6 +631,29 @@ impl Model {
 }
 
 /// `hidden · wᵀ` for a `[1, d]` head: one f32 value per row.
+/// Whether `rows` lists each of `n` rows once, in order (a decode step's last rows).
+fn is_every_row(rows: &[usize], n: usize) -> bool {
+    rows.len() == n && rows.iter().enumerate().all(|(i, &r)| i == r)
+}
+
+/// Rows `rows` of `x` `[N, d]` as a `[rows.len(), d]` tensor: `x` itself when `rows` is every row in
+/// order, with no upload or launch.
+fn gather_rows<'a>(x: &'a Tensor, rows: &[usize], device: &Device) -> Result<Kept<'a>> {
+    if is_every_row(rows, x.shape()[0]) {
+        return Ok(Kept::Saved(x));
+    }
+    Ok(Kept::Recomputed(embed_fwd(x, &row_ids(rows, device)?)?))
+}
+
+/// Row indices as the `[rows.len()]` i32 ids `embed_fwd` gathers with.
+fn row_ids(rows: &[usize], device: &Device) -> Result<Tensor> {
+    Tensor::from_i32(
+        &[rows.len()],
+        rows.iter().map(|&r| r as i32).collect(),
+        device,
+    )
+}
+
 pub fn head_values(hidden: &Tensor, w: &Tensor) -> Result<Tensor> {
     let n = hidden.shape()[0];
     cast(&matmul(hidden, Trans::N, w, Trans::T)?, DType::F32)?.reshape(&[n])
@@ -746,8 +764,12 @@ impl Model {
             *l += q;
         }
         let seqs: Vec<usize> = (0..q_lens.len()).filter(|&b| q_lens[b] > 0).collect();
-        let last: Vec<i32> = seqs.iter().map(|&b| (offsets[b + 1] - 1) as i32).collect();
-        let idx = Tensor::from_i32(&[last.len()], last, &self.device)?;
-        Ok((embed_fwd(&hidden, &idx)?, seqs))
+        let last: Vec<usize> = seqs.iter().map(|&b| offsets[b + 1] - 1).collect();
+        let last_rows = if is_every_row(&last, n) {
+            hidden
+        } else {
+            embed_fwd(&hidden, &row_ids(&last, &self.device)?)?
+        };
+        Ok((last_rows, seqs))
     }
 }
