@@ -8,7 +8,9 @@ use rlhf_kernels::ops::adamw::{
 };
 use rlhf_kernels::ops::elementwise::{add, bias_add, bias_grad, cast};
 use rlhf_kernels::ops::embed::{embed_bwd, embed_fwd, rows_store, rows_store_pair};
-use rlhf_kernels::ops::mlp::{swiglu_bwd, swiglu_bwd_ref, swiglu_fwd, swiglu_fwd_ref};
+use rlhf_kernels::ops::mlp::{
+    swiglu_bwd, swiglu_bwd_and_h, swiglu_bwd_ref, swiglu_fwd, swiglu_fwd_ref,
+};
 use rlhf_kernels::ops::rope::{rope_bwd, rope_fwd, rope_qk_bwd, rope_qk_fwd, rope_ref};
 use rlhf_kernels::testing::{assert_close, check_output, fd_check, fresh_seed, round_bf16, Rng};
 
@@ -294,14 +296,19 @@ cuda_test! {
             let run = |dv: &Device| {
                 let on = |v: &[f32]| Tensor::from_f32_as(&[m], v, exact_as(dv), dv).unwrap();
                 let (gt, ut) = (on(&g), on(&u));
-                let h = swiglu_fwd(&gt, &ut).unwrap().to_f32_vec().unwrap();
+                let h = swiglu_fwd(&gt, &ut).unwrap();
                 let (dg, du) = swiglu_bwd(&on(&dh), &gt, &ut).unwrap();
-                (h, dg.to_f32_vec().unwrap(), du.to_f32_vec().unwrap())
+                let (dg2, du2, h2) = swiglu_bwd_and_h(&on(&dh), &gt, &ut).unwrap();
+                [h, dg, du, h2, dg2, du2].map(|t| t.to_f32_vec().unwrap())
             };
             let (want, got) = (run(&cpu_dev), run(&dev));
-            check_output("swiglu_fwd", tag, &got.0, &want.0, dtype, 1e-6, 1e-5);
-            check_output("swiglu_bwd.dgate", tag, &got.1, &want.1, dtype, 1e-6, 1e-5);
-            check_output("swiglu_bwd.dup", tag, &got.2, &want.2, dtype, 1e-6, 1e-5);
+            let names = ["swiglu_fwd", "swiglu_bwd.dgate", "swiglu_bwd.dup"];
+            for (i, name) in names.into_iter().enumerate() {
+                check_output(name, tag, &got[i], &want[i], dtype, 1e-6, 1e-5);
+                // With h from the backward's pass: the same values, bit for bit.
+                assert_eq!(got[i + 3], got[i], "swiglu_bwd_and_h {tag}: {name}");
+                assert_eq!(want[i + 3], want[i], "swiglu_bwd_and_h {tag} on the CPU: {name}");
+            }
             // embed
             let (vocab, width, toks) = (1000, 576, 333);
             let table = round(rng.normal_vec(vocab * width, 1.0));

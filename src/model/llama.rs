@@ -15,7 +15,7 @@ use crate::ops::attention::{attention_bwd, attention_fwd, AttnBatch, Heads};
 use crate::ops::elementwise::{bias_add, bias_grad, cast};
 use crate::ops::embed::{embed_bwd, embed_fwd, rows_store_pair};
 use crate::ops::matmul::{gemm, matmul, Trans};
-use crate::ops::mlp::{swiglu_bwd, swiglu_fwd};
+use crate::ops::mlp::{swiglu_bwd, swiglu_bwd_and_h, swiglu_fwd};
 use crate::ops::norm::{
     add_rms_norm_fwd, rms_norm_bwd, rms_norm_bwd_add, rms_norm_fwd, RmsNormOut,
 };
@@ -543,11 +543,20 @@ impl Model {
         // Kept tensors, or the forward's values recomputed (see LayerActs); a recomputed one lives
         // only while its products need it.
         // MLP: out = h + down(swiglu(gate(xn2), up(xn2))).
-        let dact = {
-            let act = kept_or(&a.act, || swiglu_fwd(&a.gate, &a.up))?;
-            linear_bwd(dout, &act, &l.down, &mut g.down, None)?
+        let (dgate, dup) = match &a.act {
+            Some(act) => {
+                let dact = linear_bwd(dout, act, &l.down, &mut g.down, None)?;
+                swiglu_bwd(&dact, &a.gate, &a.up)?
+            }
+            // The activation comes back from the same pass as the gradients (one read of gate
+            // and up, not two), in time for the down projection's weight gradient.
+            None => {
+                let dact = matmul(dout, Trans::N, &l.down, Trans::N)?;
+                let (dgate, dup, act) = swiglu_bwd_and_h(&dact, &a.gate, &a.up)?;
+                gemm(&mut g.down, dout, Trans::T, &act, Trans::N, 1.0, 1.0)?;
+                (dgate, dup)
+            }
         };
-        let (dgate, dup) = swiglu_bwd(&dact, &a.gate, &a.up)?;
         let mut dxn2 = {
             let xn2 = kept_or(&a.xn2, || Ok(rms_norm_fwd(h, &l.mlp_norm, self.eps())?.y))?;
             let dxn2 = linear_bwd(&dgate, &xn2, &l.gate, &mut g.gate, None)?;

@@ -1,5 +1,5 @@
-//! SwiGLU, the twin of `kernels/mlp.cu`: `h = silu(gate) · up` and its backward. The MLP's three
-//! projections are plain GEMMs (`ops::matmul`).
+//! SwiGLU, the twin of `kernels/mlp.cu`: `h = silu(gate) · up` and its backward, optionally with
+//! `h` again from the same pass. The MLP's three projections are plain GEMMs (`ops::matmul`).
 
 use cudarc::driver::PushKernelArg;
 use half::bf16;
@@ -66,28 +66,52 @@ pub fn swiglu_fwd(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 /// Returns (dgate, dup).
 pub fn swiglu_bwd(dh: &Tensor, gate: &Tensor, up: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (dg, du, _) = bwd(dh, gate, up, false)?;
+    Ok((dg, du))
+}
+
+/// `swiglu_bwd` and the forward's `h` again, from one pass over gate and up: for a backward that
+/// did not keep `h` but needs it (the down projection's weight gradient). Returns (dgate, dup, h).
+pub fn swiglu_bwd_and_h(
+    dh: &Tensor,
+    gate: &Tensor,
+    up: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (dg, du, h) = bwd(dh, gate, up, true)?;
+    Ok((dg, du, h.expect("h was asked for")))
+}
+
+fn bwd(
+    dh: &Tensor,
+    gate: &Tensor,
+    up: &Tensor,
+    with_h: bool,
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
     let device = same_device(OP_BWD, &[dh, gate, up])?;
     let _profile = profile::scope(device, OP_BWD);
     check(OP_BWD, gate, &[("up", up), ("dh", dh)])?;
     match device {
         Device::Cpu => {
             let n = gate.numel();
+            let (g, u) = (host_f32(gate, OP_BWD)?, host_f32(up, OP_BWD)?);
             let (mut dg, mut du) = (vec![0.0f32; n], vec![0.0f32; n]);
-            swiglu_bwd_ref(
-                &mut dg,
-                &mut du,
-                &host_f32(dh, OP_BWD)?,
-                &host_f32(gate, OP_BWD)?,
-                &host_f32(up, OP_BWD)?,
-            );
+            swiglu_bwd_ref(&mut dg, &mut du, &host_f32(dh, OP_BWD)?, &g, &u);
+            let h = with_h
+                .then(|| {
+                    let mut h = vec![0.0f32; n];
+                    swiglu_fwd_ref(&mut h, &g, &u);
+                    Tensor::from_f32_as(gate.shape(), &h, gate.dtype(), device)
+                })
+                .transpose()?;
             Ok((
                 Tensor::from_f32_as(gate.shape(), &dg, gate.dtype(), device)?,
                 Tensor::from_f32_as(gate.shape(), &du, gate.dtype(), device)?,
+                h,
             ))
         }
         Device::Cuda(_) => match gate.dtype() {
-            DType::F32 => bwd_cuda::<f32>(dh, gate, up),
-            DType::BF16 => bwd_cuda::<bf16>(dh, gate, up),
+            DType::F32 => bwd_cuda::<f32>(dh, gate, up, with_h),
+            DType::BF16 => bwd_cuda::<bf16>(dh, gate, up, with_h),
             DType::I32 => Err(Error::DType {
                 op: OP_BWD,
                 dtype: "i32",
@@ -114,23 +138,37 @@ fn fwd_cuda<T: CudaElem>(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Ok(h)
 }
 
-fn bwd_cuda<T: CudaElem>(dh: &Tensor, gate: &Tensor, up: &Tensor) -> Result<(Tensor, Tensor)> {
+fn bwd_cuda<T: CudaElem>(
+    dh: &Tensor,
+    gate: &Tensor,
+    up: &Tensor,
+    with_h: bool,
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
     let dev = gate.device().as_cuda(OP_BWD)?;
     let n = gate.numel();
     let mut dg = Tensor::empty(gate.shape(), T::DTYPE, gate.device())?;
     let mut du = Tensor::empty(gate.shape(), T::DTYPE, gate.device())?;
+    let mut h = with_h
+        .then(|| Tensor::empty(gate.shape(), T::DTYPE, gate.device()))
+        .transpose()?;
     if n == 0 {
-        return Ok((dg, du));
+        return Ok((dg, du, h));
     }
     let f = dev.function("mlp", T::pick("swiglu_bwd_f32", "swiglu_bwd_bf16"))?;
     let mut b = dev.stream().launch_builder(&f);
     b.arg(T::slice_mut(&mut dg, OP_BWD)?)
-        .arg(T::slice_mut(&mut du, OP_BWD)?)
-        .arg(T::slice(dh, OP_BWD)?)
+        .arg(T::slice_mut(&mut du, OP_BWD)?);
+    // A null h: the kernel writes only the gradients.
+    let null = 0u64;
+    match h.as_mut() {
+        Some(h) => b.arg(T::slice_mut(h, OP_BWD)?),
+        None => b.arg(&null),
+    };
+    b.arg(T::slice(dh, OP_BWD)?)
         .arg(T::slice(gate, OP_BWD)?)
         .arg(T::slice(up, OP_BWD)?)
         .arg(&n);
-    // SAFETY: the five buffers hold n elements; grid-stride loop bounded by n.
+    // SAFETY: the buffers (h when given) hold n elements; grid-stride loop bounded by n.
     unsafe { b.launch(grid_stride(n)) }?;
-    Ok((dg, du))
+    Ok((dg, du, h))
 }
