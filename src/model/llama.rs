@@ -639,7 +639,6 @@ impl Model {
     }
 }
 
-/// `hidden · wᵀ` for a `[1, d]` head: one f32 value per row.
 /// Whether `rows` lists each of `n` rows once, in order (a decode step's last rows).
 fn is_every_row(rows: &[usize], n: usize) -> bool {
     rows.len() == n && rows.iter().enumerate().all(|(i, &r)| i == r)
@@ -663,6 +662,7 @@ fn row_ids(rows: &[usize], device: &Device) -> Result<Tensor> {
     )
 }
 
+/// `hidden · wᵀ` for a `[1, d]` head: one f32 value per row.
 pub fn head_values(hidden: &Tensor, w: &Tensor) -> Result<Tensor> {
     let n = hidden.shape()[0];
     cast(&matmul(hidden, Trans::N, w, Trans::T)?, DType::F32)?.reshape(&[n])
