@@ -22,8 +22,9 @@
 // a stack array in every copy inlined, which the W copies here would keep. The angle is reduced by
 // pi/2 in double precision (exact enough for any position: k below 2^30 loses under 1e-7 radians),
 // and the remainder, within pi/4, goes through Taylor polynomials in f32 whose truncation error at
-// pi/4 is under 2e-9.
-__device__ __forceinline__ void sincos_of_angle(float angle, float* s, float* c) {
+// pi/4 is under 2e-9. (Host-callable, so tests/host/rope_check.cu can measure it against double
+// precision.)
+__host__ __device__ __forceinline__ void sincos_of_angle(float angle, float* s, float* c) {
     const double a = angle;
     const double k = rint(a * 0.63661977236758134);  // 2 / pi
     const float r = (float)fma(-k, 1.5707963267948966, a), r2 = r * r;

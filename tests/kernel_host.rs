@@ -1,5 +1,6 @@
 //! The loss kernels' per-thread arithmetic, compiled for the CPU and checked against
-//! double-precision loops (tests/host/kernel_check.cu says what it covers), the Hopper attention
+//! double-precision loops (tests/host/kernel_check.cu says what it covers), RoPE's sine and cosine
+//! (tests/host/rope_check.cu), the Hopper attention
 //! kernels' shared-memory layouts against the wgmma layouts (tests/host/attention_layout_check.cu),
 //! and every attention kernel run whole on a CPU emulator of CUDA blocks (tests/host/emulation.h,
 //! tests/host/attention_emulation.cpp). These run on every machine with nvcc, GPU or not, so a logic
@@ -70,6 +71,14 @@ fn build_and_run(file: &str, args: &[String]) {
 fn loss_kernel_arithmetic_matches_f64_loops_on_the_host() {
     let seed = fresh_seed("kernel host check") as u32;
     build_and_run("kernel_check.cu", &[seed.to_string()]);
+}
+
+/// RoPE's sine and cosine (computed without sincosf) within an f32 ulp of double precision, over
+/// random angles up to 2e6 radians and every angle a 128-wide head forms up to position 131,072.
+#[test]
+fn rope_sines_and_cosines_match_f64_on_the_host() {
+    let seed = fresh_seed("rope host check") as u32;
+    build_and_run("rope_check.cu", &[seed.to_string()]);
 }
 
 /// The Hopper attention kernels' tile loads and wgmma descriptors against PTX's 128-byte-swizzle
