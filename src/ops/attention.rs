@@ -47,10 +47,10 @@ struct DeviceTables {
     cu_q: Tensor,
     k_start: Tensor,
     k_len: Tensor,
-    /// Absent when the batch has no query rows (the launchers return before needing it).
-    tiles: Option<Tensor>,
-    /// The same for 128-row tiles, the blocks of the Hopper kernels: copied on the first launch
-    /// that needs them, so batches that never run one (decode steps, other GPUs) skip the copy.
+    /// The query-tile lists of 64 and of 128 rows (the blocks of the flash kernels and of the
+    /// two-warpgroup Hopper ones), each copied on the first launch that needs it, so batches that
+    /// never run one (decode steps, other GPUs) skip the copy.
+    tiles: std::sync::OnceLock<Tensor>,
     wide_tiles: std::sync::OnceLock<Tensor>,
 }
 
@@ -237,9 +237,7 @@ impl AttnBatch {
                 cu_q: Tensor::from_i32(&[cu_q.len()], cu_q.clone(), device)?,
                 k_start: Tensor::from_i32(&[k_start.len()], k_start.clone(), device)?,
                 k_len: Tensor::from_i32(&[k_len.len()], k_len.clone(), device)?,
-                tiles: (!tiles.is_empty())
-                    .then(|| Tensor::from_i32(&[tiles.len()], tiles.clone(), device))
-                    .transpose()?,
+                tiles: std::sync::OnceLock::new(),
                 wide_tiles: std::sync::OnceLock::new(),
             }),
         };
@@ -267,19 +265,27 @@ impl AttnBatch {
     /// launch.
     fn device_tiles(&self, op: &'static str, wide: bool) -> Result<&Tensor> {
         let tables = self.device_tables(op)?;
-        let narrow = tables.tiles.as_ref().ok_or_else(|| Error::Unsupported {
-            op,
-            detail: "a batch with no query rows has no tiles to launch".into(),
-        })?;
-        if !wide {
-            return Ok(narrow);
+        if self.tiles.is_empty() {
+            return Err(Error::Unsupported {
+                op,
+                detail: "a batch with no query rows has no tiles to launch".into(),
+            });
         }
-        if let Some(t) = tables.wide_tiles.get() {
+        let cell = if wide {
+            &tables.wide_tiles
+        } else {
+            &tables.tiles
+        };
+        if let Some(t) = cell.get() {
             return Ok(t);
         }
-        let wide = query_tiles(&self.cu_q, HOPPER_ROWS);
-        let t = Tensor::from_i32(&[wide.len()], wide, narrow.device())?;
-        Ok(tables.wide_tiles.get_or_init(|| t))
+        let list = if wide {
+            query_tiles(&self.cu_q, HOPPER_ROWS)
+        } else {
+            self.tiles.clone()
+        };
+        let t = Tensor::from_i32(&[list.len()], list, tables.cu_q.device())?;
+        Ok(cell.get_or_init(|| t))
     }
 
     /// The same batch run by `kernel` on CUDA.
