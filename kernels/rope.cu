@@ -13,8 +13,8 @@
 // One thread takes one row and a run of W frequencies (W = 8 bf16 or 4 f32: one 16-byte vector of
 // each half), computes their sines and cosines once, and rotates that run in every query and key
 // head of the row: the sines and cosines, the costly part, are paid once per row and frequency, not
-// per head, and each access is 16 bytes. Where half is not a multiple of W (the last run is shorter) or a buffer is not
-// 16-byte aligned, the accesses are element by element.
+// per head, and each access is 16 bytes. Where half is not a multiple of W (the last run is
+// shorter) or a buffer is not 16-byte aligned, the accesses are element by element.
 #include "common.cuh"
 
 // sin and cos of an f32 angle (transformers' p * f_i, which reaches thousands of radians, more
