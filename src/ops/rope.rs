@@ -45,10 +45,10 @@ pub fn rope_ref<F: Float>(
     }
 }
 
-/// Checks one input `[N, heads·head_dim]` against the positions' N.
+/// Checks one input `[N, heads·head_dim]` (at least one head) against the positions' N.
 fn check_input(x: &Tensor, name: &str, n: usize, heads: usize, head_dim: usize) -> Result<()> {
     let (rows, width) = x.dims2(OP)?;
-    if rows != n || width != heads * head_dim {
+    if heads == 0 || rows != n || width != heads * head_dim {
         return Err(Error::shape(
             OP,
             format!("{name} is [{rows}, {width}], expected [{n}, {heads} heads x {head_dim}]"),
@@ -77,21 +77,10 @@ fn apply(
     positions.expect_dtype(OP, DType::I32)?;
     inv_freq.expect_dtype(OP, DType::F32)?;
     let head_dim = 2 * inv_freq.numel();
-    if heads == 0 {
-        return Err(Error::shape(OP, "heads must be at least 1".to_owned()));
-    }
     check_input(q, if k.is_some() { "q" } else { "x" }, n, heads, head_dim)?;
     if let Some(k) = k {
-        if kv_heads == 0 {
-            return Err(Error::shape(OP, "kv_heads must be at least 1".to_owned()));
-        }
         check_input(k, "k", n, kv_heads, head_dim)?;
-        if k.dtype() != q.dtype() {
-            return Err(Error::DType {
-                op: OP,
-                dtype: k.dtype().name(),
-            });
-        }
+        k.expect_dtype(OP, q.dtype())?;
     }
     match device {
         Device::Cpu => {
