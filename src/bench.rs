@@ -934,6 +934,9 @@ pub fn bench_decode(
 pub struct OnlineBench {
     pub generated_tokens: usize,
     pub generation_tokens_per_s: f64,
+    /// The same generation with decode steps launched op by op instead of replayed as graphs (on
+    /// a GPU, unless graphs are off).
+    pub generation_eager_tokens_per_s: Option<f64>,
     pub training_tokens: usize,
     pub training_tokens_per_s: f64,
     /// Where a 32-token generation from the same prompts, and one more update, spend their time,
@@ -944,7 +947,8 @@ pub struct OnlineBench {
 /// Times one rollout (`prompts` prompts of `prompt_len` tokens, `new_tokens` sampled each, no EOS)
 /// and its update: for PPO the policy and value forward+backward plus the reference and reward
 /// forwards; for GRPO the policy forward+backward plus the reference forward. Random weights with
-/// `cfg`'s shape. With `profile`, a short generation and one more update under the op profiler.
+/// `cfg`'s shape. On a GPU the rollout runs again with its decode steps launched op by op instead
+/// of replayed as graphs, and must sample the same tokens. With `profile`, a short generation and one more update under the op profiler.
 pub fn bench_online(
     device: &Device,
     cfg: &crate::model::LlamaConfig,
@@ -954,7 +958,7 @@ pub fn bench_online(
     new_tokens: usize,
     profile: bool,
 ) -> Result<OnlineBench> {
-    use crate::model::generate::GenerateOptions;
+    use crate::model::generate::{decode_graphs, set_decode_graphs, GenerateOptions};
     use crate::model::{Model, Params};
     use crate::train::{frozen_logps, score, score_backward, ScoredBatch};
     // The command asks for --pairs × 4 prompts of --seq-len / 2 tokens, and as many new ones.
@@ -993,6 +997,30 @@ pub fn bench_online(
     device.synchronize()?;
     let gen_secs = t.elapsed().as_secs_f64();
     let generated: usize = gens.iter().map(|g| g.tokens.len()).sum();
+    // The same generation with each step's kernels launched one by one: the graphs' gain, and a
+    // check that replaying a recorded step samples the very tokens the eager steps do.
+    let eager_tokens_per_s = if device.is_cuda() && decode_graphs() {
+        set_decode_graphs(false);
+        let t = Instant::now();
+        let eager = policy.generate(&batch, &opts, |_, _| {});
+        let synced = device.synchronize();
+        let secs = t.elapsed().as_secs_f64();
+        set_decode_graphs(true);
+        let eager = eager?;
+        synced?;
+        if let Some(b) = (0..gens.len()).find(|&b| eager[b].tokens != gens[b].tokens) {
+            return Err(Error::Unsupported {
+                op: "bench train",
+                detail: format!(
+                    "sequence {b}: decode steps replayed from a CUDA graph sampled other tokens \
+                     than the same steps launched one by one (RLHF_CUDA_GRAPHS=0 turns graphs off)"
+                ),
+            });
+        }
+        Some(generated as f64 / secs)
+    } else {
+        None
+    };
     let seqs: Vec<(&[i32], &[i32])> = batch
         .iter()
         .zip(&gens)
@@ -1037,6 +1065,7 @@ pub fn bench_online(
     Ok(OnlineBench {
         generated_tokens: generated,
         generation_tokens_per_s: generated as f64 / gen_secs,
+        generation_eager_tokens_per_s: eager_tokens_per_s,
         training_tokens: sb.batch.len(),
         training_tokens_per_s: sb.batch.len() as f64 / (train_ms * 1e-3),
         profile,

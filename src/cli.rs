@@ -607,6 +607,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     "generation: {} tokens, {:.0} tokens/s",
                     r.generated_tokens, r.generation_tokens_per_s
                 );
+                if let Some(eager) = r.generation_eager_tokens_per_s {
+                    println!(
+                        "            {eager:.0} tokens/s with each decode step's kernels launched one by one \
+                         (same tokens); graphs {:.2}x",
+                        r.generation_tokens_per_s / eager
+                    );
+                }
                 println!(
                     "training:   {} tokens, {:.0} tokens/s",
                     r.training_tokens, r.training_tokens_per_s

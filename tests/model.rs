@@ -6,7 +6,7 @@ use rlhf_kernels::cuda_test;
 use rlhf_kernels::device::{DType, Device, Tensor};
 use rlhf_kernels::model::generate::{sample, GenerateOptions};
 use rlhf_kernels::model::weights::parameter_shapes;
-use rlhf_kernels::model::{Batch, LlamaConfig, Model, Params};
+use rlhf_kernels::model::{Batch, KvCache, LlamaConfig, Model, Params};
 use rlhf_kernels::ops::logprob::{linear_logprob_bwd, linear_logprob_fwd};
 use rlhf_kernels::testing::{fresh_seed, rel_l2, Rng};
 use serde_json::json;
@@ -508,6 +508,99 @@ cuda_test! {
                 errors.sort_by(f64::total_cmp);
                 let median = errors[errors.len() / 2];
                 assert!(median <= median_bound, "{}: median relative L2 error over the tensors {median:e}", dtype.name());
+            }
+        }
+    }
+}
+
+/// A tiny model whose attention runs on the decode kernels on a GPU (head_dim 64, GQA group 3), so
+/// its decode steps can be recorded as a graph.
+fn decode_config() -> LlamaConfig {
+    let v = json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 37, "hidden_size": 96,
+        "intermediate_size": 40, "num_hidden_layers": 2, "num_attention_heads": 3, "num_key_value_heads": 1,
+        "head_dim": 64, "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": false,
+        "max_position_embeddings": 64, "eos_token_id": 2
+    });
+    LlamaConfig::from_json(&v, std::path::Path::new("tiny/config.json")).unwrap()
+}
+
+cuda_test! {
+    fn cuda_decode_graph_replays_the_eager_steps(dev) {
+        // The recorded step runs the kernels the eager step launches, on the same shapes, so its
+        // logits and the cache it fills must match bit for bit, step after step, in bf16 and f32.
+        let cfg = decode_config();
+        let mut rng = Rng::new(fresh_seed("cuda_decode_graph_replays_the_eager_steps"));
+        let cpu = tiny_model(&cfg, rng.next_u64(), &Device::Cpu);
+        for dtype in [DType::BF16, DType::F32] {
+            let model = Model::new(cfg.clone(), cpu.params.convert(&cfg, &dev, dtype).unwrap(), dev.clone()).unwrap();
+            let prompts = vec![vec![5, 9, 11, 3, 30], vec![7], vec![1, 4, 36]];
+            let capacity = 12;
+            let mut eager_cache = KvCache::new(&model, prompts.len(), capacity).unwrap();
+            let mut graph_cache = KvCache::new(&model, prompts.len(), capacity).unwrap();
+            model.forward_cached(&prompts, &mut eager_cache).unwrap();
+            model.forward_cached(&prompts, &mut graph_cache).unwrap();
+            let mut graph = model
+                .decode_graph(&mut graph_cache)
+                .unwrap()
+                .expect("a head_dim 64 model's decode step can be recorded");
+            assert_eq!(graph_cache.lens, vec![5, 1, 3], "recording changes nothing in the cache");
+            // The longest prompt leaves room for capacity - 5 steps.
+            for step in 0..capacity - 5 {
+                let tokens: Vec<i32> = (0..prompts.len()).map(|_| rng.below(cfg.vocab_size) as i32).collect();
+                let next: Vec<Vec<i32>> = tokens.iter().map(|&t| vec![t]).collect();
+                let (hidden, seqs) = model.forward_cached(&next, &mut eager_cache).unwrap();
+                assert_eq!(seqs, vec![0, 1, 2]);
+                let want = model.logits_rows_tensor(&hidden, &seqs).unwrap().to_f32_vec().unwrap();
+                let got = model.decode_step(&mut graph, &tokens, &mut graph_cache).unwrap().to_f32_vec().unwrap();
+                assert!(want.iter().all(|v| v.is_finite()), "{} step {step}: eager logits not finite", dtype.name());
+                assert_eq!(got, want, "{} step {step}: replayed logits differ from the eager step's", dtype.name());
+                assert_eq!(graph_cache.lens, eager_cache.lens);
+            }
+            let full: Vec<i32> = vec![0; 3];
+            assert!(
+                model.decode_step(&mut graph, &full, &mut graph_cache).is_err(),
+                "a step past the cache's capacity is an error, not a write out of bounds"
+            );
+        }
+    }
+}
+
+cuda_test! {
+    fn cuda_generation_with_finished_sequences_matches_the_full_forward(dev) {
+        // Greedy, f32, attention on the decode kernels: the GPU runs finished sequences on with a
+        // placeholder token (so every step has one shape and replays as a graph). The sequences
+        // that go on must still get exactly the tokens and log-probs of the full forward, and a
+        // finished one must stop at its EOS.
+        let cfg = decode_config();
+        let cpu = tiny_model(&cfg, 29, &Device::Cpu);
+        let gpu = Model::new(cfg.clone(), cpu.params.convert(&cfg, &dev, DType::F32).unwrap(), dev.clone()).unwrap();
+        let prompts = vec![vec![1, 4, 9, 16], vec![7], vec![3, 5], vec![20, 21, 22]];
+        let first = |p: &Vec<i32>| {
+            let h = cpu.forward(&Batch::new(std::slice::from_ref(p))).unwrap().hidden;
+            let z = cpu.logits_rows(&h, &[p.len() - 1]).unwrap();
+            z.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as i32
+        };
+        // The first sequence's first greedy token ends it at once; the others go on unless they
+        // meet it.
+        let eos = first(&prompts[0]);
+        let opts = GenerateOptions { max_new_tokens: 6, temperature: 0.0, eos: vec![eos], ..Default::default() };
+        let out = gpu.generate(&prompts, &opts, |_, _| {}).unwrap();
+        assert_eq!(out[0].tokens, vec![eos]);
+        assert!(out[0].finished);
+        assert!(out.iter().skip(1).any(|g| !g.finished && g.tokens.len() == 6), "some sequence runs to the limit");
+        for (b, g) in out.iter().enumerate() {
+            let mut seq = prompts[b].clone();
+            seq.extend(&g.tokens);
+            let h = cpu.forward(&Batch::new(&[seq.clone()])).unwrap().hidden;
+            for (i, (&tok, &lp)) in g.tokens.iter().zip(&g.logprobs).enumerate() {
+                let z = cpu.logits_rows(&h, &[prompts[b].len() - 1 + i]).unwrap();
+                let m = z.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let lse = m + z.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+                let best = z.iter().enumerate().max_by(|a, c| a.1.total_cmp(c.1)).unwrap().0 as i32;
+                assert_eq!(tok, best, "seq {b} step {i}: greedy picks the full forward's argmax");
+                assert!((z[tok as usize] as f64 - lse - lp as f64).abs() < 1e-3, "seq {b} step {i}: log-prob {lp}");
+                assert_eq!(tok == eos, i + 1 == g.tokens.len() && g.finished, "seq {b} step {i}: EOS ends the sequence");
             }
         }
     }

@@ -1,9 +1,11 @@
 //! One CUDA device: its context, the one stream all work goes on, the kernel modules (loaded once,
-//! functions cached) and the cuBLAS handle.
+//! functions cached), the cuBLAS handle, and graph capture (a sequence of launches recorded once
+//! and replayed with one launch).
 //!
 //! cudarc loads libcuda and libcublas at run time and panics when they are absent, so every entry
 //! point probes for the library first and turns its absence into `Error::NoCuda`.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -23,7 +25,14 @@ pub struct CudaDevice {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
     blas: OnceLock<std::result::Result<CudaBlas, String>>,
+    /// The stream graph captures record on, and a cuBLAS handle bound to it (see `capture`).
+    capture: OnceLock<std::result::Result<(Arc<CudaStream>, CudaBlas), String>>,
     compute_capability: (i32, i32),
+}
+
+thread_local! {
+    /// The device (its address) this thread is recording a graph on, or 0.
+    static CAPTURING: Cell<usize> = const { Cell::new(0) };
 }
 
 /// Facts about the GPU for `rlhf doctor` and bench reports.
@@ -76,8 +85,8 @@ impl CudaDevice {
         // each kernel launch that takes it) so that several streams can share buffers. Everything
         // here runs on the one default stream (kernels, copies and cuBLAS), whose order already
         // serialises every use, so the tracking would only add driver calls to every launch.
-        // SAFETY: no other stream is ever created on this context (see `stream` below), so no
-        // buffer is used on a second stream.
+        // SAFETY: the one other stream, the capture stream (see `capture`), only records graphs,
+        // which run on the main stream, so no buffer is ever used by two streams' running work.
         unsafe { ctx.disable_event_tracking() };
         if let Err(e) = keep_freed_memory(&ctx) {
             eprintln!(
@@ -99,6 +108,7 @@ impl CudaDevice {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             blas: OnceLock::new(),
+            capture: OnceLock::new(),
             compute_capability,
         });
         devices.insert(ordinal, dev.clone());
@@ -119,8 +129,69 @@ impl CudaDevice {
         self.compute_capability.0 == 9
     }
 
+    /// The stream work goes on: the main stream, or the capture stream while this thread records
+    /// a graph on this device.
     pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
+        match self.capturing() {
+            Some((stream, _)) => stream,
+            None => &self.stream,
+        }
+    }
+
+    fn capturing(&self) -> Option<&(Arc<CudaStream>, CudaBlas)> {
+        if CAPTURING.get() != self as *const CudaDevice as usize {
+            return None;
+        }
+        self.capture.get().and_then(|c| c.as_ref().ok())
+    }
+
+    /// Records the work `record` puts on this device (kernels, cuBLAS GEMMs, device copies and the
+    /// allocations and frees of its temporaries) into a graph, running none of it. The capture is
+    /// the driver's thread-local kind on a stream of its own, so other threads' work on the device
+    /// goes on unrecorded. `record` must not copy from or to the host or wait for the device (the
+    /// driver refuses both while capturing), and every tensor it allocates must be dropped before
+    /// it returns: the graph owns those allocations, at one address for its life.
+    pub fn capture(&self, record: impl FnOnce() -> Result<()>) -> Result<DeviceGraph> {
+        use cudarc::driver::sys;
+        self.blas()?;
+        let (stream, _) = self
+            .capture
+            .get_or_init(|| {
+                let stream = self.ctx.new_stream().map_err(|e| e.to_string())?;
+                let blas = CudaBlas::new(stream.clone()).map_err(|e| e.to_string())?;
+                Ok((stream, blas))
+            })
+            .as_ref()
+            .map_err(|e| Error::NoCuda(format!("no stream to capture a graph on: {e}")))?;
+        stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+        struct Recording;
+        impl Drop for Recording {
+            fn drop(&mut self) {
+                CAPTURING.set(0);
+            }
+        }
+        let recorded = {
+            CAPTURING.set(self as *const CudaDevice as usize);
+            let _recording = Recording;
+            record()
+        };
+        // The capture ends whatever `record` returned, so that the stream records no more.
+        let ended = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        if recorded.is_err() || ended.is_err() {
+            // Frees of the failed capture's temporaries, refused by the driver as the capture
+            // broke, left their errors for cudarc to report at the next call; they are this
+            // failure's, already reported below.
+            let _ = self.ctx.check_err();
+        }
+        recorded?;
+        let graph = ended?.ok_or_else(|| Error::Unsupported {
+            op: "capture",
+            detail: "the graph capture recorded no work".into(),
+        })?;
+        Ok(DeviceGraph {
+            graph,
+            stream: self.stream.clone(),
+        })
     }
 
     pub fn info(&self) -> Result<DeviceInfo> {
@@ -147,7 +218,7 @@ impl CudaDevice {
     }
 
     pub fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize()?;
+        self.stream().synchronize()?;
         Ok(())
     }
 
@@ -206,12 +277,15 @@ impl CudaDevice {
         let e = self
             .ctx
             .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
-        e.record(&self.stream)?;
+        e.record(self.stream())?;
         Ok(e)
     }
 
     /// The cuBLAS handle, bound to this device's stream.
     pub fn blas(&self) -> Result<&CudaBlas> {
+        if let Some((_, blas)) = self.capturing() {
+            return Ok(blas);
+        }
         self.blas
             .get_or_init(|| {
                 // SAFETY: only tries to dlopen the library.
@@ -228,29 +302,29 @@ impl CudaDevice {
     /// output poisoning is on: kernels must write every element they promise.
     pub fn alloc<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
         // SAFETY: callers only hand this buffer to kernels that write it before it is read.
-        let mut slice = unsafe { self.stream.alloc::<T>(len.max(1)) }?;
+        let mut slice = unsafe { self.stream().alloc::<T>(len.max(1)) }?;
         if super::tensor::poisoning() {
             let bytes = len.max(1) * std::mem::size_of::<T>();
-            let (ptr, _sync) = slice.device_ptr_mut(&self.stream);
+            let (ptr, _sync) = slice.device_ptr_mut(self.stream());
             // SAFETY: `ptr` covers exactly `bytes` bytes of this allocation.
             unsafe {
-                cudarc::driver::result::memset_d8_async(ptr, 0xff, bytes, self.stream.cu_stream())
+                cudarc::driver::result::memset_d8_async(ptr, 0xff, bytes, self.stream().cu_stream())
             }?;
         }
         Ok(slice)
     }
 
     pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
-        Ok(self.stream.alloc_zeros::<T>(len.max(1))?)
+        Ok(self.stream().alloc_zeros::<T>(len.max(1))?)
     }
 
     pub fn upload<T: DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
         if data.is_empty() {
             // cuMemAlloc rejects zero bytes; keep a one-element buffer that nothing reads.
             // SAFETY: never read.
-            return Ok(unsafe { self.stream.alloc::<T>(1) }?);
+            return Ok(unsafe { self.stream().alloc::<T>(1) }?);
         }
-        Ok(self.stream.clone_htod(data)?)
+        Ok(self.stream().clone_htod(data)?)
     }
 
     pub fn download<T: DeviceRepr + Clone + Default>(
@@ -262,8 +336,30 @@ impl CudaDevice {
             return Ok(Vec::new());
         }
         let mut v = vec![T::default(); len];
-        self.stream.memcpy_dtoh(&data.slice(0..len), &mut v)?;
+        self.stream().memcpy_dtoh(&data.slice(0..len), &mut v)?;
         Ok(v)
+    }
+}
+
+/// A graph recorded by `CudaDevice::capture`; each launch replays its work on the main stream, in
+/// order with everything else there.
+pub struct DeviceGraph {
+    graph: cudarc::driver::CudaGraph,
+    stream: Arc<CudaStream>,
+}
+
+impl DeviceGraph {
+    pub fn launch(&self) -> Result<()> {
+        self.stream.context().bind_to_thread()?;
+        // SAFETY: the executable graph is alive (owned by `self.graph`) and the stream belongs to
+        // the context it was captured in.
+        unsafe {
+            cudarc::driver::result::graph::launch(
+                self.graph.cu_graph_exec(),
+                self.stream.cu_stream(),
+            )
+        }?;
+        Ok(())
     }
 }
 

@@ -402,6 +402,33 @@ impl Tensor {
         Ok(())
     }
 
+    /// Overwrites every value of this i32 tensor from the host, in place (its device buffer keeps
+    /// its address, as a recorded graph that reads it needs).
+    pub fn write_i32(&mut self, values: &[i32]) -> Result<()> {
+        const OP: &str = "write_i32";
+        if values.len() != self.numel() {
+            return Err(Error::shape(
+                OP,
+                format!("{} values for shape {:?}", values.len(), self.shape),
+            ));
+        }
+        match &mut self.storage {
+            Storage::Cpu(HostData::I32(v)) => v.copy_from_slice(values),
+            Storage::Cuda(CudaData::I32(s)) => {
+                let _profile = super::profile::scope(&self.device, "copy to device");
+                let stream = self.device.as_cuda(OP)?.stream().clone();
+                stream.memcpy_htod(values, s)?;
+            }
+            _ => {
+                return Err(Error::DType {
+                    op: OP,
+                    dtype: self.dtype.name(),
+                })
+            }
+        }
+        Ok(())
+    }
+
     /// The same data under another shape with as many elements.
     pub fn reshape(mut self, shape: &[usize]) -> Result<Tensor> {
         if numel(shape) != self.numel() {

@@ -1,8 +1,10 @@
 //! Sampling with a KV cache: batched, temperature / top-k / top-p with a seed, stop on EOS or after
 //! `max_new_tokens`. Returns each sampled token's log-probability, as PPO needs.
 
-use super::llama::{KvCache, Model};
-use crate::device::Device;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+
+use super::llama::{DecodeGraph, KvCache, Model};
+use crate::device::{profile, Device};
 use crate::error::{Error, Result};
 use crate::ops::sample::{device_sampling, invert_cdf, sample_plain, sample_plain_ref, RowWeights};
 use crate::rng::Rng;
@@ -182,39 +184,118 @@ impl Model {
                 finished: false,
             })
             .collect();
+        // On a GPU every sequence takes a token at every step after its prompt, a finished one its
+        // last token again (its outputs unused), so that a step's shape never changes and it can
+        // replay as one recorded graph. On the CPU a finished sequence costs nothing.
+        let fixed_steps = self.device.is_cuda();
+        let mut recorded: Option<Option<DecodeGraph>> = None;
         let mut next: Vec<Vec<i32>> = prompts.to_vec();
         // On a GPU the plain and greedy rules run on the device; top-k and top-p on the host.
         let on_device =
             matches!(self.device, Device::Cuda(_)) && !opts.filtered() && device_sampling();
-        for _ in 0..opts.max_new_tokens {
-            if next.iter().all(Vec::is_empty) {
+        for step in 0..opts.max_new_tokens {
+            if out.iter().all(|g| g.finished) {
                 break;
             }
-            let (hidden, seqs) = self.forward_cached(&next, &mut cache)?;
-            let rows: Vec<usize> = (0..seqs.len()).collect();
-            let logits = self.logits_rows_tensor(&hidden, &rows)?;
-            for row in next.iter_mut() {
-                row.clear();
+            // Step 0 runs the prompts; step 1, eager, loads the decode kernels and cuBLAS's
+            // kernels for the step's shapes, so recording (at step 2) triggers no lazy loading.
+            let replay = step > 1 && fixed_steps && decode_graphs() && !profile::enabled();
+            if replay && recorded.is_none() {
+                recorded = Some(self.decode_graph(&mut cache).or_else(|e| {
+                    warn_unrecorded(&e);
+                    Ok::<_, Error>(None)
+                })?);
             }
-            // One draw per row in row order, so the tokens do not depend on where they are sampled.
-            let draws: Vec<f64> = seqs.iter().map(|_| rng.unit()).collect();
-            let picked: Vec<(i32, f32)> = if on_device {
-                let (tokens, logps) = sample_plain(&logits, opts.temperature, &draws)?;
-                tokens.into_iter().zip(logps).collect()
-            } else {
-                sample_rows(&logits.to_f32_vec()?, self.cfg.vocab_size, opts, &draws)
+            let eager;
+            let (logits, seqs) = match recorded.as_mut().and_then(Option::as_mut) {
+                Some(graph) if replay => {
+                    let tokens: Vec<i32> = next.iter().map(|t| t[0]).collect();
+                    let logits = self.decode_step(graph, &tokens, &mut cache)?;
+                    (logits, (0..prompts.len()).collect::<Vec<_>>())
+                }
+                _ => {
+                    let (hidden, seqs) = self.forward_cached(&next, &mut cache)?;
+                    let rows: Vec<usize> = (0..seqs.len()).collect();
+                    eager = self.logits_rows_tensor(&hidden, &rows)?;
+                    (&eager, seqs)
+                }
             };
-            for (&b, &(tok, lp)) in seqs.iter().zip(&picked) {
+            // One draw per unfinished sequence in row order, so the tokens do not depend on where
+            // they are sampled or on whether finished sequences still run.
+            let live: Vec<bool> = seqs.iter().map(|&b| !out[b].finished).collect();
+            let draws: Vec<f64> = live
+                .iter()
+                .map(|&l| if l { rng.unit() } else { 0.0 })
+                .collect();
+            let picked: Vec<Option<(i32, f32)>> = if on_device {
+                let (tokens, logps) = sample_plain(logits, opts.temperature, &draws)?;
+                tokens
+                    .into_iter()
+                    .zip(logps)
+                    .zip(&live)
+                    .map(|(p, &l)| l.then_some(p))
+                    .collect()
+            } else {
+                let vocab = self.cfg.vocab_size;
+                let all = logits.to_f32_vec()?;
+                let rows: Vec<f32> = all
+                    .chunks(vocab)
+                    .zip(&live)
+                    .filter(|(_, &l)| l)
+                    .flat_map(|(r, _)| r.iter().copied())
+                    .collect();
+                let live_draws: Vec<f64> = draws
+                    .iter()
+                    .zip(&live)
+                    .filter(|(_, &l)| l)
+                    .map(|(&u, _)| u)
+                    .collect();
+                let mut sampled = sample_rows(&rows, vocab, opts, &live_draws).into_iter();
+                live.iter()
+                    .map(|&l| if l { sampled.next() } else { None })
+                    .collect()
+            };
+            for (&b, pick) in seqs.iter().zip(picked) {
+                let Some((tok, lp)) = pick else { continue };
                 on_token(b, tok);
                 out[b].tokens.push(tok);
                 out[b].logprobs.push(lp);
-                if opts.eos.contains(&tok) {
-                    out[b].finished = true;
+                out[b].finished = opts.eos.contains(&tok);
+                next[b] = if out[b].finished && !fixed_steps {
+                    Vec::new()
                 } else {
-                    next[b].push(tok);
-                }
+                    vec![tok]
+                };
             }
         }
         Ok(out)
+    }
+}
+
+static DECODE_GRAPHS: AtomicU8 = AtomicU8::new(0);
+
+/// Whether decode steps on a GPU replay a recorded graph (the default) or launch their kernels one
+/// by one (`RLHF_CUDA_GRAPHS=0`, or `set_decode_graphs(false)`): the same kernels and results,
+/// slower; for profiling a step op by op, or ruling graphs out.
+pub fn decode_graphs() -> bool {
+    match DECODE_GRAPHS.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => std::env::var("RLHF_CUDA_GRAPHS").map_or(true, |v| v != "0"),
+    }
+}
+
+pub fn set_decode_graphs(on: bool) {
+    DECODE_GRAPHS.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// Says once a process why decode steps run without a graph, when recording one failed.
+fn warn_unrecorded(e: &Error) {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if !WARNED.swap(true, Ordering::Relaxed) {
+        eprintln!(
+            "warning: decode steps launch their kernels one by one (slower): recording a CUDA \
+             graph of a step failed: {e}"
+        );
     }
 }

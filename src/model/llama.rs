@@ -9,6 +9,7 @@
 
 use super::config::LlamaConfig;
 use super::weights::{LayerParams, Params};
+use crate::device::cuda::DeviceGraph;
 use crate::device::{DType, Device, Tensor};
 use crate::error::{Error, Result};
 use crate::ops::attention::{attention_bwd, attention_fwd, AttnBatch, Heads};
@@ -717,6 +718,30 @@ impl KvCache {
             capacity,
         })
     }
+
+    /// The attention layout of a step in which sequence b takes `q_lens[b]` new rows: its keys are
+    /// its region of the cache, grown by them. The decode kernels split the cache by its capacity,
+    /// so every step, eager or replayed from a graph, sums in the same order.
+    fn attn_batch(&self, q_lens: &[usize], device: &Device) -> Result<AttnBatch> {
+        let k_start: Vec<usize> = (0..q_lens.len()).map(|b| b * self.capacity).collect();
+        let k_len: Vec<usize> = q_lens.iter().zip(&self.lens).map(|(q, l)| q + l).collect();
+        AttnBatch::cached(q_lens, &k_start, &k_len, device)?.with_key_capacity(self.capacity)
+    }
+
+    /// An error unless sequence `b` has room for `new` more positions.
+    fn check_room(&self, b: usize, new: usize) -> Result<()> {
+        if self.lens[b] + new > self.capacity {
+            return Err(Error::Unsupported {
+                op: "generate",
+                detail: format!(
+                    "sequence {b} needs {} positions; the cache holds {}",
+                    self.lens[b] + new,
+                    self.capacity
+                ),
+            });
+        }
+        Ok(())
+    }
 }
 
 impl Model {
@@ -732,16 +757,7 @@ impl Model {
         self.check_tokens(&batch.tokens)?;
         let q_lens: Vec<usize> = new_tokens.iter().map(Vec::len).collect();
         for (b, &q) in q_lens.iter().enumerate() {
-            if cache.lens[b] + q > cache.capacity {
-                return Err(Error::Unsupported {
-                    op: "generate",
-                    detail: format!(
-                        "sequence {b} needs {} positions; the cache holds {}",
-                        cache.lens[b] + q,
-                        cache.capacity
-                    ),
-                });
-            }
+            cache.check_room(b, q)?;
         }
         let n = batch.len();
         let positions: Vec<i32> = q_lens
@@ -751,9 +767,7 @@ impl Model {
             .collect();
         let ids = Tensor::from_i32(&[n], batch.tokens.clone(), &self.device)?;
         let pos = Tensor::from_i32(&[n], positions, &self.device)?;
-        let k_start: Vec<usize> = (0..q_lens.len()).map(|b| b * cache.capacity).collect();
-        let k_len: Vec<usize> = q_lens.iter().zip(&cache.lens).map(|(q, l)| q + l).collect();
-        let attn = AttnBatch::cached(&q_lens, &k_start, &k_len, &self.device)?;
+        let attn = cache.attn_batch(&q_lens, &self.device)?;
         let offsets = batch.offsets();
         // Every new row's cache slot, so each layer appends its keys and values in one launch each.
         let slots: Vec<i32> = (0..q_lens.len())
@@ -763,12 +777,7 @@ impl Model {
             })
             .collect();
         let rows = Tensor::from_i32(&[n], slots, &self.device)?;
-        let x = embed_fwd(&self.params.embed, &ids)?;
-        let cache_rows = Some((&mut *cache, &rows));
-        let hidden = self
-            .run_layers(x, &pos, &attn, cache_rows, |_, _| {}, drop)?
-            .1
-            .y;
+        let hidden = self.run_cached(&ids, &pos, &rows, &attn, cache)?;
         for (l, q) in cache.lens.iter_mut().zip(&q_lens) {
             *l += q;
         }
@@ -781,4 +790,107 @@ impl Model {
         };
         Ok((last_rows, seqs))
     }
+
+    /// The cached forward on inputs already on the device: embedding, every layer (appending keys
+    /// and values to the cache at `rows`), final norm. It copies nothing from or to the host, so a
+    /// graph can record it.
+    fn run_cached(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        rows: &Tensor,
+        attn: &AttnBatch,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let x = embed_fwd(&self.params.embed, ids)?;
+        let cache_rows = Some((cache, rows));
+        Ok(self
+            .run_layers(x, positions, attn, cache_rows, |_, _| {}, drop)?
+            .1
+            .y)
+    }
+
+    /// A decode step in which each of `cache`'s sequences takes one token, recorded as a CUDA
+    /// graph; `None` where a step cannot be recorded: on the CPU, or when attention would not run
+    /// on the decode kernels (the cache's capacity fixes their launch shape; the flash kernels'
+    /// follows the lengths). Changes nothing in the cache; `decode_step` runs it.
+    pub fn decode_graph(&self, cache: &mut KvCache) -> Result<Option<DecodeGraph>> {
+        let Device::Cuda(dev) = &self.device else {
+            return Ok(None);
+        };
+        let b = cache.lens.len();
+        let mut attn = cache.attn_batch(&vec![1; b], &self.device)?;
+        if attn.decode_split(self.heads()).is_none() {
+            return Ok(None);
+        }
+        // Inputs for the recording only: each step writes its own before it replays.
+        let zeros = || Tensor::zeros(&[b], DType::I32, &self.device);
+        let (ids, positions, rows) = (zeros()?, zeros()?, zeros()?);
+        let mut logits = Tensor::empty(&[b, self.cfg.vocab_size], self.dtype, &self.device)?;
+        attn.set_key_lens(&vec![1; b])?;
+        let graph = dev.capture(|| {
+            let hidden = self.run_cached(&ids, &positions, &rows, &attn, cache)?;
+            let step = matmul(&hidden, Trans::N, self.lm_head(), Trans::T)?;
+            logits.copy_rows(0, &step, 0, b)
+        })?;
+        Ok(Some(DecodeGraph {
+            ids,
+            positions,
+            rows,
+            attn,
+            logits,
+            graph,
+        }))
+    }
+
+    /// Replays `graph`: `tokens[b]` goes after what the cache holds for sequence b (every sequence
+    /// takes one). Returns the step's logits, `[sequences, vocab]`, row b for sequence b, valid
+    /// until the next step.
+    pub fn decode_step<'g>(
+        &self,
+        graph: &'g mut DecodeGraph,
+        tokens: &[i32],
+        cache: &mut KvCache,
+    ) -> Result<&'g Tensor> {
+        let b = cache.lens.len();
+        if tokens.len() != b || graph.ids.numel() != b {
+            return Err(Error::Unsupported {
+                op: "decode_step",
+                detail: format!(
+                    "{} tokens for a step recorded for {} sequences, with a cache of {b}",
+                    tokens.len(),
+                    graph.ids.numel()
+                ),
+            });
+        }
+        self.check_tokens(tokens)?;
+        for s in 0..b {
+            cache.check_room(s, 1)?;
+        }
+        let positions: Vec<i32> = cache.lens.iter().map(|&l| l as i32).collect();
+        let slots: Vec<i32> = (0..b)
+            .map(|s| (s * cache.capacity + cache.lens[s]) as i32)
+            .collect();
+        let grown: Vec<usize> = cache.lens.iter().map(|l| l + 1).collect();
+        graph.ids.write_i32(tokens)?;
+        graph.positions.write_i32(&positions)?;
+        graph.rows.write_i32(&slots)?;
+        graph.attn.set_key_lens(&grown)?;
+        graph.graph.launch()?;
+        cache.lens = grown;
+        Ok(&graph.logits)
+    }
+}
+
+/// A recorded decode step (see `Model::decode_graph`): its inputs and its logits live in buffers
+/// the graph reads and writes at fixed addresses. A step of a small model is some 400 launches of
+/// little work each, so issuing them one by one from the host, not the GPU's work, sets its time;
+/// replayed, they cost one launch.
+pub struct DecodeGraph {
+    ids: Tensor,
+    positions: Tensor,
+    rows: Tensor,
+    attn: AttnBatch,
+    logits: Tensor,
+    graph: DeviceGraph,
 }

@@ -36,6 +36,11 @@ pub struct AttnBatch {
     pub kernel: AttnKernel,
     /// The flash backward without atomics (bitwise repeatable, slower); see [`set_deterministic`].
     pub deterministic: bool,
+    /// For a KV-cache batch, the most keys a sequence can reach (the cache's capacity): the decode
+    /// kernels plan their split of the cache by it rather than by today's longest sequence, so
+    /// that the plan, and the order each row's softmax is summed in, stays the same as the cache
+    /// fills (a recorded decode step replays one launch shape; see `with_key_capacity`).
+    key_capacity: Option<usize>,
     /// `[tiles, 2]` (sequence, first local query row) of every 64-row query tile, for the flash
     /// kernels: packed batches of any lengths cost no padding beyond each sequence's last tile.
     tiles: Vec<i32>,
@@ -161,7 +166,8 @@ impl AttnBatch {
     pub fn decode_split(&self, hd: Heads) -> Option<DecodeSplit> {
         let group = hd.heads / hd.kv_heads;
         let max_q = self.cu_q.windows(2).map(|w| (w[1] - w[0]) as usize).max()?;
-        let max_keys = self.k_len.iter().copied().max()? as usize;
+        let longest = self.k_len.iter().copied().max()? as usize;
+        let max_keys = self.key_capacity.unwrap_or(longest);
         if self.packed
             || self.kernel == AttnKernel::Simple
             || !matches!(hd.head_dim, 64 | 128)
@@ -248,6 +254,7 @@ impl AttnBatch {
             packed,
             kernel: AttnKernel::default_choice(),
             deterministic: deterministic(),
+            key_capacity: None,
             tiles,
             dev,
         })
@@ -286,6 +293,57 @@ impl AttnBatch {
         };
         let t = Tensor::from_i32(&[list.len()], list, tables.cu_q.device())?;
         Ok(cell.get_or_init(|| t))
+    }
+
+    /// This KV-cache batch with every sequence's keys able to grow to `capacity` (see
+    /// `key_capacity`).
+    pub fn with_key_capacity(mut self, capacity: usize) -> Result<AttnBatch> {
+        self.check_key_lens(&self.k_len, Some(capacity))?;
+        self.key_capacity = Some(capacity);
+        Ok(self)
+    }
+
+    /// New key counts for a KV-cache batch's sequences (the cache grew), on the host and in the
+    /// device table in place, so a recorded step that reads the table sees them. Each must still
+    /// cover its sequence's query rows and stay within the key capacity, if one was given.
+    pub fn set_key_lens(&mut self, k_len: &[usize]) -> Result<()> {
+        let lens = k_len
+            .iter()
+            .map(|&l| to_i32(OP_FWD, "key length", l))
+            .collect::<Result<Vec<i32>>>()?;
+        self.check_key_lens(&lens, self.key_capacity)?;
+        if let Some(tables) = self.dev.as_mut() {
+            tables.k_len.write_i32(&lens)?;
+        }
+        self.k_len = lens;
+        Ok(())
+    }
+
+    fn check_key_lens(&self, k_len: &[i32], capacity: Option<usize>) -> Result<()> {
+        if self.packed || k_len.len() != self.sequences() {
+            return Err(Error::shape(
+                OP_FWD,
+                format!(
+                    "{} key lengths for a {} batch of {} sequences",
+                    k_len.len(),
+                    if self.packed { "packed" } else { "KV-cache" },
+                    self.sequences()
+                ),
+            ));
+        }
+        for (b, (w, &k)) in self.cu_q.windows(2).zip(k_len).enumerate() {
+            let q = w[1] - w[0];
+            if k < q || capacity.is_some_and(|c| k as usize > c) {
+                return Err(Error::shape(
+                    OP_FWD,
+                    format!(
+                        "sequence {b}: {k} keys for {q} queries, capacity {}",
+                        capacity.map_or("unbounded".into(), |c| c.to_string())
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The same batch run by `kernel` on CUDA.

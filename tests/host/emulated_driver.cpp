@@ -5,8 +5,15 @@
 // tests and commands run unchanged, through the crate's own launch code, on a machine without a GPU.
 //
 // A "device pointer" is a host address. Streams and events are synchronous; an event's time is the
-// host clock's. The device reports compute capability RLHF_EMULATED_CC (default 9.0, so the Hopper
-// kernels run; 8.0 picks the mma.sync ones) and an H100's limits. A kernel the emulator finds at
+// host clock's. A stream being captured records its work into a graph instead (the kernels bound to
+// copies of their arguments) and refuses, as the driver does, what a capture cannot hold: copies
+// from or to host memory, synchronisations and synchronous allocations from the capturing thread,
+// and frees of memory the graph did not allocate. Memory allocated while capturing belongs to the
+// graph and lives as long as it does (the driver's graph allocations keep one address for the
+// graph's life); freeing it outside the capture is refused, so no graph allocation escapes.
+//
+// The device reports compute capability RLHF_EMULATED_CC (default 9.0, so the Hopper kernels run;
+// 8.0 picks the mma.sync ones) and an H100's limits. A kernel the emulator finds at
 // fault (a race, a missing wait, an out-of-bounds access, a deadlock, a trap) fails its launch with
 // CUDA_ERROR_LAUNCH_FAILED and the emulator's message on stderr. RLHF_EMULATED_MODE=eager runs copies
 // and wgmma at their issue and threads in reverse order.
@@ -15,11 +22,14 @@
 #include <chrono>
 #include <cstdlib>
 #include <mutex>
+#include <set>
+#include <thread>
 
 namespace {
 
 using CUresult = int;
-constexpr CUresult kSuccess = 0, kInvalidValue = 1, kOutOfMemory = 2, kNotFound = 500, kLaunchFailed = 719;
+constexpr CUresult kSuccess = 0, kInvalidValue = 1, kOutOfMemory = 2, kIllegalState = 401, kNotFound = 500,
+                   kLaunchFailed = 719, kCaptureUnsupported = 900, kCaptureInvalidated = 901;
 using CUdeviceptr = unsigned long long;
 
 struct Module {
@@ -27,7 +37,7 @@ struct Module {
 };
 struct Function {
     std::string name;
-    emu::Invoker* invoke;
+    emu::Binder* bind;
 };
 struct Event {
     double ms = 0.0;
@@ -79,6 +89,64 @@ CUresult release(CUdeviceptr p) {
     emu::unregister_global(mem);
     std::free(mem);
     return kSuccess;
+}
+
+// A graph: the operations a capture recorded, in order, and the memory allocated while capturing.
+struct Graph {
+    std::vector<std::function<CUresult()>> ops;
+    std::set<void*> owned;
+    ~Graph();
+};
+// What cuStreamEndCapture and cuGraphInstantiate hand out: both share the recorded graph.
+struct GraphHandle {
+    std::shared_ptr<Graph> graph;
+};
+
+// Graph-owned allocations, which only their graph may free.
+std::set<void*>& graph_owned() {
+    static std::set<void*> s;
+    return s;
+}
+
+Graph::~Graph() {
+    for (void* p : owned) {
+        graph_owned().erase(p);
+        release(reinterpret_cast<CUdeviceptr>(p));
+    }
+}
+
+// The one capture in progress, if any (this driver captures one stream at a time).
+struct Capture {
+    void* stream = nullptr;
+    std::thread::id thread;
+    bool invalid = false;
+    std::shared_ptr<Graph> graph;
+};
+Capture& capture() {
+    static Capture c;
+    return c;
+}
+bool capturing(void* stream) { return capture().graph && capture().stream == stream; }
+
+// Refuses `what` when the calling thread is capturing (a capture in the driver's thread-local mode
+// refuses potentially unsafe calls from its own thread only), and invalidates the capture.
+CUresult refuse_while_capturing(const char* what) {
+    Guard g(lock());
+    if (!capture().graph || capture().thread != std::this_thread::get_id()) return kSuccess;
+    std::fprintf(stderr, "emulated driver: %s while a stream is capturing (not allowed in a graph capture)\n", what);
+    capture().invalid = true;
+    return kCaptureUnsupported;
+}
+
+// Work on `stream`: recorded while that stream captures, done now otherwise.
+CUresult on_stream(void* stream, std::function<CUresult()> op) {
+    Guard g(lock());
+    if (capturing(stream)) {
+        if (capture().invalid) return kCaptureInvalidated;
+        capture().graph->ops.push_back(std::move(op));
+        return kSuccess;
+    }
+    return op();
 }
 
 double now_ms() {
@@ -146,8 +214,8 @@ CUresult cuCtxGetDevice(int* d) {
     *d = 0;
     return kSuccess;
 }
-CUresult cuCtxSynchronize() { return kSuccess; }
-CUresult cuStreamSynchronize(void*) { return kSuccess; }
+CUresult cuCtxSynchronize() { return refuse_while_capturing("cuCtxSynchronize"); }
+CUresult cuStreamSynchronize(void*) { return refuse_while_capturing("cuStreamSynchronize"); }
 CUresult cuStreamCreate(void** s, unsigned) {
     *s = new int(0);
     return kSuccess;
@@ -167,36 +235,73 @@ CUresult cuDeviceGetDefaultMemPool(void** pool, int) {
     return kSuccess;
 }
 CUresult cuMemPoolSetAttribute(void*, int, void*) { return kSuccess; }
-CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) { return allocate(p, bytes); }
-CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void*) { return allocate(p, bytes); }
-CUresult cuMemFree_v2(CUdeviceptr p) { return release(p); }
-CUresult cuMemFreeAsync(CUdeviceptr p, void*) { return release(p); }
+CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
+    if (CUresult r = refuse_while_capturing("cuMemAlloc (synchronous)")) return r;
+    return allocate(p, bytes);
+}
+CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void* stream) {
+    Guard g(lock());
+    if (CUresult r = allocate(p, bytes)) return r;
+    if (capturing(stream)) {
+        capture().graph->owned.insert(reinterpret_cast<void*>(*p));
+        graph_owned().insert(reinterpret_cast<void*>(*p));
+    }
+    return kSuccess;
+}
+static CUresult free_async(CUdeviceptr p, void* stream) {
+    Guard g(lock());
+    void* mem = reinterpret_cast<void*>(p);
+    if (capturing(stream)) {
+        if (capture().graph->owned.count(mem)) return kSuccess;  // the graph keeps it for its next launch
+        std::fprintf(stderr, "emulated driver: a capture frees memory allocated outside it\n");
+        capture().invalid = true;
+        return kInvalidValue;
+    }
+    if (graph_owned().count(mem)) {
+        std::fprintf(stderr, "emulated driver: a graph's allocation is freed outside its capture (it escaped the graph)\n");
+        return kInvalidValue;
+    }
+    return release(p);
+}
+CUresult cuMemFree_v2(CUdeviceptr p) {
+    if (CUresult r = refuse_while_capturing("cuMemFree (synchronous)")) return r;
+    return free_async(p, nullptr);
+}
+CUresult cuMemFreeAsync(CUdeviceptr p, void* stream) { return free_async(p, stream); }
 CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+    if (CUresult r = refuse_while_capturing("a copy from host memory")) return r;
     std::memcpy(reinterpret_cast<void*>(dst), src, n);
     return kSuccess;
 }
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, void*) { return cuMemcpyHtoD_v2(dst, src, n); }
 CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
+    if (CUresult r = refuse_while_capturing("a copy to host memory")) return r;
     std::memcpy(dst, reinterpret_cast<const void*>(src), n);
     return kSuccess;
 }
 CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void*) { return cuMemcpyDtoH_v2(dst, src, n); }
-CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
-    std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
-    return kSuccess;
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, void* stream) {
+    return on_stream(stream, [=] {
+        std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
+        return kSuccess;
+    });
 }
-CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, void*) { return cuMemcpyDtoD_v2(dst, src, n); }
-CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
-    std::memset(reinterpret_cast<void*>(dst), v, n);
-    return kSuccess;
+CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) { return cuMemcpyDtoDAsync_v2(dst, src, n, nullptr); }
+CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, void* stream) {
+    return on_stream(stream, [=] {
+        std::memset(reinterpret_cast<void*>(dst), v, n);
+        return kSuccess;
+    });
 }
-CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, void*) { return cuMemsetD8_v2(dst, v, n); }
-CUresult cuMemsetD32_v2(CUdeviceptr dst, unsigned v, size_t n) {
-    unsigned* p = reinterpret_cast<unsigned*>(dst);
-    for (size_t i = 0; i < n; ++i) p[i] = v;
-    return kSuccess;
+CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) { return cuMemsetD8Async(dst, v, n, nullptr); }
+CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned v, size_t n, void* stream) {
+    return on_stream(stream, [=] {
+        unsigned* p = reinterpret_cast<unsigned*>(dst);
+        for (size_t i = 0; i < n; ++i) p[i] = v;
+        return kSuccess;
+    });
 }
-CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned v, size_t n, void*) { return cuMemsetD32_v2(dst, v, n); }
+CUresult cuMemsetD32_v2(CUdeviceptr dst, unsigned v, size_t n) { return cuMemsetD32Async(dst, v, n, nullptr); }
 
 CUresult cuModuleLoadData(void** module, const void*) {
     *module = new Module{};
@@ -219,16 +324,73 @@ CUresult cuFuncGetAttribute(int* v, int, void*) {
 }
 
 CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
-                        unsigned shared_bytes, void*, void** params, void**) {
+                        unsigned shared_bytes, void* stream, void** params, void**) {
     const Function* fn = static_cast<const Function*>(f);
     const char* mode = std::getenv("RLHF_EMULATED_MODE");
     const bool eager = mode && std::string(mode) == "eager";
     const emu::Mode m{!eager, eager};
+    const emu::Call call = (*fn->bind)(params);
+    const std::string name = fn->name;
+    return on_stream(stream, [=] {
+        Guard g(lock());
+        if (!emu::launch(dim3(gx, gy, gz), dim3(bx, by, bz), shared_bytes, m, call)) {
+            std::fprintf(stderr, "emulated launch of %s failed: %s\n", name.c_str(), emu::last_error().c_str());
+            return kLaunchFailed;
+        }
+        return kSuccess;
+    });
+}
+
+// ----- Stream capture and graphs -----
+
+CUresult cuStreamBeginCapture_v2(void* stream, int) {
     Guard g(lock());
-    if (!emu::launch(dim3(gx, gy, gz), dim3(bx, by, bz), shared_bytes, m, [&] { (*fn->invoke)(params); })) {
-        std::fprintf(stderr, "emulated launch of %s failed: %s\n", fn->name.c_str(), emu::last_error().c_str());
-        return kLaunchFailed;
+    if (!stream) {
+        std::fprintf(stderr, "emulated driver: the legacy default stream cannot be captured\n");
+        return kCaptureUnsupported;
     }
+    if (capture().graph) return kIllegalState;
+    capture() = Capture{stream, std::this_thread::get_id(), false, std::make_shared<Graph>()};
+    return kSuccess;
+}
+CUresult cuStreamEndCapture(void* stream, void** graph) {
+    Guard g(lock());
+    if (!capturing(stream)) return kIllegalState;
+    Capture done = std::move(capture());
+    capture() = Capture{};
+    if (done.invalid) {
+        *graph = nullptr;
+        return kCaptureInvalidated;
+    }
+    *graph = new GraphHandle{done.graph};
+    return kSuccess;
+}
+CUresult cuStreamIsCapturing(void* stream, int* status) {
+    Guard g(lock());
+    *status = capturing(stream) ? (capture().invalid ? 2 : 1) : 0;
+    return kSuccess;
+}
+CUresult cuGraphInstantiateWithFlags(void** exec, void* graph, unsigned long long) {
+    *exec = new GraphHandle{static_cast<GraphHandle*>(graph)->graph};
+    return kSuccess;
+}
+CUresult cuGraphUpload(void*, void*) { return kSuccess; }
+CUresult cuGraphLaunch(void* exec, void* stream) {
+    std::shared_ptr<Graph> graph = static_cast<GraphHandle*>(exec)->graph;
+    return on_stream(stream, [graph] {
+        for (const auto& op : graph->ops)
+            if (CUresult r = op()) return r;
+        return kSuccess;
+    });
+}
+CUresult cuGraphExecDestroy(void* exec) {
+    Guard g(lock());
+    delete static_cast<GraphHandle*>(exec);
+    return kSuccess;
+}
+CUresult cuGraphDestroy(void* graph) {
+    Guard g(lock());
+    delete static_cast<GraphHandle*>(graph);
     return kSuccess;
 }
 
@@ -240,12 +402,13 @@ CUresult cuEventDestroy_v2(void* e) {
     delete static_cast<Event*>(e);
     return kSuccess;
 }
-CUresult cuEventRecord(void* e, void*) {
-    static_cast<Event*>(e)->ms = now_ms();
+CUresult cuEventRecord(void* e, void* stream) {
+    Guard g(lock());
+    if (!capturing(stream)) static_cast<Event*>(e)->ms = now_ms();
     return kSuccess;
 }
 CUresult cuEventRecordWithFlags(void* e, void* s, unsigned) { return cuEventRecord(e, s); }
-CUresult cuEventSynchronize(void*) { return kSuccess; }
+CUresult cuEventSynchronize(void*) { return refuse_while_capturing("cuEventSynchronize"); }
 CUresult cuEventQuery(void*) { return kSuccess; }
 CUresult cuEventElapsedTime_v2(float* ms, void* start, void* end) {
     *ms = (float)(static_cast<Event*>(end)->ms - static_cast<Event*>(start)->ms);
@@ -254,36 +417,55 @@ CUresult cuEventElapsedTime_v2(float* ms, void* start, void* end) {
 CUresult cuEventElapsedTime(float* ms, void* start, void* end) { return cuEventElapsedTime_v2(ms, start, end); }
 
 CUresult cuGetErrorString(CUresult e, const char** s) {
-    *s = e == kLaunchFailed ? "emulated launch failed (the emulator's message is on stderr)" : "emulated driver error";
+    switch (e) {
+        case kLaunchFailed: *s = "emulated launch failed (the emulator's message is on stderr)"; break;
+        case kCaptureUnsupported: *s = "operation not permitted when stream is capturing"; break;
+        case kCaptureInvalidated: *s = "operation failed due to a previous error during capture"; break;
+        case kIllegalState: *s = "the operation is not valid in the stream's capture state"; break;
+        default: *s = "emulated driver error";
+    }
     return kSuccess;
 }
 CUresult cuGetErrorName(CUresult e, const char** s) {
-    *s = e == kLaunchFailed ? "CUDA_ERROR_LAUNCH_FAILED" : "CUDA_ERROR_EMULATED";
+    switch (e) {
+        case kLaunchFailed: *s = "CUDA_ERROR_LAUNCH_FAILED"; break;
+        case kCaptureUnsupported: *s = "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED"; break;
+        case kCaptureInvalidated: *s = "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED"; break;
+        case kIllegalState: *s = "CUDA_ERROR_ILLEGAL_STATE"; break;
+        default: *s = "CUDA_ERROR_EMULATED";
+    }
     return kSuccess;
 }
 
 // ----- cuBLAS: GEMM in f32 on the host, column-major as cuBLAS defines it -----
 
+struct BlasHandle {
+    void* stream = nullptr;
+};
 int cublasCreate_v2(void** handle) {
-    *handle = new int(0);
+    *handle = new BlasHandle{};
     return 0;
 }
-int cublasDestroy_v2(void*) { return 0; }
-int cublasSetStream_v2(void*, void*) { return 0; }
+int cublasDestroy_v2(void* handle) {
+    delete static_cast<BlasHandle*>(handle);
+    return 0;
+}
+int cublasSetStream_v2(void* handle, void* stream) {
+    static_cast<BlasHandle*>(handle)->stream = stream;
+    return 0;
+}
 int cublasSetWorkspace_v2(void*, void*, size_t) { return 0; }
 int cublasSetMathMode(void*, int) { return 0; }
 
 // cudaDataType: 0 = f32, 14 = bf16. C = alpha op(A) op(B) + beta C, compute in f32.
-int cublasGemmEx(void*, int transa, int transb, int m, int n, int k, const void* alpha, const void* A, int a_type,
-                 int lda, const void* B, int b_type, int ldb, const void* beta, void* C, int c_type, int ldc, int,
-                 int) {
+static void gemm_now(int transa, int transb, int m, int n, int k, float al, const void* A, int a_type, int lda,
+              const void* B, int b_type, int ldb, float be, void* C, int c_type, int ldc) {
     auto load = [](const void* p, int type, size_t i) -> float {
         if (type == 0) return static_cast<const float*>(p)[i];
         if (type == 14) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
         std::fprintf(stderr, "emulated cublasGemmEx: data type %d is not emulated\n", type);
         std::abort();
     };
-    const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
     std::vector<float> a((size_t)m * k), b((size_t)k * n);  // a[i*k + l] = op(A)(i, l), b[j*k + l] = op(B)(l, j)
     for (int i = 0; i < m; ++i)
         for (int l = 0; l < k; ++l)
@@ -303,7 +485,19 @@ int cublasGemmEx(void*, int transa, int transb, int m, int n, int k, const void*
             if (c_type == 0) static_cast<float*>(C)[at] = v;
             else static_cast<__nv_bfloat16*>(C)[at] = __float2bfloat16_rn(v);
         }
-    return 0;
+}
+
+// The scalars are read at the call, as with CUBLAS_POINTER_MODE_HOST; the GEMM runs on the
+// handle's stream (recorded while it captures).
+int cublasGemmEx(void* handle, int transa, int transb, int m, int n, int k, const void* alpha, const void* A,
+                 int a_type, int lda, const void* B, int b_type, int ldb, const void* beta, void* C, int c_type,
+                 int ldc, int, int) {
+    const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
+    const CUresult r = on_stream(static_cast<BlasHandle*>(handle)->stream, [=] {
+        gemm_now(transa, transb, m, n, k, al, A, a_type, lda, B, b_type, ldb, be, C, c_type, ldc);
+        return kSuccess;
+    });
+    return r == kSuccess ? 0 : 13;  // CUBLAS_STATUS_EXECUTION_FAILED
 }
 
 }  // extern "C"

@@ -51,6 +51,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -779,21 +780,24 @@ inline bool launch(dim3 grid, dim3 block, size_t dynamic_bytes, Mode mode, std::
 
 inline const std::string& last_error() { return st().error; }
 
-// Kernels by name, for an emulated driver's cuModuleGetFunction and cuLaunchKernel: each calls its
-// kernel with the arguments cuLaunchKernel's parameter array points to.
-using Invoker = std::function<void(void**)>;
-inline std::map<std::string, Invoker>& kernels() {
-    static std::map<std::string, Invoker>* k = new std::map<std::string, Invoker>();
+// Kernels by name, for an emulated driver's cuModuleGetFunction and cuLaunchKernel: each binds its
+// kernel to copies of the arguments cuLaunchKernel's parameter array points to, so that a launch
+// recorded into a graph can run after the caller's argument variables are gone.
+using Call = std::function<void()>;
+using Binder = std::function<Call(void**)>;
+inline std::map<std::string, Binder>& kernels() {
+    static std::map<std::string, Binder>* k = new std::map<std::string, Binder>();
     return *k;
 }
 template <typename... A, size_t... I>
-inline void invoke(void (*f)(A...), void** params, std::index_sequence<I...>) {
-    f(*static_cast<std::remove_reference_t<A>*>(params[I])...);
+inline Call bind_arguments(void (*f)(A...), void** params, std::index_sequence<I...>) {
+    std::tuple<std::decay_t<A>...> args(*static_cast<std::decay_t<A>*>(params[I])...);
+    return [f, args] { std::apply(f, args); };
 }
 struct Registrar {
     template <typename... A>
     Registrar(const char* name, void (*f)(A...)) {
-        kernels()[name] = [f](void** params) { invoke(f, params, std::index_sequence_for<A...>{}); };
+        kernels()[name] = [f](void** params) { return ::emu::bind_arguments(f, params, std::index_sequence_for<A...>{}); };
     }
 };
 #define EMU_KERNEL(name) static ::emu::Registrar emu_registrar_##name(#name, &name);
