@@ -1863,21 +1863,43 @@ __device__ void decode_partial(float* __restrict__ po, float* __restrict__ pm, f
         for (int c = 0; c < C; ++c) o[i][c] = 0.0f;
     }
 
+    // Each thread carries PER 16-byte vectors of K and of V per tile. In bf16, tile t + 1's loads
+    // are issued before tile t's arithmetic, so they are in flight while it runs (a block that
+    // alternates loads and arithmetic leaves the memory system idle half the time, with a few
+    // blocks an SM). In f32 (twice the vectors; the CPU path's twin, not a fast path) holding them
+    // across the arithmetic spills, so each tile is loaded where it is stored.
+    constexpr int N = Vec16<T>::N;
+    constexpr int PER = DECODE_KTILE * D / N / DECODE_THREADS;
+    constexpr bool AHEAD = sizeof(T) == 2;
+    static_assert(DECODE_KTILE * D / N % DECODE_THREADS == 0, "whole vectors per thread");
+    uint4 kr[PER], vr[PER];
+    auto fetch = [&](int t) {
+#pragma unroll
+        for (int p = 0; p < PER; ++p) {
+            const int e = threadIdx.x + p * DECODE_THREADS;
+            const int j = e * N / D, d = e * N % D;
+            if (t + j < j1) {
+                // 16-byte loads: a row of D elements starts on a multiple of D * sizeof(T) bytes.
+                const size_t at = (size_t)(k0 + t + j) * kv_stride + (size_t)g * D + d;
+                kr[p] = fetch16(k + at);
+                vr[p] = fetch16(v + at);
+            } else {
+                kr[p] = vr[p] = make_uint4(0u, 0u, 0u, 0u);  // zero bits: 0.0 in f32 and bf16
+            }
+        }
+    };
+    if (AHEAD && j0 < j1) fetch(j0);
+
     for (int t = j0; t < j1; t += DECODE_KTILE) {
+        if (!AHEAD) fetch(t);
         __syncthreads();  // the previous tile is consumed (and, the first time, qs is written)
-        // 16-byte loads: a row of D elements starts on a multiple of D * sizeof(T) bytes.
-        constexpr int N = Vec16<T>::N;
-        for (int e = threadIdx.x; e < DECODE_KTILE * D / N; e += DECODE_THREADS) {
+#pragma unroll
+        for (int p = 0; p < PER; ++p) {
+            const int e = threadIdx.x + p * DECODE_THREADS;
             const int j = e * N / D, d = e * N % D;
             float kx[N], vx[N];
-            if (t + j < j1) {
-                const size_t at = (size_t)(k0 + t + j) * kv_stride + (size_t)g * D + d;
-                load16(k + at, kx);
-                load16(v + at, vx);
-            } else {
-#pragma unroll
-                for (int c = 0; c < N; ++c) kx[c] = vx[c] = 0.0f;
-            }
+            unpack16<T>(kr[p], kx);
+            unpack16<T>(vr[p], vx);
 #pragma unroll
             for (int c = 0; c < N; ++c) {
                 ks[j][d + c] = kx[c];
@@ -1885,6 +1907,7 @@ __device__ void decode_partial(float* __restrict__ po, float* __restrict__ pm, f
             }
         }
         __syncthreads();
+        if (AHEAD && t + DECODE_KTILE < j1) fetch(t + DECODE_KTILE);
 #pragma unroll
         for (int i = 0; i < DECODE_MAX_ROWS / DECODE_WARPS; ++i) {
             const int rr = warp + i * DECODE_WARPS;

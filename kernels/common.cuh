@@ -117,6 +117,32 @@ __host__ __device__ __forceinline__ void load16(const T* p, float* out) {
     for (int i = 0; i < Vec16<T>::N; ++i) out[i] = to_f32(v[i]);
 }
 
+// load16 in two halves: the raw 16 bytes, then their values. A kernel issues the first well before
+// it needs the values (the next tile's loads in flight under this tile's arithmetic) and holds 4
+// registers a vector meanwhile instead of one per value.
+template <typename T>
+__host__ __device__ __forceinline__ uint4 fetch16(const T* p) {
+#ifdef __CUDA_ARCH__
+    return __ldg(reinterpret_cast<const uint4*>(p));
+#else
+    uint4 raw;
+    memcpy(&raw, p, 16);
+    return raw;
+#endif
+}
+
+template <typename T>
+__host__ __device__ __forceinline__ void unpack16(const uint4& raw, float* out) {
+#ifdef __CUDA_ARCH__
+    const T* v = reinterpret_cast<const T*>(&raw);
+#else
+    T v[Vec16<T>::N];
+    memcpy(v, &raw, 16);
+#endif
+#pragma unroll
+    for (int i = 0; i < Vec16<T>::N; ++i) out[i] = to_f32(v[i]);
+}
+
 // As load16, through the coherent path: for buffers the same kernel also writes (an in-place add),
 // which the read-only cache must not serve.
 template <typename T>

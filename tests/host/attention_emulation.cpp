@@ -478,19 +478,21 @@ void check_backward(const Problem& p, Bwd kind) {
     compare(what + " dq", outs[3], p.dq, 2e-2);
 }
 
-// The decode kernels, split as AttnBatch::decode_split splits.
+// The decode kernels, split as AttnBatch::decode_split splits (small problems: a tile a split), or
+// with `whole` in one split a sequence (every tile of a cache through one block's loop).
 template <typename T>
-void check_decode(const Problem& p) {
+void check_decode(const Problem& p, bool whole) {
     const Batch& b = p.batch;
     const Dev t = tables(b);
     const int D = p.D, H = p.H, KV = p.KV, B = (int)b.k_len.size();
     const int max_keys = *std::max_element(b.k_len.begin(), b.k_len.end());
     const int blocks = B * KV, tiles = (max_keys + kDecodeKTile - 1) / kDecodeKTile;
-    const int wanted = std::clamp((kDecodeTargetBlocks + blocks - 1) / blocks, 1, tiles);
+    const int wanted = whole ? 1 : std::clamp((kDecodeTargetBlocks + blocks - 1) / blocks, 1, tiles);
     const int split_len = (tiles + wanted - 1) / wanted * kDecodeKTile;
     const int splits = (max_keys + split_len - 1) / split_len;
     const bool f32 = std::is_same_v<T, float>;
-    const std::string what = p.name + " decode " + (f32 ? "f32" : "bf16") + " (" + std::to_string(splits) + " splits)";
+    const std::string what = p.name + " decode " + (f32 ? "f32" : "bf16") + " (" + std::to_string(splits) +
+                             " splits of " + std::to_string(split_len) + " keys)";
     if (!selected(what)) return;
     std::vector<T> q(p.q.size()), k(p.k.size()), v(p.v.size());
     for (size_t i = 0; i < q.size(); ++i) q[i] = (T)__bfloat162float(p.q[i]);
@@ -578,8 +580,10 @@ int main(int argc, char** argv) {
         for (Fwd k : {Fwd::Simple, Fwd::Mma, Fwd::Hopper, Fwd::HopperNarrow}) check_forward(prefill, k);
         // Decode: one and two new rows against caches of 45 and 300 keys, GQA 2.
         const Problem decode = make(rng, "decode q=[1,2] k=[45,300] H4/KV2", cached({1, 2}, {45, 300}, 320), 4, 2, D);
-        check_decode<float>(decode);
-        check_decode<bf16>(decode);
+        for (bool whole : {false, true}) {
+            check_decode<float>(decode, whole);
+            check_decode<bf16>(decode, whole);
+        }
         check_forward(decode, Fwd::Mma);
         check_forward(decode, Fwd::Hopper);
     }
