@@ -316,6 +316,69 @@ fn decode_kernels_take_cache_batches_and_split_them_whole() {
     assert!(simple.decode_split(hd(4, 4, 64)).is_none());
 }
 
+#[test]
+fn a_cache_with_a_capacity_keeps_one_decode_plan_as_it_fills() {
+    // A recorded decode step replays one launch shape, so the plan must follow the cache's
+    // capacity, not the lengths of the moment; and lengths past it are refused, not planned for.
+    let hd = Heads {
+        heads: 9,
+        kv_heads: 3,
+        head_dim: 64,
+    };
+    let capacity = 1500;
+    let starts = [0, capacity, 2 * capacity];
+    let at = |lens: &[usize]| {
+        AttnBatch::cached(&[1, 1, 1], &starts, lens, &Device::Cpu)
+            .unwrap()
+            .with_key_capacity(capacity)
+            .unwrap()
+    };
+    let full = AttnBatch::cached(&[1, 1, 1], &starts, &[capacity; 3], &Device::Cpu).unwrap();
+    let want = full.decode_split(hd).unwrap();
+    let mut batch = at(&[1, 7, 3]);
+    assert_eq!(batch.decode_split(hd), Some(want));
+    for lens in [[2, 8, 4], [700, 1, 1499], [capacity; 3]] {
+        batch.set_key_lens(&lens).unwrap();
+        assert_eq!(batch.k_len, lens.map(|l| l as i32));
+        assert_eq!(batch.decode_split(hd), Some(want), "at {lens:?}");
+    }
+    let short = AttnBatch::cached(&[1, 1, 1], &starts, &[1, 7, 3], &Device::Cpu).unwrap();
+    assert_ne!(
+        short.decode_split(hd),
+        Some(want),
+        "without a capacity the plan follows the lengths"
+    );
+    let e = batch
+        .set_key_lens(&[capacity + 1, 1, 1])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("sequence 0") && e.contains("capacity 1500"),
+        "{e}"
+    );
+    assert!(
+        batch.set_key_lens(&[0, 1, 1]).is_err(),
+        "fewer keys than queries"
+    );
+    assert!(
+        batch.set_key_lens(&[1, 1]).is_err(),
+        "two lengths for three sequences"
+    );
+    assert_eq!(
+        batch.k_len,
+        vec![capacity as i32; 3],
+        "a refused update changes nothing"
+    );
+    assert!(AttnBatch::cached(&[1], &[0], &[10], &Device::Cpu)
+        .unwrap()
+        .with_key_capacity(9)
+        .is_err());
+    assert!(AttnBatch::packed(&[5], &Device::Cpu)
+        .unwrap()
+        .with_key_capacity(9)
+        .is_err());
+}
+
 /// CUDA against the CPU reference on one packed batch, with every kernel choice and both flash
 /// backward modes; the decode path (the last `decode_rows` rows of each sequence as queries against
 /// a KV cache) against the same rows; and the backward run twice, bitwise equal unless it is the fast
