@@ -605,3 +605,35 @@ cuda_test! {
         }
     }
 }
+
+cuda_test! {
+    fn cuda_a_refused_capture_leaves_the_device_usable(dev) {
+        // Generation falls back to launching op by op when recording a step fails, so a failed
+        // capture must leave the device as it was; and a later capture must still record.
+        use rlhf_kernels::ops::elementwise::add;
+        let Device::Cuda(cuda) = &dev else { unreachable!("cuda_test gives a CUDA device") };
+        let x = Tensor::from_f32(&[1, 4], vec![1.0, 2.0, 3.0, 4.0], &dev).unwrap();
+        let e = cuda
+            .capture(|| {
+                let y = add(&x, &x)?;
+                let _upload = Tensor::from_f32(&[2], vec![5.0, 6.0], &dev)?;
+                drop(y);
+                Ok(())
+            })
+            .err()
+            .expect("a copy from host memory cannot be recorded");
+        assert!(e.to_string().contains("CAPTURE"), "the error names the refusal: {e}");
+        let y = add(&x, &x).unwrap();
+        assert_eq!(y.to_f32_vec().unwrap(), vec![2.0, 4.0, 6.0, 8.0]);
+        let mut out = Tensor::zeros(&[1, 4], DType::F32, &dev).unwrap();
+        let graph = cuda
+            .capture(|| {
+                let s = add(&x, &y)?;
+                out.copy_rows(0, &add(&s, &x)?, 0, 1)
+            })
+            .unwrap();
+        assert_eq!(out.to_f32_vec().unwrap(), vec![0.0; 4], "recording runs nothing");
+        graph.launch().unwrap();
+        assert_eq!(out.to_f32_vec().unwrap(), vec![4.0, 8.0, 12.0, 16.0]);
+    }
+}

@@ -27,6 +27,8 @@ pub struct CudaDevice {
     blas: OnceLock<std::result::Result<CudaBlas, String>>,
     /// The stream graph captures record on, and a cuBLAS handle bound to it (see `capture`).
     capture: OnceLock<std::result::Result<(Arc<CudaStream>, CudaBlas), String>>,
+    /// Held while a capture records: two threads' captures on the one capture stream would merge.
+    capture_lock: Mutex<()>,
     compute_capability: (i32, i32),
 }
 
@@ -109,6 +111,7 @@ impl CudaDevice {
             functions: Mutex::new(HashMap::new()),
             blas: OnceLock::new(),
             capture: OnceLock::new(),
+            capture_lock: Mutex::new(()),
             compute_capability,
         });
         devices.insert(ordinal, dev.clone());
@@ -150,7 +153,8 @@ impl CudaDevice {
     /// the driver's thread-local kind on a stream of its own, so other threads' work on the device
     /// goes on unrecorded. `record` must not copy from or to the host or wait for the device (the
     /// driver refuses both while capturing), and every tensor it allocates must be dropped before
-    /// it returns: the graph owns those allocations, at one address for its life.
+    /// it returns: the graph owns those allocations, at one address for its life. Captures from
+    /// several threads take turns; `record` must not capture in turn.
     pub fn capture(&self, record: impl FnOnce() -> Result<()>) -> Result<DeviceGraph> {
         use cudarc::driver::sys;
         self.blas()?;
@@ -163,6 +167,7 @@ impl CudaDevice {
             })
             .as_ref()
             .map_err(|e| Error::NoCuda(format!("no stream to capture a graph on: {e}")))?;
+        let _one_at_a_time = self.capture_lock.lock().unwrap_or_else(|p| p.into_inner());
         stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
         struct Recording;
         impl Drop for Recording {
