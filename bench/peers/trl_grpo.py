@@ -101,6 +101,9 @@ def main():
         words = line.replace(",", "").split()
         if line.startswith("generation:") and "tokens/s" in line:
             print(f"ours vs peer: generation {float(words[-2]) / gen_tps:.2f}x tokens/s")
+        if "launched one by one" in line:
+            print(f"ours vs peer: generation with each decode step launched op by op (no CUDA graphs) "
+                  f"{float(words[0]) / gen_tps:.2f}x tokens/s")
         if line.startswith("training:") and "tokens/s" in line:
             print(f"ours vs peer: training {float(words[-2]) / train_tps:.2f}x tokens/s")
 
