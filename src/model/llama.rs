@@ -830,8 +830,16 @@ impl Model {
         attn.set_key_lens(&vec![1; b])?;
         let graph = dev.capture(|| {
             let hidden = self.run_cached(&ids, &positions, &rows, &attn, cache)?;
-            let step = matmul(&hidden, Trans::N, self.lm_head(), Trans::T)?;
-            logits.copy_rows(0, &step, 0, b)
+            // The LM head writes straight into the graph's logits: the eager step's GEMM, in place.
+            gemm(
+                &mut logits,
+                &hidden,
+                Trans::N,
+                self.lm_head(),
+                Trans::T,
+                1.0,
+                0.0,
+            )
         })?;
         Ok(Some(DecodeGraph {
             ids,
