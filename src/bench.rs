@@ -948,7 +948,8 @@ pub struct OnlineBench {
 /// and its update: for PPO the policy and value forward+backward plus the reference and reward
 /// forwards; for GRPO the policy forward+backward plus the reference forward. Random weights with
 /// `cfg`'s shape. On a GPU the rollout runs again with its decode steps launched op by op instead
-/// of replayed as graphs, and must sample the same tokens. With `profile`, a short generation and one more update under the op profiler.
+/// of replayed as graphs, and must sample the same tokens. With `profile`, a short generation and
+/// one more update under the op profiler.
 pub fn bench_online(
     device: &Device,
     cfg: &crate::model::LlamaConfig,

@@ -157,6 +157,7 @@ impl CudaDevice {
     /// several threads take turns; `record` must not capture in turn.
     pub fn capture(&self, record: impl FnOnce() -> Result<()>) -> Result<DeviceGraph> {
         use cudarc::driver::sys;
+        // The main handle first: it probes for libcublas, which cudarc would otherwise panic on.
         self.blas()?;
         let (stream, _) = self
             .capture

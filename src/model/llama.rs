@@ -728,19 +728,26 @@ impl KvCache {
         AttnBatch::cached(q_lens, &k_start, &k_len, device)?.with_key_capacity(self.capacity)
     }
 
-    /// An error unless sequence `b` has room for `new` more positions.
-    fn check_room(&self, b: usize, new: usize) -> Result<()> {
-        if self.lens[b] + new > self.capacity {
-            return Err(Error::Unsupported {
-                op: "generate",
-                detail: format!(
-                    "sequence {b} needs {} positions; the cache holds {}",
-                    self.lens[b] + new,
-                    self.capacity
-                ),
-            });
+    /// Where a step's new rows go when sequence b takes `q_lens[b]` of them after what it holds:
+    /// their positions and their cache rows, in row order. An error if a sequence has no room.
+    fn place(&self, q_lens: &[usize]) -> Result<(Vec<i32>, Vec<i32>)> {
+        let (mut positions, mut slots) = (Vec::new(), Vec::new());
+        for (b, (&q, &l)) in q_lens.iter().zip(&self.lens).enumerate() {
+            if l + q > self.capacity {
+                return Err(Error::Unsupported {
+                    op: "generate",
+                    detail: format!(
+                        "sequence {b} needs {} positions; the cache holds {}",
+                        l + q,
+                        self.capacity
+                    ),
+                });
+            }
+            positions.extend((l..l + q).map(|p| p as i32));
+            let first = b * self.capacity + l;
+            slots.extend((first..first + q).map(|r| r as i32));
         }
-        Ok(())
+        Ok((positions, slots))
     }
 }
 
@@ -756,26 +763,14 @@ impl Model {
         let batch = Batch::new(new_tokens);
         self.check_tokens(&batch.tokens)?;
         let q_lens: Vec<usize> = new_tokens.iter().map(Vec::len).collect();
-        for (b, &q) in q_lens.iter().enumerate() {
-            cache.check_room(b, q)?;
-        }
+        // Every new row's position and cache slot, so each layer appends its keys and values in
+        // one launch.
+        let (positions, slots) = cache.place(&q_lens)?;
         let n = batch.len();
-        let positions: Vec<i32> = q_lens
-            .iter()
-            .zip(&cache.lens)
-            .flat_map(|(&q, &l)| (l..l + q).map(|p| p as i32))
-            .collect();
         let ids = Tensor::from_i32(&[n], batch.tokens.clone(), &self.device)?;
         let pos = Tensor::from_i32(&[n], positions, &self.device)?;
         let attn = cache.attn_batch(&q_lens, &self.device)?;
         let offsets = batch.offsets();
-        // Every new row's cache slot, so each layer appends its keys and values in one launch each.
-        let slots: Vec<i32> = (0..q_lens.len())
-            .flat_map(|b| {
-                let first = b * cache.capacity + cache.lens[b];
-                (first..first + q_lens[b]).map(|r| r as i32)
-            })
-            .collect();
         let rows = Tensor::from_i32(&[n], slots, &self.device)?;
         let hidden = self.run_cached(&ids, &pos, &rows, &attn, cache)?;
         for (l, q) in cache.lens.iter_mut().zip(&q_lens) {
@@ -819,15 +814,14 @@ impl Model {
             return Ok(None);
         };
         let b = cache.lens.len();
-        let mut attn = cache.attn_batch(&vec![1; b], &self.device)?;
+        let attn = cache.attn_batch(&vec![1; b], &self.device)?;
         if attn.decode_split(self.heads()).is_none() {
             return Ok(None);
         }
-        // Inputs for the recording only: each step writes its own before it replays.
+        // Placeholders while recording (as are the key lengths): each step writes its own first.
         let zeros = || Tensor::zeros(&[b], DType::I32, &self.device);
         let (ids, positions, rows) = (zeros()?, zeros()?, zeros()?);
         let mut logits = Tensor::empty(&[b, self.cfg.vocab_size], self.dtype, &self.device)?;
-        attn.set_key_lens(&vec![1; b])?;
         let graph = dev.capture(|| {
             let hidden = self.run_cached(&ids, &positions, &rows, &attn, cache)?;
             // The LM head writes straight into the graph's logits: the eager step's GEMM, in place.
@@ -872,13 +866,7 @@ impl Model {
             });
         }
         self.check_tokens(tokens)?;
-        for s in 0..b {
-            cache.check_room(s, 1)?;
-        }
-        let positions: Vec<i32> = cache.lens.iter().map(|&l| l as i32).collect();
-        let slots: Vec<i32> = (0..b)
-            .map(|s| (s * cache.capacity + cache.lens[s]) as i32)
-            .collect();
+        let (positions, slots) = cache.place(&vec![1; b])?;
         let grown: Vec<usize> = cache.lens.iter().map(|l| l + 1).collect();
         graph.ids.write_i32(tokens)?;
         graph.positions.write_i32(&positions)?;
