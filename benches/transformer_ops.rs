@@ -12,7 +12,7 @@ use rlhf_kernels::device::{DType, Device, Tensor};
 use rlhf_kernels::ops::elementwise::add;
 use rlhf_kernels::ops::embed::{embed_bwd, embed_fwd, rows_store};
 use rlhf_kernels::ops::mlp::{swiglu_bwd, swiglu_fwd};
-use rlhf_kernels::ops::rope::{rope_qk_bwd, rope_qk_fwd};
+use rlhf_kernels::ops::rope::{rope_qkv_bwd, rope_qkv_fwd};
 use rlhf_kernels::testing::{time_iters, Rng};
 
 /// Token count, model width, query and key heads, head_dim, MLP width and vocabulary of one bench
@@ -87,39 +87,40 @@ fn bench_device(c: &mut Criterion, device: &Device, label: &str, s: Shape, dtype
         rows_store(&mut cache, &dout, &rows).unwrap()
     });
 
-    // rope: a layer's queries and keys in one launch, each read and written once.
+    // rope: a layer's queries and keys in one launch, split from the QKV projection's output with
+    // the values (forward) and joined back (backward), all three read and written once.
     let (width, kv_width) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
+    let qkv = tensor(&mut rng, &[s.tokens, width + 2 * kv_width], dtype);
     let q = tensor(&mut rng, &[s.tokens, width], dtype);
     let k = tensor(&mut rng, &[s.tokens, kv_width], dtype);
+    let v = tensor(&mut rng, &[s.tokens, kv_width], dtype);
     let pos = ids(&mut rng, s.tokens, 4096);
     let inv_freq: Vec<f32> = (0..s.head_dim / 2)
         .map(|i| 10_000f32.powf(-2.0 * i as f32 / s.head_dim as f32))
         .collect();
     let inv_freq = Tensor::from_f32(&[s.head_dim / 2], inv_freq, device).unwrap();
-    let rope_bytes = 2 * s.tokens * (width + kv_width) * el;
-    timed(&mut g, device, "rope_qk_fwd", rope_bytes, || {
+    let rope_bytes = 2 * s.tokens * (width + 2 * kv_width) * el;
+    timed(&mut g, device, "rope_qkv_fwd", rope_bytes, || {
         drop(black_box(
-            rope_qk_fwd(&q, &k, &pos, &inv_freq, s.heads, s.kv_heads).unwrap(),
+            rope_qkv_fwd(&qkv, &pos, &inv_freq, s.heads, s.kv_heads).unwrap(),
         ))
     });
-    timed(&mut g, device, "rope_qk_bwd", rope_bytes, || {
+    timed(&mut g, device, "rope_qkv_bwd", rope_bytes, || {
         drop(black_box(
-            rope_qk_bwd(&q, &k, &pos, &inv_freq, s.heads, s.kv_heads).unwrap(),
+            rope_qkv_bwd(&q, &k, &v, &pos, &inv_freq, s.heads, s.kv_heads).unwrap(),
         ))
     });
 
-    // SwiGLU: forward reads gate and up, writes h; backward reads dh, gate, up, writes dgate, dup.
+    // SwiGLU: forward reads gate and up (side by side), writes h; backward reads dh, gate and up,
+    // writes dgate and dup.
     let ffn = s.tokens * s.ffn * el;
-    let (gate, up) = (
-        tensor(&mut rng, &[s.tokens, s.ffn], dtype),
-        tensor(&mut rng, &[s.tokens, s.ffn], dtype),
-    );
+    let gate_up = tensor(&mut rng, &[s.tokens, 2 * s.ffn], dtype);
     timed(&mut g, device, "swiglu_fwd", 3 * ffn, || {
-        drop(black_box(swiglu_fwd(&gate, &up).unwrap()))
+        drop(black_box(swiglu_fwd(&gate_up).unwrap()))
     });
     let dh = tensor(&mut rng, &[s.tokens, s.ffn], dtype);
     timed(&mut g, device, "swiglu_bwd", 5 * ffn, || {
-        drop(black_box(swiglu_bwd(&dh, &gate, &up).unwrap()))
+        drop(black_box(swiglu_bwd(&dh, &gate_up).unwrap()))
     });
 
     // Residual add: read two activations, write one.

@@ -1,5 +1,6 @@
-// SwiGLU, the Llama MLP's non-linearity, fused: h = silu(gate) * up. The three GEMMs around it are
-// cuBLAS; this kernel saves writing silu(gate) and re-reading it.
+// SwiGLU, the Llama MLP's non-linearity, fused: h = silu(gate) * up. The GEMMs around it are cuBLAS;
+// gate and up come from one of them (the two projections' weights stacked), so they arrive side by
+// side in each row of gate_up, and this kernel saves writing silu(gate) and re-reading it.
 //
 //   forward:  h = g * sigmoid(g) * u
 //   backward: du = dh * silu(g),  dg = dh * u * sigmoid(g) * (1 + g * (1 - sigmoid(g)))   (overwritten)
@@ -7,7 +8,7 @@
 //             keep h (the down projection's weight gradient needs it) reads gate and up once, not
 //             twice
 //
-// Shapes: gate, up, h, dh, dgate, dup [N, I] in T.
+// Shapes: gate_up, dgate_up [N, 2I] (gate in columns 0..I, up in I..2I); h, dh [N, I]; all in T.
 #include "common.cuh"
 
 // sigmoid(g) = 1 / (1 + e^-g) on the special-function unit: e^-g overflows to +inf for g < -88 and
@@ -25,57 +26,73 @@ __device__ __forceinline__ float swiglu_grad_at(float d, float g, float u, float
     return g * s * u;
 }
 
-// Both kernels walk 16-byte vectors (grid_stride_vec), unaligned buffers element by element.
+// Element i of h [N, I] pairs gate[r][c] and up[r][c] (r = i / I, c = i % I), which sit at gate_up
+// offsets i + r * I and that plus I. The division runs in 32 bits where the element count fits.
+__device__ __forceinline__ size_t gate_at(size_t i, size_t inter, bool narrow) {
+    const size_t row = narrow ? (uint32_t)i / (uint32_t)inter : i / inter;
+    return i + row * inter;
+}
+
+// Both kernels walk 16-byte vectors (grid_stride_vec) when I is a multiple of a vector (so none
+// straddles a row) and the buffers are aligned, element by element otherwise.
 template <typename T>
-__device__ void swiglu_fwd(T* __restrict__ h, const T* __restrict__ gate, const T* __restrict__ up, size_t n) {
+__device__ void swiglu_fwd(T* __restrict__ h, const T* __restrict__ gate_up, size_t n, size_t inter) {
     constexpr int N = Vec16<T>::N;
+    const bool narrow = n <= 0xffffffffu;
     grid_stride_vec<N>(
-        n, aligned16(h, gate, up),
+        n, inter % N == 0 && aligned16(h, gate_up),
         [&](size_t i) {
+            const size_t gi = gate_at(i, inter, narrow);
             float g[N], u[N];
-            load16(gate + i, g);
-            load16(up + i, u);
+            load16(gate_up + gi, g);
+            load16(gate_up + gi + inter, u);
 #pragma unroll
             for (int j = 0; j < N; ++j) g[j] = swiglu_at(g[j], u[j]);
             store16(h + i, g);
         },
-        [&](size_t i) { h[i] = from_f32<T>(swiglu_at(to_f32(gate[i]), to_f32(up[i]))); });
+        [&](size_t i) {
+            const size_t gi = gate_at(i, inter, narrow);
+            h[i] = from_f32<T>(swiglu_at(to_f32(gate_up[gi]), to_f32(gate_up[gi + inter])));
+        });
 }
 
-// h may be null: then only the gradients are written.
+// h may be null: then only the gradients are written. dgate_up has gate_up's layout.
 template <typename T>
-__device__ void swiglu_bwd(T* __restrict__ dgate, T* __restrict__ dup, T* __restrict__ h, const T* __restrict__ dh,
-                           const T* __restrict__ gate, const T* __restrict__ up, size_t n) {
+__device__ void swiglu_bwd(T* __restrict__ dgate_up, T* __restrict__ h, const T* __restrict__ dh,
+                           const T* __restrict__ gate_up, size_t n, size_t inter) {
     constexpr int N = Vec16<T>::N;
+    const bool narrow = n <= 0xffffffffu;
     grid_stride_vec<N>(
-        n, aligned16(dgate, dup, dh, gate, up) && aligned16(h),
+        n, inter % N == 0 && aligned16(dgate_up, dh, gate_up) && aligned16(h),
         [&](size_t i) {
+            const size_t gi = gate_at(i, inter, narrow);
             float d[N], g[N], u[N], dg[N], du[N], y[N];
             load16(dh + i, d);
-            load16(gate + i, g);
-            load16(up + i, u);
+            load16(gate_up + gi, g);
+            load16(gate_up + gi + inter, u);
 #pragma unroll
             for (int j = 0; j < N; ++j) y[j] = swiglu_grad_at(d[j], g[j], u[j], &dg[j], &du[j]);
-            store16(dgate + i, dg);
-            store16(dup + i, du);
+            store16(dgate_up + gi, dg);
+            store16(dgate_up + gi + inter, du);
             if (h) store16(h + i, y);
         },
         [&](size_t i) {
+            const size_t gi = gate_at(i, inter, narrow);
             float dg, du;
-            const float y = swiglu_grad_at(to_f32(dh[i]), to_f32(gate[i]), to_f32(up[i]), &dg, &du);
-            dgate[i] = from_f32<T>(dg);
-            dup[i] = from_f32<T>(du);
+            const float y = swiglu_grad_at(to_f32(dh[i]), to_f32(gate_up[gi]), to_f32(gate_up[gi + inter]), &dg, &du);
+            dgate_up[gi] = from_f32<T>(dg);
+            dgate_up[gi + inter] = from_f32<T>(du);
             if (h) h[i] = from_f32<T>(y);
         });
 }
 
 #define SWIGLU_INSTANTIATE(SUFFIX, T)                                                                          \
-    extern "C" __global__ void swiglu_fwd_##SUFFIX(T* h, const T* gate, const T* up, size_t n) {              \
-        swiglu_fwd<T>(h, gate, up, n);                                                                         \
+    extern "C" __global__ void swiglu_fwd_##SUFFIX(T* h, const T* gate_up, size_t n, size_t inter) {          \
+        swiglu_fwd<T>(h, gate_up, n, inter);                                                                   \
     }                                                                                                          \
-    extern "C" __global__ void swiglu_bwd_##SUFFIX(T* dgate, T* dup, T* h, const T* dh, const T* gate,        \
-                                                   const T* up, size_t n) {                                    \
-        swiglu_bwd<T>(dgate, dup, h, dh, gate, up, n);                                                         \
+    extern "C" __global__ void swiglu_bwd_##SUFFIX(T* dgate_up, T* h, const T* dh, const T* gate_up, size_t n, \
+                                                   size_t inter) {                                             \
+        swiglu_bwd<T>(dgate_up, h, dh, gate_up, n, inter);                                                     \
     }
 
 SWIGLU_INSTANTIATE(f32, float)

@@ -1,5 +1,7 @@
 // Rotary position embedding in Hugging Face's rotate-half layout, for the queries and keys of a layer
-// in one launch.
+// in one launch. The forward also splits the QKV projection's output (q, k and v side by side in each
+// row) into the three tensors attention reads, and the backward joins their gradients back into
+// that layout for the projection's backward GEMMs; values are carried over unrotated.
 //
 // For each head vector x of dim D (half = D/2), position p and frequencies inv_freq[i] (i < half):
 //   y[i]        = x[i] cos(p f_i) - x[i + half] sin(p f_i)
@@ -7,14 +9,16 @@
 // The backward is the inverse rotation (the transpose): dx = R(-angle) dy. The angle is computed in
 // f32 as p * f_i, as transformers does, and its sine and cosine to about an ulp (sincos_of_angle).
 //
-// Shapes: xq, yq [N, heads_q * D] and xk, yk [N, heads_k * D] in T (heads_k may be 0, xk and yk then
-// unused); positions [N] i32; inv_freq [half] f32.
+// Shapes: q [N, heads_q * D], k [N, heads_k * D] and v [N, heads_v * D] in T, as three tensors or, on
+// a packed side, one [N, (heads_q + heads_k + heads_v) * D] (heads_k and heads_v may be 0, their
+// pointers then unused); positions [N] i32; inv_freq [half] f32.
 //
 // One thread takes one row and a run of W frequencies (W = 8 bf16 or 4 f32: one 16-byte vector of
 // each half), computes their sines and cosines once, and rotates that run in every query and key
-// head of the row: the sines and cosines, the costly part, are paid once per row and frequency, not
-// per head, and each access is 16 bytes. Where half is not a multiple of W (the last run is
-// shorter) or a buffer is not 16-byte aligned, the accesses are element by element.
+// head of the row (and copies it in every value head): the sines and cosines, the costly part, are
+// paid once per row and frequency, not per head, and each access is 16 bytes. Where half is not a
+// multiple of W (the last run is shorter) or a buffer is not 16-byte aligned, the accesses are
+// element by element.
 #include "common.cuh"
 
 // sin and cos of an f32 angle (transformers' p * f_i, which reaches thousands of radians, more
@@ -78,14 +82,39 @@ __device__ __forceinline__ void rotate_run(T* __restrict__ y, const T* __restric
     }
 }
 
+// Copies frequencies i0 .. i0 + count of one head, both halves, the way rotate_run reads and writes.
+template <typename T, int W>
+__device__ __forceinline__ void copy_run(T* __restrict__ y, const T* __restrict__ x, int half, int count, bool vec) {
+    if (vec) {
+        *reinterpret_cast<uint4*>(y) = *reinterpret_cast<const uint4*>(x);
+        *reinterpret_cast<uint4*>(y + half) = *reinterpret_cast<const uint4*>(x + half);
+    } else {
+        for (int j = 0; j < count; ++j) y[j] = x[j], y[j + half] = x[j + half];
+    }
+}
+
+// Row strides of q, k and v: the three side by side in one row ([N, (hq + hk + hv) * D], packed) or
+// each a tensor of its own ([N, h * D]).
+struct RowStrides {
+    size_t q, k, v;
+};
+
+__device__ __forceinline__ RowStrides row_strides(bool packed, int hq, int hk, int hv, int head_dim) {
+    const size_t all = (size_t)(hq + hk + hv) * head_dim;
+    if (packed) return {all, all, all};
+    return {(size_t)hq * head_dim, (size_t)hk * head_dim, (size_t)hv * head_dim};
+}
+
 template <typename T>
-__device__ void rope(T* __restrict__ yq, T* __restrict__ yk, const T* __restrict__ xq, const T* __restrict__ xk,
-                     const int* __restrict__ positions, const float* __restrict__ inv_freq, size_t n, int heads_q,
-                     int heads_k, int head_dim, float direction) {
+__device__ void rope_rows(T* __restrict__ yq, T* __restrict__ yk, T* __restrict__ yv, const T* __restrict__ xq,
+                          const T* __restrict__ xk, const T* __restrict__ xv, RowStrides ldx, RowStrides ldy,
+                          const int* __restrict__ positions, const float* __restrict__ inv_freq, size_t n,
+                          int heads_q, int heads_k, int heads_v, int head_dim, float direction) {
     constexpr int W = Vec16<T>::N;
     const int half = head_dim / 2, runs = (half + W - 1) / W;
-    // Row strides are multiples of head_dim, so aligned bases and half % W == 0 align every run.
-    const bool vec = half % W == 0 && aligned16(yq, xq, yk, xk);
+    // Row strides and head offsets are multiples of head_dim, so aligned bases and half % W == 0
+    // align every run.
+    const bool vec = half % W == 0 && aligned16(yq, xq, yk, xk) && aligned16(yv, xv);
     const size_t items = n * runs, stride = (size_t)gridDim.x * blockDim.x;
     for (size_t item = blockIdx.x * (size_t)blockDim.x + threadIdx.x; item < items; item += stride) {
         const size_t row = item / runs;
@@ -98,24 +127,48 @@ __device__ void rope(T* __restrict__ yq, T* __restrict__ yk, const T* __restrict
             sincos_of_angle(p * inv_freq[i0 + min(j, count - 1)], &s[j], &c[j]);
             s[j] *= direction;
         }
-        const size_t q0 = row * heads_q * head_dim + i0, k0 = row * heads_k * head_dim + i0;
-        for (int h = 0; h < heads_q; ++h)
-            rotate_run<T, W>(yq + q0 + h * head_dim, xq + q0 + h * head_dim, half, count, vec, s, c);
-        for (int h = 0; h < heads_k; ++h)
-            rotate_run<T, W>(yk + k0 + h * head_dim, xk + k0 + h * head_dim, half, count, vec, s, c);
+        for (int h = 0; h < heads_q; ++h) {
+            const int at = h * head_dim + i0;
+            rotate_run<T, W>(yq + row * ldy.q + at, xq + row * ldx.q + at, half, count, vec, s, c);
+        }
+        for (int h = 0; h < heads_k; ++h) {
+            const int at = h * head_dim + i0;
+            rotate_run<T, W>(yk + row * ldy.k + at, xk + row * ldx.k + at, half, count, vec, s, c);
+        }
+        for (int h = 0; h < heads_v; ++h) {
+            const int at = h * head_dim + i0;
+            copy_run<T, W>(yv + row * ldy.v + at, xv + row * ldx.v + at, half, count, vec);
+        }
     }
 }
 
-#define ROPE_INSTANTIATE(SUFFIX, T)                                                                                 \
-    extern "C" __global__ void rope_fwd_##SUFFIX(T* yq, T* yk, const T* xq, const T* xk, const int* positions,     \
-                                                 const float* inv_freq, size_t n, int heads_q, int heads_k,        \
-                                                 int head_dim) {                                                   \
-        rope<T>(yq, yk, xq, xk, positions, inv_freq, n, heads_q, heads_k, head_dim, 1.0f);                         \
-    }                                                                                                               \
-    extern "C" __global__ void rope_bwd_##SUFFIX(T* dxq, T* dxk, const T* dyq, const T* dyk, const int* positions, \
-                                                 const float* inv_freq, size_t n, int heads_q, int heads_k,        \
-                                                 int head_dim) {                                                   \
-        rope<T>(dxq, dxk, dyq, dyk, positions, inv_freq, n, heads_q, heads_k, head_dim, -1.0f);                    \
+// Where a side is packed, its k and v start after q's heads in the same rows (their own pointers are
+// unused); heads_k or heads_v may be 0 (no keys, or no values to carry over).
+template <typename T>
+__device__ void rope(T* yq, T* yk, T* yv, const T* xq, const T* xk, const T* xv, const int* positions,
+                     const float* inv_freq, size_t n, int heads_q, int heads_k, int heads_v, int head_dim,
+                     int packed_x, int packed_y, float direction) {
+    if (packed_x) xk = xq + heads_q * head_dim, xv = xk + heads_k * head_dim;
+    if (packed_y) yk = yq + heads_q * head_dim, yv = yk + heads_k * head_dim;
+    rope_rows<T>(yq, yk, yv, xq, xk, xv, row_strides(packed_x, heads_q, heads_k, heads_v, head_dim),
+                 row_strides(packed_y, heads_q, heads_k, heads_v, head_dim), positions, inv_freq, n, heads_q,
+                 heads_k, heads_v, head_dim, direction);
+}
+
+#define ROPE_INSTANTIATE(SUFFIX, T)                                                                                \
+    extern "C" __global__ void rope_fwd_##SUFFIX(T* yq, T* yk, T* yv, const T* xq, const T* xk, const T* xv,      \
+                                                 const int* positions, const float* inv_freq, size_t n,           \
+                                                 int heads_q, int heads_k, int heads_v, int head_dim,             \
+                                                 int packed_x, int packed_y) {                                    \
+        rope<T>(yq, yk, yv, xq, xk, xv, positions, inv_freq, n, heads_q, heads_k, heads_v, head_dim, packed_x,    \
+                packed_y, 1.0f);                                                                                   \
+    }                                                                                                              \
+    extern "C" __global__ void rope_bwd_##SUFFIX(T* dxq, T* dxk, T* dxv, const T* dyq, const T* dyk,              \
+                                                 const T* dyv, const int* positions, const float* inv_freq,       \
+                                                 size_t n, int heads_q, int heads_k, int heads_v, int head_dim,   \
+                                                 int packed_x, int packed_y) {                                    \
+        rope<T>(dxq, dxk, dxv, dyq, dyk, dyv, positions, inv_freq, n, heads_q, heads_k, heads_v, head_dim,        \
+                packed_x, packed_y, -1.0f);                                                                        \
     }
 
 ROPE_INSTANTIATE(f32, float)

@@ -18,7 +18,7 @@ use crate::ops::mlp::{swiglu_bwd, swiglu_fwd};
 use crate::ops::norm::{rms_norm_bwd, rms_norm_fwd};
 use crate::ops::ppo::{ppo_advantages, ppo_loss, PpoConfig};
 use crate::ops::pref_loss::{pref_loss, DpoLoss, PrefExtras, PrefLoss};
-use crate::ops::rope::{rope_qk_bwd, rope_qk_fwd};
+use crate::ops::rope::{rope_qkv_bwd, rope_qkv_fwd};
 use crate::rng::Rng;
 
 /// What a row's rate is measured in.
@@ -365,11 +365,10 @@ pub fn bench_kernels(
     // tokens: SwiGLU forward (read gate and up, write h) and backward (read dh, gate and up, write
     // dgate and dup); RoPE; the residual add (read two, write one).
     let (n, d, inner) = (if full { 8192 } else { 256 }, 576, 1536);
-    let gate = random(device, &mut rng, &[n, inner], 2.0, act)?;
-    let up = random(device, &mut rng, &[n, inner], 1.0, act)?;
+    let gate_up = random(device, &mut rng, &[n, 2 * inner], 1.5, act)?;
     let ms = median_ms(device, warm, reps, || {
-        let h = swiglu_fwd(&gate, &up)?;
-        swiglu_bwd(&h, &gate, &up).map(drop)
+        let h = swiglu_fwd(&gate_up)?;
+        swiglu_bwd(&h, &gate_up).map(drop)
     })?;
     push(
         &mut rows,
@@ -379,27 +378,31 @@ pub fn bench_kernels(
         Bound::Memory,
         (8 * n * inner * act.size()) as f64,
     );
-    // RoPE on a layer's queries (9 heads of 64) and keys (3) in one launch, forward and backward:
-    // each reads and writes both once.
+    // RoPE on a layer's queries (9 heads of 64) and keys (3), split from the QKV projection's
+    // output with the values (3) in one launch, and joined back backward: each reads and writes all
+    // three once.
     let (heads, kv_heads, head_dim) = (9, 3, 64);
-    let q = random(device, &mut rng, &[n, heads * head_dim], 1.0, act)?;
-    let k = random(device, &mut rng, &[n, kv_heads * head_dim], 1.0, act)?;
+    let width = (heads + 2 * kv_heads) * head_dim;
+    let qkv = random(device, &mut rng, &[n, width], 1.0, act)?;
     let positions = Tensor::from_i32(&[n], (0..n).map(|i| (i % 1024) as i32).collect(), device)?;
     let inv_freq: Vec<f32> = (0..head_dim / 2)
         .map(|i| 100_000f32.powf(-2.0 * i as f32 / head_dim as f32))
         .collect();
     let inv_freq = Tensor::from_f32(&[head_dim / 2], inv_freq, device)?;
     let ms = median_ms(device, warm, reps, || {
-        let (yq, yk) = rope_qk_fwd(&q, &k, &positions, &inv_freq, heads, kv_heads)?;
-        rope_qk_bwd(&yq, &yk, &positions, &inv_freq, heads, kv_heads).map(drop)
+        let (q, k, v) = rope_qkv_fwd(&qkv, &positions, &inv_freq, heads, kv_heads)?;
+        rope_qkv_bwd(&q, &k, &v, &positions, &inv_freq, heads, kv_heads).map(drop)
     })?;
     push(
         &mut rows,
-        "rope q+k fwd+bwd",
-        format!("{n}x({heads}+{kv_heads})x{head_dim} {}", act.name()),
+        "rope qkv fwd+bwd",
+        format!(
+            "{n}x({heads}+{kv_heads}+{kv_heads})x{head_dim} {}",
+            act.name()
+        ),
         ms,
         Bound::Memory,
-        (4 * n * (heads + kv_heads) * head_dim * act.size()) as f64,
+        (4 * n * width * act.size()) as f64,
     );
     let (a, b) = (
         random(device, &mut rng, &[n, d], 1.0, act)?,

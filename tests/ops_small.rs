@@ -9,9 +9,10 @@ use rlhf_kernels::ops::adamw::{
 use rlhf_kernels::ops::elementwise::{add, bias_add, bias_grad, cast};
 use rlhf_kernels::ops::embed::{embed_bwd, embed_fwd, rows_store, rows_store_pair};
 use rlhf_kernels::ops::mlp::{
-    swiglu_bwd, swiglu_bwd_and_h, swiglu_bwd_ref, swiglu_fwd, swiglu_fwd_ref,
+    join_gate_up, split_gate_up, swiglu_bwd, swiglu_bwd_and_h, swiglu_bwd_ref, swiglu_fwd,
+    swiglu_fwd_ref,
 };
-use rlhf_kernels::ops::rope::{rope_bwd, rope_fwd, rope_qk_bwd, rope_qk_fwd, rope_ref};
+use rlhf_kernels::ops::rope::{rope_bwd, rope_fwd, rope_qkv_bwd, rope_qkv_fwd, rope_ref};
 use rlhf_kernels::testing::{assert_close, check_output, fd_check, fresh_seed, round_bf16, Rng};
 
 fn to64(v: &[f32]) -> Vec<f64> {
@@ -76,28 +77,101 @@ fn rope_is_a_rotation_and_its_backward_the_transpose() {
     .unwrap()
     .to_string();
     assert!(err.contains("heads"), "{err}");
-    let (q, k) = (
-        cpu(&[n, heads * d], x.iter().map(|&v| v as f32).collect()),
-        cpu(&[n, 2 * d], vec![0.5; n * 2 * d]),
-    );
+    // The QKV projection's output, queries (3 heads), keys and values (2 each) side by side in
+    // each row: split into rotated queries and keys and the values as they were; backward, the
+    // inverse rotations joined back with the values' gradient.
+    let kv = 2;
+    let width = (heads + 2 * kv) * d;
+    let qkv: Vec<f32> = rng.normal_vec(n * width, 1.0);
+    let cols = |v: &[f32], from: usize, w: usize| -> Vec<f32> {
+        v.chunks(width)
+            .flat_map(|r| r[from..from + w].to_vec())
+            .collect()
+    };
+    let (qw, kw) = (heads * d, kv * d);
+    let parts = [
+        cols(&qkv, 0, qw),
+        cols(&qkv, qw, kw),
+        cols(&qkv, qw + kw, kw),
+    ];
     let fr = cpu(&[d / 2], f.clone());
-    let err = rope_qk_fwd(&q, &k, &ids, &fr, heads, 1)
+    let err = rope_qkv_fwd(&cpu(&[n, width], qkv.clone()), &ids, &fr, heads, 1)
         .err()
         .unwrap()
         .to_string();
-    assert!(err.contains("k is [5, 16]"), "{err}");
-    let (yq, yk) = rope_qk_fwd(&q, &k, &ids, &fr, heads, 2).unwrap();
-    assert_eq!(
-        yq.to_f32_vec().unwrap(),
-        rope_fwd(&q, &ids, &fr, heads)
-            .unwrap()
-            .to_f32_vec()
-            .unwrap()
-    );
-    assert_eq!(
-        yk.to_f32_vec().unwrap(),
-        rope_fwd(&k, &ids, &fr, 2).unwrap().to_f32_vec().unwrap()
-    );
+    assert!(err.contains("qkv is [5, 56]"), "{err}");
+    let (yq, yk, yv) = rope_qkv_fwd(&cpu(&[n, width], qkv.clone()), &ids, &fr, heads, kv).unwrap();
+    let alone = |x: &[f32], h: usize, backward: bool| {
+        let t = cpu(&[n, h * d], x.to_vec());
+        let y = if backward {
+            rope_bwd(&t, &ids, &fr, h)
+        } else {
+            rope_fwd(&t, &ids, &fr, h)
+        };
+        y.unwrap().to_f32_vec().unwrap()
+    };
+    assert_eq!(yq.to_f32_vec().unwrap(), alone(&parts[0], heads, false));
+    assert_eq!(yk.to_f32_vec().unwrap(), alone(&parts[1], kv, false));
+    assert_eq!(yv.to_f32_vec().unwrap(), parts[2]);
+    let dqkv = rope_qkv_bwd(
+        &cpu(&[n, qw], parts[0].clone()),
+        &cpu(&[n, kw], parts[1].clone()),
+        &cpu(&[n, kw], parts[2].clone()),
+        &ids,
+        &fr,
+        heads,
+        kv,
+    )
+    .unwrap()
+    .to_f32_vec()
+    .unwrap();
+    let (dq, dk) = (alone(&parts[0], heads, true), alone(&parts[1], kv, true));
+    assert_eq!(cols(&dqkv, 0, qw), dq);
+    assert_eq!(cols(&dqkv, qw, kw), dk);
+    assert_eq!(cols(&dqkv, qw + kw, kw), parts[2]);
+    let err = rope_qkv_bwd(
+        &cpu(&[n, qw], parts[0].clone()),
+        &cpu(&[n, qw], parts[0].clone()),
+        &cpu(&[n, kw], parts[2].clone()),
+        &ids,
+        &fr,
+        heads,
+        kv,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("dk is [5, 24]"), "{err}");
+}
+
+#[test]
+fn swiglu_reads_gate_and_up_side_by_side() {
+    let mut rng = Rng::new(fresh_seed("swiglu_reads_gate_and_up_side_by_side"));
+    let (rows, inter) = (4, 7);
+    let gate_up = rng.normal_vec(rows * 2 * inter, 2.0);
+    let dh = rng.normal_vec(rows * inter, 1.0);
+    let (g, u) = split_gate_up(&gate_up, inter);
+    assert_eq!(g[inter..2 * inter], gate_up[2 * inter..3 * inter]);
+    assert_eq!(join_gate_up(&g, &u, inter), gate_up);
+    let gu = cpu(&[rows, 2 * inter], gate_up.clone());
+    let mut h = vec![0.0f32; rows * inter];
+    swiglu_fwd_ref(&mut h, &g, &u);
+    assert_eq!(swiglu_fwd(&gu).unwrap().to_f32_vec().unwrap(), h);
+    let (mut dg, mut du) = (vec![0.0f32; rows * inter], vec![0.0f32; rows * inter]);
+    swiglu_bwd_ref(&mut dg, &mut du, &dh, &g, &u);
+    let dgu = swiglu_bwd(&cpu(&[rows, inter], dh.clone()), &gu).unwrap();
+    assert_eq!(dgu.shape(), &[rows, 2 * inter]);
+    assert_eq!(dgu.to_f32_vec().unwrap(), join_gate_up(&dg, &du, inter));
+    let err = swiglu_fwd(&cpu(&[rows, 5], vec![0.0; rows * 5]))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("even"), "{err}");
+    let err = swiglu_bwd(&cpu(&[rows, 2 * inter], gate_up.clone()), &gu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("dh"), "{err}");
 }
 
 #[test]
@@ -266,48 +340,55 @@ cuda_test! {
                 (7, 2, 2, 72, 400_000),
                 (9, 4, 2, 4, 1_000_000),
             ] {
-                let x = round(rng.normal_vec(n * heads * d, 1.0));
-                let xk = round(rng.normal_vec(n * kv_heads * d, 1.0));
+                let width = (heads + 2 * kv_heads) * d;
+                let qkv = round(rng.normal_vec(n * width, 1.0));
+                let dq = round(rng.normal_vec(n * heads * d, 1.0));
+                let (dk, dv) = (round(rng.normal_vec(n * kv_heads * d, 1.0)), round(rng.normal_vec(n * kv_heads * d, 1.0)));
                 let pos: Vec<i32> = (0..n).map(|_| rng.below(max_pos) as i32).collect();
                 let f = inv_freq(d, 100_000.0);
-                let run = |dv: &Device| {
-                    let p = Tensor::from_i32(&[n], pos.clone(), dv).unwrap();
-                    let fr = Tensor::from_f32(&[d / 2], f.clone(), dv).unwrap();
-                    let on = |shape: &[usize], v: &[f32]| Tensor::from_f32_as(shape, v, exact_as(dv), dv).unwrap();
-                    let (q, k) = (on(&[n, heads * d], &x), on(&[n, kv_heads * d], &xk));
-                    let (yq, yk) = rope_qk_fwd(&q, &k, &p, &fr, heads, kv_heads).unwrap();
-                    let (dq, dk) = rope_qk_bwd(&q, &k, &p, &fr, heads, kv_heads).unwrap();
-                    let alone = rope_fwd(&q, &p, &fr, heads).unwrap();
-                    let alone_bwd = rope_bwd(&k, &p, &fr, kv_heads).unwrap();
-                    [yq, yk, dq, dk, alone, alone_bwd].map(|t| t.to_f32_vec().unwrap())
+                let run = |dv_: &Device| {
+                    let p = Tensor::from_i32(&[n], pos.clone(), dv_).unwrap();
+                    let fr = Tensor::from_f32(&[d / 2], f.clone(), dv_).unwrap();
+                    let on = |shape: &[usize], v: &[f32]| Tensor::from_f32_as(shape, v, exact_as(dv_), dv_).unwrap();
+                    let (yq, yk, yv) = rope_qkv_fwd(&on(&[n, width], &qkv), &p, &fr, heads, kv_heads).unwrap();
+                    let (gq, gk, gv) = (on(&[n, heads * d], &dq), on(&[n, kv_heads * d], &dk), on(&[n, kv_heads * d], &dv));
+                    let dqkv = rope_qkv_bwd(&gq, &gk, &gv, &p, &fr, heads, kv_heads).unwrap();
+                    let alone = rope_fwd(&gq, &p, &fr, heads).unwrap();
+                    let alone_bwd = rope_bwd(&gk, &p, &fr, kv_heads).unwrap();
+                    [yq, yk, yv, dqkv, alone, alone_bwd].map(|t| t.to_f32_vec().unwrap())
                 };
                 let (want, got) = (run(&cpu_dev), run(&dev));
                 let case = format!("{tag} n{n} heads{heads}/{kv_heads} d{d}");
-                for (i, name) in ["rope_qk_fwd.q", "rope_qk_fwd.k", "rope_qk_bwd.q", "rope_qk_bwd.k", "rope_fwd", "rope_bwd"]
+                for (i, name) in ["rope_qkv_fwd.q", "rope_qkv_fwd.k", "rope_qkv_fwd.v", "rope_qkv_bwd", "rope_fwd", "rope_bwd"]
                     .into_iter()
                     .enumerate()
                 {
                     check_output(name, &case, &got[i], &want[i], dtype, 1e-5, 1e-4);
                 }
+                // Values and their gradients are carried, not computed: exactly.
+                assert_eq!(got[2], want[2], "rope_qkv_fwd.v {case}");
             }
-            // swiglu: 16-byte vectors, then a 5-element tail
-            let m = 1000 * 37 + 5;
-            let (g, u, dh) = (round(rng.normal_vec(m, 2.0)), round(rng.normal_vec(m, 1.0)), round(rng.normal_vec(m, 1.0)));
-            let run = |dv: &Device| {
-                let on = |v: &[f32]| Tensor::from_f32_as(&[m], v, exact_as(dv), dv).unwrap();
-                let (gt, ut) = (on(&g), on(&u));
-                let h = swiglu_fwd(&gt, &ut).unwrap();
-                let (dg, du) = swiglu_bwd(&on(&dh), &gt, &ut).unwrap();
-                let (dg2, du2, h2) = swiglu_bwd_and_h(&on(&dh), &gt, &ut).unwrap();
-                [h, dg, du, h2, dg2, du2].map(|t| t.to_f32_vec().unwrap())
-            };
-            let (want, got) = (run(&cpu_dev), run(&dev));
-            let names = ["swiglu_fwd", "swiglu_bwd.dgate", "swiglu_bwd.dup"];
-            for (i, name) in names.into_iter().enumerate() {
-                check_output(name, tag, &got[i], &want[i], dtype, 1e-6, 1e-5);
-                // With h from the backward's pass: the same values, bit for bit.
-                assert_eq!(got[i + 3], got[i], "swiglu_bwd_and_h {tag}: {name}");
-                assert_eq!(want[i + 3], want[i], "swiglu_bwd_and_h {tag} on the CPU: {name}");
+            // swiglu, gate and up side by side: 16-byte vectors (I a multiple of 8), and element by
+            // element (I odd)
+            for (rows, inter) in [(37, 1000), (5, 1001)] {
+                let m = rows * inter;
+                let (gu, dh) = (round(rng.normal_vec(2 * m, 1.5)), round(rng.normal_vec(m, 1.0)));
+                let run = |dv: &Device| {
+                    let on = |shape: &[usize], v: &[f32]| Tensor::from_f32_as(shape, v, exact_as(dv), dv).unwrap();
+                    let gut = on(&[rows, 2 * inter], &gu);
+                    let h = swiglu_fwd(&gut).unwrap();
+                    let dgu = swiglu_bwd(&on(&[rows, inter], &dh), &gut).unwrap();
+                    let (dgu2, h2) = swiglu_bwd_and_h(&on(&[rows, inter], &dh), &gut).unwrap();
+                    [h, dgu, h2, dgu2].map(|t| t.to_f32_vec().unwrap())
+                };
+                let (want, got) = (run(&cpu_dev), run(&dev));
+                let case = format!("{tag} {rows}x{inter}");
+                for (i, name) in ["swiglu_fwd", "swiglu_bwd.dgate_up"].into_iter().enumerate() {
+                    check_output(name, &case, &got[i], &want[i], dtype, 1e-6, 1e-5);
+                    // With h from the backward's pass: the same values, bit for bit.
+                    assert_eq!(got[i + 2], got[i], "swiglu_bwd_and_h {case}: {name}");
+                    assert_eq!(want[i + 2], want[i], "swiglu_bwd_and_h {case} on the CPU: {name}");
+                }
             }
             // embed
             let (vocab, width, toks) = (1000, 576, 333);

@@ -20,7 +20,7 @@ use crate::ops::mlp::{swiglu_bwd, swiglu_bwd_and_h, swiglu_fwd};
 use crate::ops::norm::{
     add_rms_norm_fwd, rms_norm_bwd, rms_norm_bwd_add, rms_norm_fwd, RmsNormOut,
 };
-use crate::ops::rope::{rope_qk_bwd, rope_qk_fwd};
+use crate::ops::rope::{rope_qkv_bwd, rope_qkv_fwd};
 
 pub struct Model {
     pub cfg: LlamaConfig,
@@ -88,8 +88,7 @@ struct LayerActs {
     lse: Tensor,
     xn2: Option<Tensor>,
     rstd2: Tensor,
-    gate: Tensor,
-    up: Tensor,
+    gate_up: Tensor,
     act: Option<Tensor>,
 }
 
@@ -104,8 +103,7 @@ impl LayerActs {
             &self.attn,
             &self.lse,
             &self.rstd2,
-            &self.gate,
-            &self.up,
+            &self.gate_up,
         ]
         .iter()
         .map(|t| t.bytes())
@@ -322,15 +320,13 @@ impl Model {
             y: xn1,
             rstd: rstd1,
         } = n1;
-        let (q, k) = rope_qk_fwd(
-            &linear(&xn1, &l.q, l.q_bias.as_ref())?,
-            &linear(&xn1, &l.k, l.k_bias.as_ref())?,
+        let (q, k, v) = rope_qkv_fwd(
+            &linear(&xn1, &l.qkv, l.qkv_bias.as_ref())?,
             positions,
             &self.inv_freq,
             heads.heads,
             heads.kv_heads,
         )?;
-        let v = linear(&xn1, &l.v, l.v_bias.as_ref())?;
         let (a, lse) = match kv.as_mut() {
             None => attention_fwd(&q, &k, &v, attn, heads, self.scale())?,
             Some(c) => {
@@ -343,9 +339,8 @@ impl Model {
             y: xn2,
             rstd: rstd2,
         } = n2.norm;
-        let gate = linear(&xn2, &l.gate, None)?;
-        let up = linear(&xn2, &l.up, None)?;
-        let act = swiglu_fwd(&gate, &up)?;
+        let gate_up = linear(&xn2, &l.gate_up, None)?;
+        let act = swiglu_fwd(&gate_up)?;
         let mlp = linear(&act, &l.down, None)?;
         Ok(LayerOut {
             input: formed,
@@ -361,8 +356,7 @@ impl Model {
                 lse,
                 xn2: Some(xn2),
                 rstd2,
-                gate,
-                up,
+                gate_up,
                 act: Some(act),
             },
         })
@@ -543,30 +537,28 @@ impl Model {
         let heads = self.heads();
         // Kept tensors, or the forward's values recomputed (see LayerActs); a recomputed one lives
         // only while its products need it.
-        // MLP: out = h + down(swiglu(gate(xn2), up(xn2))).
-        let (dgate, dup) = match &a.act {
+        // MLP: out = h + down(swiglu(gate_up(xn2))), gate and up from one GEMM.
+        let dgate_up = match &a.act {
             Some(act) => {
                 let dact = linear_bwd(dout, act, &l.down, &mut g.down, None)?;
-                swiglu_bwd(&dact, &a.gate, &a.up)?
+                swiglu_bwd(&dact, &a.gate_up)?
             }
             // The activation comes back from the same pass as the gradients (one read of gate
             // and up, not two), in time for the down projection's weight gradient.
             None => {
                 let dact = matmul(dout, Trans::N, &l.down, Trans::N)?;
-                let (dgate, dup, act) = swiglu_bwd_and_h(&dact, &a.gate, &a.up)?;
+                let (dgate_up, act) = swiglu_bwd_and_h(&dact, &a.gate_up)?;
                 gemm(&mut g.down, dout, Trans::T, &act, Trans::N, 1.0, 1.0)?;
-                (dgate, dup)
+                dgate_up
             }
         };
-        let mut dxn2 = {
+        let dxn2 = {
             let xn2 = kept_or(&a.xn2, || Ok(rms_norm_fwd(h, &l.mlp_norm, self.eps())?.y))?;
-            let dxn2 = linear_bwd(&dgate, &xn2, &l.gate, &mut g.gate, None)?;
-            gemm(&mut g.up, &dup, Trans::T, &xn2, Trans::N, 1.0, 1.0)?;
-            dxn2
+            linear_bwd(&dgate_up, &xn2, &l.gate_up, &mut g.gate_up, None)?
         };
-        gemm(&mut dxn2, &dup, Trans::N, &l.up, Trans::N, 1.0, 1.0)?;
+        drop(dgate_up);
         let dh = rms_norm_bwd_add(&dxn2, h, &l.mlp_norm, &a.rstd2, &mut g.mlp_norm, dout)?;
-        // Attention: h = x + o(attention(rope(q(xn1)), rope(k(xn1)), v(xn1))).
+        // Attention: h = x + o(attention(rope(q, k), v)), (q, k, v) = qkv(xn1) from one GEMM.
         let dattn = linear_bwd(&dh, &a.attn, &l.o, &mut g.o, None)?;
         let (dq, dk, dv) = attention_bwd(
             &dattn,
@@ -579,27 +571,18 @@ impl Model {
             heads,
             self.scale(),
         )?;
-        let (dq, dk) = rope_qk_bwd(
+        let dqkv = rope_qkv_bwd(
             &dq,
             &dk,
+            &dv,
             positions,
             &self.inv_freq,
             heads.heads,
             heads.kv_heads,
         )?;
+        drop((dq, dk, dv));
         let xn1 = kept_or(&a.xn1, || Ok(rms_norm_fwd(x, &l.attn_norm, self.eps())?.y))?;
-        let xn1: &Tensor = &xn1;
-        let mut dxn1 = linear_bwd(&dq, xn1, &l.q, &mut g.q, g.q_bias.as_mut())?;
-        for (d, w, gw, gb) in [
-            (&dk, &l.k, &mut g.k, g.k_bias.as_mut()),
-            (&dv, &l.v, &mut g.v, g.v_bias.as_mut()),
-        ] {
-            gemm(gw, d, Trans::T, xn1, Trans::N, 1.0, 1.0)?;
-            if let Some(gb) = gb {
-                bias_grad(gb, d)?;
-            }
-            gemm(&mut dxn1, d, Trans::N, w, Trans::N, 1.0, 1.0)?;
-        }
+        let dxn1 = linear_bwd(&dqkv, &xn1, &l.qkv, &mut g.qkv, g.qkv_bias.as_mut())?;
         rms_norm_bwd_add(&dxn1, x, &l.attn_norm, &a.rstd1, &mut g.attn_norm, &dh)
     }
 

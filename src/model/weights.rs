@@ -1,5 +1,6 @@
-//! The decoder's parameters under Hugging Face's tensor names, loaded from and saved to safetensors
-//! (single file or a sharded index). Saving is atomic: a temporary file, then a rename.
+//! The decoder's parameters, loaded from and saved to safetensors under Hugging Face's tensor names
+//! (single file or a sharded index); in memory the QKV and the gate and up projections are stacked
+//! (`StoredParam`). Saving is atomic: a temporary file, then a rename.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,16 +15,15 @@ use crate::rng::Rng;
 
 pub struct LayerParams {
     pub attn_norm: Tensor,
-    pub q: Tensor,
-    pub k: Tensor,
-    pub v: Tensor,
+    /// q_proj, k_proj and v_proj stacked by rows, `[(heads + 2·kv_heads)·head_dim, hidden]`: one GEMM
+    /// projects all three.
+    pub qkv: Tensor,
     pub o: Tensor,
-    pub q_bias: Option<Tensor>,
-    pub k_bias: Option<Tensor>,
-    pub v_bias: Option<Tensor>,
+    /// Their biases stacked the same way, where the model has them (Qwen2).
+    pub qkv_bias: Option<Tensor>,
     pub mlp_norm: Tensor,
-    pub gate: Tensor,
-    pub up: Tensor,
+    /// gate_proj and up_proj stacked by rows, `[2·intermediate, hidden]`.
+    pub gate_up: Tensor,
     pub down: Tensor,
 }
 
@@ -37,75 +37,166 @@ pub struct Params {
     pub score: Option<Tensor>,
 }
 
-/// Every parameter's HF name and shape, in a fixed order.
-pub fn parameter_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+/// A parameter as the model stores it: one tensor made of one or more Hugging Face tensors stacked
+/// by rows (their first dimension). The QKV projection and the MLP's gate and up projections are
+/// stored stacked so that one GEMM (forward, and each of the backward's two) serves each group: fewer,
+/// wider GEMMs and one read of their input instead of three or two. Files keep Hugging Face's names
+/// and tensors; only the model's memory and its optimizer state use the stacked ones.
+pub struct StoredParam {
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// Each part's Hugging Face name and rows, in stacking order.
+    pub parts: Vec<(String, usize)>,
+}
+
+impl StoredParam {
+    fn single(name: String, shape: Vec<usize>) -> StoredParam {
+        let parts = vec![(name.clone(), shape[0])];
+        StoredParam { name, shape, parts }
+    }
+
+    fn stacked(name: String, rest: &[usize], parts: Vec<(String, usize)>) -> StoredParam {
+        let rows = parts.iter().map(|p| p.1).sum();
+        let shape = std::iter::once(rows).chain(rest.iter().copied()).collect();
+        StoredParam { name, shape, parts }
+    }
+
+    /// Each part's name and shape.
+    pub fn part_shapes(&self) -> impl Iterator<Item = (&str, Vec<usize>)> + '_ {
+        self.parts.iter().map(|(name, rows)| {
+            let shape = std::iter::once(*rows)
+                .chain(self.shape[1..].iter().copied())
+                .collect();
+            (name.as_str(), shape)
+        })
+    }
+}
+
+/// Every parameter as the model stores it, in a fixed order (`Params::named`).
+pub fn stored_parameters(cfg: &LlamaConfig) -> Vec<StoredParam> {
     let (d, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
     let (q, kv) = (
         cfg.num_heads * cfg.head_dim,
         cfg.num_kv_heads * cfg.head_dim,
     );
-    let mut out = vec![("model.embed_tokens.weight".to_owned(), vec![v, d])];
+    let one = |name: String, shape: Vec<usize>| StoredParam::single(name, shape);
+    let mut out = vec![one("model.embed_tokens.weight".to_owned(), vec![v, d])];
     for l in 0..cfg.num_layers {
         let p = format!("model.layers.{l}");
-        out.push((format!("{p}.input_layernorm.weight"), vec![d]));
-        out.push((format!("{p}.self_attn.q_proj.weight"), vec![q, d]));
-        out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, d]));
-        out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, d]));
-        out.push((format!("{p}.self_attn.o_proj.weight"), vec![d, q]));
+        let qkv_parts = |what: &str| {
+            vec![
+                (format!("{p}.self_attn.q_proj.{what}"), q),
+                (format!("{p}.self_attn.k_proj.{what}"), kv),
+                (format!("{p}.self_attn.v_proj.{what}"), kv),
+            ]
+        };
+        out.push(one(format!("{p}.input_layernorm.weight"), vec![d]));
+        out.push(StoredParam::stacked(
+            format!("{p}.self_attn.qkv_proj.weight"),
+            &[d],
+            qkv_parts("weight"),
+        ));
+        out.push(one(format!("{p}.self_attn.o_proj.weight"), vec![d, q]));
         if cfg.qkv_bias {
-            out.push((format!("{p}.self_attn.q_proj.bias"), vec![q]));
-            out.push((format!("{p}.self_attn.k_proj.bias"), vec![kv]));
-            out.push((format!("{p}.self_attn.v_proj.bias"), vec![kv]));
+            out.push(StoredParam::stacked(
+                format!("{p}.self_attn.qkv_proj.bias"),
+                &[],
+                qkv_parts("bias"),
+            ));
         }
-        out.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
-        out.push((format!("{p}.mlp.gate_proj.weight"), vec![i, d]));
-        out.push((format!("{p}.mlp.up_proj.weight"), vec![i, d]));
-        out.push((format!("{p}.mlp.down_proj.weight"), vec![d, i]));
+        out.push(one(format!("{p}.post_attention_layernorm.weight"), vec![d]));
+        out.push(StoredParam::stacked(
+            format!("{p}.mlp.gate_up_proj.weight"),
+            &[d],
+            vec![
+                (format!("{p}.mlp.gate_proj.weight"), i),
+                (format!("{p}.mlp.up_proj.weight"), i),
+            ],
+        ));
+        out.push(one(format!("{p}.mlp.down_proj.weight"), vec![d, i]));
     }
-    out.push(("model.norm.weight".to_owned(), vec![d]));
+    out.push(one("model.norm.weight".to_owned(), vec![d]));
     if !cfg.tie_word_embeddings && !cfg.scalar_head {
-        out.push(("lm_head.weight".to_owned(), vec![v, d]));
+        out.push(one("lm_head.weight".to_owned(), vec![v, d]));
     }
     if cfg.scalar_head {
-        out.push(("score.weight".to_owned(), vec![1, d]));
+        out.push(one("score.weight".to_owned(), vec![1, d]));
     }
     out
 }
 
+/// Every parameter's Hugging Face name and shape, in the order of the files this crate writes.
+pub fn parameter_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+    stored_parameters(cfg)
+        .iter()
+        .flat_map(|p| {
+            p.part_shapes()
+                .map(|(n, s)| (n.to_owned(), s))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// A Hugging Face tensor on the host: name, shape, values.
+pub type HfTensor = (String, Vec<usize>, Vec<f32>);
+
+/// Tensors stacked by rows into one of `shape` (same dtype and device).
+fn stack_rows(parts: Vec<Tensor>, shape: &[usize]) -> Result<Tensor> {
+    let (first, device) = (&parts[0], parts[0].device().clone());
+    let width: usize = shape[1..].iter().product();
+    let mut out = Tensor::empty(&[shape[0], width], first.dtype(), &device)?;
+    let mut row = 0;
+    for part in parts {
+        let rows = part.shape()[0];
+        let part = part.reshape(&[rows, width])?;
+        out.copy_rows(row, &part, 0, rows)?;
+        row += rows;
+    }
+    out.reshape(shape)
+}
+
 impl Params {
-    /// Builds every parameter with `make(name, shape)`, in `parameter_shapes` order.
+    /// Builds every parameter from its Hugging Face parts, each made by `make(name, shape)` in
+    /// `parameter_shapes` order and stacked where the model stores them stacked.
     pub fn build(
         cfg: &LlamaConfig,
         mut make: impl FnMut(&str, &[usize]) -> Result<Tensor>,
     ) -> Result<Params> {
-        let shapes = parameter_shapes(cfg);
-        let mut it = shapes.iter();
+        Params::build_stored(cfg, |p| {
+            let mut parts = p
+                .part_shapes()
+                .map(|(name, shape)| make(name, &shape))
+                .collect::<Result<Vec<_>>>()?;
+            if parts.len() == 1 {
+                return Ok(parts.pop().expect("one part"));
+            }
+            stack_rows(parts, &p.shape)
+        })
+    }
+
+    /// Builds every parameter as stored with `make`, in `stored_parameters` order.
+    pub fn build_stored(
+        cfg: &LlamaConfig,
+        mut make: impl FnMut(&StoredParam) -> Result<Tensor>,
+    ) -> Result<Params> {
+        let stored = stored_parameters(cfg);
+        let mut it = stored.iter();
         let mut next = || -> Result<Tensor> {
-            let (name, shape) = it.next().expect("parameter_shapes lists every parameter");
-            make(name, shape)
+            make(it.next().expect("stored_parameters lists every parameter"))
         };
         let embed = next()?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for _ in 0..cfg.num_layers {
-            let (attn_norm, q, k, v, o) = (next()?, next()?, next()?, next()?, next()?);
-            let (q_bias, k_bias, v_bias) = if cfg.qkv_bias {
-                (Some(next()?), Some(next()?), Some(next()?))
-            } else {
-                (None, None, None)
-            };
-            let (mlp_norm, gate, up, down) = (next()?, next()?, next()?, next()?);
+            let (attn_norm, qkv, o) = (next()?, next()?, next()?);
+            let qkv_bias = if cfg.qkv_bias { Some(next()?) } else { None };
+            let (mlp_norm, gate_up, down) = (next()?, next()?, next()?);
             layers.push(LayerParams {
                 attn_norm,
-                q,
-                k,
-                v,
+                qkv,
                 o,
-                q_bias,
-                k_bias,
-                v_bias,
+                qkv_bias,
                 mlp_norm,
-                gate,
-                up,
+                gate_up,
                 down,
             });
         }
@@ -125,13 +216,13 @@ impl Params {
         })
     }
 
-    /// Every parameter with its HF name, in `parameter_shapes` order.
+    /// Every parameter as stored, in `stored_parameters` order.
     pub fn named(&self) -> Vec<&Tensor> {
         let mut v = vec![&self.embed];
         for l in &self.layers {
-            v.extend([&l.attn_norm, &l.q, &l.k, &l.v, &l.o]);
-            v.extend([&l.q_bias, &l.k_bias, &l.v_bias].into_iter().flatten());
-            v.extend([&l.mlp_norm, &l.gate, &l.up, &l.down]);
+            v.extend([&l.attn_norm, &l.qkv, &l.o]);
+            v.extend(&l.qkv_bias);
+            v.extend([&l.mlp_norm, &l.gate_up, &l.down]);
         }
         v.push(&self.norm);
         v.extend(self.lm_head.iter());
@@ -142,18 +233,30 @@ impl Params {
     pub fn named_mut(&mut self) -> Vec<&mut Tensor> {
         let mut v = vec![&mut self.embed];
         for l in &mut self.layers {
-            v.extend([&mut l.attn_norm, &mut l.q, &mut l.k, &mut l.v, &mut l.o]);
-            v.extend(
-                [&mut l.q_bias, &mut l.k_bias, &mut l.v_bias]
-                    .into_iter()
-                    .flatten(),
-            );
-            v.extend([&mut l.mlp_norm, &mut l.gate, &mut l.up, &mut l.down]);
+            v.extend([&mut l.attn_norm, &mut l.qkv, &mut l.o]);
+            v.extend(&mut l.qkv_bias);
+            v.extend([&mut l.mlp_norm, &mut l.gate_up, &mut l.down]);
         }
         v.push(&mut self.norm);
         v.extend(self.lm_head.iter_mut());
         v.extend(self.score.iter_mut());
         v
+    }
+
+    /// Every Hugging Face tensor's name, shape and values on the host, in `parameter_shapes` order:
+    /// the stacked parameters cut back into their parts.
+    pub fn hf_tensors(&self, cfg: &LlamaConfig) -> Result<Vec<HfTensor>> {
+        let mut out = Vec::new();
+        for (p, t) in stored_parameters(cfg).iter().zip(self.named()) {
+            let values = t.to_f32_vec()?;
+            let mut at = 0;
+            for (name, shape) in p.part_shapes() {
+                let n: usize = shape.iter().product();
+                out.push((name.to_owned(), shape, values[at..at + n].to_vec()));
+                at += n;
+            }
+        }
+        Ok(out)
     }
 
     /// The output projection: `lm_head`, or the embedding when tied.
@@ -166,7 +269,7 @@ impl Params {
 
     /// All zeros: the gradient accumulators (f32) of a model.
     pub fn zeros(cfg: &LlamaConfig, device: &Device, dtype: DType) -> Result<Params> {
-        Params::build(cfg, |_, shape| Tensor::zeros(shape, dtype, device))
+        Params::build_stored(cfg, |p| Tensor::zeros(&p.shape, dtype, device))
     }
 
     /// A random model for tests and demos: norms at 1, matrices N(0, 0.02²)·(scale), like HF's init.
@@ -186,9 +289,9 @@ impl Params {
     /// A copy in another dtype or on another device.
     pub fn convert(&self, cfg: &LlamaConfig, device: &Device, dtype: DType) -> Result<Params> {
         let mut src = self.named().into_iter();
-        Params::build(cfg, |_, shape| {
+        Params::build_stored(cfg, |p| {
             let t = src.next().expect("same config");
-            Tensor::from_f32_as(shape, &t.to_f32_vec()?, dtype, device)
+            Tensor::from_f32_as(&p.shape, &t.to_f32_vec()?, dtype, device)
         })
     }
 
@@ -247,10 +350,9 @@ impl Params {
     /// Writes `model.safetensors` into `dir` (f32, or bf16 when `dtype` says so), atomically.
     pub fn save(&self, cfg: &LlamaConfig, dir: &Path, dtype: DType) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let names = parameter_shapes(cfg);
-        let mut buffers = Vec::with_capacity(names.len());
-        for ((name, shape), t) in names.iter().zip(self.named()) {
-            let v = t.to_f32_vec()?;
+        let tensors = self.hf_tensors(cfg)?;
+        let mut buffers = Vec::with_capacity(tensors.len());
+        for (name, shape, v) in tensors {
             let bytes: Vec<u8> = match dtype {
                 DType::BF16 => v
                     .iter()
@@ -258,7 +360,7 @@ impl Params {
                     .collect(),
                 _ => v.iter().flat_map(|&x| x.to_le_bytes()).collect(),
             };
-            buffers.push((name.clone(), shape.clone(), bytes));
+            buffers.push((name, shape, bytes));
         }
         let st_dtype = if dtype == DType::BF16 {
             Dtype::BF16

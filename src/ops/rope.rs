@@ -2,7 +2,8 @@
 //!
 //! `x` is `[N, heads·head_dim]`; each head vector is rotated by the angle `position·inv_freq[i]`
 //! pairing element `i` with `i + head_dim/2`. The backward is the inverse rotation. A layer's
-//! queries and keys go through one launch together (`rope_qk_fwd`, `rope_qk_bwd`).
+//! queries and keys go through one launch together, which also splits the QKV projection's output
+//! into queries, keys and values (`rope_qkv_fwd`) and joins their gradients back (`rope_qkv_bwd`).
 
 use cudarc::driver::PushKernelArg;
 use half::bf16;
@@ -57,49 +58,132 @@ fn check_input(x: &Tensor, name: &str, n: usize, heads: usize, head_dim: usize) 
     Ok(())
 }
 
-/// Rotates `q` (`heads` heads) and, when given, `k` (`kv_heads`) in one pass: forward, or the
-/// inverse rotation for `backward`.
+/// The row of queries, keys and values split from the QKV projection's output, or to be joined back.
+#[derive(Clone, Copy, PartialEq)]
+enum Layout {
+    /// One tensor in and one out (`rope_fwd`, `rope_bwd`).
+    Single,
+    /// In: q, k and v side by side in one tensor's rows; out: three tensors (`rope_qkv_fwd`).
+    Split,
+    /// In: three tensors; out: one, q, k and v side by side (`rope_qkv_bwd`).
+    Join,
+}
+
+/// Host rows `[N, width]` cut into consecutive column blocks of the given widths.
+fn split_columns(x: &[f32], widths: &[usize]) -> Vec<Vec<f32>> {
+    let total: usize = widths.iter().sum();
+    let mut out: Vec<Vec<f32>> = widths.iter().map(|_| Vec::new()).collect();
+    for row in x.chunks_exact(total) {
+        let mut at = 0;
+        for (o, &w) in out.iter_mut().zip(widths) {
+            o.extend_from_slice(&row[at..at + w]);
+            at += w;
+        }
+    }
+    out
+}
+
+/// The inverse of `split_columns`.
+fn join_columns(parts: &[&[f32]], widths: &[usize]) -> Vec<f32> {
+    let rows = parts[0].len() / widths[0];
+    let mut out = Vec::with_capacity(rows * widths.iter().sum::<usize>());
+    for r in 0..rows {
+        for (p, &w) in parts.iter().zip(widths) {
+            out.extend_from_slice(&p[r * w..(r + 1) * w]);
+        }
+    }
+    out
+}
+
+/// Rotates queries (`heads` heads) and keys (`kv_heads`) forward, or by the inverse rotation for
+/// `backward`, carrying values over, in the layout `layout` says. `inputs` holds one tensor (Single,
+/// Split) or three (Join); so does the result (Single, Join: one; Split: three).
 fn apply(
-    q: &Tensor,
-    k: Option<&Tensor>,
+    inputs: &[&Tensor],
+    layout: Layout,
     positions: &Tensor,
     inv_freq: &Tensor,
     heads: usize,
     kv_heads: usize,
     backward: bool,
-) -> Result<(Tensor, Option<Tensor>)> {
-    let mut inputs = vec![q, positions, inv_freq];
-    inputs.extend(k);
-    let device = same_device(OP, &inputs)?;
+) -> Result<Vec<Tensor>> {
+    let mut all = inputs.to_vec();
+    all.extend([positions, inv_freq]);
+    let device = same_device(OP, &all)?;
     let _profile = profile::scope(device, if backward { "rope_bwd" } else { "rope_fwd" });
     let n = positions.numel();
     positions.expect_shape(OP, "positions", &[n])?;
     positions.expect_dtype(OP, DType::I32)?;
     inv_freq.expect_dtype(OP, DType::F32)?;
     let head_dim = 2 * inv_freq.numel();
-    check_input(q, if k.is_some() { "q" } else { "x" }, n, heads, head_dim)?;
-    if let Some(k) = k {
-        check_input(k, "k", n, kv_heads, head_dim)?;
-        k.expect_dtype(OP, q.dtype())?;
+    // Heads of q, k and v; the single layout has only the first.
+    let kv = if layout == Layout::Single {
+        0
+    } else {
+        kv_heads
+    };
+    let widths = [heads * head_dim, kv * head_dim, kv * head_dim];
+    match layout {
+        Layout::Single => check_input(inputs[0], "x", n, heads, head_dim)?,
+        Layout::Split => check_input(inputs[0], "qkv", n, heads + 2 * kv_heads, head_dim)?,
+        Layout::Join => {
+            for (t, (name, h)) in
+                inputs
+                    .iter()
+                    .zip([("dq", heads), ("dk", kv_heads), ("dv", kv_heads)])
+            {
+                check_input(t, name, n, h, head_dim)?;
+            }
+        }
+    }
+    if (layout != Layout::Single && kv_heads == 0) || heads == 0 {
+        return Err(Error::shape(
+            OP,
+            "queries and keys need at least one head each",
+        ));
+    }
+    let dtype = inputs[0].dtype();
+    for t in inputs {
+        t.expect_dtype(OP, dtype)?;
     }
     match device {
         Device::Cpu => {
             let dir = if backward { -1.0 } else { 1.0 };
             let (pos, freq) = (positions.cpu_i32(OP)?, inv_freq.cpu_f32(OP)?);
-            let rotate = |x: &Tensor, heads: usize| -> Result<Tensor> {
-                let xs = host_f32(x, OP)?;
-                let mut y = vec![0.0f32; xs.len()];
-                rope_ref(&mut y, &xs, pos, freq, heads, head_dim, dir);
-                Tensor::from_f32_as(x.shape(), &y, x.dtype(), device)
+            let host = inputs
+                .iter()
+                .map(|t| host_f32(t, OP))
+                .collect::<Result<Vec<_>>>()?;
+            let mut parts = match layout {
+                Layout::Split => split_columns(&host[0], &widths),
+                _ => host.into_iter().map(|h| h.into_owned()).collect(),
             };
-            Ok((
-                rotate(q, heads)?,
-                k.map(|k| rotate(k, kv_heads)).transpose()?,
-            ))
+            for (p, h) in parts.iter_mut().zip([heads, kv]).take(2) {
+                let mut y = vec![0.0f32; p.len()];
+                rope_ref(&mut y, p, pos, freq, h, head_dim, dir);
+                *p = y;
+            }
+            let tensor =
+                |data: &[f32], width: usize| Tensor::from_f32_as(&[n, width], data, dtype, device);
+            match layout {
+                Layout::Single => Ok(vec![tensor(&parts[0], widths[0])?]),
+                Layout::Split => parts
+                    .iter()
+                    .zip(widths)
+                    .map(|(p, w)| tensor(p, w))
+                    .collect(),
+                Layout::Join => {
+                    let refs: Vec<&[f32]> = parts.iter().map(Vec::as_slice).collect();
+                    Ok(vec![tensor(
+                        &join_columns(&refs, &widths),
+                        widths.iter().sum(),
+                    )?])
+                }
+            }
         }
-        Device::Cuda(_) => match q.dtype() {
-            DType::F32 => cuda::<f32>(q, k, positions, inv_freq, heads, kv_heads, backward),
-            DType::BF16 => cuda::<bf16>(q, k, positions, inv_freq, heads, kv_heads, backward),
+        Device::Cuda(_) => match dtype {
+            DType::F32 => cuda::<f32>(inputs, layout, positions, inv_freq, heads, kv, backward),
+            DType::BF16 => cuda::<bf16>(inputs, layout, positions, inv_freq, heads, kv, backward),
             DType::I32 => Err(Error::DType {
                 op: OP,
                 dtype: "i32",
@@ -108,9 +192,13 @@ fn apply(
     }
 }
 
+fn one(mut out: Vec<Tensor>) -> Tensor {
+    out.pop().expect("one output")
+}
+
 /// Rotates `x` ([N, heads·head_dim]) by `positions` ([N] i32) and `inv_freq` ([head_dim/2] f32).
 pub fn rope_fwd(x: &Tensor, positions: &Tensor, inv_freq: &Tensor, heads: usize) -> Result<Tensor> {
-    Ok(apply(x, None, positions, inv_freq, heads, 0, false)?.0)
+    apply(&[x], Layout::Single, positions, inv_freq, heads, 0, false).map(one)
 }
 
 /// The gradient with respect to the input of `rope_fwd`.
@@ -120,53 +208,80 @@ pub fn rope_bwd(
     inv_freq: &Tensor,
     heads: usize,
 ) -> Result<Tensor> {
-    Ok(apply(dy, None, positions, inv_freq, heads, 0, true)?.0)
+    apply(&[dy], Layout::Single, positions, inv_freq, heads, 0, true).map(one)
 }
 
-/// `rope_fwd` of a layer's queries (`heads` heads) and keys (`kv_heads`) in one launch, each sine
-/// and cosine computed once for both.
-pub fn rope_qk_fwd(
-    q: &Tensor,
-    k: &Tensor,
+/// The QKV projection's output `qkv` (`[N, (heads + 2·kv_heads)·head_dim]`: queries, keys, values
+/// side by side in each row) split into rotated queries `[N, heads·head_dim]`, rotated keys and the
+/// values (`[N, kv_heads·head_dim]` each), in one launch that computes each sine and cosine once.
+pub fn rope_qkv_fwd(
+    qkv: &Tensor,
     positions: &Tensor,
     inv_freq: &Tensor,
     heads: usize,
     kv_heads: usize,
-) -> Result<(Tensor, Tensor)> {
-    let (q, k) = apply(q, Some(k), positions, inv_freq, heads, kv_heads, false)?;
-    Ok((q, k.expect("keys were given")))
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let mut out = apply(
+        &[qkv],
+        Layout::Split,
+        positions,
+        inv_freq,
+        heads,
+        kv_heads,
+        false,
+    )?;
+    let v = out.pop().expect("values");
+    let k = out.pop().expect("keys");
+    Ok((one(out), k, v))
 }
 
-/// The gradients of `rope_qk_fwd`'s inputs from those of its outputs.
-pub fn rope_qk_bwd(
+/// The gradient of `rope_qkv_fwd`'s input, in its layout, from those of its three outputs.
+pub fn rope_qkv_bwd(
     dq: &Tensor,
     dk: &Tensor,
+    dv: &Tensor,
     positions: &Tensor,
     inv_freq: &Tensor,
     heads: usize,
     kv_heads: usize,
-) -> Result<(Tensor, Tensor)> {
-    let (dq, dk) = apply(dq, Some(dk), positions, inv_freq, heads, kv_heads, true)?;
-    Ok((dq, dk.expect("keys were given")))
+) -> Result<Tensor> {
+    apply(
+        &[dq, dk, dv],
+        Layout::Join,
+        positions,
+        inv_freq,
+        heads,
+        kv_heads,
+        true,
+    )
+    .map(one)
 }
 
 fn cuda<T: CudaElem>(
-    q: &Tensor,
-    k: Option<&Tensor>,
+    inputs: &[&Tensor],
+    layout: Layout,
     positions: &Tensor,
     inv_freq: &Tensor,
     heads: usize,
     kv_heads: usize,
     backward: bool,
-) -> Result<(Tensor, Option<Tensor>)> {
-    let dev = q.device().as_cuda(OP)?;
-    let mut yq = Tensor::empty(q.shape(), T::DTYPE, q.device())?;
-    let mut yk = k
-        .map(|k| Tensor::empty(k.shape(), T::DTYPE, k.device()))
-        .transpose()?;
+) -> Result<Vec<Tensor>> {
+    let device = inputs[0].device();
+    let dev = device.as_cuda(OP)?;
     let n = positions.numel();
+    let head_dim = 2 * inv_freq.numel();
+    let widths = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim];
+    let mut outputs = match layout {
+        Layout::Split => widths
+            .iter()
+            .map(|&w| Tensor::empty(&[n, w], T::DTYPE, device))
+            .collect::<Result<Vec<_>>>()?,
+        Layout::Single | Layout::Join => {
+            vec![Tensor::empty(&[n, widths.iter().sum()], T::DTYPE, device)?]
+        }
+    };
     if n == 0 {
-        return Ok((yq, yk));
+        return Ok(outputs);
     }
     let name = if backward {
         T::pick("rope_bwd_f32", "rope_bwd_bf16")
@@ -174,32 +289,40 @@ fn cuda<T: CudaElem>(
         T::pick("rope_fwd_f32", "rope_fwd_bf16")
     };
     let f = dev.function("rope", name)?;
-    let head_dim = 2 * inv_freq.numel();
-    let kv_heads = if k.is_some() { kv_heads } else { 0 };
     let (hq, hk, d) = (
         to_i32(OP, "heads", heads)?,
         to_i32(OP, "kv_heads", kv_heads)?,
         to_i32(OP, "head_dim", head_dim)?,
     );
-    // Without keys the kernel reads and writes no key pointer (kv_heads 0): null ones.
+    let (packed_x, packed_y) = (
+        (layout == Layout::Split) as i32,
+        (layout == Layout::Join) as i32,
+    );
+    // Pointers a packed side or a missing head group leaves unused are null.
     let null = 0u64;
     let mut b = dev.stream().launch_builder(&f);
-    b.arg(T::slice_mut(&mut yq, OP)?);
-    match yk.as_mut() {
-        Some(yk) => b.arg(T::slice_mut(yk, OP)?),
-        None => b.arg(&null),
-    };
-    b.arg(T::slice(q, OP)?);
-    match k {
-        Some(k) => b.arg(T::slice(k, OP)?),
-        None => b.arg(&null),
-    };
+    let mut outs = outputs.iter_mut();
+    for _ in 0..3 {
+        match outs.next() {
+            Some(t) => b.arg(T::slice_mut(t, OP)?),
+            None => b.arg(&null),
+        };
+    }
+    for i in 0..3 {
+        match inputs.get(i) {
+            Some(t) => b.arg(T::slice(t, OP)?),
+            None => b.arg(&null),
+        };
+    }
     b.arg(positions.cuda_i32(OP)?)
         .arg(inv_freq.cuda_f32(OP)?)
         .arg(&n)
         .arg(&hq)
         .arg(&hk)
-        .arg(&d);
+        .arg(&hk)
+        .arg(&d)
+        .arg(&packed_x)
+        .arg(&packed_y);
     // A thread per row and run of frequencies: 16 bytes of each half of a head where the runs fit
     // (the kernel's own rule; the grid-stride loop covers any other count too).
     let vector = 16 / T::DTYPE.size();
@@ -209,8 +332,9 @@ fn cuda<T: CudaElem>(
         1
     };
     let cfg = grid_stride(n * head_dim / 2 / run);
-    // SAFETY: q and yq hold n·heads·head_dim elements, k and yk n·kv_heads·head_dim (or are null
-    // with kv_heads 0), positions n, inv_freq head_dim/2; the kernel walks its items grid-stride.
+    // SAFETY: each tensor holds n rows of its heads·head_dim (a packed one n rows of all three
+    // groups'), positions n, inv_freq head_dim/2; heads_k = heads_v = 0 without keys and values, and
+    // then no pointer but q's is read; the kernel walks its items grid-stride.
     unsafe { b.launch(cfg) }?;
-    Ok((yq, yk))
+    Ok(outputs)
 }

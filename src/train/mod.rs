@@ -25,7 +25,7 @@ use std::time::Instant;
 use crate::device::{DType, Device, DeviceChoice, Tensor};
 use crate::error::{Error, Result};
 use crate::model::tokenizer::TextTokenizer;
-use crate::model::weights::{parameter_shapes, save_state, write_file_atomic, StateFile};
+use crate::model::weights::{save_state, stored_parameters, write_file_atomic, StateFile};
 use crate::model::{Batch, Model, Params};
 use crate::ops::adamw::{adamw_step, clip_coefficient, global_grad_norm, AdamWConfig};
 use crate::ops::logprob::{linear_logprob_bwd, linear_logprob_fwd, LogprobOut};
@@ -373,13 +373,14 @@ impl Optimizer {
     }
 
     fn save(&self, model: &Model, path: &Path) -> Result<()> {
-        let names = parameter_shapes(&model.cfg);
+        // Under the stored (stacked) names: the state of one stacked parameter is one tensor.
+        let names = stored_parameters(&model.cfg);
         let mut tensors: Vec<(String, &Tensor)> = Vec::new();
         let groups = [("exp_avg", &self.m), ("exp_avg_sq", &self.v)];
         let master = self.master.as_ref().map(|m| ("master", m));
         for (prefix, p) in groups.into_iter().chain(master) {
-            for ((name, _), t) in names.iter().zip(p.named()) {
-                tensors.push((format!("{prefix}.{name}"), t));
+            for (stored, t) in names.iter().zip(p.named()) {
+                tensors.push((format!("{prefix}.{}", stored.name), t));
             }
         }
         save_state(path, &tensors, &[("step", self.step.to_string())])
@@ -388,10 +389,11 @@ impl Optimizer {
     fn load(&mut self, model: &Model, path: &Path) -> Result<()> {
         let file = StateFile::open(path)?;
         self.step = file.meta("step")?;
-        let names = parameter_shapes(&model.cfg);
+        let names = stored_parameters(&model.cfg);
         let get = |prefix: &str, p: &mut Params| -> Result<()> {
-            for ((name, shape), t) in names.iter().zip(p.named_mut()) {
-                *t = file.tensor(&format!("{prefix}.{name}"), shape, &model.device)?;
+            for (stored, t) in names.iter().zip(p.named_mut()) {
+                let name = format!("{prefix}.{}", stored.name);
+                *t = file.tensor(&name, &stored.shape, &model.device)?;
             }
             Ok(())
         };
