@@ -8,6 +8,7 @@ use rlhf_kernels::model::generate::{sample, GenerateOptions};
 use rlhf_kernels::model::weights::stored_parameters;
 use rlhf_kernels::model::{Batch, KvCache, LlamaConfig, Model, Params};
 use rlhf_kernels::ops::logprob::{linear_logprob_bwd, linear_logprob_fwd};
+use rlhf_kernels::ops::sample::sample_plain;
 use rlhf_kernels::testing::{fresh_seed, rel_l2, Rng};
 use serde_json::json;
 
@@ -539,11 +540,13 @@ fn decode_config() -> LlamaConfig {
 cuda_test! {
     fn cuda_decode_graph_replays_the_eager_steps(dev) {
         // The recorded step runs the kernels the eager step launches, on the same shapes, so its
-        // logits and the cache it fills must match bit for bit, step after step, in bf16 and f32.
+        // logits and the cache it fills must match bit for bit, step after step, in bf16 and f32;
+        // so must the tokens and log-probs it samples (bf16 at T 0.7, f32 greedy) against the
+        // sampler run on the eager step's logits with the same draws.
         let cfg = decode_config();
         let mut rng = Rng::new(fresh_seed("cuda_decode_graph_replays_the_eager_steps"));
         let cpu = tiny_model(&cfg, rng.next_u64(), &Device::Cpu);
-        for dtype in [DType::BF16, DType::F32] {
+        for (dtype, temperature) in [(DType::BF16, 0.7f32), (DType::F32, 0.0)] {
             let model = Model::new(cfg.clone(), cpu.params.convert(&cfg, &dev, dtype).unwrap(), dev.clone()).unwrap();
             let prompts = vec![vec![5, 9, 11, 3, 30], vec![7], vec![1, 4, 36]];
             let capacity = 12;
@@ -552,26 +555,35 @@ cuda_test! {
             model.forward_cached(&prompts, &mut eager_cache).unwrap();
             model.forward_cached(&prompts, &mut graph_cache).unwrap();
             let mut graph = model
-                .decode_graph(&mut graph_cache)
+                .decode_graph(&mut graph_cache, Some(temperature))
                 .unwrap()
                 .expect("a head_dim 64 model's decode step can be recorded");
             assert_eq!(graph_cache.lens, vec![5, 1, 3], "recording changes nothing in the cache");
             // The longest prompt leaves room for capacity - 5 steps.
             for step in 0..capacity - 5 {
                 let tokens: Vec<i32> = (0..prompts.len()).map(|_| rng.below(cfg.vocab_size) as i32).collect();
+                let draws: Vec<f64> = (0..prompts.len()).map(|_| rng.unit()).collect();
                 let next: Vec<Vec<i32>> = tokens.iter().map(|&t| vec![t]).collect();
                 let (hidden, seqs) = model.forward_cached(&next, &mut eager_cache).unwrap();
                 assert_eq!(seqs, vec![0, 1, 2]);
-                let want = model.logits_rows_tensor(&hidden, &seqs).unwrap().to_f32_vec().unwrap();
-                let got = model.decode_step(&mut graph, &tokens, &mut graph_cache).unwrap().to_f32_vec().unwrap();
+                let eager = model.logits_rows_tensor(&hidden, &seqs).unwrap();
+                let want = eager.to_f32_vec().unwrap();
+                let want_sampled = sample_plain(&eager, temperature, &draws).unwrap();
+                let out = model.decode_step(&mut graph, &tokens, &draws, &mut graph_cache).unwrap();
+                let got = out.logits.to_f32_vec().unwrap();
                 assert!(want.iter().all(|v| v.is_finite()), "{} step {step}: eager logits not finite", dtype.name());
                 assert_eq!(got, want, "{} step {step}: replayed logits differ from the eager step's", dtype.name());
+                assert_eq!(out.sampled, Some(want_sampled), "{} step {step}: sampled in the graph", dtype.name());
                 assert_eq!(graph_cache.lens, eager_cache.lens);
             }
             let full: Vec<i32> = vec![0; 3];
             assert!(
-                model.decode_step(&mut graph, &full, &mut graph_cache).is_err(),
+                model.decode_step(&mut graph, &full, &[0.5; 3], &mut graph_cache).is_err(),
                 "a step past the cache's capacity is an error, not a write out of bounds"
+            );
+            assert!(
+                model.decode_step(&mut graph, &full, &[], &mut graph_cache).is_err(),
+                "a graph that samples needs a draw a sequence"
             );
         }
     }
@@ -614,6 +626,27 @@ cuda_test! {
                 assert_eq!(tok == eos, i + 1 == g.tokens.len() && g.finished, "seq {b} step {i}: EOS ends the sequence");
             }
         }
+    }
+}
+
+cuda_test! {
+    fn cuda_generation_from_graphs_matches_op_by_op(dev) {
+        // Sampling at T 0.9 in bf16, one sequence finishing early: decode steps replayed as graphs
+        // (sampling inside them) must give the tokens and log-probs of the same steps launched one
+        // by one, bit for bit.
+        use rlhf_kernels::model::generate::set_decode_graphs;
+        let cfg = decode_config();
+        let cpu = tiny_model(&cfg, 31, &Device::Cpu);
+        let gpu = Model::new(cfg.clone(), cpu.params.convert(&cfg, &dev, DType::BF16).unwrap(), dev.clone()).unwrap();
+        let prompts = vec![vec![1, 4, 9, 16], vec![7], vec![3, 5], vec![20, 21, 22]];
+        let opts = GenerateOptions { max_new_tokens: 9, temperature: 0.9, seed: 5, eos: vec![2, 11], ..Default::default() };
+        set_decode_graphs(false);
+        let eager = gpu.generate(&prompts, &opts, |_, _| {});
+        set_decode_graphs(true);
+        let replayed = gpu.generate(&prompts, &opts, |_, _| {}).unwrap();
+        let eager = eager.unwrap();
+        assert!(replayed.iter().any(|g| g.tokens.len() > 3), "some sequence reaches the replayed steps");
+        assert_eq!(replayed, eager);
     }
 }
 

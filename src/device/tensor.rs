@@ -365,8 +365,33 @@ impl Tensor {
                 ),
             ));
         }
-        let (a, b) = (src_row * width, dst_row * width);
-        let n = rows * width;
+        self.copy_elements(dst_row * width, src, src_row * width, rows * width)
+    }
+
+    /// Copies `n` elements of `src` from element `src_at` into this tensor at element `dst_at`, of
+    /// any shapes and one dtype, on one device (on CUDA one device-to-device copy, which a graph
+    /// can record).
+    pub fn copy_elements(
+        &mut self,
+        dst_at: usize,
+        src: &Tensor,
+        src_at: usize,
+        n: usize,
+    ) -> Result<()> {
+        const OP: &str = "copy_elements";
+        if self.dtype != src.dtype || dst_at + n > self.numel() || src_at + n > src.numel() {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "{n} elements at {src_at} of {:?} {} into {dst_at} of {:?} {}",
+                    src.shape,
+                    src.dtype.name(),
+                    self.shape,
+                    self.dtype.name()
+                ),
+            ));
+        }
+        let (a, b) = (src_at, dst_at);
         match (&mut self.storage, &src.storage) {
             (Storage::Cpu(HostData::F32(d)), Storage::Cpu(HostData::F32(s))) => {
                 d[b..b + n].copy_from_slice(&s[a..a + n])

@@ -197,38 +197,46 @@ impl Model {
             if out.iter().all(|g| g.finished) {
                 break;
             }
-            // Step 0 runs the prompts; step 1, eager, loads the decode kernels and cuBLAS's
-            // kernels for the step's shapes, so recording (at step 2) triggers no lazy loading.
-            let replay = step > 1 && fixed_steps && decode_graphs() && !profile::enabled();
-            if replay && recorded.is_none() {
-                recorded = Some(self.decode_graph(&mut cache).or_else(|e| {
-                    warn_unrecorded(&e);
-                    Ok::<_, Error>(None)
-                })?);
-            }
-            let eager;
-            let (logits, seqs) = match recorded.as_mut().and_then(Option::as_mut) {
-                Some(graph) if replay => {
-                    let tokens: Vec<i32> = next.iter().map(|t| t[0]).collect();
-                    let logits = self.decode_step(graph, &tokens, &mut cache)?;
-                    (logits, (0..prompts.len()).collect::<Vec<_>>())
-                }
-                _ => {
-                    let (hidden, seqs) = self.forward_cached(&next, &mut cache)?;
-                    let rows: Vec<usize> = (0..seqs.len()).collect();
-                    eager = self.logits_rows_tensor(&hidden, &rows)?;
-                    (&eager, seqs)
-                }
-            };
-            // One draw per unfinished sequence in row order, so the tokens do not depend on where
-            // they are sampled or on whether finished sequences still run.
+            // The sequences that take tokens this step (on a GPU all of them), and one draw per
+            // unfinished one in row order, so the tokens do not depend on where they are sampled or
+            // on whether finished sequences still run.
+            let seqs: Vec<usize> = (0..next.len()).filter(|&b| !next[b].is_empty()).collect();
             let live: Vec<bool> = seqs.iter().map(|&b| !out[b].finished).collect();
             let draws: Vec<f64> = live
                 .iter()
                 .map(|&l| if l { rng.unit() } else { 0.0 })
                 .collect();
+            // Step 0 runs the prompts; step 1, eager, loads the decode kernels and cuBLAS's
+            // kernels for the step's shapes, so recording (at step 2) triggers no lazy loading.
+            let replay = step > 1 && fixed_steps && decode_graphs() && !profile::enabled();
+            if replay && recorded.is_none() {
+                let sample_at = on_device.then_some(opts.temperature);
+                recorded = Some(self.decode_graph(&mut cache, sample_at).or_else(|e| {
+                    warn_unrecorded(&e);
+                    Ok::<_, Error>(None)
+                })?);
+            }
+            let eager;
+            let (logits, in_graph) = match recorded.as_mut().and_then(Option::as_mut) {
+                Some(graph) if replay => {
+                    let tokens: Vec<i32> = next.iter().map(|t| t[0]).collect();
+                    let step_draws = if on_device { &draws[..] } else { &[] };
+                    let o = self.decode_step(graph, &tokens, step_draws, &mut cache)?;
+                    (o.logits, o.sampled)
+                }
+                _ => {
+                    let (hidden, ran) = self.forward_cached(&next, &mut cache)?;
+                    debug_assert_eq!(ran, seqs);
+                    let rows: Vec<usize> = (0..seqs.len()).collect();
+                    eager = self.logits_rows_tensor(&hidden, &rows)?;
+                    (&eager, None)
+                }
+            };
             let picked: Vec<Option<(i32, f32)>> = if on_device {
-                let (tokens, logps) = sample_plain(logits, opts.temperature, &draws)?;
+                let (tokens, logps) = match in_graph {
+                    Some(s) => s,
+                    None => sample_plain(logits, opts.temperature, &draws)?,
+                };
                 tokens
                     .into_iter()
                     .zip(logps)

@@ -21,6 +21,7 @@ use crate::ops::norm::{
     add_rms_norm_fwd, rms_norm_bwd, rms_norm_bwd_add, rms_norm_fwd, RmsNormOut,
 };
 use crate::ops::rope::{rope_qkv_bwd, rope_qkv_fwd};
+use crate::ops::sample::sample_plain_into;
 
 pub struct Model {
     pub cfg: LlamaConfig,
@@ -791,21 +792,37 @@ impl Model {
     /// A decode step in which each of `cache`'s sequences takes one token, recorded as a CUDA
     /// graph; `None` where a step cannot be recorded: on the CPU, or when attention would not run
     /// on the decode kernels (the cache's capacity fixes their launch shape; the flash kernels'
-    /// follows the lengths). Changes nothing in the cache; `decode_step` runs it.
-    pub fn decode_graph(&self, cache: &mut KvCache) -> Result<Option<DecodeGraph>> {
+    /// follows the lengths). With `sample_at`, the graph also samples each row of its logits at that
+    /// temperature (plain or greedy, the `sample` op), so a step copies its tokens and log-probs back
+    /// instead of running the sampler after it. Changes nothing in the cache; `decode_step` runs it.
+    pub fn decode_graph(
+        &self,
+        cache: &mut KvCache,
+        sample_at: Option<f32>,
+    ) -> Result<Option<DecodeGraph>> {
         let Device::Cuda(dev) = &self.device else {
             return Ok(None);
         };
         let b = cache.lens.len();
-        let attn = cache.attn_batch(&vec![1; b], &self.device)?;
+        let mut attn = cache.attn_batch(&vec![1; b], &self.device)?;
         if attn.decode_split(self.heads()).is_none() {
             return Ok(None);
         }
-        // Placeholders while recording (as are the key lengths): each step writes its own first.
+        // One buffer holds all a step uploads (see `DecodeGraph::inputs`); the graph first copies
+        // the parts into the tensors the step reads. Placeholders while recording.
+        let words = STEP_INPUTS * b + if sample_at.is_some() { 2 * b } else { 0 };
+        let inputs = Tensor::zeros(&[words], DType::I32, &self.device)?;
         let zeros = || Tensor::zeros(&[b], DType::I32, &self.device);
-        let (ids, positions, rows) = (zeros()?, zeros()?, zeros()?);
+        let (mut ids, mut positions, mut rows) = (zeros()?, zeros()?, zeros()?);
         let mut logits = Tensor::empty(&[b, self.cfg.vocab_size], self.dtype, &self.device)?;
+        let mut sampled = sample_at
+            .map(|t| Tensor::empty(&[2 * b], DType::I32, &self.device).map(|out| (t, out)))
+            .transpose()?;
         let graph = dev.capture(|| {
+            ids.copy_elements(0, &inputs, 0, b)?;
+            positions.copy_elements(0, &inputs, b, b)?;
+            rows.copy_elements(0, &inputs, 2 * b, b)?;
+            attn.copy_key_lens(&inputs, 3 * b)?;
             let hidden = self.run_cached(&ids, &positions, &rows, &attn, cache)?;
             // The LM head writes straight into the graph's logits: the eager step's GEMM, in place.
             gemm(
@@ -816,60 +833,109 @@ impl Model {
                 Trans::T,
                 1.0,
                 0.0,
-            )
+            )?;
+            match sampled.as_mut() {
+                Some((t, out)) => sample_plain_into(&logits, *t, &inputs, STEP_INPUTS * b, out),
+                None => Ok(()),
+            }
         })?;
         Ok(Some(DecodeGraph {
+            inputs,
             ids,
-            positions,
-            rows,
+            _positions: positions,
+            _rows: rows,
             attn,
             logits,
+            sampled,
             graph,
         }))
     }
 
     /// Replays `graph`: `tokens[b]` goes after what the cache holds for sequence b (every sequence
-    /// takes one). Returns the step's logits, `[sequences, vocab]`, row b for sequence b, valid
-    /// until the next step.
+    /// takes one). Where the graph samples, `draws` holds each row's uniform draw (any value for a
+    /// row whose token is unused); otherwise it is empty. Returns the step's logits, `[sequences,
+    /// vocab]`, row b for sequence b, valid until the next step, and the sampled tokens and
+    /// log-probs.
     pub fn decode_step<'g>(
         &self,
         graph: &'g mut DecodeGraph,
         tokens: &[i32],
+        draws: &[f64],
         cache: &mut KvCache,
-    ) -> Result<&'g Tensor> {
+    ) -> Result<DecodeOut<'g>> {
         let b = cache.lens.len();
-        if tokens.len() != b || graph.ids.numel() != b {
+        let want_draws = if graph.sampled.is_some() { b } else { 0 };
+        if tokens.len() != b || graph.ids.numel() != b || draws.len() != want_draws {
             return Err(Error::Unsupported {
                 op: "decode_step",
                 detail: format!(
-                    "{} tokens for a step recorded for {} sequences, with a cache of {b}",
+                    "{} tokens and {} draws for a step recorded for {} sequences ({}sampling), \
+                     with a cache of {b}",
                     tokens.len(),
-                    graph.ids.numel()
+                    draws.len(),
+                    graph.ids.numel(),
+                    if want_draws > 0 { "" } else { "not " },
                 ),
             });
         }
         self.check_tokens(tokens)?;
         let (positions, slots) = cache.place(&vec![1; b])?;
         let grown: Vec<usize> = cache.lens.iter().map(|l| l + 1).collect();
-        graph.ids.write_i32(tokens)?;
-        graph.positions.write_i32(&positions)?;
-        graph.rows.write_i32(&slots)?;
-        graph.attn.set_key_lens(&grown)?;
+        graph.attn.set_host_key_lens(&grown)?;
+        let mut words = Vec::with_capacity(graph.inputs.numel());
+        words.extend_from_slice(tokens);
+        words.extend(positions);
+        words.extend(slots);
+        words.extend(grown.iter().map(|&l| l as i32));
+        for u in draws {
+            let bits = u.to_bits();
+            words.extend([bits as u32 as i32, (bits >> 32) as u32 as i32]);
+        }
+        graph.inputs.write_i32(&words)?;
         graph.graph.launch()?;
         cache.lens = grown;
-        Ok(&graph.logits)
+        let sampled = match &graph.sampled {
+            Some((_, out)) => {
+                let out = out.to_i32_vec()?;
+                let logps = out[b..].iter().map(|&w| f32::from_bits(w as u32)).collect();
+                Some((out[..b].to_vec(), logps))
+            }
+            None => None,
+        };
+        Ok(DecodeOut {
+            logits: &graph.logits,
+            sampled,
+        })
     }
+}
+
+/// Values a decode step uploads per sequence besides its draw: token, position, cache row, key count.
+const STEP_INPUTS: usize = 4;
+
+/// What a replayed decode step gives.
+pub struct DecodeOut<'g> {
+    /// `[sequences, vocab]`, valid until the next step.
+    pub logits: &'g Tensor,
+    /// Each sequence's token and its log-prob, where the graph samples.
+    pub sampled: Option<(Vec<i32>, Vec<f32>)>,
 }
 
 /// A recorded decode step (see `Model::decode_graph`): its inputs and its logits live in buffers
 /// the graph reads and writes at fixed addresses. A step of a small model is some 400 launches of
 /// little work each, so issuing them one by one from the host, not the GPU's work, sets its time;
-/// replayed, they cost one launch.
+/// replayed, they cost one launch, one upload and (sampling in the graph) one copy back.
 pub struct DecodeGraph {
+    /// `[4·B (+ 2·B)]` i32: each sequence's token, then positions, cache rows and key counts, then
+    /// (sampling in the graph) the draws as f64 in two words each; one upload a step.
+    inputs: Tensor,
+    /// What the graph copies the inputs into and its kernels read, owned here for the graph's life
+    /// (the host reads none but the ids' count).
     ids: Tensor,
-    positions: Tensor,
-    rows: Tensor,
+    _positions: Tensor,
+    _rows: Tensor,
     attn: AttnBatch,
     logits: Tensor,
+    /// Sampling in the graph: the temperature and `[2·B]` i32 of tokens, then log-probs' f32 bits.
+    sampled: Option<(f32, Tensor)>,
     graph: DeviceGraph,
 }

@@ -307,16 +307,37 @@ impl AttnBatch {
     /// device table in place, so a recorded step that reads the table sees them. Each must still
     /// cover its sequence's query rows and stay within the key capacity, if one was given.
     pub fn set_key_lens(&mut self, k_len: &[usize]) -> Result<()> {
+        self.set_host_key_lens(k_len)?;
+        if let Some(tables) = self.dev.as_mut() {
+            tables.k_len.write_i32(&self.k_len)?;
+        }
+        Ok(())
+    }
+
+    /// `set_key_lens` on the host only, for a caller that fills the device table itself (see
+    /// `copy_key_lens`).
+    pub(crate) fn set_host_key_lens(&mut self, k_len: &[usize]) -> Result<()> {
         let lens = k_len
             .iter()
             .map(|&l| to_i32(OP_FWD, "key length", l))
             .collect::<Result<Vec<i32>>>()?;
         self.check_key_lens(&lens, self.key_capacity)?;
-        if let Some(tables) = self.dev.as_mut() {
-            tables.k_len.write_i32(&lens)?;
-        }
         self.k_len = lens;
         Ok(())
+    }
+
+    /// Fills the device table of key counts from `words[at..at + sequences]` (i32, on the device)
+    /// with one device-to-device copy, which a graph can record; the host's counts are the
+    /// caller's to keep in step (`set_host_key_lens`).
+    pub(crate) fn copy_key_lens(&mut self, words: &Tensor, at: usize) -> Result<()> {
+        let b = self.sequences();
+        match self.dev.as_mut() {
+            Some(tables) => tables.k_len.copy_elements(0, words, at, b),
+            None => Err(Error::Unsupported {
+                op: OP_FWD,
+                detail: "a batch on the host has no device table of key counts".into(),
+            }),
+        }
     }
 
     fn check_key_lens(&self, k_len: &[i32], capacity: Option<usize>) -> Result<()> {

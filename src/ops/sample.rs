@@ -7,7 +7,7 @@
 //! rows of logits, and the host does no per-token work. `RLHF_SAMPLER=host` keeps sampling on the
 //! host (the CPU reference) for comparison.
 
-use cudarc::driver::PushKernelArg;
+use cudarc::driver::{DevicePtr, DevicePtrMut, PushKernelArg};
 use half::bf16;
 
 use crate::device::profile;
@@ -151,6 +151,26 @@ fn sample_cuda<T: CudaElem>(
     let mut tokens = Tensor::empty(&[rows], DType::I32, logits.device())?;
     let mut logp = Tensor::empty(&[rows], DType::F32, logits.device())?;
     let u = dev.upload(draws)?;
+    let stream = dev.stream().clone();
+    {
+        let (u_ptr, _u) = u.device_ptr(&stream);
+        let (t_ptr, _t) = tokens.cuda_i32_mut(OP)?.device_ptr_mut(&stream);
+        let (l_ptr, _l) = logp.cuda_f32_mut(OP)?.device_ptr_mut(&stream);
+        launch::<T>(logits, temperature, vocab, rows, [u_ptr, t_ptr, l_ptr])?;
+    }
+    Ok((tokens.to_i32_vec()?, logp.to_f32_vec()?))
+}
+
+/// The kernel over `rows` rows of `logits`, with `pointers` = [draws (f64), tokens (i32), log-probs
+/// (f32)], each `rows` long, on the device.
+fn launch<T: CudaElem>(
+    logits: &Tensor,
+    temperature: f32,
+    vocab: usize,
+    rows: usize,
+    pointers: [u64; 3],
+) -> Result<()> {
+    let dev = logits.device().as_cuda(OP)?;
     let v = to_i32(OP, "vocab", vocab)?;
     let greedy = i32::from(temperature <= 0.0);
     let inv_t = if temperature > 0.0 {
@@ -158,16 +178,62 @@ fn sample_cuda<T: CudaElem>(
     } else {
         1.0f32
     };
+    let [u, tokens, logp] = pointers;
     let f = dev.function("sample", T::pick("sample_plain_f32", "sample_plain_bf16"))?;
     let mut b = dev.stream().launch_builder(&f);
-    b.arg(tokens.cuda_i32_mut(OP)?)
-        .arg(logp.cuda_f32_mut(OP)?)
+    b.arg(&tokens)
+        .arg(&logp)
         .arg(T::slice(logits, OP)?)
         .arg(&u)
         .arg(&v)
         .arg(&inv_t)
         .arg(&greedy);
-    // SAFETY: logits hold rows*vocab elements, u, tokens and logp `rows`; one block of THREADS per row.
+    // SAFETY: logits hold rows*vocab elements, the three pointers `rows` each (the callers'
+    // contract); one block of THREADS per row.
     unsafe { b.launch(per_row(OP, rows, THREADS, 0)?) }?;
-    Ok((tokens.to_i32_vec()?, logp.to_f32_vec()?))
+    Ok(())
+}
+
+/// `sample_plain` on CUDA with every buffer on the device and no copy to or from the host, so that
+/// a graph can record it: the draws are `words[at..at + 2·rows]` (each f64 as two little-endian i32
+/// words; `at` even), and `out` (`[2·rows]` i32) receives the tokens, then the log-probs' f32 bits.
+pub(crate) fn sample_plain_into(
+    logits: &Tensor,
+    temperature: f32,
+    words: &Tensor,
+    at: usize,
+    out: &mut Tensor,
+) -> Result<()> {
+    let (rows, vocab) = logits.dims2(OP)?;
+    words.expect_dtype(OP, DType::I32)?;
+    out.expect_shape(OP, "out", &[2 * rows])?;
+    out.expect_dtype(OP, DType::I32)?;
+    if !at.is_multiple_of(2) || at + 2 * rows > words.numel() || !(1..MAX_VOCAB).contains(&vocab) {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "draws at word {at} of {} for {rows} rows of {vocab} logits",
+                words.numel()
+            ),
+        ));
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    let stream = logits.device().as_cuda(OP)?.stream().clone();
+    let (words_ptr, _w) = words.cuda_i32(OP)?.device_ptr(&stream);
+    let (out_ptr, _o) = out.cuda_i32_mut(OP)?.device_ptr_mut(&stream);
+    let pointers = [
+        words_ptr + 4 * at as u64,
+        out_ptr,
+        out_ptr + 4 * rows as u64,
+    ];
+    match logits.dtype() {
+        DType::F32 => launch::<f32>(logits, temperature, vocab, rows, pointers),
+        DType::BF16 => launch::<bf16>(logits, temperature, vocab, rows, pointers),
+        DType::I32 => Err(Error::DType {
+            op: OP,
+            dtype: "i32",
+        }),
+    }
 }
