@@ -769,7 +769,13 @@ pub fn bench_dpo_step(
     let profile = profile
         .then(|| profile_once(device, &mut step))
         .transpose()?;
-    let flops = 4.0 * cfg.forward_flops(2 * pairs, len);
+    // Policy forward, its backward (twice the forward) and the reference forward; the LM head
+    // runs on the scored rows only (the completions' predictions), so it counts only those.
+    let head = 2.0 * (cfg.hidden_size * cfg.vocab_size) as f64;
+    let scored = sb.targets.iter().filter(|&&t| t >= 0).count();
+    let flops = 4.0
+        * (cfg.forward_flops(2 * pairs, len) - head * (sb.batch.len() as f64)
+            + head * scored as f64);
     Ok(TrainBench {
         tokens: sb.batch.len(),
         step_ms,

@@ -651,6 +651,41 @@ cuda_test! {
 }
 
 cuda_test! {
+    fn cuda_scoring_only_the_scored_rows_matches_cpu(dev) {
+        // The trainers' scoring gathers the rows that predict a scored token before the LM head
+        // and scatters their hidden-state gradient back: in f32 on the GPU it must give the CPU's
+        // log-probs and gradients up to summation order.
+        use rlhf_kernels::train::{score, score_backward, ScoredBatch};
+        let cfg = tiny_config(true, false, false);
+        let mut rng = Rng::new(fresh_seed("cuda_scoring_only_the_scored_rows_matches_cpu"));
+        let cpu = tiny_model(&cfg, rng.next_u64(), &Device::Cpu);
+        let gpu = Model::new(cfg.clone(), cpu.params.convert(&cfg, &dev, DType::F32).unwrap(), dev.clone()).unwrap();
+        let tok = |rng: &mut Rng, n: usize| -> Vec<i32> { (0..n).map(|_| rng.below(cfg.vocab_size) as i32).collect() };
+        let (p1, c1, p2, c2) = (tok(&mut rng, 6), tok(&mut rng, 3), tok(&mut rng, 2), tok(&mut rng, 5));
+        let sb = ScoredBatch::new(&[(p1.as_slice(), c1.as_slice()), (p2.as_slice(), c2.as_slice())]);
+        let upstream = rng.normal_vec(sb.batch.len(), 1.0);
+        let run = |m: &Model, d: &Device| {
+            let s = score(m, &sb).unwrap();
+            let mut g = Params::zeros(&cfg, d, DType::F32).unwrap();
+            score_backward(m, &s, upstream.clone(), &mut g).unwrap();
+            (s.per_token.clone(), s.entropy().unwrap(), g.hf_tensors(&cfg).unwrap())
+        };
+        let (lc, ec, gc) = run(&cpu, &Device::Cpu);
+        let (lg, eg, gg) = run(&gpu, &dev);
+        for (name, c, g) in [("logp", &lc, &lg), ("entropy", &ec, &eg)] {
+            for (i, (a, b)) in c.iter().zip(g).enumerate() {
+                assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{name} row {i}: {b} against {a}");
+                assert_eq!(*a == 0.0, *b == 0.0, "{name} row {i}: zero on exactly the unscored rows");
+            }
+        }
+        for ((name, _, a), (_, _, b)) in gc.into_iter().zip(gg) {
+            let e = rel_l2(&b, &a);
+            assert!(e <= 1e-4, "{name}: relative L2 error {e:e}");
+        }
+    }
+}
+
+cuda_test! {
     fn cuda_a_refused_capture_leaves_the_device_usable(dev) {
         // Generation falls back to launching op by op when recording a step fails, so a failed
         // capture must leave the device as it was; and a later capture must still record.

@@ -732,3 +732,75 @@ fn kto_rewards_are_class_means_over_the_whole_step() {
     );
     std::fs::remove_dir_all(&root).ok();
 }
+
+#[test]
+fn only_scored_rows_go_through_the_lm_head() {
+    // The policy's scoring gathers the rows that predict a scored token before the LM head and
+    // spreads the results back; it must give what the head over every packed row gives: the same
+    // log-probs and entropies, and the same gradient of every parameter.
+    use rlhf_kernels::device::{DType, Device, Tensor};
+    use rlhf_kernels::model::Params;
+    use rlhf_kernels::ops::logprob::{linear_logprob_bwd, linear_logprob_fwd};
+    use rlhf_kernels::testing::{fresh_seed, Rng};
+    use rlhf_kernels::train::{score, score_backward, ScoredBatch};
+    let mut rng = Rng::new(fresh_seed("only_scored_rows_go_through_the_lm_head"));
+    let model = Model::random(&builtin::tiny_config(), rng.next_u64(), &Device::Cpu).unwrap();
+    let tok =
+        |rng: &mut Rng, n: usize| -> Vec<i32> { (0..n).map(|_| rng.below(250) as i32).collect() };
+    let (p1, c1, p2, c2) = (
+        tok(&mut rng, 7),
+        tok(&mut rng, 4),
+        tok(&mut rng, 3),
+        tok(&mut rng, 9),
+    );
+    let sb = ScoredBatch::new(&[
+        (p1.as_slice(), c1.as_slice()),
+        (p2.as_slice(), c2.as_slice()),
+    ]);
+    let n = sb.batch.len();
+    assert!(sb.targets.iter().any(|&t| t < 0), "some rows are unscored");
+    let upstream = rng.normal_vec(n, 1.0);
+
+    let s = score(&model, &sb).unwrap();
+    let mut grads = Params::zeros(&model.cfg, &Device::Cpu, DType::F32).unwrap();
+    score_backward(&model, &s, upstream.clone(), &mut grads).unwrap();
+
+    // Every row through the head: unscored rows give 0 and take no gradient.
+    let acts = model.forward(&sb.batch).unwrap();
+    let targets = Tensor::from_i32(&[n], sb.targets.clone(), &Device::Cpu).unwrap();
+    let out = linear_logprob_fwd(&acts.hidden, model.lm_head(), &targets, 1.0).unwrap();
+    let mut want = Params::zeros(&model.cfg, &Device::Cpu, DType::F32).unwrap();
+    let g = Tensor::from_f32(&[n], upstream, &Device::Cpu).unwrap();
+    let zero = Tensor::zeros(&[n], DType::F32, &Device::Cpu).unwrap();
+    let dh = linear_logprob_bwd(
+        &acts.hidden,
+        model.lm_head(),
+        &targets,
+        &out,
+        &g,
+        &zero,
+        1.0,
+        want.lm_head_mut(),
+    )
+    .unwrap();
+    model.backward(&acts, &dh, &mut want).unwrap();
+
+    assert_eq!(s.per_token, out.logp.to_f32_vec().unwrap());
+    let entropy: Vec<f32> = out
+        .entropy
+        .to_f32_vec()
+        .unwrap()
+        .iter()
+        .zip(&sb.targets)
+        .map(|(&e, &t)| if t >= 0 { e } else { 0.0 })
+        .collect();
+    assert_eq!(s.entropy().unwrap(), entropy);
+    for ((name, _, a), (_, _, b)) in grads
+        .hf_tensors(&model.cfg)
+        .unwrap()
+        .into_iter()
+        .zip(want.hf_tensors(&model.cfg).unwrap())
+    {
+        assert_eq!(a, b, "{name}");
+    }
+}

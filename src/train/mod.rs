@@ -1027,12 +1027,113 @@ impl ScoredBatch {
 /// The forward's state for one scored batch.
 pub struct Scored {
     pub acts: crate::model::Activations,
+    /// The LM head's outputs for the scored rows only (`rows`).
     pub out: LogprobOut,
-    pub(crate) targets: Tensor,
+    scored: ScoredRows,
     /// Per packed row, log p(target) (0 where there is none).
     pub per_token: Vec<f32>,
     /// The log-probs are of softmax(logits / temperature).
     pub temperature: f32,
+}
+
+/// The packed rows that predict a scored token, and their hidden states: only they go through the
+/// LM head. A prompt's rows predict nothing scored (unless ORPO scores it), and the head is the
+/// costliest layer of a small model's step (for SmolLM2-135M, 49,152 x 576 against 3.5M weights a
+/// layer), so a batch of half prompt, half completion spends half as much there.
+struct ScoredRows {
+    /// `[M]` targets of the scored rows.
+    targets: Tensor,
+    /// Where some rows are unscored: their packed indices (host and `[M]` device) and hidden
+    /// states `[M, d]`; None when every row is scored (the model's hidden state is used as is).
+    gathered: Option<(Vec<usize>, Tensor, Tensor)>,
+}
+
+impl ScoredRows {
+    /// Gathers the rows of `hidden` `[N, d]` whose `targets` are not ignored (negative).
+    fn new(hidden: &Tensor, targets: &[i32], device: &Device) -> Result<ScoredRows> {
+        let rows: Vec<usize> = (0..targets.len()).filter(|&r| targets[r] >= 0).collect();
+        if rows.is_empty() || rows.len() == targets.len() {
+            let targets = Tensor::from_i32(&[targets.len()], targets.to_vec(), device)?;
+            return Ok(ScoredRows {
+                targets,
+                gathered: None,
+            });
+        }
+        let picked: Vec<i32> = rows.iter().map(|&r| targets[r]).collect();
+        let ids = Tensor::from_i32(
+            &[rows.len()],
+            rows.iter().map(|&r| r as i32).collect(),
+            device,
+        )?;
+        let h = crate::ops::embed::embed_fwd(hidden, &ids)?;
+        Ok(ScoredRows {
+            targets: Tensor::from_i32(&[rows.len()], picked, device)?,
+            gathered: Some((rows, ids, h)),
+        })
+    }
+
+    /// The hidden states the LM head reads: the gathered rows, or all of `hidden`.
+    fn hidden<'a>(&'a self, hidden: &'a Tensor) -> &'a Tensor {
+        self.gathered.as_ref().map_or(hidden, |(_, _, h)| h)
+    }
+
+    /// Per-row values of the scored rows spread back over all `n` packed rows (0 elsewhere).
+    fn spread(&self, values: Vec<f32>, n: usize) -> Vec<f32> {
+        match &self.gathered {
+            None => values,
+            Some((rows, _, _)) => {
+                let mut all = vec![0.0; n];
+                for (&r, v) in rows.iter().zip(values) {
+                    all[r] = v;
+                }
+                all
+            }
+        }
+    }
+
+    /// The scored rows' part of a per-row vector over all packed rows.
+    fn pick(&self, all: Vec<f32>) -> Vec<f32> {
+        match &self.gathered {
+            None => all,
+            Some((rows, _, _)) => rows.iter().map(|&r| all[r]).collect(),
+        }
+    }
+}
+
+impl Scored {
+    /// Per packed row, the entropy of softmax(logits / temperature) (0 on unscored rows).
+    pub fn entropy(&self) -> Result<Vec<f32>> {
+        let n = self.acts.hidden.shape()[0];
+        Ok(self.scored.spread(self.out.entropy.to_f32_vec()?, n))
+    }
+
+    /// The gradient of the hidden state `[N, d]` (f32) from `upstream`, one value per packed row
+    /// (the loss's gradient with respect to that row's log-prob; ignored on unscored rows), and the
+    /// LM head's weight gradient added into `grads`.
+    pub fn dhidden(&self, model: &Model, upstream: Vec<f32>, grads: &mut Params) -> Result<Tensor> {
+        let g = self.scored.pick(upstream);
+        let m = g.len();
+        let g = Tensor::from_f32(&[m], g, &model.device)?;
+        let zero = Tensor::zeros(&[m], DType::F32, &model.device)?;
+        let dh = linear_logprob_bwd(
+            self.scored.hidden(&self.acts.hidden),
+            model.lm_head(),
+            &self.scored.targets,
+            &self.out,
+            &g,
+            &zero,
+            self.temperature,
+            grads.lm_head_mut(),
+        )?;
+        match &self.scored.gathered {
+            None => Ok(dh),
+            Some((_, ids, _)) => {
+                let mut all = Tensor::zeros(self.acts.hidden.shape(), DType::F32, &model.device)?;
+                crate::ops::embed::rows_store(&mut all, &dh, ids)?;
+                Ok(all)
+            }
+        }
+    }
 }
 
 /// Forward + completion log-probs through the fused LM head.
@@ -1044,13 +1145,18 @@ pub fn score(model: &Model, sb: &ScoredBatch) -> Result<Scored> {
 /// log-probs their ratios need (TRL divides the logits by the sampling temperature too).
 pub fn score_at(model: &Model, sb: &ScoredBatch, temperature: f32) -> Result<Scored> {
     let acts = model.forward(&sb.batch)?;
-    let targets = Tensor::from_i32(&[sb.batch.len()], sb.targets.clone(), &model.device)?;
-    let out = linear_logprob_fwd(&acts.hidden, model.lm_head(), &targets, temperature)?;
-    let per_token = out.logp.to_f32_vec()?;
+    let scored = ScoredRows::new(&acts.hidden, &sb.targets, &model.device)?;
+    let out = linear_logprob_fwd(
+        scored.hidden(&acts.hidden),
+        model.lm_head(),
+        &scored.targets,
+        temperature,
+    )?;
+    let per_token = scored.spread(out.logp.to_f32_vec()?, sb.batch.len());
     Ok(Scored {
         acts,
         out,
-        targets,
+        scored,
         per_token,
         temperature,
     })
@@ -1065,10 +1171,14 @@ pub fn frozen_logps(model: &Model, sb: &ScoredBatch) -> Result<Vec<f32>> {
 /// `frozen_logps` under softmax(logits / temperature), as `score_at`.
 pub fn frozen_logps_at(model: &Model, sb: &ScoredBatch, temperature: f32) -> Result<Vec<f32>> {
     let hidden = model.forward_frozen(&sb.batch)?;
-    let targets = Tensor::from_i32(&[sb.batch.len()], sb.targets.clone(), &model.device)?;
-    linear_logprob_fwd(&hidden, model.lm_head(), &targets, temperature)?
-        .logp
-        .to_f32_vec()
+    let scored = ScoredRows::new(&hidden, &sb.targets, &model.device)?;
+    let out = linear_logprob_fwd(
+        scored.hidden(&hidden),
+        model.lm_head(),
+        &scored.targets,
+        temperature,
+    )?;
+    Ok(scored.spread(out.logp.to_f32_vec()?, sb.batch.len()))
 }
 
 /// The online trainers' progress bar: iterations with elapsed time, ETA and the trainer's message.
@@ -1109,19 +1219,7 @@ pub fn score_backward(
     upstream: Vec<f32>,
     grads: &mut Params,
 ) -> Result<()> {
-    let n = upstream.len();
-    let g = Tensor::from_f32(&[n], upstream, &model.device)?;
-    let zero = Tensor::zeros(&[n], DType::F32, &model.device)?;
-    let dh = linear_logprob_bwd(
-        &s.acts.hidden,
-        model.lm_head(),
-        &s.targets,
-        &s.out,
-        &g,
-        &zero,
-        s.temperature,
-        grads.lm_head_mut(),
-    )?;
+    let dh = s.dhidden(model, upstream, grads)?;
     model.backward(&s.acts, &dh, grads)
 }
 

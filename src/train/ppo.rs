@@ -28,7 +28,6 @@ use crate::model::{Model, Params};
 use crate::ops::adamw::{adamw_step, clip_coefficient, global_grad_norm, AdamWConfig};
 use crate::ops::elementwise::add;
 use crate::ops::kl::KlEstimator;
-use crate::ops::logprob::linear_logprob_bwd;
 use crate::ops::ppo::{ppo_advantages, ppo_loss, PpoConfig};
 use crate::rng::Rng;
 
@@ -402,7 +401,7 @@ pub fn train(a: &PpoArgs) -> Result<RunSummary> {
         // 3. Old log-probs (training forward), reference log-probs, values, scores.
         let old = score_at(&policy, &sb, a.temperature)?;
         let (old_lp, mask, tt) = sb.padded(&old.per_token);
-        let entropy = old.out.entropy.to_f32_vec()?;
+        let entropy = old.entropy()?;
         let (ref_lp, _, _) = sb.padded(&frozen_logps_at(&reference, &sb, a.temperature)?);
         let old_v = match &critic {
             Critic::Separate(value, _) => values(value, &sb)?.1,
@@ -505,19 +504,7 @@ pub fn train(a: &PpoArgs) -> Result<RunSummary> {
                     }
                     Critic::Shared(head) => {
                         // One backward through the trunk for both losses.
-                        let n_rows = msb.batch.len();
-                        let g = Tensor::from_f32(&[n_rows], glp, &device)?;
-                        let zero = Tensor::zeros(&[n_rows], DType::F32, &device)?;
-                        let dh_lp = linear_logprob_bwd(
-                            &s.acts.hidden,
-                            policy.lm_head(),
-                            &s.targets,
-                            &s.out,
-                            &g,
-                            &zero,
-                            s.temperature,
-                            gp.lm_head_mut(),
-                        )?;
+                        let dh_lp = s.dhidden(&policy, glp, &mut gp)?;
                         let mut dw = Tensor::zeros(head.w.shape(), DType::F32, &device)?;
                         let dh_v = head_values_bwd(&s.acts.hidden, &head.w, &dv, &mut dw)?;
                         policy.backward(&s.acts, &add(&dh_lp, &dh_v)?, &mut gp)?;
