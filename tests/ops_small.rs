@@ -467,5 +467,17 @@ cuda_test! {
         check_output("adamw.w", "n100003", &got.1, &want.1, DType::F32, 1e-6, 1e-5);
         // The copy is the device's own weights rounded once.
         check_output("adamw.copy", "n100003", &got.2, &round_bf16(&got.1), DType::F32, 0.0, 0.0);
+        // The global norm over buffers of several sizes (one block's worth, many blocks, past the
+        // block cap), their partial sums read back together.
+        let parts: Vec<Vec<f32>> = [70_001, 3, 1, 262_144, 5_000_000].iter().map(|&k| rng.normal_vec(k, 2.0)).collect();
+        let norm_on = |dv: &Device| {
+            let ts: Vec<Tensor> = parts.iter().map(|p| Tensor::from_f32(&[p.len()], p.clone(), dv).unwrap()).collect();
+            global_grad_norm(&ts.iter().collect::<Vec<_>>()).unwrap()
+        };
+        let exact = parts.iter().flatten().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+        let (want, got) = (norm_on(&cpu_dev), norm_on(&dev));
+        assert!((want - exact).abs() <= 1e-12 * exact, "CPU grad norm {want} vs {exact}");
+        assert!((got - exact).abs() <= 1e-6 * exact, "grad norm over several buffers {got} vs {exact}");
+        rlhf_kernels::testing::report("global_grad_norm", "5 buffers", (got - exact).abs() / exact, "rel 1e-6");
     }
 }

@@ -1,7 +1,7 @@
 //! Fused AdamW on f32 master weights with global-norm gradient clipping, the twin of
 //! `kernels/adamw.cu`. Decoupled weight decay, bias-corrected moments, as `torch.optim.AdamW`.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{DevicePtrMut, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use crate::device::profile;
@@ -37,11 +37,16 @@ impl Default for AdamWConfig {
 }
 
 /// The L2 norm over every gradient buffer (f32), in f64 on the host from per-block partial sums.
+/// On CUDA every buffer's partial sums go into one buffer read back with one copy: one wait for the
+/// GPU a step, not one a parameter tensor (about 200 for SmolLM2-135M), each of which left the GPU
+/// idle for a host round trip.
 pub fn global_grad_norm(grads: &[&Tensor]) -> Result<f64> {
     let _profile = grads
         .first()
         .map(|g| profile::scope(g.device(), "global_grad_norm"));
     let mut total = 0.0f64;
+    // CUDA buffers with their partial-sum counts, summed after one copy.
+    let mut on_device: Vec<(&Tensor, usize)> = Vec::new();
     for g in grads {
         g.expect_dtype(OP, DType::F32)?;
         match g.device() {
@@ -52,28 +57,51 @@ pub fn global_grad_norm(grads: &[&Tensor]) -> Result<f64> {
                     .map(|&x| (x as f64) * (x as f64))
                     .sum::<f64>()
             }
-            Device::Cuda(dev) => {
+            Device::Cuda(_) => {
                 let n = g.numel();
-                if n == 0 {
-                    continue;
+                if n > 0 {
+                    on_device.push((g, NORM_BLOCKS.min(n.div_ceil(256))));
                 }
-                let blocks = NORM_BLOCKS.min(n.div_ceil(256));
-                let mut partial = Tensor::empty(&[blocks], DType::F32, g.device())?;
-                let f = dev.function("adamw", "grad_sumsq")?;
-                let mut l = dev.stream().launch_builder(&f);
-                l.arg(partial.cuda_f32_mut(OP)?)
-                    .arg(g.cuda_f32(OP)?)
-                    .arg(&n);
-                let cfg = LaunchConfig {
-                    grid_dim: (blocks as u32, 1, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                // SAFETY: grad holds n floats, partial one per block; grid-stride loop bounded by n.
-                unsafe { l.launch(cfg) }?;
-                total += partial.to_f32_vec()?.iter().map(|&x| x as f64).sum::<f64>();
             }
         }
+    }
+    let Some(&(first, _)) = on_device.first() else {
+        return Ok(total.sqrt());
+    };
+    let tensors: Vec<&Tensor> = on_device.iter().map(|(g, _)| *g).collect();
+    let device = same_device(OP, &tensors)?;
+    let dev = device.as_cuda(OP)?;
+    let all_blocks = on_device.iter().map(|(_, b)| b).sum::<usize>();
+    let mut partial = Tensor::empty(&[all_blocks], DType::F32, first.device())?;
+    let stream = dev.stream().clone();
+    {
+        let (base, _partial) = partial.cuda_f32_mut(OP)?.device_ptr_mut(&stream);
+        let f = dev.function("adamw", "grad_sumsq")?;
+        let mut at = 0u64;
+        for &(g, blocks) in &on_device {
+            let n = g.numel();
+            let out = base + 4 * at;
+            let mut l = stream.launch_builder(&f);
+            l.arg(&out).arg(g.cuda_f32(OP)?).arg(&n);
+            let cfg = LaunchConfig {
+                grid_dim: (blocks as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: grad holds n floats; `out` is this buffer's `blocks` floats of `partial`
+            // (one per block); grid-stride loop bounded by n.
+            unsafe { l.launch(cfg) }?;
+            at += blocks as u64;
+        }
+    }
+    let partial = partial.to_f32_vec()?;
+    let mut at = 0;
+    for &(_, blocks) in &on_device {
+        total += partial[at..at + blocks]
+            .iter()
+            .map(|&x| x as f64)
+            .sum::<f64>();
+        at += blocks;
     }
     Ok(total.sqrt())
 }
