@@ -403,7 +403,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 None => crate::model::LlamaConfig::smollm2_135m(),
             };
             eprintln!("measuring the GEMM ceiling ...");
-            let ceil = bench::measure_ceilings(&device, BenchSize::Full)?;
+            let ceil = bench::measure_ceilings(&device, ceiling_size(&device))?;
             let r = bench::bench_model(&device, &cfg, batch, seq_len, reps, profile)?;
             println!(
                 "{:.1}M parameters, {batch} x {seq_len} tokens on {device:?}",
@@ -644,7 +644,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 None => crate::model::LlamaConfig::smollm2_135m(),
             };
             eprintln!("measuring the GEMM ceiling ...");
-            let ceil = bench::measure_ceilings(&device, BenchSize::Full)?;
+            let ceil = bench::measure_ceilings(&device, ceiling_size(&device))?;
             let r = bench::bench_dpo_step(&device, &cfg, pairs, seq_len, reps, profile)?;
             println!(
                 "DPO step, {pairs} pairs x {seq_len} tokens, {:.1}M parameters on {device:?}",
@@ -836,7 +836,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             )?;
             let device = Device::from_choice(device)?;
             eprintln!("measuring the copy and GEMM ceilings ...");
-            let ceil = bench::measure_ceilings(&device, BenchSize::Full)?;
+            let ceil = bench::measure_ceilings(&device, ceiling_size(&device))?;
             println!(
                 "GEMM ceiling {:.1} TFLOP/s, copy {:.0} GB/s on {device:?}",
                 ceil.gemm_tflops, ceil.copy_gbs
@@ -964,17 +964,22 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// Full-size ceilings on a GPU; small ones on the CPU and on the emulated GPU, where a full-size
+/// GEMM would take the emulator hours and its timing would mean nothing anyway.
+fn ceiling_size(device: &Device) -> BenchSize {
+    match device {
+        Device::Cuda(d) if !d.is_emulated() => BenchSize::Full,
+        _ => BenchSize::Small,
+    }
+}
+
 fn bench_kernels_cmd(
     choice: DeviceChoice,
     size: Option<BenchSize>,
     json: bool,
 ) -> Result<ExitCode> {
     let device = Device::from_choice(choice)?;
-    let size = size.unwrap_or(if device.is_cuda() {
-        BenchSize::Full
-    } else {
-        BenchSize::Small
-    });
+    let size = size.unwrap_or(ceiling_size(&device));
     let name = match &device {
         Device::Cpu => "cpu".to_owned(),
         Device::Cuda(d) => d.info()?.name,

@@ -30,6 +30,8 @@ pub struct CudaDevice {
     /// Held while a capture records: two threads' captures on the one capture stream would merge.
     capture_lock: Mutex<()>,
     compute_capability: (i32, i32),
+    /// The emulated GPU of scripts/emulated-gpu: correct results, meaningless timings.
+    emulated: bool,
 }
 
 thread_local! {
@@ -63,6 +65,12 @@ pub fn unavailable_reason() -> Option<String> {
 }
 
 impl CudaDevice {
+    /// Whether this is the emulated GPU of scripts/emulated-gpu, whose timings measure the CPU
+    /// emulator: benches shrink what they time only to run, not to be read.
+    pub fn is_emulated(&self) -> bool {
+        self.emulated
+    }
+
     /// The process-wide device for `ordinal`, created on first use.
     pub fn shared(ordinal: usize) -> Result<Arc<CudaDevice>> {
         static DEVICES: OnceLock<Mutex<HashMap<usize, Arc<CudaDevice>>>> = OnceLock::new();
@@ -96,7 +104,8 @@ impl CudaDevice {
                  synchronisation (could not raise the memory pool's release threshold: {e})"
             );
         }
-        if ctx.name().is_ok_and(|n| n.starts_with("emulated GPU")) {
+        let emulated = ctx.name().is_ok_and(|n| n.starts_with("emulated GPU"));
+        if emulated {
             eprintln!(
                 "note: cuda:{ordinal} is an emulated GPU (scripts/emulated-gpu): its kernels run on a CPU \
                  emulator, for checking them; its timings measure the emulator, not a GPU"
@@ -113,6 +122,7 @@ impl CudaDevice {
             capture: OnceLock::new(),
             capture_lock: Mutex::new(()),
             compute_capability,
+            emulated,
         });
         devices.insert(ordinal, dev.clone());
         Ok(dev)

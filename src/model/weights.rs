@@ -79,7 +79,7 @@ pub fn stored_parameters(cfg: &LlamaConfig) -> Vec<StoredParam> {
         cfg.num_heads * cfg.head_dim,
         cfg.num_kv_heads * cfg.head_dim,
     );
-    let one = |name: String, shape: Vec<usize>| StoredParam::single(name, shape);
+    let one = StoredParam::single;
     let mut out = vec![one("model.embed_tokens.weight".to_owned(), vec![v, d])];
     for l in 0..cfg.num_layers {
         let p = format!("model.layers.{l}");
