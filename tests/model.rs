@@ -672,6 +672,9 @@ cuda_test! {
         };
         let (lc, ec, gc) = run(&cpu, &Device::Cpu);
         let (lg, eg, gg) = run(&gpu, &dev);
+        // GRPO takes its first update's log-probs as the rollout's old ones: the frozen forward's,
+        // bit for bit, on the GPU too.
+        assert_eq!(rlhf_kernels::train::frozen_logps(&gpu, &sb).unwrap(), lg);
         for (name, c, g) in [("logp", &lc, &lg), ("entropy", &ec, &eg)] {
             for (i, (a, b)) in c.iter().zip(g).enumerate() {
                 assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{name} row {i}: {b} against {a}");

@@ -786,6 +786,11 @@ fn only_scored_rows_go_through_the_lm_head() {
     model.backward(&acts, &dh, &mut want).unwrap();
 
     assert_eq!(s.per_token, out.logp.to_f32_vec().unwrap());
+    // GRPO takes its first update's log-probs as the rollout's old ones: the frozen forward's.
+    assert_eq!(
+        rlhf_kernels::train::frozen_logps(&model, &sb).unwrap(),
+        s.per_token
+    );
     let entropy: Vec<f32> = out
         .entropy
         .to_f32_vec()

@@ -322,7 +322,9 @@ pub fn train(a: &GrpoArgs) -> Result<RunSummary> {
             .map(|(p, r)| (p.as_slice(), r.as_slice()))
             .collect();
         let sb = ScoredBatch::new(&seqs);
-        let old = frozen_logps_at(&policy, &sb, a.temperature)?;
+        // The first update scores the rollout with the weights that sampled it, so its log-probs
+        // are the old ones, bit for bit (the same forward on the same batch): no forward of its own.
+        let mut old: Option<Vec<f32>> = None;
         let ref_lp = reference
             .as_ref()
             .map(|r| frozen_logps_at(r, &sb, a.temperature))
@@ -333,6 +335,7 @@ pub fn train(a: &GrpoArgs) -> Result<RunSummary> {
         let (mut loss, mut clipped) = (0.0, 0usize);
         for _ in 0..a.updates_per_rollout {
             let s = score_at(&policy, &sb, a.temperature)?;
+            let old = old.get_or_insert_with(|| s.per_token.clone());
             let mut upstream = vec![0.0f32; sb.batch.len()];
             loss = 0.0;
             clipped = 0;
