@@ -786,10 +786,18 @@ fn only_scored_rows_go_through_the_lm_head() {
     model.backward(&acts, &dh, &mut want).unwrap();
 
     assert_eq!(s.per_token, out.logp.to_f32_vec().unwrap());
-    // GRPO takes its first update's log-probs as the rollout's old ones: the frozen forward's.
+    // GRPO takes its first update's log-probs as the rollout's old ones, and PPO its old
+    // log-probs, entropies and (shared critic) hidden states from the frozen forward: the same.
     assert_eq!(
         rlhf_kernels::train::frozen_logps(&model, &sb).unwrap(),
         s.per_token
+    );
+    let frozen = rlhf_kernels::train::frozen_score_at(&model, &sb, 1.0).unwrap();
+    assert_eq!(frozen.per_token, s.per_token);
+    assert_eq!(frozen.entropy, s.entropy().unwrap());
+    assert_eq!(
+        frozen.hidden.to_f32_vec().unwrap(),
+        s.acts.hidden.to_f32_vec().unwrap()
     );
     let entropy: Vec<f32> = out
         .entropy

@@ -1170,6 +1170,22 @@ pub fn frozen_logps(model: &Model, sb: &ScoredBatch) -> Result<Vec<f32>> {
 
 /// `frozen_logps` under softmax(logits / temperature), as `score_at`.
 pub fn frozen_logps_at(model: &Model, sb: &ScoredBatch, temperature: f32) -> Result<Vec<f32>> {
+    Ok(frozen_score_at(model, sb, temperature)?.per_token)
+}
+
+/// What a forward that keeps nothing for a backward gives: the final hidden state `[N, d]` and, per
+/// packed row, log p(target) and the entropy (0 where there is no target), as `score_at` computes
+/// them, bit for bit.
+pub struct FrozenScored {
+    pub hidden: Tensor,
+    pub per_token: Vec<f32>,
+    pub entropy: Vec<f32>,
+}
+
+/// `score_at`'s values without its saved activations: for log-probs no gradient flows through
+/// (a rollout's old log-probs, a reference's), whose activations would otherwise stay alive
+/// beside the updates' own.
+pub fn frozen_score_at(model: &Model, sb: &ScoredBatch, temperature: f32) -> Result<FrozenScored> {
     let hidden = model.forward_frozen(&sb.batch)?;
     let scored = ScoredRows::new(&hidden, &sb.targets, &model.device)?;
     let out = linear_logprob_fwd(
@@ -1178,7 +1194,12 @@ pub fn frozen_logps_at(model: &Model, sb: &ScoredBatch, temperature: f32) -> Res
         &scored.targets,
         temperature,
     )?;
-    Ok(scored.spread(out.logp.to_f32_vec()?, sb.batch.len()))
+    let n = sb.batch.len();
+    Ok(FrozenScored {
+        per_token: scored.spread(out.logp.to_f32_vec()?, n),
+        entropy: scored.spread(out.entropy.to_f32_vec()?, n),
+        hidden,
+    })
 }
 
 /// The online trainers' progress bar: iterations with elapsed time, ETA and the trainer's message.

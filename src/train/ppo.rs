@@ -16,8 +16,9 @@ use super::eval::response_logps;
 use super::reward::sequence_rewards;
 use super::{
     check_finite, check_non_negative, check_positive, check_range, eos_id, frozen_logps_at,
-    iteration_bar, load_policy, restore, save_checkpoint, save_checkpoint_with, score_at,
-    score_backward, Metrics, OnlineProgress, Optimizer, RunSummary, ScoredBatch, TrainArgs,
+    frozen_score_at, iteration_bar, load_policy, restore, save_checkpoint, save_checkpoint_with,
+    score_at, score_backward, Metrics, OnlineProgress, Optimizer, RunSummary, ScoredBatch,
+    TrainArgs,
 };
 use crate::device::{DType, Tensor};
 use crate::error::{Error, Result};
@@ -398,15 +399,18 @@ pub fn train(a: &PpoArgs) -> Result<RunSummary> {
             .collect();
         let sb = ScoredBatch::new(&seqs);
         let t_train = Instant::now();
-        // 3. Old log-probs (training forward), reference log-probs, values, scores.
-        let old = score_at(&policy, &sb, a.temperature)?;
+        // 3. Old log-probs, reference log-probs, values, scores. The old log-probs come from a
+        // forward that keeps no activations (the same values as the training forward's): the
+        // updates below run their own forwards, and the rollout's would otherwise stay alive
+        // through them.
+        let old = frozen_score_at(&policy, &sb, a.temperature)?;
         let (old_lp, mask, tt) = sb.padded(&old.per_token);
-        let entropy = old.entropy()?;
+        let entropy = old.entropy;
         let (ref_lp, _, _) = sb.padded(&frozen_logps_at(&reference, &sb, a.temperature)?);
         let old_v = match &critic {
             Critic::Separate(value, _) => values(value, &sb)?.1,
             Critic::Shared(head) => {
-                sb.padded(&head_values(&old.acts.hidden, &head.w)?.to_f32_vec()?)
+                sb.padded(&head_values(&old.hidden, &head.w)?.to_f32_vec()?)
                     .0
             }
         };
