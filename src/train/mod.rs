@@ -1027,7 +1027,7 @@ impl ScoredBatch {
 /// The forward's state for one scored batch.
 pub struct Scored {
     pub acts: crate::model::Activations,
-    /// The LM head's outputs for the scored rows only (`rows`).
+    /// The LM head's outputs for the scored rows only (see `ScoredRows`).
     pub out: LogprobOut,
     scored: ScoredRows,
     /// Per packed row, log p(target) (0 where there is none).
