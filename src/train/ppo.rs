@@ -239,6 +239,14 @@ fn values(model: &Model, sb: &ScoredBatch) -> Result<(crate::model::Activations,
     Ok((acts, padded))
 }
 
+/// `values` where no gradient flows (the rollout's old values): the same values, from a forward
+/// that keeps no activations.
+fn frozen_values(model: &Model, sb: &ScoredBatch) -> Result<Vec<f32>> {
+    let hidden = model.forward_frozen(&sb.batch)?;
+    let v = model.scalar_head(&hidden)?.to_f32_vec()?;
+    Ok(sb.padded(&v).0)
+}
+
 /// `rlhf ppo`; the summary counts iterations as steps.
 pub fn train(a: &PpoArgs) -> Result<RunSummary> {
     let t = &a.train;
@@ -408,7 +416,7 @@ pub fn train(a: &PpoArgs) -> Result<RunSummary> {
         let entropy = old.entropy;
         let (ref_lp, _, _) = sb.padded(&frozen_logps_at(&reference, &sb, a.temperature)?);
         let old_v = match &critic {
-            Critic::Separate(value, _) => values(value, &sb)?.1,
+            Critic::Separate(value, _) => frozen_values(value, &sb)?,
             Critic::Shared(head) => {
                 sb.padded(&head_values(&old.hidden, &head.w)?.to_f32_vec()?)
                     .0
