@@ -9,10 +9,10 @@ use rlhf_kernels::ops::adamw::{
 use rlhf_kernels::ops::elementwise::{add, bias_add, bias_grad, cast};
 use rlhf_kernels::ops::embed::{embed_bwd, embed_fwd, rows_store, rows_store_pair};
 use rlhf_kernels::ops::mlp::{
-    join_gate_up, split_gate_up, swiglu_bwd, swiglu_bwd_and_h, swiglu_bwd_ref, swiglu_fwd,
-    swiglu_fwd_ref,
+    swiglu_bwd, swiglu_bwd_and_h, swiglu_bwd_ref, swiglu_fwd, swiglu_fwd_ref,
 };
 use rlhf_kernels::ops::rope::{rope_bwd, rope_fwd, rope_qkv_bwd, rope_qkv_fwd, rope_ref};
+use rlhf_kernels::ops::{join_columns, split_columns};
 use rlhf_kernels::testing::{assert_close, check_output, fd_check, fresh_seed, round_bf16, Rng};
 
 fn to64(v: &[f32]) -> Vec<f64> {
@@ -150,9 +150,10 @@ fn swiglu_reads_gate_and_up_side_by_side() {
     let (rows, inter) = (4, 7);
     let gate_up = rng.normal_vec(rows * 2 * inter, 2.0);
     let dh = rng.normal_vec(rows * inter, 1.0);
-    let (g, u) = split_gate_up(&gate_up, inter);
+    let [g, u]: [Vec<f32>; 2] = split_columns(&gate_up, &[inter, inter]).try_into().unwrap();
     assert_eq!(g[inter..2 * inter], gate_up[2 * inter..3 * inter]);
-    assert_eq!(join_gate_up(&g, &u, inter), gate_up);
+    assert_eq!(u[..inter], gate_up[inter..2 * inter]);
+    assert_eq!(join_columns(&[&g, &u], &[inter, inter]), gate_up);
     let gu = cpu(&[rows, 2 * inter], gate_up.clone());
     let mut h = vec![0.0f32; rows * inter];
     swiglu_fwd_ref(&mut h, &g, &u);
@@ -161,7 +162,10 @@ fn swiglu_reads_gate_and_up_side_by_side() {
     swiglu_bwd_ref(&mut dg, &mut du, &dh, &g, &u);
     let dgu = swiglu_bwd(&cpu(&[rows, inter], dh.clone()), &gu).unwrap();
     assert_eq!(dgu.shape(), &[rows, 2 * inter]);
-    assert_eq!(dgu.to_f32_vec().unwrap(), join_gate_up(&dg, &du, inter));
+    assert_eq!(
+        dgu.to_f32_vec().unwrap(),
+        join_columns(&[&dg, &du], &[inter, inter])
+    );
     let err = swiglu_fwd(&cpu(&[rows, 5], vec![0.0; rows * 5]))
         .err()
         .unwrap()

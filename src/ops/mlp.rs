@@ -11,7 +11,7 @@ use crate::device::profile;
 use crate::device::tensor::{host_f32, CudaElem};
 use crate::device::{same_device, DType, Device, Tensor};
 use crate::error::{Error, Result};
-use crate::ops::grid_stride;
+use crate::ops::{grid_stride, join_columns, split_columns};
 
 const OP_FWD: &str = "swiglu_fwd";
 const OP_BWD: &str = "swiglu_bwd";
@@ -37,27 +37,11 @@ pub fn swiglu_bwd_ref<F: Float>(dgate: &mut [F], dup: &mut [F], dh: &[F], gate: 
     }
 }
 
-/// The rows of `gate_up` `[N, 2I]` split into gate and up, each `[N, I]` row-major.
-pub fn split_gate_up(gate_up: &[f32], inter: usize) -> (Vec<f32>, Vec<f32>) {
-    let (mut gate, mut up) = (
-        Vec::with_capacity(gate_up.len() / 2),
-        Vec::with_capacity(gate_up.len() / 2),
-    );
-    for row in gate_up.chunks_exact(2 * inter) {
-        gate.extend_from_slice(&row[..inter]);
-        up.extend_from_slice(&row[inter..]);
-    }
-    (gate, up)
-}
-
-/// Gate and up `[N, I]` side by side in rows of `[N, 2I]`: the inverse of `split_gate_up`.
-pub fn join_gate_up(gate: &[f32], up: &[f32], inter: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(2 * gate.len());
-    for (g, u) in gate.chunks_exact(inter).zip(up.chunks_exact(inter)) {
-        out.extend_from_slice(g);
-        out.extend_from_slice(u);
-    }
-    out
+/// The rows of `gate_up` `[N, 2I]` split into gate and up, each `[N, I]`.
+fn gate_and_up(gate_up: &[f32], inter: usize) -> [Vec<f32>; 2] {
+    split_columns(gate_up, &[inter, inter])
+        .try_into()
+        .expect("two column blocks")
 }
 
 /// `gate_up` must be `[N, 2I]` with I at least 1, and `dh` (when given) `[N, I]` of its dtype.
@@ -86,7 +70,7 @@ pub fn swiglu_fwd(gate_up: &Tensor) -> Result<Tensor> {
     let (rows, inter) = check(OP_FWD, gate_up, None)?;
     match device {
         Device::Cpu => {
-            let (g, u) = split_gate_up(&host_f32(gate_up, OP_FWD)?, inter);
+            let [g, u] = gate_and_up(&host_f32(gate_up, OP_FWD)?, inter);
             let mut h = vec![0.0f32; rows * inter];
             swiglu_fwd_ref(&mut h, &g, &u);
             Tensor::from_f32_as(&[rows, inter], &h, gate_up.dtype(), device)
@@ -121,7 +105,7 @@ fn bwd(dh: &Tensor, gate_up: &Tensor, with_h: bool) -> Result<(Tensor, Option<Te
     match device {
         Device::Cpu => {
             let n = rows * inter;
-            let (g, u) = split_gate_up(&host_f32(gate_up, OP_BWD)?, inter);
+            let [g, u] = gate_and_up(&host_f32(gate_up, OP_BWD)?, inter);
             let (mut dg, mut du) = (vec![0.0f32; n], vec![0.0f32; n]);
             swiglu_bwd_ref(&mut dg, &mut du, &host_f32(dh, OP_BWD)?, &g, &u);
             let h = with_h
@@ -131,7 +115,7 @@ fn bwd(dh: &Tensor, gate_up: &Tensor, with_h: bool) -> Result<(Tensor, Option<Te
                     Tensor::from_f32_as(&[rows, inter], &h, gate_up.dtype(), device)
                 })
                 .transpose()?;
-            let dgu = join_gate_up(&dg, &du, inter);
+            let dgu = join_columns(&[&dg, &du], &[inter, inter]);
             Ok((
                 Tensor::from_f32_as(gate_up.shape(), &dgu, gate_up.dtype(), device)?,
                 h,

@@ -19,6 +19,37 @@ use cudarc::driver::LaunchConfig;
 
 use crate::error::{Error, Result};
 
+/// Host rows cut into consecutive column blocks of the given widths (each row `Σ widths` long):
+/// the CPU side of kernels whose operand packs several tensors side by side in each row (the QKV
+/// projection's output, gate and up).
+pub fn split_columns(x: &[f32], widths: &[usize]) -> Vec<Vec<f32>> {
+    let total: usize = widths.iter().sum();
+    let mut out: Vec<Vec<f32>> = widths
+        .iter()
+        .map(|&w| Vec::with_capacity(x.len() / total * w))
+        .collect();
+    for row in x.chunks_exact(total) {
+        let mut at = 0;
+        for (o, &w) in out.iter_mut().zip(widths) {
+            o.extend_from_slice(&row[at..at + w]);
+            at += w;
+        }
+    }
+    out
+}
+
+/// The inverse of `split_columns`: `parts[i]` holds rows of `widths[i]` values.
+pub fn join_columns(parts: &[&[f32]], widths: &[usize]) -> Vec<f32> {
+    let rows = parts[0].len() / widths[0];
+    let mut out = Vec::with_capacity(rows * widths.iter().sum::<usize>());
+    for r in 0..rows {
+        for (p, &w) in parts.iter().zip(widths) {
+            out.extend_from_slice(&p[r * w..(r + 1) * w]);
+        }
+    }
+    out
+}
+
 /// A size as the i32 the kernels take, or an error naming it.
 pub(crate) fn to_i32(op: &'static str, name: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::Unsupported {

@@ -13,7 +13,7 @@ use crate::device::profile;
 use crate::device::tensor::{host_f32, CudaElem};
 use crate::device::{same_device, DType, Device, Tensor};
 use crate::error::{Error, Result};
-use crate::ops::{grid_stride, to_i32};
+use crate::ops::{grid_stride, join_columns, split_columns, to_i32};
 
 const OP: &str = "rope";
 
@@ -67,32 +67,6 @@ enum Layout {
     Split,
     /// In: three tensors; out: one, q, k and v side by side (`rope_qkv_bwd`).
     Join,
-}
-
-/// Host rows `[N, width]` cut into consecutive column blocks of the given widths.
-fn split_columns(x: &[f32], widths: &[usize]) -> Vec<Vec<f32>> {
-    let total: usize = widths.iter().sum();
-    let mut out: Vec<Vec<f32>> = widths.iter().map(|_| Vec::new()).collect();
-    for row in x.chunks_exact(total) {
-        let mut at = 0;
-        for (o, &w) in out.iter_mut().zip(widths) {
-            o.extend_from_slice(&row[at..at + w]);
-            at += w;
-        }
-    }
-    out
-}
-
-/// The inverse of `split_columns`.
-fn join_columns(parts: &[&[f32]], widths: &[usize]) -> Vec<f32> {
-    let rows = parts[0].len() / widths[0];
-    let mut out = Vec::with_capacity(rows * widths.iter().sum::<usize>());
-    for r in 0..rows {
-        for (p, &w) in parts.iter().zip(widths) {
-            out.extend_from_slice(&p[r * w..(r + 1) * w]);
-        }
-    }
-    out
 }
 
 /// Rotates queries (`heads` heads) and keys (`kv_heads`) forward, or by the inverse rotation for
