@@ -141,18 +141,14 @@ pub fn parameter_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
 pub type HfTensor = (String, Vec<usize>, Vec<f32>);
 
 /// Tensors stacked by rows into one of `shape` (same dtype and device).
-fn stack_rows(parts: Vec<Tensor>, shape: &[usize]) -> Result<Tensor> {
-    let (first, device) = (&parts[0], parts[0].device().clone());
-    let width: usize = shape[1..].iter().product();
-    let mut out = Tensor::empty(&[shape[0], width], first.dtype(), &device)?;
-    let mut row = 0;
+fn stack_rows(parts: &[Tensor], shape: &[usize]) -> Result<Tensor> {
+    let mut out = Tensor::empty(shape, parts[0].dtype(), parts[0].device())?;
+    let mut at = 0;
     for part in parts {
-        let rows = part.shape()[0];
-        let part = part.reshape(&[rows, width])?;
-        out.copy_rows(row, &part, 0, rows)?;
-        row += rows;
+        out.copy_elements(at, part, 0, part.numel())?;
+        at += part.numel();
     }
-    out.reshape(shape)
+    Ok(out)
 }
 
 impl Params {
@@ -170,7 +166,7 @@ impl Params {
             if parts.len() == 1 {
                 return Ok(parts.pop().expect("one part"));
             }
-            stack_rows(parts, &p.shape)
+            stack_rows(&parts, &p.shape)
         })
     }
 
