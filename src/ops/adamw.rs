@@ -65,14 +65,14 @@ pub fn global_grad_norm(grads: &[&Tensor]) -> Result<f64> {
             }
         }
     }
-    let Some(&(first, _)) = on_device.first() else {
+    if on_device.is_empty() {
         return Ok(total.sqrt());
-    };
+    }
     let tensors: Vec<&Tensor> = on_device.iter().map(|(g, _)| *g).collect();
     let device = same_device(OP, &tensors)?;
     let dev = device.as_cuda(OP)?;
     let all_blocks = on_device.iter().map(|(_, b)| b).sum::<usize>();
-    let mut partial = Tensor::empty(&[all_blocks], DType::F32, first.device())?;
+    let mut partial = Tensor::empty(&[all_blocks], DType::F32, device)?;
     let stream = dev.stream().clone();
     {
         let (base, _partial) = partial.cuda_f32_mut(OP)?.device_ptr_mut(&stream);

@@ -1072,6 +1072,24 @@ impl ScoredRows {
         })
     }
 
+    /// The scored rows of `hidden` (the model's final hidden state for `sb`) through the LM head
+    /// at `temperature`.
+    fn through_head(
+        model: &Model,
+        hidden: &Tensor,
+        sb: &ScoredBatch,
+        temperature: f32,
+    ) -> Result<(ScoredRows, LogprobOut)> {
+        let scored = ScoredRows::new(hidden, &sb.targets, &model.device)?;
+        let out = linear_logprob_fwd(
+            scored.hidden(hidden),
+            model.lm_head(),
+            &scored.targets,
+            temperature,
+        )?;
+        Ok((scored, out))
+    }
+
     /// The hidden states the LM head reads: the gathered rows, or all of `hidden`.
     fn hidden<'a>(&'a self, hidden: &'a Tensor) -> &'a Tensor {
         self.gathered.as_ref().map_or(hidden, |(_, _, h)| h)
@@ -1145,13 +1163,7 @@ pub fn score(model: &Model, sb: &ScoredBatch) -> Result<Scored> {
 /// log-probs their ratios need (TRL divides the logits by the sampling temperature too).
 pub fn score_at(model: &Model, sb: &ScoredBatch, temperature: f32) -> Result<Scored> {
     let acts = model.forward(&sb.batch)?;
-    let scored = ScoredRows::new(&acts.hidden, &sb.targets, &model.device)?;
-    let out = linear_logprob_fwd(
-        scored.hidden(&acts.hidden),
-        model.lm_head(),
-        &scored.targets,
-        temperature,
-    )?;
+    let (scored, out) = ScoredRows::through_head(model, &acts.hidden, sb, temperature)?;
     let per_token = scored.spread(out.logp.to_f32_vec()?, sb.batch.len());
     Ok(Scored {
         acts,
@@ -1187,13 +1199,7 @@ pub struct FrozenScored {
 /// beside the updates' own.
 pub fn frozen_score_at(model: &Model, sb: &ScoredBatch, temperature: f32) -> Result<FrozenScored> {
     let hidden = model.forward_frozen(&sb.batch)?;
-    let scored = ScoredRows::new(&hidden, &sb.targets, &model.device)?;
-    let out = linear_logprob_fwd(
-        scored.hidden(&hidden),
-        model.lm_head(),
-        &scored.targets,
-        temperature,
-    )?;
+    let (scored, out) = ScoredRows::through_head(model, &hidden, sb, temperature)?;
     let n = sb.batch.len();
     Ok(FrozenScored {
         per_token: scored.spread(out.logp.to_f32_vec()?, n),

@@ -234,17 +234,19 @@ impl ValueHead {
 /// Per-row values of a scalar-head model at the rows scoring each response token, padded `[B, T]`.
 fn values(model: &Model, sb: &ScoredBatch) -> Result<(crate::model::Activations, Vec<f32>)> {
     let acts = model.forward(&sb.batch)?;
-    let v = model.scalar_head(&acts.hidden)?.to_f32_vec()?;
-    let (padded, _, _) = sb.padded(&v);
+    let padded = padded_values(model, &acts.hidden, sb)?;
     Ok((acts, padded))
 }
 
 /// `values` where no gradient flows (the rollout's old values): the same values, from a forward
 /// that keeps no activations.
 fn frozen_values(model: &Model, sb: &ScoredBatch) -> Result<Vec<f32>> {
-    let hidden = model.forward_frozen(&sb.batch)?;
-    let v = model.scalar_head(&hidden)?.to_f32_vec()?;
-    Ok(sb.padded(&v).0)
+    padded_values(model, &model.forward_frozen(&sb.batch)?, sb)
+}
+
+/// The value head on a final hidden state, in `ScoredBatch::padded`'s layout.
+fn padded_values(model: &Model, hidden: &Tensor, sb: &ScoredBatch) -> Result<Vec<f32>> {
+    Ok(sb.padded(&model.scalar_head(hidden)?.to_f32_vec()?).0)
 }
 
 /// `rlhf ppo`; the summary counts iterations as steps.
