@@ -416,24 +416,32 @@ CUresult cuEventElapsedTime_v2(float* ms, void* start, void* end) {
 }
 CUresult cuEventElapsedTime(float* ms, void* start, void* end) { return cuEventElapsedTime_v2(ms, start, end); }
 
+// Each error this driver returns: its name and message, as the driver's.
+struct ErrorText {
+    CUresult code;
+    const char* name;
+    const char* message;
+};
+constexpr ErrorText kErrors[] = {
+    {kLaunchFailed, "CUDA_ERROR_LAUNCH_FAILED", "emulated launch failed (the emulator's message is on stderr)"},
+    {kCaptureUnsupported, "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED", "operation not permitted when stream is capturing"},
+    {kCaptureInvalidated, "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED",
+     "operation failed due to a previous error during capture"},
+    {kIllegalState, "CUDA_ERROR_ILLEGAL_STATE", "the operation is not valid in the stream's capture state"},
+};
+constexpr ErrorText kUnknownError = {0, "CUDA_ERROR_EMULATED", "emulated driver error"};
+
+const ErrorText& error_text(CUresult e) {
+    for (const ErrorText& t : kErrors)
+        if (t.code == e) return t;
+    return kUnknownError;
+}
 CUresult cuGetErrorString(CUresult e, const char** s) {
-    switch (e) {
-        case kLaunchFailed: *s = "emulated launch failed (the emulator's message is on stderr)"; break;
-        case kCaptureUnsupported: *s = "operation not permitted when stream is capturing"; break;
-        case kCaptureInvalidated: *s = "operation failed due to a previous error during capture"; break;
-        case kIllegalState: *s = "the operation is not valid in the stream's capture state"; break;
-        default: *s = "emulated driver error";
-    }
+    *s = error_text(e).message;
     return kSuccess;
 }
 CUresult cuGetErrorName(CUresult e, const char** s) {
-    switch (e) {
-        case kLaunchFailed: *s = "CUDA_ERROR_LAUNCH_FAILED"; break;
-        case kCaptureUnsupported: *s = "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED"; break;
-        case kCaptureInvalidated: *s = "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED"; break;
-        case kIllegalState: *s = "CUDA_ERROR_ILLEGAL_STATE"; break;
-        default: *s = "CUDA_ERROR_EMULATED";
-    }
+    *s = error_text(e).name;
     return kSuccess;
 }
 
