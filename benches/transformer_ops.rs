@@ -10,7 +10,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Thro
 use rlhf_kernels::bench::AdamwBench;
 use rlhf_kernels::device::{DType, Device, Tensor};
 use rlhf_kernels::ops::elementwise::add;
-use rlhf_kernels::ops::embed::{embed_bwd, embed_fwd, rows_store};
+use rlhf_kernels::ops::embed::{embed_bwd, embed_fwd, rows_store, rows_sum, RowGroups};
 use rlhf_kernels::ops::mlp::{swiglu_bwd, swiglu_fwd};
 use rlhf_kernels::ops::rope::{rope_qkv_bwd, rope_qkv_fwd};
 use rlhf_kernels::testing::{time_iters, Rng};
@@ -86,6 +86,28 @@ fn bench_device(c: &mut Criterion, device: &Device, label: &str, s: Shape, dtype
     timed(&mut g, device, "rows_store", 2 * act, || {
         rows_store(&mut cache, &dout, &rows).unwrap()
     });
+    // rows_sum: the gradients of DPO's shared prompts summed back, as a layer's keys and values
+    // take them (half the rows a prompt, each read by two sequences): every source row read once,
+    // each output row written once.
+    let (half, width) = (s.tokens / 2, s.kv_heads * s.head_dim);
+    let groups: Vec<Vec<usize>> = (0..s.tokens - half / 2)
+        .map(|u| {
+            if u < half / 2 {
+                vec![u, s.tokens - half / 2 + u]
+            } else {
+                vec![u]
+            }
+        })
+        .collect();
+    let groups = RowGroups::new(&groups, s.tokens, device).unwrap();
+    let summed = tensor(&mut rng, &[s.tokens, width], dtype);
+    timed(
+        &mut g,
+        device,
+        "rows_sum",
+        (s.tokens + groups.len()) * width * el,
+        || drop(black_box(rows_sum(&summed, &groups).unwrap())),
+    );
 
     // rope: a layer's queries and keys in one launch, split from the QKV projection's output with
     // the values (forward) and joined back (backward), all three read and written once.

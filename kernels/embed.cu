@@ -7,6 +7,10 @@
 //             step into its sequence's cache slot in one launch; rows must be distinct), and with a
 //             second pair, dst2[rows[n], :] = src2[n, :] in the same launch (a layer's keys and
 //             values: blockIdx.y picks the pair)
+//   sum:      out[u, :] = sum of src[list[j], :] over j in [offsets[u], offsets[u+1])   (overwritten;
+//             summed in f32 in list order, so repeatable bit for bit: the adjoint of a gather whose
+//             ids send each src row to one out row, as a shared prompt's rows copied into every
+//             sequence that attends to it get their gradients back)
 //
 // Shapes: table [V, d] in T; ids [N] i32; out, dout [N, d] in T; dtable [V, d] f32. An id outside
 // [0, V) writes NaN (forward) or is skipped (backward); the host checks ids on the CPU path.
@@ -57,6 +61,37 @@ __device__ void rows_store(T* __restrict__ dst, const T* __restrict__ src, T* __
         copy_row(dst2, src2, (long long)to, (long long)row, d);
 }
 
+template <typename T>
+__device__ void rows_sum(T* __restrict__ out, const T* __restrict__ src, const int* __restrict__ offsets,
+                         const int* __restrict__ list, int R, int d) {
+    const size_t row = blockIdx.x;
+    const int j0 = offsets[row], j1 = offsets[row + 1];
+    T* dst = out + row * d;
+    constexpr int N = Vec16<T>::N;
+    if (d % N == 0 && aligned16(dst, src)) {
+        for (int c = threadIdx.x * N; c < d; c += blockDim.x * N) {
+            float acc[N] = {};
+            for (int j = j0; j < j1; ++j) {
+                const int r = list[j];
+                float v[N];
+                load16(src + (size_t)(r >= 0 && r < R ? r : 0) * d + c, v);
+#pragma unroll
+                for (int i = 0; i < N; ++i) acc[i] += r >= 0 && r < R ? v[i] : NAN;
+            }
+            store16(dst + c, acc);
+        }
+        return;
+    }
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        float acc = 0.0f;
+        for (int j = j0; j < j1; ++j) {
+            const int r = list[j];
+            acc += r >= 0 && r < R ? to_f32(src[(size_t)r * d + c]) : NAN;
+        }
+        dst[c] = from_f32<T>(acc);
+    }
+}
+
 #define EMBED_INSTANTIATE(SUFFIX, T)                                                                       \
     extern "C" __global__ void embed_fwd_##SUFFIX(T* out, const T* table, const int* ids, int V, int d) { \
         embed_fwd<T>(out, table, ids, V, d);                                                               \
@@ -68,6 +103,10 @@ __device__ void rows_store(T* __restrict__ dst, const T* __restrict__ src, T* __
     extern "C" __global__ void rows_store_##SUFFIX(T* dst, const T* src, T* dst2, const T* src2,          \
                                                    const int* rows, int R, int d) {                        \
         rows_store<T>(dst, src, dst2, src2, rows, R, d);                                                   \
+    }                                                                                                      \
+    extern "C" __global__ void rows_sum_##SUFFIX(T* out, const T* src, const int* offsets, const int* list, \
+                                                 int R, int d) {                                           \
+        rows_sum<T>(out, src, offsets, list, R, d);                                                        \
     }
 
 EMBED_INSTANTIATE(f32, float)

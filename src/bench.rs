@@ -667,7 +667,10 @@ pub fn bench_model(
 /// One DPO step's measurement.
 #[derive(Debug, Clone)]
 pub struct TrainBench {
+    /// Tokens of the step's sequences, each pair's prompt counted on both sides (as TRL counts).
     pub tokens: usize,
+    /// Rows the layers ran: `tokens` less each shared prompt's second copy.
+    pub rows: usize,
     pub step_ms: f64,
     pub tflops: f64,
     /// The most device memory in use seen in the timed steps, read after the policy's forward
@@ -684,14 +687,16 @@ pub struct TrainBench {
 }
 
 /// Times a DPO step (policy forward + backward on chosen and rejected, reference forward) with
-/// `cfg`'s shape and random weights: `pairs` pairs of `len` tokens each side, half prompt; with
-/// `profile`, one more step under the op profiler.
+/// `cfg`'s shape and random weights: `pairs` pairs of `len` tokens each side, half prompt, each
+/// pair's prompt run once for both sides where `share_prompts` (as the trainer does by default);
+/// with `profile`, one more step under the op profiler.
 pub fn bench_dpo_step(
     device: &Device,
     cfg: &crate::model::LlamaConfig,
     pairs: usize,
     len: usize,
     reps: usize,
+    share_prompts: bool,
     profile: bool,
 ) -> Result<TrainBench> {
     use crate::model::{Model, Params};
@@ -715,7 +720,7 @@ pub fn bench_dpo_step(
     let seqs: Vec<(&[i32], &[i32])> = (0..2 * pairs)
         .map(|i| (prompts[i % pairs].as_slice(), comps[i].as_slice()))
         .collect();
-    let sb = ScoredBatch::new(&seqs);
+    let sb = ScoredBatch::build(&seqs, &[], share_prompts);
     let mut grads = Params::zeros(cfg, device, DType::F32)?;
     let kind = PrefLoss::Dpo {
         loss: DpoLoss::Sigmoid,
@@ -769,15 +774,18 @@ pub fn bench_dpo_step(
     let profile = profile
         .then(|| profile_once(device, &mut step))
         .transpose()?;
-    // Policy forward, its backward (twice the forward) and the reference forward; the LM head
-    // runs on the scored rows only (the completions' predictions), so it counts only those.
-    let head = 2.0 * (cfg.hidden_size * cfg.vocab_size) as f64;
+    // Policy forward, its backward (twice the forward) and the reference forward, as run: the
+    // layers' GEMMs on the batch's rows (a shared prompt once), the LM head on the scored rows only
+    // (the completions' predictions), attention over every sequence whole.
+    let (layers, head) = cfg.token_flops();
     let scored = sb.targets.iter().filter(|&&t| t >= 0).count();
     let flops = 4.0
-        * (cfg.forward_flops(2 * pairs, len) - head * (sb.batch.len() as f64)
-            + head * scored as f64);
+        * (layers * sb.batch.len() as f64
+            + head * scored as f64
+            + cfg.attention_flops(2 * pairs, len));
     Ok(TrainBench {
-        tokens: sb.batch.len(),
+        tokens: sb.batch.unshared_len(),
+        rows: sb.batch.len(),
         step_ms,
         tflops: flops / (step_ms * 1e-3) / 1e12,
         device_memory_peak: memory,
@@ -938,6 +946,9 @@ pub fn bench_decode(
     })
 }
 
+/// Responses per prompt in the GRPO bench's rollout.
+pub const GRPO_BENCH_GROUP: usize = 8;
+
 /// Generation and training throughput of an online trainer's iteration.
 #[derive(Debug, Clone)]
 pub struct OnlineBench {
@@ -946,15 +957,21 @@ pub struct OnlineBench {
     /// The same generation with decode steps launched op by op instead of replayed as graphs (on
     /// a GPU, unless graphs are off).
     pub generation_eager_tokens_per_s: Option<f64>,
+    /// Tokens of the rollout's sequences, each with its whole prompt (as TRL counts them).
     pub training_tokens: usize,
+    /// Rows the layers ran: a GRPO group's prompt once.
+    pub training_rows: usize,
     pub training_tokens_per_s: f64,
+    /// The same update with every sequence's prompt run on its own, where groups share one.
+    pub training_whole_tokens_per_s: Option<f64>,
     /// Where a 32-token generation from the same prompts, and one more update, spend their time,
     /// when asked for.
     pub profile: Option<(Profile, Profile)>,
 }
 
-/// Times one rollout (`prompts` prompts of `prompt_len` tokens, `new_tokens` sampled each, no EOS)
-/// and its update: for PPO the policy and value forward+backward plus the reference and reward
+/// Times one rollout (`prompts` prompts of `prompt_len` tokens, `new_tokens` sampled each, no EOS;
+/// for GRPO in groups of `GRPO_BENCH_GROUP` on one prompt, which the update runs once a group) and
+/// its update: for PPO the policy and value forward+backward plus the reference and reward
 /// forwards; for GRPO the policy forward+backward plus the reference forward. Random weights with
 /// `cfg`'s shape. On a GPU the rollout runs again with its decode steps launched op by op instead
 /// of replayed as graphs, and must sample the same tokens. With `profile`, a short generation and
@@ -988,13 +1005,21 @@ pub fn bench_online(
     vcfg.scalar_head = true;
     let value = Model::random(&vcfg, 3, device)?;
     let mut rng = Rng::new(4);
-    let batch: Vec<Vec<i32>> = (0..prompts)
+    // GRPO samples a group of responses for each prompt (TRL's num_generations, 8 in
+    // bench/peers/trl_grpo.py), PPO one.
+    let group = if ppo {
+        1
+    } else {
+        GRPO_BENCH_GROUP.min(prompts)
+    };
+    let distinct: Vec<Vec<i32>> = (0..prompts.div_ceil(group))
         .map(|_| {
             (0..prompt_len)
                 .map(|_| rng.below(cfg.vocab_size) as i32)
                 .collect()
         })
         .collect();
+    let batch: Vec<Vec<i32>> = (0..prompts).map(|i| distinct[i / group].clone()).collect();
     let opts = GenerateOptions {
         max_new_tokens: new_tokens,
         temperature: 1.0,
@@ -1036,12 +1061,13 @@ pub fn bench_online(
         .zip(&gens)
         .map(|(p, g)| (p.as_slice(), g.tokens.as_slice()))
         .collect();
-    let sb = ScoredBatch::new(&seqs);
+    // A group's responses share its prompt, as in the GRPO trainer.
+    let sb = ScoredBatch::build(&seqs, &[], policy.share_prompts);
     let mut grads = Params::zeros(cfg, device, DType::F32)?;
     let mut vgrads = Params::zeros(&vcfg, device, DType::F32)?;
-    let mut update = || {
-        frozen_logps(&reference, &sb)?;
-        let s = score(&policy, &sb)?;
+    let mut update_on = |sb: &ScoredBatch| {
+        frozen_logps(&reference, sb)?;
+        let s = score(&policy, sb)?;
         let up = vec![1.0 / sb.batch.len() as f32; sb.batch.len()];
         score_backward(&policy, &s, up.clone(), &mut grads)?;
         if ppo {
@@ -1059,6 +1085,15 @@ pub fn bench_online(
         }
         Ok(())
     };
+    // Where groups share their prompt, the same update on the sequences written out whole first:
+    // the sharing's gain in the same run.
+    let whole_ms = if sb.batch.len() != sb.batch.unshared_len() {
+        let whole = ScoredBatch::build(&seqs, &[], false);
+        Some(median_ms(device, 1, 3, || update_on(&whole))?)
+    } else {
+        None
+    };
+    let mut update = || update_on(&sb);
     let train_ms = median_ms(device, 1, 3, &mut update)?;
     let profile = if profile {
         let short = GenerateOptions {
@@ -1076,8 +1111,11 @@ pub fn bench_online(
         generated_tokens: generated,
         generation_tokens_per_s: generated as f64 / gen_secs,
         generation_eager_tokens_per_s: eager_tokens_per_s,
-        training_tokens: sb.batch.len(),
-        training_tokens_per_s: sb.batch.len() as f64 / (train_ms * 1e-3),
+        training_tokens: sb.batch.unshared_len(),
+        training_rows: sb.batch.len(),
+        training_tokens_per_s: sb.batch.unshared_len() as f64 / (train_ms * 1e-3),
+        training_whole_tokens_per_s: whole_ms
+            .map(|ms| sb.batch.unshared_len() as f64 / (ms * 1e-3)),
         profile,
     })
 }

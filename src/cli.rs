@@ -331,6 +331,10 @@ pub enum BenchCommand {
         /// more update (ppo, grpo): device time per op (GEMMs by shape).
         #[arg(long)]
         profile: bool,
+        /// dpo: time only the step in which chosen and rejected each run their prompt (by default
+        /// it is timed after the step that runs each pair's prompt once, for their ratio).
+        #[arg(long)]
+        no_shared_prompts: bool,
     },
     /// Forward and forward+backward tokens/s of a model (random weights) and its MFU against this
     /// device's GEMM rate measured in the same run.
@@ -574,6 +578,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             reps,
             device,
             profile,
+            no_shared_prompts,
         }) => {
             if trainer == "ppo" || trainer == "grpo" {
                 let device = Device::from_choice(device)?;
@@ -618,6 +623,16 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     "training:   {} tokens, {:.0} tokens/s",
                     r.training_tokens, r.training_tokens_per_s
                 );
+                if let Some(whole) = r.training_whole_tokens_per_s {
+                    println!(
+                        "            groups of {} responses to one prompt, each prompt run once: the layers run {} rows",
+                        bench::GRPO_BENCH_GROUP, r.training_rows
+                    );
+                    println!(
+                        "            {whole:.0} tokens/s with every prompt run on its own; sharing {:.2}x",
+                        r.training_tokens_per_s / whole
+                    );
+                }
                 if let Some((generation, update)) = &r.profile {
                     println!(
                         "\na generation of up to 32 tokens under the profiler: {:.1} ms (device time per op)",
@@ -645,11 +660,18 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             };
             eprintln!("measuring the GEMM ceiling ...");
             let ceil = bench::measure_ceilings(&device, ceiling_size(&device))?;
-            let r = bench::bench_dpo_step(&device, &cfg, pairs, seq_len, reps, profile)?;
+            let share = !no_shared_prompts;
+            let r = bench::bench_dpo_step(&device, &cfg, pairs, seq_len, reps, share, profile)?;
             println!(
                 "DPO step, {pairs} pairs x {seq_len} tokens, {:.1}M parameters on {device:?}",
                 cfg.parameter_count() as f64 / 1e6
             );
+            if share {
+                println!(
+                    "each pair's prompt run once for chosen and rejected: the layers run {} rows for {} tokens",
+                    r.rows, r.tokens
+                );
+            }
             println!(
                 "{:.1} ms/step  {:.0} tokens/s  {:.2} TFLOP/s  MFU {:.1}% of the measured {:.1} TFLOP/s GEMM",
                 r.step_ms,
@@ -658,6 +680,16 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 100.0 * r.tflops / ceil.gemm_tflops,
                 ceil.gemm_tflops
             );
+            if share {
+                // The same step with every sequence whole, for the sharing's gain on this device.
+                let u = bench::bench_dpo_step(&device, &cfg, pairs, seq_len, reps, false, false)?;
+                println!(
+                    "{:.1} ms/step  {:.0} tokens/s with each prompt run on both sides (--no-shared-prompts); sharing {:.2}x",
+                    u.step_ms,
+                    u.tokens as f64 / (u.step_ms * 1e-3),
+                    u.step_ms / r.step_ms
+                );
+            }
             match r.device_memory_peak {
                 Some(b) => println!(
                     "device memory in use, most seen (after the policy forward or the backward): {:.2} GiB",

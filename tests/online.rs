@@ -255,6 +255,20 @@ fn online_runs_resume_bit_for_bit() {
         err.contains("trainer_state.json") && err.contains("not grpo"),
         "{err}"
     );
+    // A group's responses run their prompt once (the default) or each its own copy: the same
+    // iteration (sampled by the same weights) up to the order the prompt rows' gradients are
+    // summed in, its two updates included.
+    let mut runs = Vec::new();
+    for no_share in [false, true] {
+        let mut one = g.clone();
+        one.iterations = 1;
+        one.train.out = r.join(format!("grpo-whole-{no_share}"));
+        one.train.no_shared_prompts = no_share;
+        let dir = grpo::train(&one).unwrap().final_dir;
+        runs.push((one.train.out, dir));
+    }
+    let ((so, sd), (wo, wd)) = (&runs[0], &runs[1]);
+    common::assert_same_run("grpo", (so, sd), (wo, wd));
     std::fs::remove_dir_all(&r).ok();
 }
 

@@ -7,7 +7,9 @@ use rlhf_kernels::ops::adamw::{
     adamw_ref, adamw_step, clip_coefficient, global_grad_norm, AdamWConfig,
 };
 use rlhf_kernels::ops::elementwise::{add, bias_add, bias_grad, cast};
-use rlhf_kernels::ops::embed::{embed_bwd, embed_fwd, rows_store, rows_store_pair};
+use rlhf_kernels::ops::embed::{
+    embed_bwd, embed_fwd, rows_store, rows_store_pair, rows_sum, RowGroups,
+};
 use rlhf_kernels::ops::mlp::{
     swiglu_bwd, swiglu_bwd_and_h, swiglu_bwd_ref, swiglu_fwd, swiglu_fwd_ref,
 };
@@ -252,6 +254,85 @@ fn embed_looks_up_and_scatters() {
     assert!(err.contains("dst2"), "{err}");
 }
 
+/// Groups for `rows_sum` over `src_rows` source rows: each source row in exactly one of `n` groups
+/// (some groups empty, some of many rows), in a shuffled order, as the model's shared prefixes make
+/// them.
+fn random_groups(rng: &mut Rng, n: usize, src_rows: usize) -> Vec<Vec<usize>> {
+    let mut groups = vec![Vec::new(); n];
+    for r in 0..src_rows {
+        // A third of the rows go to the first eighth of the groups: long groups beside empty ones.
+        let g = if rng.below(3) == 0 {
+            rng.below(n.div_ceil(8))
+        } else {
+            rng.below(n)
+        };
+        groups[g].push(r);
+    }
+    for g in &mut groups {
+        for i in (1..g.len()).rev() {
+            g.swap(i, rng.below(i + 1));
+        }
+    }
+    groups
+}
+
+#[test]
+fn rows_sum_adds_each_group_and_is_the_adjoint_of_the_gather() {
+    let mut rng = Rng::new(fresh_seed(
+        "rows_sum_adds_each_group_and_is_the_adjoint_of_the_gather",
+    ));
+    let src = cpu(&[4, 2], vec![1., 2., 3., 4., 5., 6., 7., 8.]);
+    let groups = RowGroups::new(&[vec![3, 0], vec![], vec![1, 2]], 4, &Device::Cpu).unwrap();
+    assert_eq!(
+        rows_sum(&src, &groups).unwrap().to_f32_vec().unwrap(),
+        vec![8., 10., 0., 0., 8., 10.]
+    );
+    let err = RowGroups::new(&[vec![0, 4]], 4, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("group 0 lists row 4 of a source of 4 rows"),
+        "{err}"
+    );
+    let err = rows_sum(&cpu(&[3, 2], vec![0.0; 6]), &groups)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("source of 4 rows; src has 3"), "{err}");
+    // Its gradient is the gather of each source row's group row (embed_fwd with those ids): the
+    // finite differences of Σ w·rows_sum(x) against it.
+    let (n, rows, d) = (5, 13, 3);
+    let g = random_groups(&mut rng, n, rows);
+    let groups = RowGroups::new(&g, rows, &Device::Cpu).unwrap();
+    let mut owner = vec![0i32; rows];
+    for (u, members) in g.iter().enumerate() {
+        for &r in members {
+            owner[r] = u as i32;
+        }
+    }
+    let w = rng.normal_vec(n * d, 1.0);
+    let x = to64(&rng.normal_vec(rows * d, 1.0));
+    let loss = |x: &[f64]| {
+        let t = Tensor::from_f32(
+            &[rows, d],
+            x.iter().map(|&v| v as f32).collect(),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let y = rows_sum(&t, &groups).unwrap().to_f32_vec().unwrap();
+        y.iter().zip(&w).map(|(&a, &b)| (a * b) as f64).sum::<f64>()
+    };
+    let ids = Tensor::from_i32(&[rows], owner, &Device::Cpu).unwrap();
+    let grad = to64(
+        &embed_fwd(&cpu(&[n, d], w.clone()), &ids)
+            .unwrap()
+            .to_f32_vec()
+            .unwrap(),
+    );
+    fd_check("rows_sum", loss, &x, &grad, 1e-2, 1e-3).unwrap();
+}
+
 #[test]
 fn elementwise_ops_follow_their_definitions() {
     let a = cpu(&[2, 3], vec![1., 2., 3., 4., 5., 6.]);
@@ -430,6 +511,21 @@ cuda_test! {
             let (want, got) = (run(&cpu_dev), run(&dev));
             for (i, name) in ["rows_store", "rows_store_pair.1", "rows_store_pair.2"].into_iter().enumerate() {
                 check_output(name, tag, &got[i], &want[i], DType::F32, 0.0, 0.0);
+            }
+            // rows_sum: 16-byte vectors (576 wide) and element by element (an odd width), groups of
+            // up to dozens of rows and empty ones, summed in f32 in list order: bit for bit the
+            // CPU's f32 sums, then one rounding to the dtype.
+            for width in [576, 75] {
+                let (n, src_rows) = (97, 333);
+                let g = random_groups(&mut rng, n, src_rows);
+                let x = round(rng.normal_vec(src_rows * width, 1.0));
+                let run = |dv: &Device| {
+                    let groups = RowGroups::new(&g, src_rows, dv).unwrap();
+                    rows_sum(&on(dv, &[src_rows, width], &x), &groups).unwrap().to_f32_vec().unwrap()
+                };
+                let (want, got) = (run(&cpu_dev), run(&dev));
+                let want = if dtype == DType::BF16 { round_bf16(&want) } else { want };
+                check_output("rows_sum", &format!("{tag} {n}x{width} from {src_rows}"), &got, &want, DType::F32, 0.0, 0.0);
             }
             // elementwise
             let (r, c) = (129, 333);

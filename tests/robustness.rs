@@ -787,11 +787,11 @@ fn bench_sizes_of_zero_name_the_flag() {
     assert!(e.contains("--seq-len"), "{e}");
     let e = bench_error(bench::bench_model(&cpu, &cfg, 1, 8, 0, false));
     assert!(e.contains("--reps"), "{e}");
-    let e = bench_error(bench::bench_dpo_step(&cpu, &cfg, 1, 8, 0, false));
+    let e = bench_error(bench::bench_dpo_step(&cpu, &cfg, 1, 8, 0, true, false));
     assert!(e.contains("--reps"), "{e}");
-    let e = bench_error(bench::bench_dpo_step(&cpu, &cfg, 0, 8, 1, false));
+    let e = bench_error(bench::bench_dpo_step(&cpu, &cfg, 0, 8, 1, true, false));
     assert!(e.contains("--pairs"), "{e}");
-    let e = bench_error(bench::bench_dpo_step(&cpu, &cfg, 1, 1, 1, false));
+    let e = bench_error(bench::bench_dpo_step(&cpu, &cfg, 1, 1, 1, true, false));
     assert!(e.contains("--seq-len"), "{e}");
     let e = bench_error(bench::bench_online(&cpu, &cfg, true, 4, 0, 0, false));
     assert!(e.contains("--seq-len"), "{e}");

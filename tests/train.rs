@@ -1,6 +1,8 @@
 //! The trainers on the built-in tiny model and synthetic task, on the CPU: each learns, resuming
 //! equals not stopping, checkpoints are complete, and bad data is reported by file, line and field.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use rlhf_kernels::device::DeviceChoice;
@@ -816,4 +818,45 @@ fn only_scored_rows_go_through_the_lm_head() {
     {
         assert_eq!(a, b, "{name}");
     }
+}
+
+#[test]
+fn shared_prompts_train_as_whole_sequences() {
+    // Chosen and rejected run their prompt once (the default) or each its own copy: the same run
+    // up to the order the prompt rows' gradients are summed in. DPO with a reference model on the
+    // device, ORPO (whose chosen rows score their prompts, so only the rejected rows share), and
+    // the reward model.
+    let root = setup("shared-prompts", 64);
+    let base = root.join("base");
+    let dpo = || PrefTrainer::Dpo {
+        loss: DpoLoss::Sigmoid,
+        beta: 0.1,
+        label_smoothing: 0.0,
+        precompute_ref: false,
+    };
+    type Trainer<'a> = &'a dyn Fn(&TrainArgs) -> PathBuf;
+    let runs: [(&str, Trainer); 3] = [
+        ("dpo", &|a| dpo::train(a, dpo()).unwrap().0.final_dir),
+        ("orpo", &|a| {
+            dpo::train(a, PrefTrainer::Orpo { beta: 0.1 })
+                .unwrap()
+                .0
+                .final_dir
+        }),
+        ("rm", &|a| reward::train(a).unwrap().0.final_dir),
+    ];
+    for (name, train) in runs {
+        let mut got = Vec::new();
+        for no_share in [false, true] {
+            let out = format!("{name}-{no_share}");
+            let mut a = args(&root, &base, "prefs.jsonl", &out, 1e-3);
+            a.max_steps = Some(3);
+            a.no_shared_prompts = no_share;
+            got.push((a.out.clone(), train(&a)));
+        }
+        let ((so, sd), (wo, wd)) = (&got[0], &got[1]);
+        assert_eq!(common::logged_metrics(so).len(), 3);
+        common::assert_same_run(name, (so, sd), (wo, wd));
+    }
+    std::fs::remove_dir_all(&root).ok();
 }

@@ -461,6 +461,12 @@ impl LlamaConfig {
     /// Forward FLOPs for `seqs` sequences of `len` tokens: every GEMM (2 per multiply-add, the LM
     /// head included) and causal attention (QKᵀ and PV over the lower triangle).
     pub fn forward_flops(&self, seqs: usize, len: usize) -> f64 {
+        let (layers, head) = self.token_flops();
+        (layers + head) * (seqs * len) as f64 + self.attention_flops(seqs, len)
+    }
+
+    /// Forward FLOPs a token costs in the layers' GEMMs and in the LM head.
+    pub fn token_flops(&self) -> (f64, f64) {
         let (d, i, v) = (
             self.hidden_size as f64,
             self.intermediate_size as f64,
@@ -470,12 +476,15 @@ impl LlamaConfig {
             (self.num_heads * self.head_dim) as f64,
             (self.num_kv_heads * self.head_dim) as f64,
         );
-        let per_token =
-            self.num_layers as f64 * (d * q + 2.0 * d * kv + q * d + 3.0 * d * i) + d * v;
-        let tokens = (seqs * len) as f64;
-        let attn =
-            self.num_layers as f64 * seqs as f64 * 2.0 * 2.0 * q * (len * (len + 1) / 2) as f64;
-        2.0 * per_token * tokens + attn
+        let layers = self.num_layers as f64 * (d * q + 2.0 * d * kv + q * d + 3.0 * d * i);
+        (2.0 * layers, 2.0 * d * v)
+    }
+
+    /// Forward FLOPs of causal attention (QKᵀ and PV over the lower triangle) over `seqs`
+    /// sequences of `len` tokens.
+    pub fn attention_flops(&self, seqs: usize, len: usize) -> f64 {
+        let q = (self.num_heads * self.head_dim) as f64;
+        self.num_layers as f64 * seqs as f64 * 2.0 * 2.0 * q * (len * (len + 1) / 2) as f64
     }
 
     /// Parameters of the decoder (and head), for reports.

@@ -4,8 +4,11 @@
 //! accumulation and f32 gradients).
 //!
 //! Batches are packed: the token rows of every sequence one after another, no padding; positions
-//! restart at 0 for each sequence. Parameter gradients accumulate (`+=`) into a [`Params`] of f32
-//! tensors, so gradient accumulation over micro-batches is just several backward calls.
+//! restart at 0 for each sequence. Sequences may share a prefix (chosen and rejected responses to
+//! one prompt, a group of samples from one prompt): its rows are run once, and attention reads them
+//! from every sequence that begins with them (see [`SharedPrefix`]). Parameter gradients accumulate
+//! (`+=`) into a [`Params`] of f32 tensors, so gradient accumulation over micro-batches is just
+//! several backward calls.
 
 use super::config::LlamaConfig;
 use super::weights::{LayerParams, Params};
@@ -14,7 +17,7 @@ use crate::device::{DType, Device, Tensor};
 use crate::error::{Error, Result};
 use crate::ops::attention::{attention_bwd, attention_fwd, AttnBatch, Heads};
 use crate::ops::elementwise::{bias_add, bias_grad, cast};
-use crate::ops::embed::{embed_bwd, embed_fwd, rows_store_pair};
+use crate::ops::embed::{embed_bwd, embed_fwd, rows_store, rows_store_pair, rows_sum, RowGroups};
 use crate::ops::matmul::{gemm, matmul, Trans};
 use crate::ops::mlp::{swiglu_bwd, swiglu_bwd_and_h, swiglu_fwd};
 use crate::ops::norm::{
@@ -33,13 +36,32 @@ pub struct Model {
     /// Recompute each layer's activations in the backward instead of keeping them (saves memory,
     /// costs one more forward).
     pub recompute: bool,
+    /// Trainers build batches in which sequences with one prompt run it once (see
+    /// [`SharedPrefix`]); off, each runs its own copy (the same results up to rounding).
+    pub share_prompts: bool,
 }
 
 /// A packed batch of token sequences.
 #[derive(Debug, Clone)]
 pub struct Batch {
     pub tokens: Vec<i32>,
+    /// The rows each sequence holds in `tokens` (after its shared prefix, if any).
     pub seq_lens: Vec<usize>,
+    /// Per sequence (or empty: none shares): the prefix it shares with an earlier sequence.
+    pub shared: Vec<Option<SharedPrefix>>,
+}
+
+/// A sequence that begins with the first `len` tokens of sequence `from`: those tokens are not
+/// repeated in the batch, its own rows are the rest of it (at positions from `len`), and attention
+/// reads `from`'s first `len` rows as this sequence's first keys and values. Every layer but
+/// attention then runs the prefix once for all the sequences that share it; results are those of the
+/// batch with the prefix repeated (the prefix rows' gradients are the sum of what each sequence
+/// sends them). `from` must be earlier and share nothing itself; `len` at least 1 and at most its
+/// length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedPrefix {
+    pub from: usize,
+    pub len: usize,
 }
 
 impl Batch {
@@ -47,7 +69,99 @@ impl Batch {
         Batch {
             tokens: seqs.concat(),
             seq_lens: seqs.iter().map(Vec::len).collect(),
+            shared: Vec::new(),
         }
+    }
+
+    fn prefix_len(&self, i: usize) -> usize {
+        self.shared.get(i).copied().flatten().map_or(0, |p| p.len)
+    }
+
+    /// Tokens of the batch with every shared prefix repeated: what a trainer without sharing runs.
+    pub fn unshared_len(&self) -> usize {
+        (0..self.seq_lens.len())
+            .map(|i| self.prefix_len(i) + self.seq_lens[i])
+            .sum()
+    }
+
+    /// Each sequence's whole length, its shared prefix included.
+    pub fn full_lens(&self) -> Vec<usize> {
+        (0..self.seq_lens.len())
+            .map(|i| self.prefix_len(i) + self.seq_lens[i])
+            .collect()
+    }
+
+    /// The sharing is one the model can run: see [`SharedPrefix`].
+    pub fn check_shared(&self) -> Result<()> {
+        let bad = |i: usize, why: String| {
+            Err(Error::shape(
+                "model",
+                format!("sequence {i}'s shared prefix: {why}"),
+            ))
+        };
+        if self.shared.is_empty() {
+            return Ok(());
+        }
+        if self.shared.len() != self.seq_lens.len() {
+            return Err(Error::shape(
+                "model",
+                format!(
+                    "{} shared-prefix entries for {} sequences",
+                    self.shared.len(),
+                    self.seq_lens.len()
+                ),
+            ));
+        }
+        for (i, p) in self.shared.iter().enumerate() {
+            let Some(p) = p else { continue };
+            if p.from >= i {
+                return bad(i, format!("sequence {} is not an earlier one", p.from));
+            }
+            if self.shared[p.from].is_some() {
+                return bad(i, format!("sequence {} shares a prefix itself", p.from));
+            }
+            if p.len == 0 || p.len > self.seq_lens[p.from] {
+                return bad(
+                    i,
+                    format!(
+                        "{} tokens of sequence {}, which holds {}",
+                        p.len, p.from, self.seq_lens[p.from]
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Where prefixes are shared, the attention layout with each repeated: per sequence its whole
+    /// length; per attention row the batch row it copies; per batch row its own attention row; per
+    /// batch row every attention row that copies it (its own first).
+    fn attention_rows(&self) -> (Vec<usize>, Vec<usize>, Vec<usize>, Vec<Vec<usize>>) {
+        let offsets = self.offsets();
+        let mut expand = Vec::with_capacity(self.unshared_len());
+        let mut own = vec![0; self.len()];
+        let mut copies: Vec<Vec<usize>> = vec![Vec::new(); self.len()];
+        for (i, &stored) in self.seq_lens.iter().enumerate() {
+            if let Some(p) = self.shared.get(i).copied().flatten() {
+                let start = offsets[p.from];
+                for (r, c) in copies[start..start + p.len].iter_mut().enumerate() {
+                    c.push(expand.len());
+                    expand.push(start + r);
+                }
+            }
+            for (r, o) in own[offsets[i]..offsets[i] + stored].iter_mut().enumerate() {
+                *o = expand.len();
+                expand.push(offsets[i] + r);
+            }
+        }
+        let groups = (0..self.len())
+            .map(|r| {
+                std::iter::once(own[r])
+                    .chain(copies[r].iter().copied())
+                    .collect()
+            })
+            .collect();
+        (self.full_lens(), expand, own, groups)
     }
 
     pub fn len(&self) -> usize {
@@ -68,7 +182,12 @@ impl Batch {
     }
 
     fn positions(&self) -> Vec<i32> {
-        self.seq_lens.iter().flat_map(|&l| 0..l as i32).collect()
+        (0..self.seq_lens.len())
+            .flat_map(|i| {
+                let p = self.prefix_len(i) as i32;
+                p..p + self.seq_lens[i] as i32
+            })
+            .collect()
     }
 }
 
@@ -130,6 +249,7 @@ pub struct Activations {
     ids: Tensor,
     positions: Tensor,
     attn: AttnBatch,
+    shared: Option<SharedRows>,
     /// The input of every layer (and of the final norm, last).
     inputs: Vec<Tensor>,
     /// Each layer's residual stream after attention, `h = x + o(attention)`, and (next) its saved
@@ -151,6 +271,20 @@ impl Activations {
     }
 }
 
+/// Where sequences share prefixes (see [`SharedPrefix`]): attention runs on rows that repeat each
+/// shared prefix in every sequence reading it, gathered from the batch's rows, and its results
+/// come back to the batch rows (each row's own copy forward; the sum of every copy's gradient
+/// backward, in a fixed order). The repeated prefix rows' queries do work whose results are
+/// dropped (their output gradient is zero), which keeps the packed flash kernels as they are.
+struct SharedRows {
+    /// `[Nv]`: the batch row each attention row copies.
+    expand: Tensor,
+    /// `[N]`: each batch row's attention row in its own sequence.
+    own: Tensor,
+    /// Per batch row, every attention row that copies it.
+    groups: RowGroups,
+}
+
 /// A layer's input: the residual stream as a tensor (the embedding, for the first layer), or the
 /// previous layer's mid-layer stream and its MLP output, whose sum the layer's first RMSNorm forms
 /// in the same pass (so no separate residual add reads and writes the stream).
@@ -158,6 +292,9 @@ enum LayerInput<'a> {
     Ready(&'a Tensor),
     Sum(&'a Tensor, &'a Tensor),
 }
+
+/// Token ids, positions, the attention layout and, where prefixes are shared, its rows.
+type BatchInputs = (Tensor, Tensor, AttnBatch, Option<SharedRows>);
 
 /// What a layer's forward returns.
 struct LayerOut {
@@ -241,6 +378,7 @@ impl Model {
             dtype,
             inv_freq,
             recompute: false,
+            share_prompts: true,
         })
     }
 
@@ -302,6 +440,7 @@ impl Model {
         input: LayerInput<'_>,
         positions: &Tensor,
         attn: &AttnBatch,
+        shared: Option<&SharedRows>,
         mut kv: Option<CacheWrite>,
     ) -> Result<LayerOut> {
         let heads = self.heads();
@@ -329,7 +468,7 @@ impl Model {
             heads.kv_heads,
         )?;
         let (a, lse) = match kv.as_mut() {
-            None => attention_fwd(&q, &k, &v, attn, heads, self.scale())?,
+            None => self.attend(&q, &k, &v, attn, shared)?,
             Some(c) => {
                 rows_store_pair(c.k, &k, c.v, &v, c.rows)?;
                 attention_fwd(&q, c.k, c.v, attn, heads, self.scale())?
@@ -370,11 +509,13 @@ impl Model {
     /// for a forward that keeps nothing). Returns the final norm's input and output. With `cache`,
     /// each layer appends its keys and values to it (`rows`: the cache row of each new row) and
     /// attends over the cache.
+    #[allow(clippy::too_many_arguments)]
     fn run_layers(
         &self,
         x: Tensor,
         positions: &Tensor,
         attn: &AttnBatch,
+        shared: Option<&SharedRows>,
         mut cache: Option<(&mut KvCache, &Tensor)>,
         mut keep_layer: impl FnMut(Tensor, LayerActs),
         mut keep_mid: impl FnMut(Tensor),
@@ -393,7 +534,7 @@ impl Model {
                 (None, Some((h, mlp))) => LayerInput::Sum(h, mlp),
                 (None, None) => unreachable!("each layer after the first has a previous one"),
             };
-            let out = self.layer_fwd(l, input, positions, attn, kv)?;
+            let out = self.layer_fwd(l, input, positions, attn, shared, kv)?;
             let x = match out.input {
                 Some(x) => x,
                 None => first.take().expect("the first layer's input"),
@@ -419,14 +560,84 @@ impl Model {
     }
 
     /// Token ids, positions and the attention layout of a packed batch on the device.
-    fn batch_inputs(&self, batch: &Batch) -> Result<(Tensor, Tensor, AttnBatch)> {
+    fn batch_inputs(&self, batch: &Batch) -> Result<BatchInputs> {
         self.check_tokens(&batch.tokens)?;
-        self.warn_past_context(batch.seq_lens.iter().copied().max().unwrap_or(0));
+        batch.check_shared()?;
+        self.warn_past_context(batch.full_lens().into_iter().max().unwrap_or(0));
         let n = batch.len();
+        let dev = &self.device;
+        let ids = Tensor::from_i32(&[n], batch.tokens.clone(), dev)?;
+        let positions = Tensor::from_i32(&[n], batch.positions(), dev)?;
+        if batch.shared.iter().all(Option::is_none) {
+            let attn = AttnBatch::packed(&batch.seq_lens, dev)?;
+            return Ok((ids, positions, attn, None));
+        }
+        let (lens, expand, own, groups) = batch.attention_rows();
+        let as_i32 = |v: Vec<usize>| v.into_iter().map(|r| r as i32).collect::<Vec<i32>>();
+        let shared = SharedRows {
+            groups: RowGroups::new(&groups, expand.len(), dev)?,
+            expand: Tensor::from_i32(&[expand.len()], as_i32(expand), dev)?,
+            own: Tensor::from_i32(&[n], as_i32(own), dev)?,
+        };
+        let attn = AttnBatch::packed(&lens, dev)?;
+        Ok((ids, positions, attn, Some(shared)))
+    }
+
+    /// Attention of the batch rows `q`, `k`, `v` (see `SharedRows` for shared prefixes).
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        attn: &AttnBatch,
+        shared: Option<&SharedRows>,
+    ) -> Result<(Tensor, Tensor)> {
+        let (heads, scale) = (self.heads(), self.scale());
+        let Some(s) = shared else {
+            return attention_fwd(q, k, v, attn, heads, scale);
+        };
+        let expand = |t: &Tensor| embed_fwd(t, &s.expand);
+        let (a, lse) = attention_fwd(&expand(q)?, &expand(k)?, &expand(v)?, attn, heads, scale)?;
+        Ok((embed_fwd(&a, &s.own)?, embed_fwd(&lse, &s.own)?))
+    }
+
+    /// `attend`'s backward: (dq, dk, dv) of the batch rows.
+    fn attend_bwd(
+        &self,
+        dattn: &Tensor,
+        a: &LayerActs,
+        attn: &AttnBatch,
+        shared: Option<&SharedRows>,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (heads, scale) = (self.heads(), self.scale());
+        let Some(s) = shared else {
+            return attention_bwd(dattn, &a.q, &a.k, &a.v, &a.attn, &a.lse, attn, heads, scale);
+        };
+        let expand = |t: &Tensor| embed_fwd(t, &s.expand);
+        // Only each row's own copy has an output gradient; a repeated prefix row's output was
+        // dropped, so its zero gradient gives it no part in dq, dk or dv (and its dq is zero).
+        let mut dout = Tensor::zeros(
+            &[s.groups.src_rows(), dattn.shape()[1]],
+            dattn.dtype(),
+            dattn.device(),
+        )?;
+        rows_store(&mut dout, dattn, &s.own)?;
+        let (dq, dk, dv) = attention_bwd(
+            &dout,
+            &expand(&a.q)?,
+            &expand(&a.k)?,
+            &expand(&a.v)?,
+            &expand(&a.attn)?,
+            &expand(&a.lse)?,
+            attn,
+            heads,
+            scale,
+        )?;
+        drop(dout);
         Ok((
-            Tensor::from_i32(&[n], batch.tokens.clone(), &self.device)?,
-            Tensor::from_i32(&[n], batch.positions(), &self.device)?,
-            AttnBatch::packed(&batch.seq_lens, &self.device)?,
+            embed_fwd(&dq, &s.own)?,
+            rows_sum(&dk, &s.groups)?,
+            rows_sum(&dv, &s.groups)?,
         ))
     }
 
@@ -446,15 +657,16 @@ impl Model {
     /// for models that are not trained (references, reward models, old log-probs), whose saved
     /// activations would otherwise sit beside the trained model's and double a step's memory.
     pub fn forward_frozen(&self, batch: &Batch) -> Result<Tensor> {
-        let (ids, positions, attn) = self.batch_inputs(batch)?;
+        let (ids, positions, attn, shared) = self.batch_inputs(batch)?;
         let x = embed_fwd(&self.params.embed, &ids)?;
-        let (_, o) = self.run_layers(x, &positions, &attn, None, |_, _| {}, drop)?;
+        let (_, o) =
+            self.run_layers(x, &positions, &attn, shared.as_ref(), None, |_, _| {}, drop)?;
         Ok(o.y)
     }
 
     /// The forward over a packed batch, keeping what `backward` needs.
     pub fn forward(&self, batch: &Batch) -> Result<Activations> {
-        let (ids, positions, attn) = self.batch_inputs(batch)?;
+        let (ids, positions, attn, shared) = self.batch_inputs(batch)?;
         let x = embed_fwd(&self.params.embed, &ids)?;
         let mut inputs = Vec::with_capacity(self.cfg.num_layers + 1);
         let mut mids = Vec::with_capacity(self.cfg.num_layers);
@@ -464,6 +676,7 @@ impl Model {
             x,
             &positions,
             &attn,
+            shared.as_ref(),
             None,
             |x, acts| {
                 inputs.push(x);
@@ -476,6 +689,7 @@ impl Model {
             ids,
             positions,
             attn,
+            shared,
             inputs,
             mids,
             layers,
@@ -504,7 +718,9 @@ impl Model {
                 (Some(h), Some(a)) => (h, a),
                 _ => {
                     let input = LayerInput::Ready(x);
-                    let out = self.layer_fwd(l, input, &acts.positions, &acts.attn, None)?;
+                    let shared = acts.shared.as_ref();
+                    let out =
+                        self.layer_fwd(l, input, &acts.positions, &acts.attn, shared, None)?;
                     recomputed = (out.h, out.acts);
                     (&recomputed.0, &recomputed.1)
                 }
@@ -517,6 +733,7 @@ impl Model {
                 a,
                 &acts.positions,
                 &acts.attn,
+                acts.shared.as_ref(),
                 &dx,
             )?;
         }
@@ -533,6 +750,7 @@ impl Model {
         a: &LayerActs,
         positions: &Tensor,
         attn: &AttnBatch,
+        shared: Option<&SharedRows>,
         dout: &Tensor,
     ) -> Result<Tensor> {
         let heads = self.heads();
@@ -561,17 +779,7 @@ impl Model {
         let dh = rms_norm_bwd_add(&dxn2, h, &l.mlp_norm, &a.rstd2, &mut g.mlp_norm, dout)?;
         // Attention: h = x + o(attention(rope(q, k), v)), (q, k, v) = qkv(xn1) from one GEMM.
         let dattn = linear_bwd(&dh, &a.attn, &l.o, &mut g.o, None)?;
-        let (dq, dk, dv) = attention_bwd(
-            &dattn,
-            &a.q,
-            &a.k,
-            &a.v,
-            &a.attn,
-            &a.lse,
-            attn,
-            heads,
-            self.scale(),
-        )?;
+        let (dq, dk, dv) = self.attend_bwd(&dattn, a, attn, shared)?;
         let dqkv = rope_qkv_bwd(
             &dq,
             &dk,
@@ -784,7 +992,7 @@ impl Model {
         let x = embed_fwd(&self.params.embed, ids)?;
         let cache_rows = Some((cache, rows));
         Ok(self
-            .run_layers(x, positions, attn, cache_rows, |_, _| {}, drop)?
+            .run_layers(x, positions, attn, None, cache_rows, |_, _| {}, drop)?
             .1
             .y)
     }

@@ -9,5 +9,5 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use config::LlamaConfig;
-pub use llama::{Activations, Batch, KvCache, Model};
+pub use llama::{Activations, Batch, KvCache, Model, SharedPrefix};
 pub use weights::Params;

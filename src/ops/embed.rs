@@ -1,6 +1,7 @@
 //! Token embedding, the twin of `kernels/embed.cu`: lookup forward, scatter-add backward into an f32
 //! gradient table; and `rows_store`, the row scatter the KV cache appends a decode step with (a
-//! layer's keys and values in one launch: `rows_store_pair`).
+//! layer's keys and values in one launch: `rows_store_pair`); and `rows_sum`, the deterministic
+//! adjoint of a row gather (a shared prompt's gradients summed back from every sequence reading it).
 
 use cudarc::driver::PushKernelArg;
 use half::bf16;
@@ -14,6 +15,7 @@ use crate::ops::{per_row, to_i32};
 const OP_FWD: &str = "embed_fwd";
 const OP_BWD: &str = "embed_bwd";
 const OP_STORE: &str = "rows_store";
+const OP_SUM: &str = "rows_sum";
 
 /// `ids` must be 1-D i32 within `0..bound` (checked where they live on the host); `what` names the
 /// entries and the bound in the error, e.g. ("token id", "the vocabulary").
@@ -117,6 +119,147 @@ pub fn rows_store_pair(
     rows: &Tensor,
 ) -> Result<()> {
     store(dst, src, Some((dst2, src2)), rows)
+}
+
+/// Groups of source rows, each summed into one output row by `rows_sum`: group `u` is
+/// `list[offsets[u]..offsets[u + 1]]`. Checked on the host when built, so a launch cannot read
+/// outside its tables.
+pub struct RowGroups {
+    offsets: Vec<i32>,
+    list: Vec<i32>,
+    src_rows: usize,
+    dev: Option<(Tensor, Tensor)>,
+}
+
+impl RowGroups {
+    /// `groups[u]`: the rows of a `[src_rows, d]` source summed, in this order, into output row `u`.
+    pub fn new(groups: &[Vec<usize>], src_rows: usize, device: &Device) -> Result<RowGroups> {
+        let mut offsets = vec![0i32];
+        let mut list = Vec::new();
+        for (u, g) in groups.iter().enumerate() {
+            for &r in g {
+                if r >= src_rows {
+                    return Err(Error::shape(
+                        OP_SUM,
+                        format!("group {u} lists row {r} of a source of {src_rows} rows"),
+                    ));
+                }
+                list.push(to_i32(OP_SUM, "row", r)?);
+            }
+            offsets.push(to_i32(OP_SUM, "list length", list.len())?);
+        }
+        let dev = match device {
+            Device::Cpu => None,
+            Device::Cuda(_) => Some((
+                Tensor::from_i32(&[offsets.len()], offsets.clone(), device)?,
+                Tensor::from_i32(&[list.len().max(1)], list.clone(), device)?,
+            )),
+        };
+        Ok(RowGroups {
+            offsets,
+            list,
+            src_rows,
+            dev,
+        })
+    }
+
+    /// Output rows (groups).
+    pub fn len(&self) -> usize {
+        self.offsets.len() - 1
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Rows of the source the groups index.
+    pub fn src_rows(&self) -> usize {
+        self.src_rows
+    }
+
+    fn group(&self, u: usize) -> &[i32] {
+        &self.list[self.offsets[u] as usize..self.offsets[u + 1] as usize]
+    }
+}
+
+/// `out[u, :] = Σ src[r, :]` over the rows `r` of group `u`, summed in f32 in the group's order and
+/// rounded once to src's dtype: bit for bit repeatable, unlike `embed_bwd`'s atomics. It is the
+/// adjoint of `embed_fwd` gathering rows of `out`'s shape into `src`'s when each source row belongs
+/// to the group of the row it was gathered from. src: `[groups.src_rows(), d]`; out `[groups.len(), d]`.
+pub fn rows_sum(src: &Tensor, groups: &RowGroups) -> Result<Tensor> {
+    let device = same_device(OP_SUM, &[src])?;
+    let _profile = profile::scope(device, OP_SUM);
+    let (rows, d) = src.dims2(OP_SUM)?;
+    if rows != groups.src_rows {
+        return Err(Error::shape(
+            OP_SUM,
+            format!(
+                "the groups index a source of {} rows; src has {rows}",
+                groups.src_rows
+            ),
+        ));
+    }
+    let n = groups.len();
+    match device {
+        Device::Cpu => {
+            if groups.dev.is_some() {
+                return Err(Error::DeviceMismatch {
+                    op: OP_SUM,
+                    detail: "the row groups were built for CUDA".into(),
+                });
+            }
+            let x = host_f32(src, OP_SUM)?;
+            let mut out = vec![0.0f32; n * d];
+            for (u, o) in out.chunks_mut(d.max(1)).enumerate().take(n) {
+                for &r in groups.group(u) {
+                    for (acc, &v) in o.iter_mut().zip(&x[r as usize * d..][..d]) {
+                        *acc += v;
+                    }
+                }
+            }
+            Tensor::from_f32_as(&[n, d], &out, src.dtype(), device)
+        }
+        Device::Cuda(_) => match src.dtype() {
+            DType::F32 => sum_cuda::<f32>(src, groups, n, rows, d),
+            DType::BF16 => sum_cuda::<bf16>(src, groups, n, rows, d),
+            DType::I32 => Err(Error::DType {
+                op: OP_SUM,
+                dtype: "i32",
+            }),
+        },
+    }
+}
+
+fn sum_cuda<T: CudaElem>(
+    src: &Tensor,
+    groups: &RowGroups,
+    n: usize,
+    rows: usize,
+    d: usize,
+) -> Result<Tensor> {
+    let dev = src.device().as_cuda(OP_SUM)?;
+    let (offsets, list) = groups.dev.as_ref().ok_or_else(|| Error::DeviceMismatch {
+        op: OP_SUM,
+        detail: "the row groups were built for the CPU".into(),
+    })?;
+    same_device(OP_SUM, &[src, offsets, list])?;
+    let mut out = Tensor::empty(&[n, d], T::DTYPE, src.device())?;
+    if n == 0 || d == 0 {
+        return Ok(out);
+    }
+    let (r, dd) = (to_i32(OP_SUM, "rows", rows)?, to_i32(OP_SUM, "d", d)?);
+    let f = dev.function("embed", T::pick("rows_sum_f32", "rows_sum_bf16"))?;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(T::slice_mut(&mut out, OP_SUM)?)
+        .arg(T::slice(src, OP_SUM)?)
+        .arg(offsets.cuda_i32(OP_SUM)?)
+        .arg(list.cuda_i32(OP_SUM)?)
+        .arg(&r)
+        .arg(&dd);
+    // SAFETY: out holds n*d elements, src rows*d; offsets (n+1 entries, non-decreasing from 0) and
+    // list (every entry below rows) were checked on the host when the groups were built.
+    unsafe { b.launch(per_row(OP_SUM, n, 128, 0)?) }?;
+    Ok(out)
 }
 
 fn store(

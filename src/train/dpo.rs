@@ -33,8 +33,14 @@ pub struct PrefObjective {
 }
 
 /// The 2B sequences of a chunk of pairs: chosen first, then rejected, as TRL lays them out. With
-/// `score_chosen_prompts` (ORPO's NLL) the chosen rows' prompts are scored too.
-fn scored_batch(pairs: &[PairExample], chunk: &[usize], score_chosen_prompts: bool) -> ScoredBatch {
+/// `score_chosen_prompts` (ORPO's NLL) the chosen rows' prompts are scored too. With
+/// `share_prompts`, each rejected sequence shares its prompt with its chosen one.
+fn scored_batch(
+    pairs: &[PairExample],
+    chunk: &[usize],
+    score_chosen_prompts: bool,
+    share_prompts: bool,
+) -> ScoredBatch {
     let mut seqs: Vec<(&[i32], &[i32])> = chunk
         .iter()
         .map(|&i| (pairs[i].prompt.as_slice(), pairs[i].chosen.as_slice()))
@@ -45,7 +51,7 @@ fn scored_batch(pairs: &[PairExample], chunk: &[usize], score_chosen_prompts: bo
             .map(|&i| (pairs[i].prompt.as_slice(), pairs[i].rejected.as_slice())),
     );
     let scored = vec![score_chosen_prompts; chunk.len()];
-    ScoredBatch::with_prompts_scored(&seqs, &scored)
+    ScoredBatch::build(&seqs, &scored, share_prompts)
 }
 
 /// ORPO's NLL tokens in a chosen sequence: every token after the first, prompt and response.
@@ -58,7 +64,7 @@ pub fn pair_logps(model: &Model, pairs: &[PairExample], micro: usize) -> Result<
     let idx: Vec<usize> = (0..pairs.len()).collect();
     let mut out = Vec::with_capacity(pairs.len());
     for chunk in idx.chunks(micro.max(1)) {
-        let sb = scored_batch(pairs, chunk, false);
+        let sb = scored_batch(pairs, chunk, false, model.share_prompts);
         let sums = super::sequence_sums(&sb, &frozen_logps(model, &sb)?);
         let b = chunk.len();
         out.extend((0..b).map(|k| (sums[k] as f32, sums[b + k] as f32)));
@@ -112,7 +118,7 @@ impl Objective for PrefObjective {
         for chunk in examples.chunks(micro) {
             let b = chunk.len();
             let w = b as f64 / total;
-            let sb = scored_batch(&self.pairs, chunk, orpo);
+            let sb = scored_batch(&self.pairs, chunk, orpo, model.share_prompts);
             let s = score(model, &sb)?;
             let (lp, mask, t) = sb.padded(&s.per_token);
             let reference = self.reference(&sb, chunk, t)?;

@@ -321,7 +321,8 @@ pub fn train(a: &GrpoArgs) -> Result<RunSummary> {
             .zip(&responses)
             .map(|(p, r)| (p.as_slice(), r.as_slice()))
             .collect();
-        let sb = ScoredBatch::new(&seqs);
+        // A group's responses share its prompt: the layers run it once for the group.
+        let sb = ScoredBatch::build(&seqs, &[], policy.share_prompts);
         // The first update scores the rollout with the weights that sampled it, so its log-probs
         // are the old ones, bit for bit (the same forward on the same batch): no forward of its own.
         let mut old: Option<Vec<f32>> = None;
@@ -396,7 +397,7 @@ pub fn train(a: &GrpoArgs) -> Result<RunSummary> {
             ),
             (
                 "training_tokens_per_s".into(),
-                (sb.batch.len() * (1 + a.updates_per_rollout)) as f64
+                (sb.batch.unshared_len() * (1 + a.updates_per_rollout)) as f64
                     / t_train.elapsed().as_secs_f64(),
             ),
         ]);

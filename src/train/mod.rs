@@ -26,7 +26,7 @@ use crate::device::{DType, Device, DeviceChoice, Tensor};
 use crate::error::{Error, Result};
 use crate::model::tokenizer::TextTokenizer;
 use crate::model::weights::{save_state, stored_parameters, write_file_atomic, StateFile};
-use crate::model::{Batch, Model, Params};
+use crate::model::{Batch, Model, Params, SharedPrefix};
 use crate::ops::adamw::{adamw_step, clip_coefficient, global_grad_norm, AdamWConfig};
 use crate::ops::logprob::{linear_logprob_bwd, linear_logprob_fwd, LogprobOut};
 use crate::rng::Rng;
@@ -95,6 +95,10 @@ pub struct TrainArgs {
     /// Recompute activations in the backward pass, layer by layer (less memory, one more forward).
     #[arg(long)]
     pub recompute: bool,
+    /// Run each sequence's prompt on its own instead of once for the sequences that share it
+    /// (chosen and rejected of a pair, a GRPO group): the same losses up to rounding, more work.
+    #[arg(long)]
+    pub no_shared_prompts: bool,
     /// No progress bar (metrics still go to metrics.jsonl).
     #[arg(long)]
     pub quiet: bool,
@@ -129,6 +133,7 @@ impl TrainArgs {
             skip_invalid: false,
             eval_fraction: 0.0,
             recompute: false,
+            no_shared_prompts: false,
             quiet: true,
             deterministic: false,
         }
@@ -898,6 +903,7 @@ pub fn load_model(args: &TrainArgs) -> Result<(Model, TextTokenizer)> {
     let device = Device::from_choice(args.device)?;
     let mut model = Model::load(&args.model, &device)?;
     model.recompute = args.recompute;
+    model.share_prompts = !args.no_shared_prompts;
     let tok = TextTokenizer::load(&args.model)?;
     Ok((model, tok))
 }
@@ -934,42 +940,77 @@ pub struct ScoredBatch {
 
 impl ScoredBatch {
     pub fn new(seqs: &[(&[i32], &[i32])]) -> ScoredBatch {
-        Self::with_prompts_scored(seqs, &[])
+        Self::build(seqs, &[], false)
     }
 
     /// As `new`, and sequence `i`'s prompt is scored too where `prompt_scored[i]` (missing entries
     /// are false).
     pub fn with_prompts_scored(seqs: &[(&[i32], &[i32])], prompt_scored: &[bool]) -> ScoredBatch {
+        Self::build(seqs, prompt_scored, false)
+    }
+
+    /// As `with_prompts_scored`; with `share_prompts`, a sequence whose prompt is an earlier
+    /// sequence's (chosen and rejected of a pair, a group's samples) and is not scored shares all
+    /// of it but its last token with that sequence (`SharedPrefix`): the model runs those rows once.
+    /// The last prompt token stays in every sequence, so each row still predicts the token after it
+    /// in its own sequence. Log-probs, losses and gradients are those of the unshared batch, up to
+    /// the order the shared rows' gradients are summed in.
+    pub fn build(
+        seqs: &[(&[i32], &[i32])],
+        prompt_scored: &[bool],
+        share_prompts: bool,
+    ) -> ScoredBatch {
         let mut tokens = Vec::new();
         let mut seq_lens = Vec::new();
+        let mut shared = Vec::new();
         let mut targets = Vec::new();
         let mut spans = Vec::new();
         let mut prompt_spans = Vec::new();
-        for (i, (p, c)) in seqs.iter().enumerate() {
+        let mut owners: std::collections::HashMap<&[i32], usize> = Default::default();
+        for (i, &(p, c)) in seqs.iter().enumerate() {
+            let scores_prompt = prompt_scored.get(i).copied().unwrap_or(false);
+            let prefix = match owners.get(p) {
+                Some(&from) if share_prompts && !scores_prompt && p.len() >= 2 => {
+                    Some(SharedPrefix {
+                        from,
+                        len: p.len() - 1,
+                    })
+                }
+                _ => {
+                    owners.entry(p).or_insert(i);
+                    None
+                }
+            };
+            let skip = prefix.map_or(0, |s| s.len);
             let base = tokens.len();
             let full: Vec<i32> = p.iter().chain(c.iter()).copied().collect();
-            // Row j predicts token j + 1: the completion's tokens are predicted by rows p-1 .. L-2,
-            // the prompt's after the first by rows 0 .. p-2.
-            let first = if prompt_scored.get(i).copied().unwrap_or(false) {
-                0
-            } else {
-                p.len().max(1) - 1
-            };
-            for j in 0..full.len() {
+            // Token j of the whole sequence is row j - skip; row j predicts token j + 1: the
+            // completion's tokens are predicted by rows p-1 .. L-2, the prompt's after the first by
+            // rows 0 .. p-2.
+            let first = if scores_prompt { 0 } else { p.len().max(1) - 1 };
+            for j in skip..full.len() {
                 targets.push(if j >= first && j + 1 < full.len() {
                     full[j + 1]
                 } else {
                     -100
                 });
             }
-            let start = base + p.len().max(1) - 1;
-            prompt_spans.push(base + first..start);
-            spans.push(start..base + full.len() - 1);
-            seq_lens.push(full.len());
-            tokens.extend(full);
+            let start = base + p.len().max(1) - 1 - skip;
+            prompt_spans.push(base + first.max(skip) - skip..start);
+            spans.push(start..base + full.len() - 1 - skip);
+            seq_lens.push(full.len() - skip);
+            shared.push(prefix);
+            tokens.extend_from_slice(&full[skip..]);
+        }
+        if shared.iter().all(Option::is_none) {
+            shared.clear();
         }
         ScoredBatch {
-            batch: Batch { tokens, seq_lens },
+            batch: Batch {
+                tokens,
+                seq_lens,
+                shared,
+            },
             targets,
             spans,
             prompt_spans,

@@ -3,7 +3,7 @@
 //! The reward of a sequence is the head's value at its last token.
 
 use super::data::{self, Encoder, PairExample};
-use super::{eos_id, load_model, run, Metrics, Objective, RunSummary, TrainArgs};
+use super::{eos_id, load_model, run, Metrics, Objective, RunSummary, ScoredBatch, TrainArgs};
 use crate::device::Tensor;
 use crate::error::Result;
 use crate::model::{Batch, Model, Params};
@@ -67,16 +67,17 @@ impl Objective for RewardObjective {
         let total = examples.len() as f64;
         let (mut loss, mut correct, mut margin_sum) = (0.0f64, 0usize, 0.0f64);
         for chunk in examples.chunks(micro) {
-            let mut seqs: Vec<Vec<i32>> = chunk
+            // Chosen and rejected share their prompt: the layers run it once for both.
+            let mut seqs: Vec<(&[i32], &[i32])> = chunk
                 .iter()
-                .map(|&i| full(&self.pairs[i].prompt, &self.pairs[i].chosen))
+                .map(|&i| (&self.pairs[i].prompt[..], &self.pairs[i].chosen[..]))
                 .collect();
             seqs.extend(
                 chunk
                     .iter()
-                    .map(|&i| full(&self.pairs[i].prompt, &self.pairs[i].rejected)),
+                    .map(|&i| (&self.pairs[i].prompt[..], &self.pairs[i].rejected[..])),
             );
-            let batch = Batch::new(&seqs);
+            let batch = ScoredBatch::build(&seqs, &[], model.share_prompts).batch;
             let acts = model.forward(&batch)?;
             let values = model.scalar_head(&acts.hidden)?.to_f32_vec()?;
             let ends: Vec<usize> = batch.offsets()[1..].iter().map(|&e| e - 1).collect();
