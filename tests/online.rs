@@ -521,6 +521,28 @@ fn offline_options_on_the_command_line_are_refused() {
             "{err}"
         );
     }
+    // PPO samples one response a prompt: no prompt to share.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"))
+        .args([
+            "ppo",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--out",
+            "o",
+            "--reward-model",
+            "rm",
+            "--no-shared-prompts",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("--no-shared-prompts does not apply to ppo"),
+        "{err}"
+    );
 }
 
 /// Generating past the model's max_position_embeddings is allowed (rotary positions extrapolate, as

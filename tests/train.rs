@@ -660,6 +660,22 @@ fn loop_options_out_of_range_are_refused() {
     assert!(err.contains("--label-smoothing"), "{err}");
     let err = dpo_err(PrefTrainer::Orpo { beta: 0.0 });
     assert!(err.contains("--beta"), "{err}");
+    // Trainers whose sequences share no prompt refuse the option that turns sharing off.
+    let mut a = base.clone();
+    a.no_shared_prompts = true;
+    for (trainer, err) in [
+        ("sft", sft::train(&a).err().map(|e| e.to_string())),
+        (
+            "kto",
+            kto::train(&a, 0.1, 1.0, 1.0).err().map(|e| e.to_string()),
+        ),
+    ] {
+        let err = err.unwrap_or_else(|| panic!("{trainer} ran with --no-shared-prompts"));
+        assert!(
+            err.contains(&format!("--no-shared-prompts does not apply to {trainer}")),
+            "{err}"
+        );
+    }
     std::fs::remove_dir_all(&root).ok();
 }
 

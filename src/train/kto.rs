@@ -128,6 +128,7 @@ pub fn train(
     desirable_weight: f64,
     undesirable_weight: f64,
 ) -> Result<(RunSummary, Option<(f64, f64)>)> {
+    super::reject_shared_prompts_option(args, "kto")?;
     super::check_positive("kto", "--beta", beta)?;
     super::check_positive("kto", "--desirable-weight", desirable_weight)?;
     super::check_positive("kto", "--undesirable-weight", undesirable_weight)?;

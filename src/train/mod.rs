@@ -721,6 +721,21 @@ pub fn reject_offline_options(args: &TrainArgs, trainer: &'static str) -> Result
     }
 }
 
+/// SFT, KTO and PPO give each prompt one sequence, so they share none: refuse
+/// `--no-shared-prompts` rather than ignore it.
+pub fn reject_shared_prompts_option(args: &TrainArgs, trainer: &'static str) -> Result<()> {
+    if !args.no_shared_prompts {
+        return Ok(());
+    }
+    Err(Error::Unsupported {
+        op: trainer,
+        detail: format!(
+            "--no-shared-prompts does not apply to {trainer}: it runs one sequence a prompt, so no \
+             prompt is shared (dpo, simpo, orpo, rm and grpo share them)"
+        ),
+    })
+}
+
 /// The error for an offline loop option given to an online trainer.
 pub fn offline_option_error(flag: &str, trainer: &'static str) -> Error {
     Error::Unsupported {

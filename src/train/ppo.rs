@@ -253,6 +253,7 @@ fn padded_values(model: &Model, hidden: &Tensor, sb: &ScoredBatch) -> Result<Vec
 pub fn train(a: &PpoArgs) -> Result<RunSummary> {
     let t = &a.train;
     super::reject_offline_options(t, "ppo")?;
+    super::reject_shared_prompts_option(t, "ppo")?;
     super::check_counts(
         "ppo",
         &[

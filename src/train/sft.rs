@@ -89,6 +89,7 @@ pub fn eval_loss(model: &Model, examples: &[Example], micro: usize) -> Result<f6
 
 /// `rlhf sft`.
 pub fn train(args: &TrainArgs) -> Result<(RunSummary, Option<f64>)> {
+    super::reject_shared_prompts_option(args, "sft")?;
     let (mut model, tok) = load_policy(args)?;
     let enc = Encoder {
         tok: &tok,
