@@ -873,6 +873,23 @@ fn shared_prompts_train_as_whole_sequences() {
         let ((so, sd), (wo, wd)) = (&got[0], &got[1]);
         assert_eq!(common::logged_metrics(so).len(), 3);
         common::assert_same_run(name, (so, sd), (wo, wd));
+        if name == "rm" {
+            // Scoring responses (GRPO's and the labeller's rewards, eval's win rate) shares each
+            // prompt too: the rewards of the sequences written out whole, bit for bit on the CPU.
+            let mut rm = Model::load(sd, &rlhf_kernels::Device::Cpu).unwrap();
+            let (p, q) = (vec![5, 9, 14, 3, 7], vec![8, 2]);
+            let responses = [vec![11, 4], vec![6], vec![12, 13, 1], vec![10, 3]];
+            let seqs: Vec<(&[i32], &[i32])> = [&p, &p, &q, &p]
+                .iter()
+                .zip(&responses)
+                .map(|(a, b)| (a.as_slice(), b.as_slice()))
+                .collect();
+            let whole: Vec<Vec<i32>> = seqs.iter().map(|(a, b)| [*a, *b].concat()).collect();
+            let want = reward::sequence_rewards(&rm, &whole).unwrap();
+            assert_eq!(reward::response_rewards(&rm, &seqs).unwrap(), want);
+            rm.share_prompts = false;
+            assert_eq!(reward::response_rewards(&rm, &seqs).unwrap(), want);
+        }
     }
     std::fs::remove_dir_all(&root).ok();
 }

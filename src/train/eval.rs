@@ -4,7 +4,7 @@
 
 use super::data::PairExample;
 use super::dpo::{implicit_reward_accuracy, pair_logps};
-use super::reward::{evaluate as rm_accuracy, sequence_rewards};
+use super::reward::{evaluate as rm_accuracy, response_rewards};
 use super::{frozen_logps, sequence_sums, ScoredBatch};
 use crate::error::Result;
 use crate::model::generate::GenerateOptions;
@@ -99,19 +99,22 @@ pub fn evaluate(
                 Some(p.iter().zip(&q).map(|(a, b)| a - b).sum::<f64>() / p.len().max(1) as f64);
         }
         if let Some(rm) = reward_model {
-            let full = |s: &[Vec<i32>]| {
-                prompts
-                    .iter()
-                    .zip(s)
-                    .map(|(p, c)| [p.as_slice(), c.as_slice()].concat())
-                    .collect::<Vec<_>>()
+            // The reference's samples scored with ours, so each prompt runs once for both.
+            let theirs = match reference {
+                Some(reference) => sample_responses(reference, &prompts, opts)?,
+                None => Vec::new(),
             };
-            let ours = sequence_rewards(rm, &full(&samples))?;
+            let seqs: Vec<(&[i32], &[i32])> = prompts
+                .iter()
+                .zip(&samples)
+                .chain(prompts.iter().zip(&theirs))
+                .map(|(p, c)| (p.as_slice(), c.as_slice()))
+                .collect();
+            let mut ours = response_rewards(rm, &seqs)?;
+            let theirs = ours.split_off(samples.len());
             r.mean_sample_reward =
                 Some(ours.iter().map(|&v| v as f64).sum::<f64>() / ours.len().max(1) as f64);
-            if let Some(reference) = reference {
-                let theirs =
-                    sequence_rewards(rm, &full(&sample_responses(reference, &prompts, opts)?))?;
+            if reference.is_some() {
                 let wins: f64 = ours
                     .iter()
                     .zip(&theirs)

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use super::data::{self, Encoder};
-use super::reward::sequence_rewards;
+use super::reward::response_rewards;
 use super::{
     check_finite, check_non_negative, check_positive, eos_id, frozen_logps_at, iteration_bar,
     load_policy, restore, save_checkpoint, score_at, score_backward, Metrics, OnlineProgress,
@@ -296,12 +296,12 @@ pub fn train(a: &GrpoArgs) -> Result<RunSummary> {
         let responses: Vec<Vec<i32>> = gens.iter().map(|g| g.tokens.clone()).collect();
         let rewards: Vec<f32> = match &scorer {
             Scorer::Model(rm) => {
-                let full: Vec<Vec<i32>> = batch
+                let seqs: Vec<(&[i32], &[i32])> = batch
                     .iter()
                     .zip(&responses)
-                    .map(|(p, r)| [p.as_slice(), r.as_slice()].concat())
+                    .map(|(p, r)| (p.as_slice(), r.as_slice()))
                     .collect();
-                sequence_rewards(rm, &full)?
+                response_rewards(rm, &seqs)?
             }
             Scorer::Rule(rule, tok) => responses
                 .iter()

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 
 use super::data::{self, Encoder, Limits, Prompt};
-use super::reward::sequence_rewards;
+use super::reward::response_rewards;
 use crate::error::{Error, Result};
 use crate::model::generate::GenerateOptions;
 use crate::model::tokenizer::{Message, TextTokenizer};
@@ -168,11 +168,11 @@ pub fn label(
         }
         let (best, worst, confidence) = match judge {
             Judge::RewardModel(rm) => {
-                let seqs: Vec<Vec<i32>> = distinct
+                let seqs: Vec<(&[i32], &[i32])> = distinct
                     .iter()
-                    .map(|&i| [p.tokens.as_slice(), group[i].tokens.as_slice()].concat())
+                    .map(|&i| (p.tokens.as_slice(), group[i].tokens.as_slice()))
                     .collect();
-                let r = sequence_rewards(rm, &seqs)?;
+                let r = response_rewards(rm, &seqs)?;
                 let order = |f: fn(f32, f32) -> bool| {
                     (0..r.len())
                         .reduce(|a, b| if f(r[b], r[a]) { b } else { a })

@@ -30,8 +30,21 @@ pub fn into_reward_model(mut model: Model, seed: u64) -> Result<Model> {
 
 /// The reward of each full sequence (the head's value at its last token).
 pub fn sequence_rewards(model: &Model, seqs: &[Vec<i32>]) -> Result<Vec<f32>> {
-    let batch = Batch::new(seqs);
-    let hidden = model.forward_frozen(&batch)?;
+    batch_rewards(model, &Batch::new(seqs))
+}
+
+/// The reward of each prompt + response, the layers running a prompt once for all the responses
+/// to it (as the trainers share prompts; each sequence keeps its own last token, where its
+/// reward is read).
+pub fn response_rewards(model: &Model, seqs: &[(&[i32], &[i32])]) -> Result<Vec<f32>> {
+    batch_rewards(
+        model,
+        &ScoredBatch::build(seqs, &[], model.share_prompts).batch,
+    )
+}
+
+fn batch_rewards(model: &Model, batch: &Batch) -> Result<Vec<f32>> {
+    let hidden = model.forward_frozen(batch)?;
     let values = model.scalar_head(&hidden)?.to_f32_vec()?;
     Ok(batch.offsets()[1..]
         .iter()
@@ -41,10 +54,6 @@ pub fn sequence_rewards(model: &Model, seqs: &[Vec<i32>]) -> Result<Vec<f32>> {
 
 pub struct RewardObjective {
     pub pairs: Vec<PairExample>,
-}
-
-fn full(prompt: &[i32], completion: &[i32]) -> Vec<i32> {
-    [prompt, completion].concat()
 }
 
 impl Objective for RewardObjective {
@@ -116,9 +125,12 @@ impl Objective for RewardObjective {
 pub fn evaluate(model: &Model, pairs: &[PairExample], micro: usize) -> Result<(f64, f64)> {
     let (mut correct, mut margin) = (0usize, 0.0f64);
     for chunk in pairs.chunks(micro.max(1)) {
-        let mut seqs: Vec<Vec<i32>> = chunk.iter().map(|p| full(&p.prompt, &p.chosen)).collect();
-        seqs.extend(chunk.iter().map(|p| full(&p.prompt, &p.rejected)));
-        let r = sequence_rewards(model, &seqs)?;
+        let mut seqs: Vec<(&[i32], &[i32])> = chunk
+            .iter()
+            .map(|p| (&p.prompt[..], &p.chosen[..]))
+            .collect();
+        seqs.extend(chunk.iter().map(|p| (&p.prompt[..], &p.rejected[..])));
+        let r = response_rewards(model, &seqs)?;
         for k in 0..chunk.len() {
             correct += usize::from(r[k] > r[chunk.len() + k]);
             margin += (r[k] - r[chunk.len() + k]) as f64;
