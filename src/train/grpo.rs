@@ -224,7 +224,11 @@ pub fn train(a: &GrpoArgs) -> Result<RunSummary> {
     let (mut policy, tok) = load_policy(t)?;
     let device = policy.device.clone();
     let scorer = match (&a.reward_model, a.reward_rule) {
-        (Some(dir), None) => Scorer::Model(Box::new(Model::load(dir, &device)?)),
+        (Some(dir), None) => {
+            let mut rm = Model::load(dir, &device)?;
+            rm.share_prompts = policy.share_prompts;
+            Scorer::Model(Box::new(rm))
+        }
         (None, Some(rule)) => Scorer::Rule(rule, &tok),
         _ => {
             return Err(Error::Unsupported {

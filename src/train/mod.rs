@@ -96,7 +96,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub recompute: bool,
     /// Run each sequence's prompt on its own instead of once for the sequences that share it
-    /// (chosen and rejected of a pair, a GRPO group): the same losses up to rounding, more work.
+    /// (chosen and rejected of a pair, a GRPO group, in training and in GRPO's reward-model
+    /// scoring): the same losses up to rounding, more work.
     #[arg(long)]
     pub no_shared_prompts: bool,
     /// No progress bar (metrics still go to metrics.jsonl).
