@@ -190,6 +190,9 @@ impl Model {
         let fixed_steps = self.device.is_cuda();
         let mut recorded: Option<Option<DecodeGraph>> = None;
         let mut next: Vec<Vec<i32>> = prompts.to_vec();
+        // Identical prompts (a GRPO group, the labeller's samples) run once: the others copy the
+        // first one's cache rows and its first logits, which is what their own run would give.
+        let owners = prompt_owners(prompts, self.share_prompts);
         // On a GPU the plain and greedy rules run on the device; top-k and top-p on the host.
         let on_device =
             matches!(self.device, Device::Cuda(_)) && !opts.filtered() && device_sampling();
@@ -223,6 +226,24 @@ impl Model {
                     let step_draws = if on_device { &draws[..] } else { &[] };
                     let o = self.decode_step(graph, &tokens, step_draws, &mut cache)?;
                     (o.logits, o.sampled)
+                }
+                _ if step == 0 && owners.is_some() => {
+                    let owners = owners.as_deref().unwrap_or_default();
+                    let first: Vec<Vec<i32>> = (0..next.len())
+                        .map(|b| {
+                            if owners[b] == b {
+                                next[b].clone()
+                            } else {
+                                Vec::new()
+                            }
+                        })
+                        .collect();
+                    let (hidden, ran) = self.forward_cached(&first, &mut cache)?;
+                    cache.copy_sequences(owners)?;
+                    let row_of = |b: usize| ran.iter().position(|&r| r == owners[b]);
+                    let rows: Vec<usize> = seqs.iter().filter_map(|&b| row_of(b)).collect();
+                    eager = self.logits_rows_tensor(&hidden, &rows)?;
+                    (&eager, None)
                 }
                 _ => {
                     let (hidden, ran) = self.forward_cached(&next, &mut cache)?;
@@ -278,6 +299,18 @@ impl Model {
         }
         Ok(out)
     }
+}
+
+/// For each prompt, the first prompt identical to it, where any two are identical and `share`.
+fn prompt_owners(prompts: &[Vec<i32>], share: bool) -> Option<Vec<usize>> {
+    let mut first: std::collections::HashMap<&[i32], usize> = Default::default();
+    let owners: Vec<usize> = prompts
+        .iter()
+        .enumerate()
+        .map(|(b, p)| *first.entry(p.as_slice()).or_insert(b))
+        .collect();
+    let repeats = owners.iter().enumerate().any(|(b, &o)| o != b);
+    (share && repeats).then_some(owners)
 }
 
 static DECODE_GRAPHS: AtomicU8 = AtomicU8::new(0);

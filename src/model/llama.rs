@@ -920,6 +920,34 @@ impl KvCache {
         AttnBatch::cached(q_lens, &k_start, &k_len, device)?.with_key_capacity(self.capacity)
     }
 
+    /// Sequence `owners[b]`'s cached rows copied to sequence b wherever they differ (b empty so
+    /// far): a prompt shared by several sequences, run once.
+    pub(crate) fn copy_sequences(&mut self, owners: &[usize]) -> Result<()> {
+        let (mut from, mut to) = (Vec::new(), Vec::new());
+        for (b, &o) in owners.iter().enumerate() {
+            if o == b {
+                continue;
+            }
+            let rows = 0..self.lens[o];
+            from.extend(rows.clone().map(|j| (o * self.capacity + j) as i32));
+            to.extend(rows.map(|j| (b * self.capacity + j) as i32));
+            self.lens[b] = self.lens[o];
+        }
+        let Some(device) = self.k.first().map(|t| t.device().clone()) else {
+            return Ok(());
+        };
+        if from.is_empty() {
+            return Ok(());
+        }
+        let from = Tensor::from_i32(&[from.len()], from, &device)?;
+        let to = Tensor::from_i32(&[to.len()], to, &device)?;
+        for (k, v) in self.k.iter_mut().zip(&mut self.v) {
+            let (ks, vs) = (embed_fwd(k, &from)?, embed_fwd(v, &from)?);
+            rows_store_pair(k, &ks, v, &vs, &to)?;
+        }
+        Ok(())
+    }
+
     /// Where a step's new rows go when sequence b takes `q_lens[b]` of them after what it holds:
     /// their positions and their cache rows, in row order. An error if a sequence has no room.
     fn place(&self, q_lens: &[usize]) -> Result<(Vec<i32>, Vec<i32>)> {
