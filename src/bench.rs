@@ -970,12 +970,13 @@ pub struct OnlineBench {
 }
 
 /// Times one rollout (`prompts` prompts of `prompt_len` tokens, `new_tokens` sampled each, no EOS;
-/// for GRPO in groups of `GRPO_BENCH_GROUP` on one prompt, which the update runs once a group) and
-/// its update: for PPO the policy and value forward+backward plus the reference and reward
+/// for GRPO in groups of `GRPO_BENCH_GROUP` on one prompt, which the prefill and the update run once
+/// a group unless `share_prompts` is off) and its update: for PPO the policy and value forward+backward plus the reference and reward
 /// forwards; for GRPO the policy forward+backward plus the reference forward. Random weights with
 /// `cfg`'s shape. On a GPU the rollout runs again with its decode steps launched op by op instead
 /// of replayed as graphs, and must sample the same tokens. With `profile`, a short generation and
 /// one more update under the op profiler.
+#[allow(clippy::too_many_arguments)]
 pub fn bench_online(
     device: &Device,
     cfg: &crate::model::LlamaConfig,
@@ -983,6 +984,7 @@ pub fn bench_online(
     prompts: usize,
     prompt_len: usize,
     new_tokens: usize,
+    share_prompts: bool,
     profile: bool,
 ) -> Result<OnlineBench> {
     use crate::model::generate::{decode_graphs, set_decode_graphs, GenerateOptions};
@@ -999,7 +1001,8 @@ pub fn bench_online(
             ),
         });
     }
-    let policy = Model::random(cfg, 1, device)?;
+    let mut policy = Model::random(cfg, 1, device)?;
+    policy.share_prompts = share_prompts;
     let reference = Model::random(cfg, 2, device)?;
     let mut vcfg = cfg.clone();
     vcfg.scalar_head = true;

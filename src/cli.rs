@@ -332,7 +332,8 @@ pub enum BenchCommand {
         #[arg(long)]
         profile: bool,
         /// dpo: time only the step in which chosen and rejected each run their prompt (by default
-        /// it is timed after the step that runs each pair's prompt once, for their ratio).
+        /// it is timed after the step that runs each pair's prompt once, for their ratio); grpo:
+        /// each response prefills and runs its prompt on its own, no ratio.
         #[arg(long)]
         no_shared_prompts: bool,
     },
@@ -586,8 +587,17 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     Some(dir) => crate::model::LlamaConfig::load(&dir.join("config.json"))?,
                     None => crate::model::LlamaConfig::smollm2_135m(),
                 };
-                // A rollout of `pairs` × 4 prompts (a GRPO step's 4 groups, or a PPO rollout), half of
-                // --seq-len prompt and half sampled.
+                if trainer == "ppo" && no_shared_prompts {
+                    return Err(crate::Error::Unsupported {
+                        op: "bench train",
+                        detail:
+                            "--no-shared-prompts does not apply to ppo: its rollout samples one \
+                                 response a prompt"
+                                .into(),
+                    });
+                }
+                // A rollout of `pairs` × 4 responses (GRPO: groups of 8 on one prompt; PPO: a
+                // prompt each), half of --seq-len prompt and half sampled.
                 let r = bench::bench_online(
                     &device,
                     &cfg,
@@ -595,6 +605,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     pairs * 4,
                     seq_len / 2,
                     seq_len / 2,
+                    !no_shared_prompts,
                     profile,
                 )?;
                 let sampler = if device.is_cuda() && crate::ops::sample::device_sampling() {

@@ -543,6 +543,24 @@ fn offline_options_on_the_command_line_are_refused() {
         err.contains("--no-shared-prompts does not apply to ppo"),
         "{err}"
     );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"))
+        .args([
+            "bench",
+            "train",
+            "--trainer",
+            "ppo",
+            "--device",
+            "cpu",
+            "--no-shared-prompts",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("--no-shared-prompts does not apply to ppo"),
+        "{err}"
+    );
 }
 
 /// Generating past the model's max_position_embeddings is allowed (rotary positions extrapolate, as

@@ -793,7 +793,7 @@ fn bench_sizes_of_zero_name_the_flag() {
     assert!(e.contains("--pairs"), "{e}");
     let e = bench_error(bench::bench_dpo_step(&cpu, &cfg, 1, 1, 1, true, false));
     assert!(e.contains("--seq-len"), "{e}");
-    let e = bench_error(bench::bench_online(&cpu, &cfg, true, 4, 0, 0, false));
+    let e = bench_error(bench::bench_online(&cpu, &cfg, true, 4, 0, 0, true, false));
     assert!(e.contains("--seq-len"), "{e}");
     let e = bench_error(bench::bench_attention(&cpu, 1, 8, 2, 2, 16, 0));
     assert!(e.contains("--reps"), "{e}");
