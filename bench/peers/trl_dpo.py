@@ -108,7 +108,10 @@ def main():
                              "--pairs", str(a.pairs), "--seq-len", str(a.seq_len)])
     for line in ours.splitlines():
         if "ms/step" in line:
-            print(f"ours vs peer: {ms / float(line.split()[0]):.2f}x tokens/s")
+            # Ours runs each pair's prompt once, then (the --no-shared-prompts line) every
+            # sequence whole, as the peer does.
+            how = " with every prompt on both sides" if "--no-shared-prompts" in line else ""
+            print(f"ours vs peer{how}: {ms / float(line.split()[0]):.2f}x tokens/s")
         gib = [float(w) for w in line.replace(",", " ").split() if w.replace(".", "", 1).isdigit()]
         if not (cuda and gib and "GiB" in line):
             continue

@@ -106,6 +106,9 @@ def main():
                   f"{float(words[0]) / gen_tps:.2f}x tokens/s")
         if line.startswith("training:") and "tokens/s" in line:
             print(f"ours vs peer: training {float(words[-2]) / train_tps:.2f}x tokens/s")
+        if "with every prompt run on its own" in line:
+            print(f"ours vs peer: training with every prompt run on its own (as the peer) "
+                  f"{float(words[0]) / train_tps:.2f}x tokens/s")
 
 
 if __name__ == "__main__":
