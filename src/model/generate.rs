@@ -242,6 +242,7 @@ impl Model {
                     cache.copy_sequences(owners)?;
                     let row_of = |b: usize| ran.iter().position(|&r| r == owners[b]);
                     let rows: Vec<usize> = seqs.iter().filter_map(|&b| row_of(b)).collect();
+                    debug_assert_eq!(rows.len(), seqs.len(), "every owner's prompt ran");
                     eager = self.logits_rows_tensor(&hidden, &rows)?;
                     (&eager, None)
                 }

@@ -1000,9 +1000,9 @@ impl ScoredBatch {
             let skip = prefix.map_or(0, |s| s.len);
             let base = tokens.len();
             let full: Vec<i32> = p.iter().chain(c.iter()).copied().collect();
-            // Token j of the whole sequence is row j - skip; row j predicts token j + 1: the
-            // completion's tokens are predicted by rows p-1 .. L-2, the prompt's after the first by
-            // rows 0 .. p-2.
+            // Token j of the whole sequence (its row is base + j - skip) predicts token j + 1: the
+            // completion's tokens are predicted by tokens p-1 .. L-2, the prompt's after the first
+            // by tokens 0 .. p-2.
             let first = if scores_prompt { 0 } else { p.len().max(1) - 1 };
             for j in skip..full.len() {
                 targets.push(if j >= first && j + 1 < full.len() {
