@@ -528,15 +528,20 @@ __device__ __forceinline__ void flash_fwd_store(bf16* __restrict__ out, float* _
     }
 }
 
-// Which keys (of one kv head; ROWS from j0) a dK/dV block owns, in a packed batch.
+// Which keys (of one kv head; ROWS from j0) a dK/dV block owns, in a packed batch, and the
+// sequence's first live query row: rows before it (a shared prompt repeated in a sequence that reads
+// it, whose outputs are dropped) have a zero output gradient, so they add nothing to dK or dV, and
+// their dQ is unused; `live_from` is null where every row is live.
 struct FlashBwdTile {
-    int j0, g, group, q_begin, len, nk;
+    int j0, g, group, q_begin, len, nk, live;
 };
 
 template <int ROWS = FLASH_TILE>
-__device__ __forceinline__ FlashBwdTile flash_bwd_tile(const int* cu_q, const int* tiles, int H, int KV) {
+__device__ __forceinline__ FlashBwdTile flash_bwd_tile(const int* cu_q, const int* tiles, const int* live_from,
+                                                       int H, int KV) {
     FlashBwdTile t;
     const int b = tiles[2 * blockIdx.x];
+    t.live = live_from ? live_from[b] : 0;
     t.j0 = tiles[2 * blockIdx.x + 1];
     t.g = blockIdx.y;
     t.group = H / KV;
@@ -858,7 +863,8 @@ __device__ void flash_bwd_dkv(bf16* __restrict__ dk, bf16* __restrict__ dv, floa
                               const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                               const bf16* __restrict__ dout, const float* __restrict__ lse,
                               const float* __restrict__ delta, const int* __restrict__ cu_q,
-                              const int* __restrict__ tiles, int H, int KV, float scale) {
+                              const int* __restrict__ tiles, const int* __restrict__ live_from, int H, int KV,
+                              float scale) {
     constexpr int STRIDE = D + FLASH_PAD, QT = FLASH_BWD_QTILE, NT = QT / 8, DT = D / 8;
     DYNAMIC_SMEM(unsigned char, flash_smem);
     bf16* ks = reinterpret_cast<bf16*>(flash_smem);  // [64][STRIDE]
@@ -872,7 +878,7 @@ __device__ void flash_bwd_dkv(bf16* __restrict__ dk, bf16* __restrict__ dv, floa
     // ATOMIC_DQ: scale · dSᵀ of the current tile in bf16, [64 keys][QT + pad].
     constexpr int DS_STRIDE = QT + FLASH_PAD;
     bf16* dss = reinterpret_cast<bf16*>(dlts0 + 2 * QT);
-    const FlashBwdTile bt = flash_bwd_tile(cu_q, tiles, H, KV);
+    const FlashBwdTile bt = flash_bwd_tile(cu_q, tiles, live_from, H, KV);
     const int j0 = bt.j0, g = bt.g, group = bt.group, q_begin = bt.q_begin, len = bt.len, nk = bt.nk;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const size_t kv_stride = (size_t)KV * D, q_stride = (size_t)H * D;
@@ -890,7 +896,9 @@ __device__ void flash_bwd_dkv(bf16* __restrict__ dk, bf16* __restrict__ dv, floa
     const int key_a = j0 + warp * 16 + (lane >> 2);
 
     // Query tiles from the one holding j0 to the sequence's end, for each query head of the group.
-    const int i_first = (j0 / QT) * QT;
+    // (Past the sequence's dead rows: masking is per element, so a later first tile needs nothing
+    // else.)
+    const int i_first = max(j0 / QT, bt.live / QT) * QT;
     const int per_head = (len - i_first + QT - 1) / QT;
     const int steps = group * per_head;
     auto load_q = [&](int it) {
@@ -1012,15 +1020,15 @@ __device__ void flash_bwd_dkv(bf16* __restrict__ dk, bf16* __restrict__ dv, floa
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 1)                                                 \
         flash_bwd_dkv_d##D(bf16* dk, bf16* dv, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,     \
-                           const float* lse, const float* delta, const int* cu_q, const int* tiles, int H,        \
-                           int KV, float scale) {                                                                 \
-        flash_bwd_dkv<D, false>(dk, dv, nullptr, q, k, v, dout, lse, delta, cu_q, tiles, H, KV, scale);           \
+                           const float* lse, const float* delta, const int* cu_q, const int* tiles,               \
+                           const int* live_from, int H, int KV, float scale) {                                    \
+        flash_bwd_dkv<D, false>(dk, dv, nullptr, q, k, v, dout, lse, delta, cu_q, tiles, live_from, H, KV, scale);\
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 1)                                                 \
         flash_bwd_dkv_dq_d##D(bf16* dk, bf16* dv, float* dq_acc, const bf16* q, const bf16* k, const bf16* v,     \
                               const bf16* dout, const float* lse, const float* delta, const int* cu_q,            \
-                              const int* tiles, int H, int KV, float scale) {                                     \
-        flash_bwd_dkv<D, true>(dk, dv, dq_acc, q, k, v, dout, lse, delta, cu_q, tiles, H, KV, scale);             \
+                              const int* tiles, const int* live_from, int H, int KV, float scale) {               \
+        flash_bwd_dkv<D, true>(dk, dv, dq_acc, q, k, v, dout, lse, delta, cu_q, tiles, live_from, H, KV, scale);  \
     }
 
 FLASH_INSTANTIATE(64)
@@ -1501,7 +1509,8 @@ __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, f
                                  const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                                  const bf16* __restrict__ dout, const float* __restrict__ lse,
                                  const float* __restrict__ delta, const int* __restrict__ cu_q,
-                                 const int* __restrict__ tiles, int H, int KV, float scale) {
+                                 const int* __restrict__ tiles, const int* __restrict__ live_from, int H, int KV,
+                                 float scale) {
 #ifdef HOPPER_WGMMA
     constexpr int QT = FLASH_TILE, NT = QT / 8, DT = D / 8, TILE_BYTES = FLASH_TILE * D * 2;
     constexpr int KEYS = FLASH_TILE * WGS, THREADS = FLASH_THREADS * WGS;
@@ -1521,7 +1530,7 @@ __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, f
     auto kt_block = [&](int w) { return ds_block(WGS) + w * HOPPER_BLOCK_BYTES; };
     float* lse2s0 = reinterpret_cast<float*>(flash_smem + (kt_block(KT_COPY ? WGS : 0) - smem_u32(flash_smem)));
     float* dlts0 = lse2s0 + 2 * QT;
-    const FlashBwdTile bt = flash_bwd_tile<KEYS>(cu_q, tiles, H, KV);
+    const FlashBwdTile bt = flash_bwd_tile<KEYS>(cu_q, tiles, live_from, H, KV);
     const int j0 = bt.j0, g = bt.g, group = bt.group, q_begin = bt.q_begin, len = bt.len, nk = bt.nk;
     const int warp = wt >> 5, lane = wt & 31;
     const size_t kv_stride = (size_t)KV * D, q_stride = (size_t)H * D;
@@ -1540,10 +1549,12 @@ __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, f
     const int key_a = jw + warp * 16 + (lane >> 2);
 
     // Query tiles from the one holding j0 (a multiple of KEYS) to the end, for each query head.
-    const int per_head = (len - j0 + QT - 1) / QT;
+    // (Past the sequence's dead rows, as flash_bwd_dkv.)
+    const int i_first = max(j0, bt.live / QT * QT);
+    const int per_head = (len - i_first + QT - 1) / QT;
     const int steps = group * per_head;
     auto load_q = [&](int it) {
-        const int h = g * group + it / per_head, i0 = j0 + (it % per_head) * QT;
+        const int h = g * group + it / per_head, i0 = i_first + (it % per_head) * QT;
         const int nq = min(QT, len - i0), stage = it & 1;
         hopper_load_tile<D, QT, THREADS>(qs(stage), q + (size_t)q_begin * q_stride + h * D, q_stride, i0, nq);
         hopper_load_tile<D, QT, THREADS>(dos(stage), dout + (size_t)q_begin * q_stride + h * D, q_stride, i0, nq);
@@ -1552,7 +1563,7 @@ __device__ void flash_bwd_hopper(bf16* __restrict__ dk, bf16* __restrict__ dv, f
     load_q(0);
     cp_async_commit();
     for (int it = 0; it < steps; ++it) {
-        const int h = g * group + it / per_head, i0 = j0 + (it % per_head) * QT, stage = it & 1;
+        const int h = g * group + it / per_head, i0 = i_first + (it % per_head) * QT, stage = it & 1;
         // Stage `it` landed; every thread is past iteration it - 1 (its stage, and dSᵀ, are free).
         cp_async_wait<0>();
         fence_proxy_async();
@@ -1790,14 +1801,18 @@ __device__ void flash_bwd_dq_hopper(bf16* __restrict__ dq, const bf16* __restric
     extern "C" __global__ void __launch_bounds__(FLASH_THREADS * WGS, 1)                                           \
         flash_bwd_hopper##SUFFIX##_d##D(bf16* dk, bf16* dv, float* dq_acc, const bf16* q, const bf16* k,           \
                                         const bf16* v, const bf16* dout, const float* lse, const float* delta,     \
-                                        const int* cu_q, const int* tiles, int H, int KV, float scale) {           \
-        flash_bwd_hopper<D, true, WGS>(dk, dv, dq_acc, q, k, v, dout, lse, delta, cu_q, tiles, H, KV, scale);      \
+                                        const int* cu_q, const int* tiles, const int* live_from, int H, int KV,    \
+                                        float scale) {                                                             \
+        flash_bwd_hopper<D, true, WGS>(dk, dv, dq_acc, q, k, v, dout, lse, delta, cu_q, tiles, live_from, H, KV,   \
+                                       scale);                                                                     \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(FLASH_THREADS * WGS, 1)                                           \
         flash_bwd_dkv_hopper##SUFFIX##_d##D(bf16* dk, bf16* dv, const bf16* q, const bf16* k, const bf16* v,       \
                                             const bf16* dout, const float* lse, const float* delta,                \
-                                            const int* cu_q, const int* tiles, int H, int KV, float scale) {       \
-        flash_bwd_hopper<D, false, WGS>(dk, dv, nullptr, q, k, v, dout, lse, delta, cu_q, tiles, H, KV, scale);    \
+                                            const int* cu_q, const int* tiles, const int* live_from, int H, int KV, \
+                                            float scale) {                                                         \
+        flash_bwd_hopper<D, false, WGS>(dk, dv, nullptr, q, k, v, dout, lse, delta, cu_q, tiles, live_from, H, KV, \
+                                        scale);                                                                    \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(FLASH_THREADS * WGS, 1)                                           \
         flash_bwd_dq_hopper##SUFFIX##_d##D(bf16* dq, const bf16* q, const bf16* k, const bf16* v,                  \

@@ -260,6 +260,23 @@ fn forward_flops_count_the_visible_pairs() {
     // One new row against 100 cached keys sees them all; two new rows see 99 and 100.
     let cached = AttnBatch::cached(&[1, 2], &[0, 200], &[100, 100], &Device::Cpu).unwrap();
     assert_eq!(cached.forward_flops(hd), per_pair * (100.0 + 99.0 + 100.0));
+    // Dead rows (a shared prompt's repeats) count nothing: the first two of three see 1 + 2 keys.
+    let live = packed.with_live_from(&[2, 0]).unwrap();
+    assert_eq!(live.forward_flops(hd), per_pair * (3.0 + 15.0));
+    // A sequence must keep a live row; the list must cover the sequences of a packed batch.
+    let packed = || AttnBatch::packed(&[3, 5], &Device::Cpu).unwrap();
+    for (rows, want) in [
+        (vec![3, 0], "sequence 0: first live row 3 of 3 rows"),
+        (
+            vec![1],
+            "1 first live rows for a packed batch of 2 sequences",
+        ),
+    ] {
+        let err = packed().with_live_from(&rows).err().unwrap().to_string();
+        assert!(err.contains(want), "{err}");
+    }
+    let err = cached.with_live_from(&[0, 0]).err().unwrap().to_string();
+    assert!(err.contains("for a KV-cache batch"), "{err}");
 }
 
 #[test]
@@ -378,6 +395,23 @@ fn a_cache_with_a_capacity_keeps_one_decode_plan_as_it_fills() {
         .with_key_capacity(9)
         .is_err());
 }
+
+/// q, k, v and an output gradient for `n` rows, normal and rounded to bf16 (exact in either dtype).
+fn bf16_inputs(rng: &mut Rng, n: usize, hd: Heads) -> [Vec<f32>; 4] {
+    let (qw, kw) = (hd.heads * hd.head_dim, hd.kv_heads * hd.head_dim);
+    [qw, kw, kw, qw].map(|w| round_bf16(&rng.normal_vec(n * w, 1.0)))
+}
+
+/// Every flash path: the default kernels (wgmma on Hopper), one-warpgroup Hopper blocks and
+/// mma.sync, each with the fast and the deterministic backward.
+const FLASH_PATHS: [(AttnKernel, bool); 6] = [
+    (AttnKernel::Auto, false),
+    (AttnKernel::Auto, true),
+    (AttnKernel::Narrow, false),
+    (AttnKernel::Narrow, true),
+    (AttnKernel::Mma, false),
+    (AttnKernel::Mma, true),
+];
 
 /// CUDA against the CPU reference on one packed batch, with every kernel choice and both flash
 /// backward modes; the decode path (the last `decode_rows` rows of each sequence as queries against
@@ -613,10 +647,7 @@ cuda_test! {
         for head_dim in [64usize, 128] {
             let hd = Heads { heads: 6, kv_heads: 2, head_dim };
             let (qw, kw) = (hd.heads * head_dim, hd.kv_heads * head_dim);
-            let q = round_bf16(&rng.normal_vec(n * qw, 1.0));
-            let k = round_bf16(&rng.normal_vec(n * kw, 1.0));
-            let v = round_bf16(&rng.normal_vec(n * kw, 1.0));
-            let g = round_bf16(&rng.normal_vec(n * qw, 1.0));
+            let [q, k, v, g] = bf16_inputs(&mut rng, n, hd);
             let scale = 1.0 / (head_dim as f32).sqrt();
             let cpu = AttnBatch::packed(&lens, &Device::Cpu).unwrap();
             let t = |x: &[f32], w: usize, d: &Device, dt: DType| {
@@ -651,14 +682,7 @@ cuda_test! {
                     .map(|(x, y)| if x.is_finite() { (x - y).abs() as f64 } else { f64::INFINITY })
                     .fold(0.0f64, f64::max)
             };
-            for (kernel, deterministic) in [
-                (AttnKernel::Auto, false),
-                (AttnKernel::Auto, true),
-                (AttnKernel::Narrow, false),
-                (AttnKernel::Narrow, true),
-                (AttnKernel::Mma, false),
-                (AttnKernel::Mma, true),
-            ] {
+            for (kernel, deterministic) in FLASH_PATHS {
                 let batch = AttnBatch::packed(&lens, &dev)
                     .unwrap()
                     .with_kernel(kernel)
@@ -699,5 +723,89 @@ cuda_test! {
             }
         }
         assert!(failures.is_empty(), "flash paths off the reference:\n{}", failures.join("\n"));
+    }
+}
+
+cuda_test! {
+    fn cuda_dead_rows_are_skipped_on_every_flash_path(dev) {
+        // Leading rows of a sequence marked dead (`with_live_from`: a shared prompt repeated in a
+        // sequence that reads it): two whole 64-row tiles and part of a third in the first
+        // sequence, none in the second, one tile and a row in the third; their output gradients
+        // zero. The forward skips the dead tiles and must still give every live row's output and
+        // lse; the backward (fed, as the model does, a forward of every row for out and lse) must
+        // give every key's dK and dV and every live row's dQ: all against the CPU reference on
+        // every flash path, by the bf16 rule of cuda_every_flash_path_reported_together.
+        let mut rng = Rng::new(fresh_seed("attention cuda_dead_rows_are_skipped_on_every_flash_path"));
+        let lens = [200usize, 70, 150];
+        let live = [130usize, 0, 65];
+        let n: usize = lens.iter().sum();
+        let offsets: Vec<usize> = std::iter::once(0).chain(lens.iter().scan(0, |a, &l| { *a += l; Some(*a) })).collect();
+        let dead = |r: usize| (0..lens.len()).any(|b| r >= offsets[b] && r < offsets[b] + live[b]);
+        let mut failures = Vec::new();
+        for head_dim in [64usize, 128] {
+            let hd = Heads { heads: 6, kv_heads: 2, head_dim };
+            let (qw, kw) = (hd.heads * head_dim, hd.kv_heads * head_dim);
+            let [q, k, v, mut g] = bf16_inputs(&mut rng, n, hd);
+            for r in (0..n).filter(|&r| dead(r)) {
+                g[r * qw..(r + 1) * qw].fill(0.0);
+            }
+            let scale = 1.0 / (head_dim as f32).sqrt();
+            let t = |x: &[f32], w: usize, d: &Device, dt: DType| Tensor::from_f32_as(&[n, w], x, dt, d).unwrap();
+            let cpu = AttnBatch::packed(&lens, &Device::Cpu).unwrap();
+            let f32s = |x: &[f32], w: usize| t(x, w, &Device::Cpu, DType::F32);
+            let (o, l) = attention_fwd(&f32s(&q, qw), &f32s(&k, kw), &f32s(&v, kw), &cpu, hd, scale).unwrap();
+            let (dq, dk, dv) =
+                attention_bwd(&f32s(&g, qw), &f32s(&q, qw), &f32s(&k, kw), &f32s(&v, kw), &o, &l, &cpu, hd, scale).unwrap();
+            let want = [&o, &dq, &dk, &dv].map(|x| x.to_f32_vec().unwrap());
+            let lowp = attention_bf16_eager(&q, &k, &v, &g, &lens, hd, scale);
+            // Live rows only for out and dq (widths qw); every row for dk and dv.
+            let max_err = |a: &[f32], b: &[f32], w: usize, rows_live_only: bool| {
+                (0..n)
+                    .filter(|&r| !(rows_live_only && dead(r)))
+                    .flat_map(|r| r * w..(r + 1) * w)
+                    .map(|i| if a[i].is_finite() { (a[i] - b[i]).abs() as f64 } else { f64::INFINITY })
+                    .fold(0.0f64, f64::max)
+            };
+            for (kernel, deterministic) in FLASH_PATHS {
+                let all = AttnBatch::packed(&lens, &dev).unwrap().with_kernel(kernel).with_deterministic(deterministic);
+                let batch = AttnBatch::packed(&lens, &dev)
+                    .unwrap()
+                    .with_kernel(kernel)
+                    .with_deterministic(deterministic)
+                    .with_live_from(&live)
+                    .unwrap();
+                let (qt, kt, vt, gt) = (
+                    t(&q, qw, &dev, DType::BF16),
+                    t(&k, kw, &dev, DType::BF16),
+                    t(&v, kw, &dev, DType::BF16),
+                    t(&g, qw, &dev, DType::BF16),
+                );
+                let path = format!("D{head_dim} {kernel:?} deterministic {deterministic}");
+                let got = attention_fwd(&qt, &kt, &vt, &batch, hd, scale).and_then(|(o_live, _)| {
+                    let (o, l) = attention_fwd(&qt, &kt, &vt, &all, hd, scale)?;
+                    let (dq, dk, dv) = attention_bwd(&gt, &qt, &kt, &vt, &o, &l, &batch, hd, scale)?;
+                    [&o_live, &dq, &dk, &dv].map(|x| x.to_f32_vec()).into_iter().collect::<Result<Vec<_>, _>>()
+                });
+                let got = match got {
+                    Ok(got) => got,
+                    Err(e) => {
+                        failures.push(format!("{path}: {e}"));
+                        continue;
+                    }
+                };
+                for (i, (name, w, live_only)) in
+                    [("out", qw, true), ("dq", qw, true), ("dk", kw, false), ("dv", kw, false)].into_iter().enumerate()
+                {
+                    let err = max_err(&got[i], &want[i], w, live_only);
+                    let bar = 2.0 * max_err(&lowp[i], &want[i], w, live_only) + 1e-4;
+                    let verdict = if err <= bar { "ok" } else { "FAIL" };
+                    println!("DEAD|{path} {name}: max error {err:.3e}, bar {bar:.3e} {verdict}");
+                    if err > bar {
+                        failures.push(format!("{path} {name}: max error {err:.3e} over {bar:.3e}"));
+                    }
+                }
+            }
+        }
+        assert!(failures.is_empty(), "flash paths with dead rows off the reference:\n{}", failures.join("\n"));
     }
 }

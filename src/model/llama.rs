@@ -274,8 +274,9 @@ impl Activations {
 /// Where sequences share prefixes (see [`SharedPrefix`]): attention runs on rows that repeat each
 /// shared prefix in every sequence reading it, gathered from the batch's rows, and its results
 /// come back to the batch rows (each row's own copy forward; the sum of every copy's gradient
-/// backward, in a fixed order). The repeated prefix rows' queries do work whose results are
-/// dropped (their output gradient is zero), which keeps the packed flash kernels as they are.
+/// backward, in a fixed order). The repeated rows are dead query rows of the packed batch
+/// (`AttnBatch::with_live_from`): their outputs are dropped and their output gradients zero, so
+/// the flash kernels skip their whole query tiles; their keys and values are read as usual.
 struct SharedRows {
     /// `[Nv]`: the batch row each attention row copies.
     expand: Tensor,
@@ -579,7 +580,10 @@ impl Model {
             expand: Tensor::from_i32(&[expand.len()], as_i32(expand), dev)?,
             own: Tensor::from_i32(&[n], as_i32(own), dev)?,
         };
-        let attn = AttnBatch::packed(&lens, dev)?;
+        // The repeated prefix rows are dead: their outputs are dropped and their output gradients
+        // zero, so the flash kernels skip their query tiles.
+        let dead: Vec<usize> = (0..lens.len()).map(|i| batch.prefix_len(i)).collect();
+        let attn = AttnBatch::packed(&lens, dev)?.with_live_from(&dead)?;
         Ok((ids, positions, attn, Some(shared)))
     }
 

@@ -44,7 +44,24 @@ pub struct AttnBatch {
     /// `[tiles, 2]` (sequence, first local query row) of every 64-row query tile, for the flash
     /// kernels: packed batches of any lengths cost no padding beyond each sequence's last tile.
     tiles: Vec<i32>,
+    /// Per sequence of a packed batch, its first live query row, where some are dead (see
+    /// `with_live_from`).
+    live_from: Option<LiveRows>,
     dev: Option<DeviceTables>,
+}
+
+/// A packed batch's dead query rows: `from[b]` rows at the start of sequence b whose outputs the
+/// caller drops and whose output gradients are zero (a shared prompt repeated in every sequence
+/// that reads it). The flash forward skips query tiles wholly inside them, and the flash dK/dV
+/// kernels start each sequence's query loop at the tile holding its first live row.
+struct LiveRows {
+    /// Dead rows at the start of each sequence.
+    dead: Vec<usize>,
+    /// The forward's query-tile lists without the dead tiles, 64 and 128 rows (host).
+    tiles: Vec<i32>,
+    wide_tiles: Vec<i32>,
+    /// The first live rows, and the two lists, on the device (a CUDA batch).
+    dev: Option<(Tensor, Tensor, Tensor)>,
 }
 
 /// A CUDA batch's tables on the device.
@@ -256,8 +273,114 @@ impl AttnBatch {
             deterministic: deterministic(),
             key_capacity: None,
             tiles,
+            live_from: None,
             dev,
         })
+    }
+
+    /// This packed batch with the first `live[b]` rows of sequence b dead: their outputs are
+    /// dropped and their output gradients must be zero, so the flash kernels may skip them (what
+    /// the forward writes there is unspecified); dK and dV are what all rows would give. The
+    /// backward still reads `out` and `lse` on dead rows that share a tile with live ones, so it
+    /// needs there what a forward of every row gives (the model passes copies of the rows the dead
+    /// ones repeat). Each sequence keeps a live row.
+    pub fn with_live_from(mut self, live: &[usize]) -> Result<AttnBatch> {
+        let lens: Vec<usize> = self
+            .cu_q
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as usize)
+            .collect();
+        if !self.packed || live.len() != lens.len() {
+            return Err(Error::shape(
+                OP_FWD,
+                format!(
+                    "{} first live rows for a {} batch of {} sequences",
+                    live.len(),
+                    if self.packed { "packed" } else { "KV-cache" },
+                    lens.len()
+                ),
+            ));
+        }
+        if let Some(b) = (0..lens.len()).find(|&b| live[b] >= lens[b]) {
+            return Err(Error::shape(
+                OP_FWD,
+                format!(
+                    "sequence {b}: first live row {} of {} rows",
+                    live[b], lens[b]
+                ),
+            ));
+        }
+        let from: Vec<i32> = live.iter().map(|&l| l as i32).collect();
+        let keep = |rows: usize| -> Vec<i32> {
+            query_tiles(&self.cu_q, rows)
+                .chunks(2)
+                .filter(|t| (t[1] as usize + rows) > live[t[0] as usize])
+                .flatten()
+                .copied()
+                .collect()
+        };
+        let (tiles, wide_tiles) = (keep(FLASH_TILE), keep(HOPPER_ROWS));
+        let dev = match &self.dev {
+            None => None,
+            Some(t) => {
+                let d = t.cu_q.device();
+                Some((
+                    Tensor::from_i32(&[from.len()], from.clone(), d)?,
+                    Tensor::from_i32(&[tiles.len()], tiles.clone(), d)?,
+                    Tensor::from_i32(&[wide_tiles.len()], wide_tiles.clone(), d)?,
+                ))
+            }
+        };
+        self.live_from = Some(LiveRows {
+            dead: live.to_vec(),
+            tiles,
+            wide_tiles,
+            dev,
+        });
+        Ok(self)
+    }
+
+    /// The forward's query tiles (128-row ones if `wide`) on the device and their count: without
+    /// the dead tiles where the batch has some.
+    fn forward_tiles(&self, op: &'static str, wide: bool) -> Result<(&Tensor, usize)> {
+        match &self.live_from {
+            None => {
+                let count = if wide {
+                    self.wide_tile_count()
+                } else {
+                    self.tile_count()
+                };
+                Ok((self.device_tiles(op, wide)?, count))
+            }
+            Some(live) => {
+                let (_, tiles, wide_tiles) =
+                    live.dev.as_ref().ok_or_else(|| Error::DeviceMismatch {
+                        op,
+                        detail: "the batch was built for the CPU".into(),
+                    })?;
+                let (t, n) = if wide {
+                    (wide_tiles, live.wide_tiles.len())
+                } else {
+                    (tiles, live.tiles.len())
+                };
+                Ok((t, n / 2))
+            }
+        }
+    }
+
+    /// The device table of first live rows, for the dK/dV kernels (null where all rows live).
+    fn device_live_from(&self, op: &'static str) -> Result<Option<&Tensor>> {
+        match &self.live_from {
+            None => Ok(None),
+            Some(live) => live
+                .dev
+                .as_ref()
+                .map(|(from, _, _)| Some(from))
+                .ok_or_else(|| Error::DeviceMismatch {
+                    op,
+                    detail: "the batch was built for the CPU".into(),
+                }),
+        }
     }
 
     /// The device copies of the tables, for `op`'s launch; an error if the batch is a CPU one.
@@ -380,15 +503,18 @@ impl AttnBatch {
     }
 
     /// Matrix-product FLOPs of the forward: 4·D per (query, visible key) pair and head (Q·Kᵀ and
-    /// P·V), causal bottom-right as the kernels run it.
+    /// P·V), causal bottom-right as the kernels run it; dead query rows (`with_live_from`) count
+    /// nothing.
     pub fn forward_flops(&self, hd: Heads) -> f64 {
+        let dead = |b: usize| self.live_from.as_ref().map_or(0.0, |l| l.dead[b] as f64);
         let pairs: f64 = self
             .cu_q
             .windows(2)
             .zip(&self.k_len)
-            .map(|(w, &k)| {
-                let (q, k) = ((w[1] - w[0]) as f64, k as f64);
-                q * (k - q) + q * (q + 1.0) / 2.0
+            .enumerate()
+            .map(|(b, (w, &k))| {
+                let (q, k, d) = ((w[1] - w[0]) as f64, k as f64, dead(b));
+                q * (k - q) + q * (q + 1.0) / 2.0 - d * (d + 1.0) / 2.0
             })
             .sum();
         4.0 * (hd.heads * hd.head_dim) as f64 * pairs
@@ -1064,30 +1190,27 @@ fn flash_fwd_cuda(
     let (cu, ks, kl) = (&tables.cu_q, &tables.k_start, &tables.k_len);
     let hopper = dev.is_hopper() && batch.kernel.wgmma();
     let wide = hopper && batch.kernel != AttnKernel::Narrow;
-    let tiles = batch.device_tiles(OP_FWD, wide)?;
+    let (tiles, blocks) = batch.forward_tiles(OP_FWD, wide)?;
     let (h, kv) = (hd.heads as i32, hd.kv_heads as i32);
     // The Hopper kernels: a Q tile per warpgroup and two stages of K and V, unpadded (swizzled),
     // and 1 KiB to align them to 1,024 bytes.
     let hopper_smem = |wgs: usize| (wgs + 4) * FLASH_TILE * hd.head_dim * 2 + 1024;
-    let (name, smem, blocks, threads) = if wide {
+    let (name, smem, threads) = if wide {
         (
             Flash::FwdHopper.name(hd.head_dim),
             hopper_smem(HOPPER_ROWS / FLASH_TILE),
-            batch.wide_tile_count(),
             HOPPER_THREADS,
         )
     } else if hopper {
         (
             Flash::FwdHopperNarrow.name(hd.head_dim),
             hopper_smem(1),
-            batch.tile_count(),
             FLASH_THREADS,
         )
     } else {
         (
             Flash::Fwd.name(hd.head_dim),
             2 * FLASH_TILE * (hd.head_dim + FLASH_PAD) * 2,
-            batch.tile_count(),
             FLASH_THREADS,
         )
     };
@@ -1175,6 +1298,8 @@ fn flash_bwd_cuda(
         .transpose()?;
     let wide = hopper && !narrow;
     let tiles = batch.device_tiles(OP_BWD, wide)?;
+    let live_from = batch.device_live_from(OP_BWD)?;
+    let null = 0u64;
     let f = dev.function_with_shared("attention", name, smem, 0)?;
     let mut l = dev.stream().launch_builder(&f);
     l.arg(bf16::slice_mut(dk, OP_BWD)?)
@@ -1189,17 +1314,21 @@ fn flash_bwd_cuda(
         .arg(lse.cuda_f32(OP_BWD)?)
         .arg(delta.cuda_f32(OP_BWD)?)
         .arg(cu.cuda_i32(OP_BWD)?)
-        .arg(tiles.cuda_i32(OP_BWD)?)
-        .arg(&h)
-        .arg(&kv)
-        .arg(&scale);
+        .arg(tiles.cuda_i32(OP_BWD)?);
+    // Null where every row is live: the kernels then start at each key tile's own query tile.
+    match live_from {
+        Some(t) => l.arg(t.cuda_i32(OP_BWD)?),
+        None => l.arg(&null),
+    };
+    l.arg(&h).arg(&kv).arg(&scale);
     let (blocks, threads) = if wide {
         (batch.wide_tile_count(), HOPPER_THREADS)
     } else {
         (batch.tile_count(), FLASH_THREADS)
     };
     // SAFETY: a packed batch, so key tiles are the query tiles (128-row ones for the Hopper
-    // kernels); one block per (key tile, kv head), each writing only its own key rows of dk and dv
+    // kernels); live_from, where given, holds a row below its length for each sequence
+    // (`with_live_from`); one block per (key tile, kv head), each writing only its own key rows of dk and dv
     // and, in the fast kernels (whose extra argument dq_acc is), adding atomically into rows of
     // dq_acc, [Nq, H·D] f32 like q's shape. The Hopper kernel aligns its tiles inside the extra KiB
     // it is given.

@@ -378,9 +378,9 @@ const char* bwd_name(Bwd k) {
 }
 
 using DkvDqFn = void (*)(bf16*, bf16*, float*, const bf16*, const bf16*, const bf16*, const bf16*, const float*,
-                         const float*, const int*, const int*, int, int, float);
+                         const float*, const int*, const int*, const int*, int, int, float);
 using DkvFn = void (*)(bf16*, bf16*, const bf16*, const bf16*, const bf16*, const bf16*, const float*, const float*,
-                       const int*, const int*, int, int, float);
+                       const int*, const int*, const int*, int, int, float);
 using DqFn = void (*)(bf16*, const bf16*, const bf16*, const bf16*, const bf16*, const float*, const float*,
                           const int*, const int*, int, int, float);
 
@@ -446,7 +446,7 @@ void check_backward(const Problem& p, Bwd kind) {
                 const int smem = hopper ? hopper_dkv_smem : dkv_smem + kFlashTile * (kBwdQTile + kFlashPad) * 2;
                 ok = emu::launch(kv_grid, block, smem, mode, [&] {
                     fn(dk.data(), dv.data(), dq_acc.data(), p.q.data(), p.k.data(), p.v.data(), p.dout.data(),
-                       lse.data(), delta.data(), t.cu_q.data(), tiles.data(), H, KV, p.scale);
+                       lse.data(), delta.data(), t.cu_q.data(), tiles.data(), nullptr, H, KV, p.scale);
                 });
                 for (size_t i = 0; i < dq.size(); ++i) dq[i] = __float2bfloat16_rn(dq_acc[i]);
             } else {
@@ -459,7 +459,7 @@ void check_backward(const Problem& p, Bwd kind) {
                 const int dq_smem = hopper ? (2 * wgs + 4) * hopper_tile + 1024 : 4 * kBwdQTile * row_bytes;
                 ok = emu::launch(kv_grid, block, hopper ? hopper_dkv_smem : dkv_smem, mode, [&] {
                     dkv(dk.data(), dv.data(), p.q.data(), p.k.data(), p.v.data(), p.dout.data(), lse.data(),
-                        delta.data(), t.cu_q.data(), tiles.data(), H, KV, p.scale);
+                        delta.data(), t.cu_q.data(), tiles.data(), nullptr, H, KV, p.scale);
                 }) && emu::launch(q_grid, block, dq_smem, mode, [&] {
                     dqf(dq.data(), p.q.data(), p.k.data(), p.v.data(), p.dout.data(), lse.data(), delta.data(),
                         t.cu_q.data(), tiles.data(), H, KV, p.scale);
