@@ -776,23 +776,14 @@ pub fn bench_dpo_step(
         .transpose()?;
     // Policy forward, its backward (twice the forward) and the reference forward, as run: the
     // layers' GEMMs on the batch's rows (a shared prompt once), the LM head on the scored rows only
-    // (the completions' predictions), attention for every query row but a shared prompt's
-    // repeats (the flash kernels skip them; causal pairs of a sequence of n rows whose first p
-    // are such repeats: n(n+1)/2 - p(p+1)/2).
+    // (the completions' predictions), attention as the model lays it out (a shared prompt's
+    // repeated query rows skipped).
     let (layers, head) = cfg.token_flops();
     let scored = sb.targets.iter().filter(|&&t| t >= 0).count();
-    let pairs_run: f64 = sb
-        .batch
-        .full_lens()
-        .iter()
-        .zip(&sb.batch.seq_lens)
-        .map(|(&n, &own)| {
-            let (n, p) = (n as f64, (n - own) as f64);
-            n * (n + 1.0) / 2.0 - p * (p + 1.0) / 2.0
-        })
-        .sum();
-    // A sequence of one token has one causal pair.
-    let attention = cfg.attention_flops(1, 1) * pairs_run;
+    let attention = cfg.num_layers as f64
+        * sb.batch
+            .attention_batch(&Device::Cpu)?
+            .forward_flops(policy.heads());
     let flops = 4.0 * (layers * sb.batch.len() as f64 + head * scored as f64 + attention);
     Ok(TrainBench {
         tokens: sb.batch.unshared_len(),

@@ -495,35 +495,39 @@ fn online_options_out_of_range_are_refused() {
 
 /// ppo and grpo refuse the offline loop's options when given at all, even at their default value
 /// (which the trainers alone cannot tell from absent).
+/// `rlhf ARGS` exits with an error whose text holds `want`.
+fn refused_on_the_command_line(args: &[&str], want: &str) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"))
+        .args(args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "rlhf {args:?} ran");
+    assert!(err.contains(want), "{err}");
+}
+
 #[test]
 fn offline_options_on_the_command_line_are_refused() {
     for (trainer, extra) in [("ppo", "--reward-model"), ("grpo", "--reward-model")] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"))
-            .args([
-                trainer,
-                "--model",
-                "m",
-                "--data",
-                "d",
-                "--out",
-                "o",
-                extra,
-                "rm",
-                "--batch-size",
-                "8",
-            ])
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success());
-        assert!(
-            err.contains(&format!("--batch-size does not apply to {trainer}")),
-            "{err}"
-        );
+        let args = [
+            trainer,
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--out",
+            "o",
+            extra,
+            "rm",
+            "--batch-size",
+            "8",
+        ];
+        refused_on_the_command_line(&args, &format!("--batch-size does not apply to {trainer}"));
     }
     // PPO samples one response a prompt: no prompt to share.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"))
-        .args([
+    let want = "--no-shared-prompts does not apply to ppo";
+    refused_on_the_command_line(
+        &[
             "ppo",
             "--model",
             "m",
@@ -534,17 +538,11 @@ fn offline_options_on_the_command_line_are_refused() {
             "--reward-model",
             "rm",
             "--no-shared-prompts",
-        ])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        err.contains("--no-shared-prompts does not apply to ppo"),
-        "{err}"
+        ],
+        want,
     );
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"))
-        .args([
+    refused_on_the_command_line(
+        &[
             "bench",
             "train",
             "--trainer",
@@ -552,14 +550,8 @@ fn offline_options_on_the_command_line_are_refused() {
             "--device",
             "cpu",
             "--no-shared-prompts",
-        ])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        err.contains("--no-shared-prompts does not apply to ppo"),
-        "{err}"
+        ],
+        want,
     );
 }
 

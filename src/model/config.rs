@@ -482,7 +482,7 @@ impl LlamaConfig {
 
     /// Forward FLOPs of causal attention (QKᵀ and PV over the lower triangle) over `seqs`
     /// sequences of `len` tokens.
-    pub fn attention_flops(&self, seqs: usize, len: usize) -> f64 {
+    fn attention_flops(&self, seqs: usize, len: usize) -> f64 {
         let q = (self.num_heads * self.head_dim) as f64;
         self.num_layers as f64 * seqs as f64 * 2.0 * 2.0 * q * (len * (len + 1) / 2) as f64
     }

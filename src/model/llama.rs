@@ -77,11 +77,16 @@ impl Batch {
         self.shared.get(i).copied().flatten().map_or(0, |p| p.len)
     }
 
+    /// Each sequence's shared prefix length (0 where it shares none).
+    pub fn prefix_lens(&self) -> Vec<usize> {
+        (0..self.seq_lens.len())
+            .map(|i| self.prefix_len(i))
+            .collect()
+    }
+
     /// Tokens of the batch with every shared prefix repeated: what a trainer without sharing runs.
     pub fn unshared_len(&self) -> usize {
-        (0..self.seq_lens.len())
-            .map(|i| self.prefix_len(i) + self.seq_lens[i])
-            .sum()
+        self.full_lens().iter().sum()
     }
 
     /// Each sequence's whole length, its shared prefix included.
@@ -89,6 +94,16 @@ impl Batch {
         (0..self.seq_lens.len())
             .map(|i| self.prefix_len(i) + self.seq_lens[i])
             .collect()
+    }
+
+    /// The packed attention layout the model runs the batch with: every shared prefix repeated
+    /// in each sequence that reads it, the repeats dead query rows (`AttnBatch::with_live_from`).
+    pub fn attention_batch(&self, device: &Device) -> Result<AttnBatch> {
+        let packed = AttnBatch::packed(&self.full_lens(), device)?;
+        if self.shared.iter().all(Option::is_none) {
+            return Ok(packed);
+        }
+        packed.with_live_from(&self.prefix_lens())
     }
 
     /// The sharing is one the model can run: see [`SharedPrefix`].
@@ -133,10 +148,10 @@ impl Batch {
         Ok(())
     }
 
-    /// Where prefixes are shared, the attention layout with each repeated: per sequence its whole
-    /// length; per attention row the batch row it copies; per batch row its own attention row; per
-    /// batch row every attention row that copies it (its own first).
-    fn attention_rows(&self) -> (Vec<usize>, Vec<usize>, Vec<usize>, Vec<Vec<usize>>) {
+    /// Where prefixes are shared, the rows of `attention_batch`: per attention row the batch row it
+    /// copies; per batch row its own attention row; per batch row every attention row that copies
+    /// it (its own first).
+    fn attention_rows(&self) -> (Vec<usize>, Vec<usize>, Vec<Vec<usize>>) {
         let offsets = self.offsets();
         let mut expand = Vec::with_capacity(self.unshared_len());
         let mut own = vec![0; self.len()];
@@ -161,7 +176,7 @@ impl Batch {
                     .collect()
             })
             .collect();
-        (self.full_lens(), expand, own, groups)
+        (expand, own, groups)
     }
 
     pub fn len(&self) -> usize {
@@ -400,7 +415,7 @@ impl Model {
         Model::new(cfg, params, device.clone())
     }
 
-    fn heads(&self) -> Heads {
+    pub(crate) fn heads(&self) -> Heads {
         Heads {
             heads: self.cfg.num_heads,
             kv_heads: self.cfg.num_kv_heads,
@@ -569,21 +584,17 @@ impl Model {
         let dev = &self.device;
         let ids = Tensor::from_i32(&[n], batch.tokens.clone(), dev)?;
         let positions = Tensor::from_i32(&[n], batch.positions(), dev)?;
+        let attn = batch.attention_batch(dev)?;
         if batch.shared.iter().all(Option::is_none) {
-            let attn = AttnBatch::packed(&batch.seq_lens, dev)?;
             return Ok((ids, positions, attn, None));
         }
-        let (lens, expand, own, groups) = batch.attention_rows();
+        let (expand, own, groups) = batch.attention_rows();
         let as_i32 = |v: Vec<usize>| v.into_iter().map(|r| r as i32).collect::<Vec<i32>>();
         let shared = SharedRows {
             groups: RowGroups::new(&groups, expand.len(), dev)?,
             expand: Tensor::from_i32(&[expand.len()], as_i32(expand), dev)?,
             own: Tensor::from_i32(&[n], as_i32(own), dev)?,
         };
-        // The repeated prefix rows are dead: their outputs are dropped and their output gradients
-        // zero, so the flash kernels skip their query tiles.
-        let dead: Vec<usize> = (0..lens.len()).map(|i| batch.prefix_len(i)).collect();
-        let attn = AttnBatch::packed(&lens, dev)?.with_live_from(&dead)?;
         Ok((ids, positions, attn, Some(shared)))
     }
 

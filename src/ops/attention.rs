@@ -50,18 +50,17 @@ pub struct AttnBatch {
     dev: Option<DeviceTables>,
 }
 
-/// A packed batch's dead query rows: `from[b]` rows at the start of sequence b whose outputs the
+/// A packed batch's dead query rows: `dead[b]` rows at the start of sequence b whose outputs the
 /// caller drops and whose output gradients are zero (a shared prompt repeated in every sequence
 /// that reads it). The flash forward skips query tiles wholly inside them, and the flash dK/dV
 /// kernels start each sequence's query loop at the tile holding its first live row.
 struct LiveRows {
     /// Dead rows at the start of each sequence.
     dead: Vec<usize>,
-    /// The forward's query-tile lists without the dead tiles, 64 and 128 rows (host).
-    tiles: Vec<i32>,
-    wide_tiles: Vec<i32>,
-    /// The first live rows, and the two lists, on the device (a CUDA batch).
-    dev: Option<(Tensor, Tensor, Tensor)>,
+    /// The forward's query-tile counts without the dead tiles, of 64 and of 128 rows (their lists
+    /// are `DeviceTables::live`).
+    tiles: usize,
+    wide_tiles: usize,
 }
 
 /// A CUDA batch's tables on the device.
@@ -74,6 +73,9 @@ struct DeviceTables {
     /// never run one (decode steps, other GPUs) skip the copy.
     tiles: std::sync::OnceLock<Tensor>,
     wide_tiles: std::sync::OnceLock<Tensor>,
+    /// Where some query rows are dead (`AttnBatch::with_live_from`): the first live row of each
+    /// sequence, and the forward's query-tile lists of 64 and 128 rows without the dead tiles.
+    live: Option<(Tensor, Tensor, Tensor)>,
 }
 
 /// Query rows (and, in the backward, key rows) per flash-kernel block.
@@ -262,6 +264,7 @@ impl AttnBatch {
                 k_len: Tensor::from_i32(&[k_len.len()], k_len.clone(), device)?,
                 tiles: std::sync::OnceLock::new(),
                 wide_tiles: std::sync::OnceLock::new(),
+                live: None,
             }),
         };
         Ok(AttnBatch {
@@ -310,7 +313,6 @@ impl AttnBatch {
                 ),
             ));
         }
-        let from: Vec<i32> = live.iter().map(|&l| l as i32).collect();
         let keep = |rows: usize| -> Vec<i32> {
             query_tiles(&self.cu_q, rows)
                 .chunks(2)
@@ -320,67 +322,42 @@ impl AttnBatch {
                 .collect()
         };
         let (tiles, wide_tiles) = (keep(FLASH_TILE), keep(HOPPER_ROWS));
-        let dev = match &self.dev {
-            None => None,
-            Some(t) => {
-                let d = t.cu_q.device();
-                Some((
-                    Tensor::from_i32(&[from.len()], from.clone(), d)?,
-                    Tensor::from_i32(&[tiles.len()], tiles.clone(), d)?,
-                    Tensor::from_i32(&[wide_tiles.len()], wide_tiles.clone(), d)?,
-                ))
-            }
-        };
         self.live_from = Some(LiveRows {
             dead: live.to_vec(),
-            tiles,
-            wide_tiles,
-            dev,
+            tiles: tiles.len() / 2,
+            wide_tiles: wide_tiles.len() / 2,
         });
+        if let Some(t) = self.dev.as_mut() {
+            let d = t.cu_q.device().clone();
+            let from: Vec<i32> = live.iter().map(|&l| l as i32).collect();
+            t.live = Some((
+                Tensor::from_i32(&[from.len()], from, &d)?,
+                Tensor::from_i32(&[tiles.len()], tiles, &d)?,
+                Tensor::from_i32(&[wide_tiles.len()], wide_tiles, &d)?,
+            ));
+        }
         Ok(self)
     }
 
     /// The forward's query tiles (128-row ones if `wide`) on the device and their count: without
     /// the dead tiles where the batch has some.
     fn forward_tiles(&self, op: &'static str, wide: bool) -> Result<(&Tensor, usize)> {
-        match &self.live_from {
-            None => {
-                let count = if wide {
-                    self.wide_tile_count()
-                } else {
-                    self.tile_count()
-                };
-                Ok((self.device_tiles(op, wide)?, count))
-            }
-            Some(live) => {
-                let (_, tiles, wide_tiles) =
-                    live.dev.as_ref().ok_or_else(|| Error::DeviceMismatch {
-                        op,
-                        detail: "the batch was built for the CPU".into(),
-                    })?;
-                let (t, n) = if wide {
-                    (wide_tiles, live.wide_tiles.len())
-                } else {
-                    (tiles, live.tiles.len())
-                };
-                Ok((t, n / 2))
-            }
-        }
+        let tables = self.device_tables(op)?;
+        Ok(match (&self.live_from, &tables.live) {
+            (Some(live), Some((_, tiles, _))) if !wide => (tiles, live.tiles),
+            (Some(live), Some((_, _, wide_tiles))) => (wide_tiles, live.wide_tiles),
+            _ if wide => (self.device_tiles(op, wide)?, self.wide_tile_count()),
+            _ => (self.device_tiles(op, wide)?, self.tile_count()),
+        })
     }
 
-    /// The device table of first live rows, for the dK/dV kernels (null where all rows live).
+    /// The device table of first live rows, for the dK/dV kernels (None where all rows live).
     fn device_live_from(&self, op: &'static str) -> Result<Option<&Tensor>> {
-        match &self.live_from {
-            None => Ok(None),
-            Some(live) => live
-                .dev
-                .as_ref()
-                .map(|(from, _, _)| Some(from))
-                .ok_or_else(|| Error::DeviceMismatch {
-                    op,
-                    detail: "the batch was built for the CPU".into(),
-                }),
-        }
+        Ok(self
+            .device_tables(op)?
+            .live
+            .as_ref()
+            .map(|(from, _, _)| from))
     }
 
     /// The device copies of the tables, for `op`'s launch; an error if the batch is a CPU one.
