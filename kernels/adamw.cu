@@ -43,6 +43,10 @@ extern "C" __global__ void adamw_step(float* __restrict__ w, float* __restrict__
     grid_stride_vec<4>(
         n, aligned16(w, m, v, grad) && (reinterpret_cast<uintptr_t>(copy) & 7) == 0,
         [&](size_t i) {
+            REQUIRE_ALIGNED(w + i, 16, "adamw_step w");
+            REQUIRE_ALIGNED(m + i, 16, "adamw_step m");
+            REQUIRE_ALIGNED(v + i, 16, "adamw_step v");
+            REQUIRE_ALIGNED(grad + i, 16, "adamw_step grad");
             float4 wv = *reinterpret_cast<const float4*>(w + i), mv = *reinterpret_cast<const float4*>(m + i);
             float4 vv = *reinterpret_cast<const float4*>(v + i);
             const float4 gv = __ldg(reinterpret_cast<const float4*>(grad + i));

@@ -377,6 +377,7 @@ __device__ __forceinline__ void atomic_add2(float* p, float x, float y) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     atomicAdd(reinterpret_cast<float2*>(p), make_float2(x, y));
 #else
+    REQUIRE_ALIGNED(p, 8, "atomic_add2");
     atomicAdd(p, x);
     atomicAdd(p + 1, y);
 #endif

@@ -98,6 +98,14 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     return warp_max(total);
 }
 
+// Under the emulator (tests/host/emulation.h), a vector access at an address the GPU would trap on
+// fails the test instead of reading as host code would.
+#ifdef RLHF_EMULATION
+#define REQUIRE_ALIGNED(p, bytes, what) emu::require_global_aligned(p, bytes, what)
+#else
+#define REQUIRE_ALIGNED(p, bytes, what) ((void)0)
+#endif
+
 // 16-byte vector access: 8 bf16 or 4 f32 per load. The pointer must be 16-byte aligned, which holds
 // for every row of a [rows, cols] buffer from cuMemAlloc when cols is a multiple of the vector width.
 template <typename T> struct Vec16 {
@@ -111,6 +119,7 @@ __host__ __device__ __forceinline__ void load16(const T* p, float* out) {
     const T* v = reinterpret_cast<const T*>(&raw);
 #else
     T v[Vec16<T>::N];  // the host compiler may assume a float is never read through a uint4
+    REQUIRE_ALIGNED(p, 16, "load16");
     memcpy(v, p, 16);
 #endif
 #pragma unroll
@@ -126,6 +135,7 @@ __host__ __device__ __forceinline__ uint4 fetch16(const T* p) {
     return __ldg(reinterpret_cast<const uint4*>(p));
 #else
     uint4 raw;
+    REQUIRE_ALIGNED(p, 16, "fetch16");
     memcpy(&raw, p, 16);
     return raw;
 #endif
@@ -147,6 +157,7 @@ __host__ __device__ __forceinline__ void unpack16(const uint4& raw, float* out) 
 // which the read-only cache must not serve.
 template <typename T>
 __device__ __forceinline__ void load16_coherent(const T* p, float* out) {
+    REQUIRE_ALIGNED(p, 16, "load16_coherent");
     const uint4 raw = *reinterpret_cast<const uint4*>(p);
     const T* v = reinterpret_cast<const T*>(&raw);
 #pragma unroll
@@ -164,6 +175,7 @@ __host__ __device__ __forceinline__ void store16(T* p, const float* in) {
 #else
     T v[Vec16<T>::N];
     for (int i = 0; i < Vec16<T>::N; ++i) v[i] = from_f32<T>(in[i]);
+    REQUIRE_ALIGNED(p, 16, "store16");
     memcpy(p, v, 16);
 #endif
 }
@@ -206,6 +218,7 @@ __host__ __device__ __forceinline__ void store_n(T* p, const float* in) {
 #ifdef __CUDA_ARCH__
     *reinterpret_cast<PackN<T, N>*>(p) = pack;
 #else
+    REQUIRE_ALIGNED(p, sizeof(pack), "store_n");
     memcpy(p, &pack, sizeof(pack));
 #endif
 }

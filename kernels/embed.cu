@@ -25,8 +25,11 @@ __device__ __forceinline__ void copy_row(T* __restrict__ dst, const T* __restric
     const T* in = src + (from < 0 ? 0 : from * d);
     constexpr int N = Vec16<T>::N;
     if (from >= 0 && d % N == 0 && aligned16(out, in)) {
-        for (int c = threadIdx.x * N; c < d; c += blockDim.x * N)
+        for (int c = threadIdx.x * N; c < d; c += blockDim.x * N) {
+            REQUIRE_ALIGNED(out + c, 16, "copy_row out");
+            REQUIRE_ALIGNED(in + c, 16, "copy_row in");
             *reinterpret_cast<uint4*>(out + c) = __ldg(reinterpret_cast<const uint4*>(in + c));
+        }
         return;
     }
     for (int c = threadIdx.x; c < d; c += blockDim.x) out[c] = from >= 0 ? in[c] : from_f32<T>(NAN);

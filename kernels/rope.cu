@@ -86,6 +86,10 @@ __device__ __forceinline__ void rotate_run(T* __restrict__ y, const T* __restric
 template <typename T, int W>
 __device__ __forceinline__ void copy_run(T* __restrict__ y, const T* __restrict__ x, int half, int count, bool vec) {
     if (vec) {
+        REQUIRE_ALIGNED(y, 16, "copy_run y");
+        REQUIRE_ALIGNED(x, 16, "copy_run x");
+        REQUIRE_ALIGNED(y + half, 16, "copy_run y + half");
+        REQUIRE_ALIGNED(x + half, 16, "copy_run x + half");
         *reinterpret_cast<uint4*>(y) = *reinterpret_cast<const uint4*>(x);
         *reinterpret_cast<uint4*>(y + half) = *reinterpret_cast<const uint4*>(x + half);
     } else {

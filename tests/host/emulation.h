@@ -835,6 +835,16 @@ inline int __any_sync(unsigned mask, int pred) {
     });
     return (int)out[0];
 }
+namespace emu {
+// A vector access of global memory (16 bytes, or 8 for a float2 atomic) traps on a GPU when its
+// address is not a multiple of its size; host code would read it anyway.
+inline void require_global_aligned(const void* p, size_t bytes, const char* what) {
+    if (reinterpret_cast<uintptr_t>(p) % bytes != 0)
+        fail(std::string(what) + ": global address " + std::to_string(reinterpret_cast<uintptr_t>(p)) +
+             " not " + std::to_string(bytes) + "-byte aligned");
+}
+}  // namespace emu
+
 // Threads run one at a time, so a read-modify-write is atomic.
 template <typename T>
 inline T atomicAdd(T* p, T v) {
