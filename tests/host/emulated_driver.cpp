@@ -17,6 +17,16 @@
 // fault (a race, a missing wait, an out-of-bounds access, a deadlock, a trap) fails its launch with
 // CUDA_ERROR_LAUNCH_FAILED and the emulator's message on stderr. RLHF_EMULATED_MODE=eager runs copies
 // and wgmma at their issue and threads in reverse order.
+//
+// RLHF_EMULATED_TALLY=FILE appends to FILE at exit one line counting what the host asked of the
+// driver (launches, GEMMs, graph replays, copies each way, waits for the device, allocations): on
+// a GPU each wait idles the device until the host queues more, so a step's waits are a cost the
+// emulator can count where it cannot time.
+//
+// RLHF_EMULATED_MODE=count runs no kernel, GEMM, memset or device-to-device copy (copies to the
+// host read zeros): the host's side of a run at full size in seconds, for what does not depend on
+// the results, such as the CUDA tensor bytes a training step keeps alive at once and the tally
+// above. Allocations are reserved, not touched, so a 30 GB peak needs no 30 GB of RAM.
 #include "emulation.h"
 
 #include <chrono>
@@ -58,6 +68,31 @@ std::recursive_mutex& lock() {
 }
 using Guard = std::lock_guard<std::recursive_mutex>;
 
+// What the host asked of the driver, counted at the call (a captured launch counts once, when it is
+// recorded; a graph replay counts as one replay).
+struct Tally {
+    size_t launches = 0, gemms = 0, graph_launches = 0, captures = 0;
+    size_t waits = 0;  // stream, context and event synchronisations, and copies to the host
+    size_t to_host = 0, to_host_bytes = 0, to_device = 0, to_device_bytes = 0;
+    size_t allocations = 0, frees = 0;
+    ~Tally() {
+        const char* path = std::getenv("RLHF_EMULATED_TALLY");
+        if (!path || !*path) return;
+        if (FILE* f = std::fopen(path, "a")) {
+            std::fprintf(f,
+                         "launches=%zu gemms=%zu graph_launches=%zu captures=%zu waits=%zu to_host=%zu "
+                         "to_host_bytes=%zu to_device=%zu to_device_bytes=%zu allocations=%zu frees=%zu\n",
+                         launches, gemms, graph_launches, captures, waits, to_host, to_host_bytes, to_device,
+                         to_device_bytes, allocations, frees);
+            std::fclose(f);
+        }
+    }
+};
+Tally& tally() {
+    static Tally t;
+    return t;
+}
+
 size_t& in_use() {
     static size_t bytes = 0;
     return bytes;
@@ -70,6 +105,7 @@ constexpr size_t kTotalMemory = 80ull << 30;
 
 CUresult allocate(CUdeviceptr* p, size_t bytes) {
     Guard g(lock());
+    tally().allocations++;
     void* mem = std::aligned_alloc(256, (std::max<size_t>(bytes, 1) + 255) / 256 * 256);
     if (!mem) return kOutOfMemory;
     allocations()[mem] = bytes;
@@ -81,6 +117,7 @@ CUresult allocate(CUdeviceptr* p, size_t bytes) {
 
 CUresult release(CUdeviceptr p) {
     Guard g(lock());
+    tally().frees++;
     void* mem = reinterpret_cast<void*>(p);
     auto it = allocations().find(mem);
     if (it == allocations().end()) return kInvalidValue;
@@ -138,9 +175,19 @@ CUresult refuse_while_capturing(const char* what) {
     return kCaptureUnsupported;
 }
 
+// RLHF_EMULATED_MODE=count: allocate and copy from the host, do nothing on the device.
+bool count_only() {
+    static const bool on = [] {
+        const char* mode = std::getenv("RLHF_EMULATED_MODE");
+        return mode && std::string(mode) == "count";
+    }();
+    return on;
+}
+
 // Work on `stream`: recorded while that stream captures, done now otherwise.
 CUresult on_stream(void* stream, std::function<CUresult()> op) {
     Guard g(lock());
+    if (count_only()) op = [] { return kSuccess; };
     if (capturing(stream)) {
         if (capture().invalid) return kCaptureInvalidated;
         capture().graph->ops.push_back(std::move(op));
@@ -214,8 +261,14 @@ CUresult cuCtxGetDevice(int* d) {
     *d = 0;
     return kSuccess;
 }
-CUresult cuCtxSynchronize() { return refuse_while_capturing("cuCtxSynchronize"); }
-CUresult cuStreamSynchronize(void*) { return refuse_while_capturing("cuStreamSynchronize"); }
+CUresult cuCtxSynchronize() {
+    tally().waits++;
+    return refuse_while_capturing("cuCtxSynchronize");
+}
+CUresult cuStreamSynchronize(void*) {
+    tally().waits++;
+    return refuse_while_capturing("cuStreamSynchronize");
+}
 CUresult cuStreamCreate(void** s, unsigned) {
     *s = new int(0);
     return kSuccess;
@@ -270,13 +323,19 @@ CUresult cuMemFree_v2(CUdeviceptr p) {
 CUresult cuMemFreeAsync(CUdeviceptr p, void* stream) { return free_async(p, stream); }
 CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
     if (CUresult r = refuse_while_capturing("a copy from host memory")) return r;
+    tally().to_device++;
+    tally().to_device_bytes += n;
     std::memcpy(reinterpret_cast<void*>(dst), src, n);
     return kSuccess;
 }
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, void*) { return cuMemcpyHtoD_v2(dst, src, n); }
 CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
     if (CUresult r = refuse_while_capturing("a copy to host memory")) return r;
-    std::memcpy(dst, reinterpret_cast<const void*>(src), n);
+    tally().waits++;
+    tally().to_host++;
+    tally().to_host_bytes += n;
+    if (count_only()) std::memset(dst, 0, n);
+    else std::memcpy(dst, reinterpret_cast<const void*>(src), n);
     return kSuccess;
 }
 CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void*) { return cuMemcpyDtoH_v2(dst, src, n); }
@@ -331,6 +390,7 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
     const emu::Mode m{!eager, eager};
     const emu::Call call = (*fn->bind)(params);
     const std::string name = fn->name;
+    tally().launches++;
     return on_stream(stream, [=] {
         Guard g(lock());
         if (!emu::launch(dim3(gx, gy, gz), dim3(bx, by, bz), shared_bytes, m, call)) {
@@ -351,6 +411,7 @@ CUresult cuStreamBeginCapture_v2(void* stream, int) {
     }
     if (capture().graph) return kIllegalState;
     capture() = Capture{stream, std::this_thread::get_id(), false, std::make_shared<Graph>()};
+    tally().captures++;
     return kSuccess;
 }
 CUresult cuStreamEndCapture(void* stream, void** graph) {
@@ -376,6 +437,7 @@ CUresult cuGraphInstantiateWithFlags(void** exec, void* graph, unsigned long lon
 }
 CUresult cuGraphUpload(void*, void*) { return kSuccess; }
 CUresult cuGraphLaunch(void* exec, void* stream) {
+    tally().graph_launches++;
     std::shared_ptr<Graph> graph = static_cast<GraphHandle*>(exec)->graph;
     return on_stream(stream, [graph] {
         for (const auto& op : graph->ops)
@@ -408,7 +470,10 @@ CUresult cuEventRecord(void* e, void* stream) {
     return kSuccess;
 }
 CUresult cuEventRecordWithFlags(void* e, void* s, unsigned) { return cuEventRecord(e, s); }
-CUresult cuEventSynchronize(void*) { return refuse_while_capturing("cuEventSynchronize"); }
+CUresult cuEventSynchronize(void*) {
+    tally().waits++;
+    return refuse_while_capturing("cuEventSynchronize");
+}
 CUresult cuEventQuery(void*) { return kSuccess; }
 CUresult cuEventElapsedTime_v2(float* ms, void* start, void* end) {
     *ms = (float)(static_cast<Event*>(end)->ms - static_cast<Event*>(start)->ms);
@@ -501,6 +566,7 @@ int cublasGemmEx(void* handle, int transa, int transb, int m, int n, int k, cons
                  int a_type, int lda, const void* B, int b_type, int ldb, const void* beta, void* C, int c_type,
                  int ldc, int, int) {
     const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
+    tally().gemms++;
     const CUresult r = on_stream(static_cast<BlasHandle*>(handle)->stream, [=] {
         gemm_now(transa, transb, m, n, k, al, A, a_type, lda, B, b_type, ldb, be, C, c_type, ldc);
         return kSuccess;
