@@ -10,15 +10,52 @@ use std::path::Path;
 use std::process::Command;
 
 use rlhf_kernels::cuda_test;
+use rlhf_kernels::device::kernels::KERNEL_RESOURCES;
 use rlhf_kernels::device::Device;
 
-/// `rlhf ARGS` in count mode with the driver's tally written to `tally`; its stdout and stderr.
+/// Every launch shape in `file` ("kernel threads dynamic_shared_bytes" lines) fits an SM of an H100
+/// by ptxas's report of the kernel for `arch`: its registers for every thread of the block (64K
+/// a block, allocated 256 a warp) and its static shared memory beside the dynamic (227 KiB). The
+/// driver refuses any other launch, which the emulator cannot see.
+fn check_launch_shapes(file: &Path, arch: &str) -> usize {
+    let text = std::fs::read_to_string(file)
+        .unwrap_or_else(|e| panic!("no launch shapes at {} ({e})", file.display()));
+    let mut checked = 0;
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (name, threads, dynamic): (&str, u32, u32) =
+            (f[0], f[1].parse().unwrap(), f[2].parse().unwrap());
+        let r = KERNEL_RESOURCES
+            .iter()
+            .find(|r| r.kernel == name && r.arch == arch)
+            .unwrap_or_else(|| panic!("{name} launched but ptxas reported no {arch} build of it"));
+        let per_warp = (r.registers * 32).div_ceil(256) * 256;
+        let registers = threads.div_ceil(32) * per_warp;
+        assert!(
+            registers <= 65_536,
+            "{name} ({arch}): {threads} threads of {} registers need {registers} of 65,536",
+            r.registers
+        );
+        let shared = r.shared_bytes + dynamic;
+        assert!(
+            shared <= 227 * 1024,
+            "{name} ({arch}): {} B static + {dynamic} B dynamic shared memory, over 227 KiB",
+            r.shared_bytes
+        );
+        checked += 1;
+    }
+    checked
+}
+
+/// `rlhf ARGS` in count mode with the driver's tally written to `tally` and its launch shapes
+/// appended to `tally`.launches; its stdout and stderr.
 fn count_mode(args: &[&str], tally: &Path) -> String {
     let _ = std::fs::remove_file(tally);
     let out = Command::new(env!("CARGO_BIN_EXE_rlhf"))
         .args(args)
         .env("RLHF_EMULATED_MODE", "count")
         .env("RLHF_EMULATED_TALLY", tally)
+        .env("RLHF_EMULATED_LAUNCHES", tally.with_extension("launches"))
         .output()
         .unwrap();
     let text = format!(
@@ -70,6 +107,8 @@ cuda_test!(
             return;
         }
         let tally = std::env::temp_dir().join(format!("rlhf-tally-{}", std::process::id()));
+        let launches = tally.with_extension("launches");
+        let _ = std::fs::remove_file(&launches);
 
         // The DPO step of issue 6: 16 pairs x 1,024 tokens of SmolLM2-135M's shape.
         let dpo = count_mode(
@@ -115,6 +154,10 @@ cuda_test!(
             &tally,
         );
         count_mode(&["bench", "model", "--device", "cuda", "--reps", "1"], &tally);
+        // The emulated device is compute capability 9.0: the sm_90a builds ran.
+        let shapes = check_launch_shapes(&launches, "sm_90a");
+        println!("{shapes} launch shapes fit an H100's SM by ptxas's sm_90a report");
         let _ = std::fs::remove_file(&tally);
+        let _ = std::fs::remove_file(&launches);
     }
 );

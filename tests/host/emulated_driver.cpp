@@ -48,6 +48,8 @@ struct Module {
 struct Function {
     std::string name;
     emu::Binder* bind;
+    // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES: past 48 KiB a launch needs the opt-in.
+    int max_dynamic_shared = 48 * 1024;
 };
 struct Event {
     double ms = 0.0;
@@ -88,6 +90,23 @@ struct Tally {
         }
     }
 };
+// Each distinct (kernel, threads a block, dynamic shared bytes) launched, written at exit to
+// RLHF_EMULATED_LAUNCHES.
+struct LaunchShapes : std::set<std::tuple<std::string, unsigned, unsigned>> {
+    ~LaunchShapes() {
+        const char* path = std::getenv("RLHF_EMULATED_LAUNCHES");
+        if (!path || !*path) return;
+        if (FILE* f = std::fopen(path, "a")) {
+            for (const auto& [name, threads, shared] : *this) std::fprintf(f, "%s %u %u\n", name.c_str(), threads, shared);
+            std::fclose(f);
+        }
+    }
+};
+LaunchShapes& launch_shapes() {
+    static LaunchShapes s;
+    return s;
+}
+
 Tally& tally() {
     static Tally t;
     return t;
@@ -376,7 +395,14 @@ CUresult cuModuleGetFunction(void** f, void*, const char* name) {
     *f = new Function{name, &it->second};
     return kSuccess;
 }
-CUresult cuFuncSetAttribute(void*, int, int) { return kSuccess; }
+CUresult cuFuncSetAttribute(void* f, int attribute, int value) {
+    constexpr int kMaxDynamicShared = 8, kOptInLimit = 227 * 1024;
+    if (attribute == kMaxDynamicShared) {
+        if (value < 0 || value > kOptInLimit) return kInvalidValue;
+        static_cast<Function*>(f)->max_dynamic_shared = value;
+    }
+    return kSuccess;
+}
 CUresult cuFuncGetAttribute(int* v, int, void*) {
     *v = 0;
     return kSuccess;
@@ -385,6 +411,19 @@ CUresult cuFuncGetAttribute(int* v, int, void*) {
 CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                         unsigned shared_bytes, void* stream, void** params, void**) {
     const Function* fn = static_cast<const Function*>(f);
+    const char* refused = nullptr;
+    if ((size_t)bx * by * bz > 1024 || bx == 0 || by == 0 || bz == 0) refused = "block of more than 1,024 threads (or none)";
+    else if (gx == 0 || gy == 0 || gz == 0 || gx > 0x7fffffffu || gy > 65535 || gz > 65535) refused = "grid outside 2^31-1 x 65,535 x 65,535";
+    else if ((int)shared_bytes > fn->max_dynamic_shared) refused = "dynamic shared memory past the function's limit (48 KiB without the opt-in)";
+    if (refused) {
+        std::fprintf(stderr, "emulated driver: launch of %s refused: %s (grid %u x %u x %u, block %u x %u x %u, %u B shared)\n",
+                     fn->name.c_str(), refused, gx, gy, gz, bx, by, bz, shared_bytes);
+        return kInvalidValue;
+    }
+    {
+        Guard g(lock());
+        launch_shapes().insert({fn->name, bx * by * bz, shared_bytes});
+    }
     const char* mode = std::getenv("RLHF_EMULATED_MODE");
     const bool eager = mode && std::string(mode) == "eager";
     const emu::Mode m{!eager, eager};
