@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use crate::device::{DType, Device, Tensor};
 use crate::error::{Error, Result};
-use crate::ops::adamw::{adamw_step, AdamWConfig};
+use crate::ops::adamw::{adamw_step, clip_coefficient, global_grad_norm, AdamWConfig};
 use crate::ops::elementwise::add;
 use crate::ops::kl::{kl_full_bwd, kl_full_fwd};
 use crate::ops::logprob::{
@@ -680,13 +680,14 @@ pub struct TrainBench {
     /// Bytes the policy's forward keeps for its backward (`Activations::saved_bytes`), any device.
     pub saved_activation_bytes: usize,
     /// The most bytes of CUDA tensors alive at once during the timed steps (weights, gradients,
-    /// activations, scratch; the bench keeps no optimizer state): PyTorch's max_memory_allocated.
+    /// activations, scratch, the optimizer's state): PyTorch's max_memory_allocated.
     pub tensor_bytes_peak: Option<usize>,
     /// Where one step spends its time, when asked for.
     pub profile: Option<Profile>,
 }
 
-/// Times a DPO step (policy forward + backward on chosen and rejected, reference forward) with
+/// Times a DPO step (policy forward + backward on chosen and rejected, reference forward, the AdamW
+/// step over f32 master weights) with
 /// `cfg`'s shape and random weights: `pairs` pairs of `len` tokens each side, half prompt, each
 /// pair's prompt run once for both sides where `share_prompts` (as the trainer does by default);
 /// with `profile`, one more step under the op profiler.
@@ -706,8 +707,11 @@ pub fn bench_dpo_step(
     // Half prompt, half completion: each needs a token.
     at_least("bench train", "--seq-len", len, 2)?;
     at_least("bench train", "--reps", reps, 1)?;
-    let policy = Model::random(cfg, 1, device)?;
+    let mut policy = Model::random(cfg, 1, device)?;
     let reference = Model::random(cfg, 1, device)?;
+    // The trainer's optimizer (f32 master weights on CUDA, AdamW's two moments) and its step: the
+    // peer's step and peak memory hold its optimizer too.
+    let mut opt = crate::train::Optimizer::new(&policy, AdamWConfig::default())?;
     let mut rng = Rng::new(5);
     let mut tok = |n: usize| {
         (0..n)
@@ -730,6 +734,10 @@ pub fn bench_dpo_step(
     let mut memory = None;
     let mut saved = 0;
     let mut step = || {
+        // As the trainer begins each optimizer step: fresh zero gradients.
+        for g in grads.named_mut() {
+            *g = Tensor::zeros(g.shape(), DType::F32, device)?;
+        }
         let reference_logps = frozen_logps(&reference, &sb)?;
         let s = score(&policy, &sb)?;
         saved = s.acts.saved_bytes();
@@ -762,6 +770,8 @@ pub fn bench_dpo_step(
             sb.unpad(&out.grad_policy_logps.to_f32_vec()?, t),
             &mut grads,
         )?;
+        let norm = global_grad_norm(&grads.named())?;
+        opt.update(&mut policy, &grads, 1e-6, clip_coefficient(norm, 1.0))?;
         device.synchronize()?;
         seen(&mut memory);
         Ok(())
@@ -966,6 +976,9 @@ pub struct OnlineBench {
     pub training_tokens_per_s: f64,
     /// The same update with every sequence's prompt run on its own, where groups share one.
     pub training_whole_tokens_per_s: Option<f64>,
+    /// The most bytes of CUDA tensors alive at once (PyTorch's max_memory_allocated), CUDA only:
+    /// during the generations, and during the timed updates as run (a shared prompt once).
+    pub tensor_bytes_peak: Option<(usize, usize)>,
     /// Where a 32-token generation from the same prompts, and one more update, spend their time,
     /// when asked for.
     pub profile: Option<(Profile, Profile)>,
@@ -973,8 +986,9 @@ pub struct OnlineBench {
 
 /// Times one rollout (`prompts` prompts of `prompt_len` tokens, `new_tokens` sampled each, no EOS;
 /// for GRPO in groups of `GRPO_BENCH_GROUP` on one prompt, which the prefill and the update run once
-/// a group unless `share_prompts` is off) and its update: for PPO the policy and value forward+backward plus the reference and reward
-/// forwards; for GRPO the policy forward+backward plus the reference forward. Random weights with
+/// a group unless `share_prompts` is off) and its update: for PPO the policy and value
+/// forward+backward plus the reference and reward forwards; for GRPO the policy forward+backward
+/// plus the reference forward; each trained model's AdamW step. Random weights with
 /// `cfg`'s shape. On a GPU the rollout runs again with its decode steps launched op by op instead
 /// of replayed as graphs, and must sample the same tokens. With `profile`, a short generation and
 /// one more update under the op profiler.
@@ -1008,7 +1022,7 @@ pub fn bench_online(
     let reference = Model::random(cfg, 2, device)?;
     let mut vcfg = cfg.clone();
     vcfg.scalar_head = true;
-    let value = Model::random(&vcfg, 3, device)?;
+    let mut value = Model::random(&vcfg, 3, device)?;
     let mut rng = Rng::new(4);
     // GRPO samples a group of responses for each prompt (TRL's num_generations, 8 in
     // bench/peers/trl_grpo.py), PPO one.
@@ -1032,6 +1046,7 @@ pub fn bench_online(
         ..Default::default()
     };
     device.synchronize()?;
+    crate::device::tensor::reset_device_bytes_peak();
     let t = Instant::now();
     let gens = policy.generate(&batch, &opts, |_, _| {})?;
     device.synchronize()?;
@@ -1061,6 +1076,7 @@ pub fn bench_online(
     } else {
         None
     };
+    let generation_peak = crate::device::tensor::device_bytes_peak();
     let seqs: Vec<(&[i32], &[i32])> = batch
         .iter()
         .zip(&gens)
@@ -1068,14 +1084,41 @@ pub fn bench_online(
         .collect();
     // A group's responses share its prompt, as in the GRPO trainer.
     let sb = ScoredBatch::build(&seqs, &[], policy.share_prompts);
+    // Before the updates change the policy's weights (random either way).
+    let generation_profile = if profile {
+        let short = GenerateOptions {
+            max_new_tokens: new_tokens.min(32),
+            ..opts.clone()
+        };
+        Some(profile_once(device, || {
+            policy.generate(&batch, &short, |_, _| {}).map(drop)
+        })?)
+    } else {
+        None
+    };
     let mut grads = Params::zeros(cfg, device, DType::F32)?;
     let mut vgrads = Params::zeros(&vcfg, device, DType::F32)?;
+    // The trainers' optimizers and steps, as the peer's update has its own.
+    let mut opt = crate::train::Optimizer::new(&policy, AdamWConfig::default())?;
+    let mut vopt = if ppo {
+        Some(crate::train::Optimizer::new(
+            &value,
+            AdamWConfig::default(),
+        )?)
+    } else {
+        None
+    };
     let mut update_on = |sb: &ScoredBatch| {
         frozen_logps(&reference, sb)?;
         let s = score(&policy, sb)?;
         let up = vec![1.0 / sb.batch.len() as f32; sb.batch.len()];
+        grads = Params::zeros(cfg, device, DType::F32)?;
         score_backward(&policy, &s, up.clone(), &mut grads)?;
-        if ppo {
+        drop(s);
+        let norm = global_grad_norm(&grads.named())?;
+        opt.update(&mut policy, &grads, 1e-6, clip_coefficient(norm, 1.0))?;
+        if let Some(vopt) = vopt.as_mut() {
+            vgrads = Params::zeros(&vcfg, device, DType::F32)?;
             let acts = value.forward(&sb.batch)?;
             value.scalar_head(&acts.hidden)?;
             let dv = Tensor::from_f32(&[sb.batch.len()], up, device)?;
@@ -1085,6 +1128,9 @@ pub fn bench_online(
                 vgrads.score.as_mut().expect("value head"),
             )?;
             value.backward(&acts, &dh, &mut vgrads)?;
+            drop(acts);
+            let vnorm = global_grad_norm(&vgrads.named())?;
+            vopt.update(&mut value, &vgrads, 1e-6, clip_coefficient(vnorm, 1.0))?;
             // The reward model's forward (the same shape as the value model's).
             value.forward_frozen(&sb.batch)?;
         }
@@ -1099,18 +1145,14 @@ pub fn bench_online(
         None
     };
     let mut update = || update_on(&sb);
+    crate::device::tensor::reset_device_bytes_peak();
     let train_ms = median_ms(device, 1, 3, &mut update)?;
-    let profile = if profile {
-        let short = GenerateOptions {
-            max_new_tokens: new_tokens.min(32),
-            ..opts.clone()
-        };
-        let generation = profile_once(device, || {
-            policy.generate(&batch, &short, |_, _| {}).map(drop)
-        })?;
-        Some((generation, profile_once(device, &mut update)?))
-    } else {
-        None
+    let tensor_bytes_peak = device
+        .is_cuda()
+        .then(|| (generation_peak, crate::device::tensor::device_bytes_peak()));
+    let profile = match generation_profile {
+        Some(generation) => Some((generation, profile_once(device, &mut update)?)),
+        None => None,
     };
     Ok(OnlineBench {
         generated_tokens: generated,
@@ -1121,6 +1163,7 @@ pub fn bench_online(
         training_tokens_per_s: sb.batch.unshared_len() as f64 / (train_ms * 1e-3),
         training_whole_tokens_per_s: whole_ms
             .map(|ms| sb.batch.unshared_len() as f64 / (ms * 1e-3)),
+        tensor_bytes_peak,
         profile,
     })
 }

@@ -312,7 +312,8 @@ pub enum BenchCommand {
     /// Tokens/s, MFU and device memory of one training step (random weights).
     Train {
         /// Which trainer's step: dpo (policy forward+backward on chosen and rejected plus the
-        /// reference forward), ppo or grpo (a rollout's generation and its update).
+        /// reference forward and the AdamW step), ppo or grpo (a rollout's generation and its
+        /// update, AdamW steps included).
         #[arg(long, default_value = "dpo")]
         trainer: String,
         /// A model folder whose config.json gives the shape [default: SmolLM2-135M's shape].
@@ -642,6 +643,16 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     println!(
                         "            {whole:.0} tokens/s with every prompt run on its own; sharing {:.2}x",
                         r.training_tokens_per_s / whole
+                    );
+                }
+                if let Some((generation, update)) = r.tensor_bytes_peak {
+                    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+                    println!(
+                        "tensor memory, most alive at once (PyTorch's max_memory_allocated counts the same): {:.2} GiB \
+                         (generation {:.2}, update {:.2})",
+                        gib(generation.max(update)),
+                        gib(generation),
+                        gib(update)
                     );
                 }
                 if let Some((generation, update)) = &r.profile {

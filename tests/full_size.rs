@@ -116,10 +116,11 @@ cuda_test!(
             &tally,
         );
         assert_eq!(number_after(&dpo, "the layers run"), 24_592.0, "{dpo}");
-        // 9.44 GiB at ba0a76f (8.00 of them the policy's saved activations); the bound leaves room
-        // for small changes and fails on a new per-token tensor kept through the step.
+        // 10.94 GiB when the bench took on the optimizer (8.00 of them the policy's saved
+        // activations, 1.50 the f32 master weights and AdamW's moments); the bound leaves room for
+        // small changes and fails on a new per-token tensor kept through the step.
         let tensors = number_after(&dpo, "max_memory_allocated counts the same):");
-        assert!(tensors <= 10.0, "DPO step tensor peak {tensors} GiB, over 10 GiB:\n{dpo}");
+        assert!(tensors <= 11.5, "DPO step tensor peak {tensors} GiB, over 11.5 GiB:\n{dpo}");
         let saved = number_after(&dpo, "keeps for its backward:");
         println!("DPO step in count mode: tensor peak {tensors} GiB, saved activations {saved} GiB");
         assert!(saved <= 8.5, "policy activations {saved} GiB, over 8.5 GiB:\n{dpo}");
@@ -127,7 +128,8 @@ cuda_test!(
         // The online benches: 64 responses of 512 new tokens, each decode step after the first two
         // replayed as a graph. The bench generates twice, from graphs (one wait for the device a
         // step: the copy back of tokens and log-probs) and op by op (two: tokens, log-probs); the
-        // rest of the iteration waited 37 (grpo) and 21 (ppo) times at ba0a76f. A wait more a step
+        // rest of the iteration (its updates read the gradient norm back once each) waited 45 (grpo)
+        // and 29 (ppo) times when the bench took on the optimizer. A wait more a step
         // on either path fails.
         for trainer in ["grpo", "ppo"] {
             let out = count_mode(

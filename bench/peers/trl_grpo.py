@@ -106,6 +106,10 @@ def main():
                   f"{float(words[0]) / gen_tps:.2f}x tokens/s")
         if line.startswith("training:") and "tokens/s" in line:
             print(f"ours vs peer: training {float(words[-2]) / train_tps:.2f}x tokens/s")
+        if line.startswith("tensor memory"):
+            gib = float(line.split("):")[1].split()[0])
+            print(f"ours vs peer: {gib / timer.peak_allocated_gib():.2f}x memory (ours the most tensor bytes "
+                  f"alive at once, the peer's max_memory_allocated)")
         if "with every prompt run on its own" in line:
             print(f"ours vs peer: training with every prompt run on its own (as the peer) "
                   f"{float(words[0]) / train_tps:.2f}x tokens/s")
