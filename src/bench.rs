@@ -185,11 +185,21 @@ fn random(
     dtype: DType,
 ) -> Result<Tensor> {
     // Normal draws cost far more than the kernels they feed (a billion of them for 8,192 x 128,256
-    // logits): draw 4 Mi and repeat them. The tensors are still far larger than any cache.
+    // logits): draw 4 Mi and repeat them. The tensors are still far larger than any cache. The
+    // repeats are copied on the device: built on the host, a billion-value tensor took the host
+    // 10 s and 6 GB, device time a borrowed GPU spends waiting.
     let n: usize = shape.iter().product();
-    let block = rng.normal_vec(n.min(1 << 22), std);
-    let values: Vec<f32> = block.iter().copied().cycle().take(n).collect();
-    Tensor::from_f32_as(shape, &values, dtype, device)
+    let block_len = n.min(1 << 22);
+    let block = rng.normal_vec(block_len, std);
+    if block_len == n {
+        return Tensor::from_f32_as(shape, &block, dtype, device);
+    }
+    let block = Tensor::from_f32_as(&[block_len], &block, dtype, device)?;
+    let mut out = Tensor::empty(shape, dtype, device)?;
+    for at in (0..n).step_by(block_len) {
+        out.copy_elements(at, &block, 0, block_len.min(n - at))?;
+    }
+    Ok(out)
 }
 
 /// The two ceilings, measured now on `device`.
@@ -279,10 +289,9 @@ pub struct AdamwBench {
 
 impl AdamwBench {
     pub fn new(device: &Device, params: usize, rng: &mut Rng) -> Result<Self> {
-        let mut f32_vec = || Tensor::from_f32(&[params], rng.normal_vec(params, 0.02), device);
         Ok(AdamwBench {
-            w: f32_vec()?,
-            grad: f32_vec()?,
+            w: random(device, rng, &[params], 0.02, DType::F32)?,
+            grad: random(device, rng, &[params], 0.02, DType::F32)?,
             m: Tensor::zeros(&[params], DType::F32, device)?,
             v: Tensor::zeros(&[params], DType::F32, device)?,
             copy: Tensor::zeros(&[params], DType::BF16, device)?,

@@ -146,15 +146,12 @@ cuda_test!(
             );
         }
 
-        // The shortest and longest attention shapes. Not `bench kernels --size full` nor the
-        // longest decode cache: their random inputs alone take the host gigabytes and minutes.
+        // As scripts/gpu-run runs them, --profile aside.
         count_mode(
-            &[
-                "bench", "attention", "--device", "cuda", "--lens", "512,16384", "--decode-lens",
-                "1024",
-            ],
+            &["bench", "kernels", "--device", "cuda", "--size", "full"],
             &tally,
         );
+        count_mode(&["bench", "attention", "--device", "cuda"], &tally);
         count_mode(&["bench", "model", "--device", "cuda", "--reps", "1"], &tally);
         // The emulated device is compute capability 9.0: the sm_90a builds ran.
         let shapes = check_launch_shapes(&launches, "sm_90a");
