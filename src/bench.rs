@@ -696,10 +696,9 @@ pub struct TrainBench {
 }
 
 /// Times a DPO step (policy forward + backward on chosen and rejected, reference forward, the AdamW
-/// step over f32 master weights) with
-/// `cfg`'s shape and random weights: `pairs` pairs of `len` tokens each side, half prompt, each
-/// pair's prompt run once for both sides where `share_prompts` (as the trainer does by default);
-/// with `profile`, one more step under the op profiler.
+/// step over f32 master weights) with `cfg`'s shape and random weights: `pairs` pairs of `len`
+/// tokens each side, half prompt, each pair's prompt run once for both sides where `share_prompts`
+/// (as the trainer does by default); with `profile`, one more step under the op profiler.
 pub fn bench_dpo_step(
     device: &Device,
     cfg: &crate::model::LlamaConfig,
