@@ -29,6 +29,7 @@
 // above. Allocations are reserved, not touched, so a 30 GB peak needs no 30 GB of RAM.
 #include "emulation.h"
 
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <mutex>
@@ -72,11 +73,13 @@ using Guard = std::lock_guard<std::recursive_mutex>;
 
 // What the host asked of the driver, counted at the call (a captured launch counts once, when it is
 // recorded; a graph replay counts as one replay).
+// Atomic: tests call the driver from several threads, some of the counts outside the lock.
 struct Tally {
-    size_t launches = 0, gemms = 0, graph_launches = 0, captures = 0;
-    size_t waits = 0;  // stream, context and event synchronisations, and copies to the host
-    size_t to_host = 0, to_host_bytes = 0, to_device = 0, to_device_bytes = 0;
-    size_t allocations = 0, frees = 0;
+    using Count = std::atomic<size_t>;
+    Count launches{0}, gemms{0}, graph_launches{0}, captures{0};
+    Count waits{0};  // stream, context and event synchronisations, and copies to the host
+    Count to_host{0}, to_host_bytes{0}, to_device{0}, to_device_bytes{0};
+    Count allocations{0}, frees{0};
     ~Tally() {
         const char* path = std::getenv("RLHF_EMULATED_TALLY");
         if (!path || !*path) return;
@@ -84,8 +87,9 @@ struct Tally {
             std::fprintf(f,
                          "launches=%zu gemms=%zu graph_launches=%zu captures=%zu waits=%zu to_host=%zu "
                          "to_host_bytes=%zu to_device=%zu to_device_bytes=%zu allocations=%zu frees=%zu\n",
-                         launches, gemms, graph_launches, captures, waits, to_host, to_host_bytes, to_device,
-                         to_device_bytes, allocations, frees);
+                         launches.load(), gemms.load(), graph_launches.load(), captures.load(), waits.load(),
+                         to_host.load(), to_host_bytes.load(), to_device.load(), to_device_bytes.load(),
+                         allocations.load(), frees.load());
             std::fclose(f);
         }
     }
