@@ -110,6 +110,19 @@ __host__ __device__ __forceinline__ void load16_scaled(const T* p, float scale, 
     for (int j = 0; j < Vec16<T>::N; ++j) z[j] = SCALED ? mul_rn(z[j], scale) : z[j];
 }
 
+// Two vectors `stride` elements apart, both fetched before either is converted: a warp then has
+// two 512-byte loads in flight instead of one (ptxas compiled the one-vector loop to one load an
+// iteration, the next waiting on this one's arithmetic).
+template <typename T, bool SCALED>
+__host__ __device__ __forceinline__ void load16x2_scaled(const T* p, int stride, float scale, float* z) {
+    constexpr int N = Vec16<T>::N;
+    const uint4 a = fetch16(p), b = fetch16(p + stride);
+    unpack16<T>(a, z);
+    unpack16<T>(b, z + N);
+#pragma unroll
+    for (int j = 0; j < 2 * N; ++j) z[j] = SCALED ? mul_rn(z[j], scale) : z[j];
+}
+
 // Folds thread `tid`'s share of row x (of `nthreads`) into a state: 16-byte vectors when every row is
 // aligned, strided scalars otherwise. z = scale * x is formed as a rounded product (mul_rn), never
 // contracted into an FMA with what follows: the backward's log p = z - lse must see the very z the
@@ -121,7 +134,14 @@ __host__ __device__ __forceinline__ EntropyState row_state(const T* __restrict__
     EntropyState st = entropy_init();
     if (V % Vec16<T>::N == 0) {
         constexpr int N = Vec16<T>::N;
-        for (int i = tid * N; i < V; i += nthreads * N) {
+        const int stride = nthreads * N;
+        int i = tid * N;
+        for (; i + stride < V; i += 2 * stride) {
+            float z[2 * N];
+            load16x2_scaled<T, SCALED>(x + i, stride, scale, z);
+            st = entropy_push<2 * N>(st, z);
+        }
+        if (i < V) {
             float z[N];
             load16_scaled<T, SCALED>(x + i, scale, z);
             st = entropy_push<N>(st, z);
@@ -208,7 +228,16 @@ __host__ __device__ __forceinline__ void row_grad(T* __restrict__ dx, const T* _
                                                   const LogitGrad& g, int tgt, int tid, int nthreads) {
     if (V % Vec16<T>::N == 0) {
         constexpr int N = Vec16<T>::N;
-        for (int i = tid * N; i < V; i += nthreads * N) {
+        const int stride = nthreads * N;
+        int i = tid * N;
+        for (; i + stride < V; i += 2 * stride) {
+            float z[2 * N];
+            load16x2_scaled<T, SCALED>(x + i, stride, scale, z);
+            logit_grad_vec<2 * N>(g, z);
+            store16(dx + i, z);
+            store16(dx + i + stride, z + N);
+        }
+        if (i < V) {
             float z[N];
             load16_scaled<T, SCALED>(x + i, scale, z);
             logit_grad_vec<N>(g, z);
