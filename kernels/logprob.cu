@@ -110,6 +110,13 @@ __host__ __device__ __forceinline__ void load16_scaled(const T* p, float scale, 
     for (int j = 0; j < Vec16<T>::N; ++j) z[j] = SCALED ? mul_rn(z[j], scale) : z[j];
 }
 
+template <typename T, bool SCALED>
+__host__ __device__ __forceinline__ void unpack16_scaled(const uint4& raw, float scale, float* z) {
+    unpack16<T>(raw, z);
+#pragma unroll
+    for (int j = 0; j < Vec16<T>::N; ++j) z[j] = SCALED ? mul_rn(z[j], scale) : z[j];
+}
+
 // Two vectors `stride` elements apart, both fetched before either is converted: a warp then has
 // two 512-byte loads in flight instead of one (ptxas compiled the one-vector loop to one load an
 // iteration, the next waiting on this one's arithmetic).
@@ -117,10 +124,8 @@ template <typename T, bool SCALED>
 __host__ __device__ __forceinline__ void load16x2_scaled(const T* p, int stride, float scale, float* z) {
     constexpr int N = Vec16<T>::N;
     const uint4 a = fetch16(p), b = fetch16(p + stride);
-    unpack16<T>(a, z);
-    unpack16<T>(b, z + N);
-#pragma unroll
-    for (int j = 0; j < 2 * N; ++j) z[j] = SCALED ? mul_rn(z[j], scale) : z[j];
+    unpack16_scaled<T, SCALED>(a, scale, z);
+    unpack16_scaled<T, SCALED>(b, scale, z + N);
 }
 
 // Folds thread `tid`'s share of row x (of `nthreads`) into a state: 16-byte vectors when every row is
@@ -231,11 +236,15 @@ __host__ __device__ __forceinline__ void row_grad(T* __restrict__ dx, const T* _
         const int stride = nthreads * N;
         int i = tid * N;
         for (; i + stride < V; i += 2 * stride) {
-            float z[2 * N];
-            load16x2_scaled<T, SCALED>(x + i, stride, scale, z);
-            logit_grad_vec<2 * N>(g, z);
+            // Both loads in flight, then one vector's values live at a time.
+            const uint4 first = fetch16(x + i), second = fetch16(x + i + stride);
+            float z[N];
+            unpack16_scaled<T, SCALED>(first, scale, z);
+            logit_grad_vec<N>(g, z);
             store16(dx + i, z);
-            store16(dx + i + stride, z + N);
+            unpack16_scaled<T, SCALED>(second, scale, z);
+            logit_grad_vec<N>(g, z);
+            store16(dx + i + stride, z);
         }
         if (i < V) {
             float z[N];
@@ -323,7 +332,20 @@ __host__ __device__ __forceinline__ void tile_grad(T* __restrict__ d, const Z* _
                                                    const LogitGrad& g, int tgt, bool vec, int tid, int nthreads) {
     constexpr int W = Vec16<Z>::N;
     if (vec) {
-        for (int i = tid * W; i < Vc; i += nthreads * W) {
+        const int stride = nthreads * W;
+        int i = tid * W;
+        for (; i + stride < Vc; i += 2 * stride) {
+            // Both loads in flight, then one vector's values live at a time (registers as before).
+            const uint4 first = fetch16(zr + i), second = fetch16(zr + i + stride);
+            float z[W];
+            unpack16<Z>(first, z);
+            logit_grad_vec<W>(g, z);
+            store_n<T, W>(d + i, z);
+            unpack16<Z>(second, z);
+            logit_grad_vec<W>(g, z);
+            store_n<T, W>(d + i + stride, z);
+        }
+        if (i < Vc) {
             float z[W];
             load16(zr + i, z);
             logit_grad_vec<W>(g, z);
