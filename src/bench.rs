@@ -177,6 +177,17 @@ fn check_heads(
     Ok(())
 }
 
+/// How the trainers end a step: the global gradient norm, clipping to 1 and the AdamW update (a
+/// small learning rate: the benches' weights stay random).
+fn optimizer_step(
+    opt: &mut crate::train::Optimizer,
+    model: &mut crate::model::Model,
+    grads: &crate::model::Params,
+) -> Result<()> {
+    let norm = global_grad_norm(&grads.named())?;
+    opt.update(model, grads, 1e-6, clip_coefficient(norm, 1.0))
+}
+
 fn random(
     device: &Device,
     rng: &mut Rng,
@@ -733,7 +744,6 @@ pub fn bench_dpo_step(
         .map(|i| (prompts[i % pairs].as_slice(), comps[i].as_slice()))
         .collect();
     let sb = ScoredBatch::build(&seqs, &[], share_prompts);
-    let mut grads = Params::zeros(cfg, device, DType::F32)?;
     let kind = PrefLoss::Dpo {
         loss: DpoLoss::Sigmoid,
         beta: 0.1,
@@ -743,9 +753,7 @@ pub fn bench_dpo_step(
     let mut saved = 0;
     let mut step = || {
         // As the trainer begins each optimizer step: fresh zero gradients.
-        for g in grads.named_mut() {
-            *g = Tensor::zeros(g.shape(), DType::F32, device)?;
-        }
+        let mut grads = Params::zeros(cfg, device, DType::F32)?;
         let reference_logps = frozen_logps(&reference, &sb)?;
         let s = score(&policy, &sb)?;
         saved = s.acts.saved_bytes();
@@ -778,8 +786,7 @@ pub fn bench_dpo_step(
             sb.unpad(&out.grad_policy_logps.to_f32_vec()?, t),
             &mut grads,
         )?;
-        let norm = global_grad_norm(&grads.named())?;
-        opt.update(&mut policy, &grads, 1e-6, clip_coefficient(norm, 1.0))?;
+        optimizer_step(&mut opt, &mut policy, &grads)?;
         device.synchronize()?;
         seen(&mut memory);
         Ok(())
@@ -1104,8 +1111,6 @@ pub fn bench_online(
     } else {
         None
     };
-    let mut grads = Params::zeros(cfg, device, DType::F32)?;
-    let mut vgrads = Params::zeros(&vcfg, device, DType::F32)?;
     // The trainers' optimizers and steps, as the peer's update has its own.
     let mut opt = crate::train::Optimizer::new(&policy, AdamWConfig::default())?;
     let mut vopt = if ppo {
@@ -1120,13 +1125,12 @@ pub fn bench_online(
         frozen_logps(&reference, sb)?;
         let s = score(&policy, sb)?;
         let up = vec![1.0 / sb.batch.len() as f32; sb.batch.len()];
-        grads = Params::zeros(cfg, device, DType::F32)?;
+        let mut grads = Params::zeros(cfg, device, DType::F32)?;
         score_backward(&policy, &s, up.clone(), &mut grads)?;
         drop(s);
-        let norm = global_grad_norm(&grads.named())?;
-        opt.update(&mut policy, &grads, 1e-6, clip_coefficient(norm, 1.0))?;
+        optimizer_step(&mut opt, &mut policy, &grads)?;
         if let Some(vopt) = vopt.as_mut() {
-            vgrads = Params::zeros(&vcfg, device, DType::F32)?;
+            let mut vgrads = Params::zeros(&vcfg, device, DType::F32)?;
             let acts = value.forward(&sb.batch)?;
             value.scalar_head(&acts.hidden)?;
             let dv = Tensor::from_f32(&[sb.batch.len()], up, device)?;
@@ -1137,8 +1141,7 @@ pub fn bench_online(
             )?;
             value.backward(&acts, &dh, &mut vgrads)?;
             drop(acts);
-            let vnorm = global_grad_norm(&vgrads.named())?;
-            vopt.update(&mut value, &vgrads, 1e-6, clip_coefficient(vnorm, 1.0))?;
+            optimizer_step(vopt, &mut value, &vgrads)?;
             // The reward model's forward (the same shape as the value model's).
             value.forward_frozen(&sb.batch)?;
         }

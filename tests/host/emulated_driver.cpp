@@ -198,14 +198,17 @@ CUresult refuse_while_capturing(const char* what) {
     return kCaptureUnsupported;
 }
 
-// RLHF_EMULATED_MODE=count: allocate and copy from the host, do nothing on the device.
-bool count_only() {
-    static const bool on = [] {
-        const char* mode = std::getenv("RLHF_EMULATED_MODE");
-        return mode && std::string(mode) == "count";
+// RLHF_EMULATED_MODE, read once: "eager", "count" or empty.
+const std::string& emulated_mode() {
+    static const std::string mode = [] {
+        const char* m = std::getenv("RLHF_EMULATED_MODE");
+        return std::string(m ? m : "");
     }();
-    return on;
+    return mode;
 }
+
+// RLHF_EMULATED_MODE=count: allocate and copy from the host, do nothing on the device.
+bool count_only() { return emulated_mode() == "count"; }
 
 // Work on `stream`: recorded while that stream captures, done now otherwise.
 CUresult on_stream(void* stream, std::function<CUresult()> op) {
@@ -428,8 +431,7 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
         Guard g(lock());
         launch_shapes().insert({fn->name, bx * by * bz, shared_bytes});
     }
-    const char* mode = std::getenv("RLHF_EMULATED_MODE");
-    const bool eager = mode && std::string(mode) == "eager";
+    const bool eager = emulated_mode() == "eager";
     const emu::Mode m{!eager, eager};
     const emu::Call call = (*fn->bind)(params);
     const std::string name = fn->name;
